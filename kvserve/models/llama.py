@@ -17,6 +17,7 @@ from kvserve.attention.torch_ref import paged_attention
 from kvserve.config import ModelConfig
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.layers.activation import silu_and_mul
+from kvserve.layers.linear import Linear
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding
 
@@ -32,9 +33,9 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                               bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         if config.use_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -62,8 +63,8 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, hidden_size] -> [T, hidden_size]."""
@@ -92,7 +93,9 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: ModelConfig, max_position: int) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Tied models read their embeddings from the LM head's [hidden, vocab] weight instead.
+        if not config.tie_word_embeddings:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         rotary = RotaryEmbedding(config.head_dim, max_position, config.rope_theta,
                                  config.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary)
@@ -107,9 +110,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, max_position)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
     def kv_cache_specs(self, dtype: str) -> list[KVCacheSpec]:
         """One cache spec per layer: Hkv heads of head_dim keys and values."""
@@ -120,10 +121,16 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], metadata: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden_size]."""
-        hidden = self.model.embed_tokens(input_ids)
+        hidden = self.embed(input_ids)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             hidden = layer(positions, hidden, kv_cache, metadata)
         return self.model.norm(hidden)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] -> [T, hidden_size]."""
+        if self.config.tie_word_embeddings:
+            return self.lm_head.weight_t.index_select(1, input_ids).t()
+        return self.model.embed_tokens(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden_size] -> [N, vocab_size] in float32."""
@@ -131,27 +138,33 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors in, filling the fused projections slice by slice."""
+        modules = dict(self.named_modules())
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb" in name:
+        loaded: set[tuple[str, str]] = set()
+        for hf_name, tensor in weights:
+            if "rotary_emb" in hf_name:
                 continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            target, rows = self._fused_target(name)
-            if target not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            param = params[target]
-            part = param.data if rows is None else param.data[rows]
-            if part.shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(part.shape)}")
-            part.copy_(tensor)
-            loaded.add(name)
-        self._check_complete(loaded)
+            name = hf_name
+            if name == "model.embed_tokens.weight" and self.config.tie_word_embeddings:
+                name = "lm_head.weight"
+            module_path, _, kind = name.rpartition(".")
+            module_path, rows = self._fused_target(module_path)
+            module = modules.get(module_path)
+            try:
+                if isinstance(module, Linear):
+                    loader = module.load_weight if kind == "weight" else module.load_bias
+                    loader(tensor, rows)
+                elif name in params and params[name].shape == tensor.shape:
+                    params[name].data.copy_(tensor)
+                else:
+                    raise ValueError("no parameter of that name and shape")
+            except ValueError as error:
+                raise ValueError(f"checkpoint tensor {hf_name!r}: {error}") from None
+            loaded.add((f"{module_path}.{kind}", str(rows)))
+        self._check_complete(len(loaded))
 
-    def _fused_target(self, name: str) -> tuple[str, slice | None]:
-        """Map an HF name to (our parameter, its rows) for the fused QKV and gate/up projections."""
+    def _fused_target(self, module_path: str) -> tuple[str, slice | None]:
+        """Map an HF module to (our module, its output rows) for the fused QKV and gate/up."""
         cfg = self.config
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         inter = cfg.intermediate_size
@@ -163,15 +176,15 @@ class LlamaForCausalLM(nn.Module):
             "mlp.up_proj": ("mlp.gate_up_proj", slice(inter, 2 * inter)),
         }
         for hf_part, (ours, rows) in fused.items():
-            if f".{hf_part}." in name:
-                return name.replace(hf_part, ours), rows
-        return name, None
+            if module_path.endswith(hf_part):
+                return module_path.replace(hf_part, ours), rows
+        return module_path, None
 
-    def _check_complete(self, loaded: set[str]) -> None:
+    def _check_complete(self, num_loaded: int) -> None:
         cfg = self.config
         expected = 2 + 9 * cfg.num_layers + (0 if cfg.tie_word_embeddings else 1)
         expected += cfg.num_layers * (3 * cfg.attention_bias + cfg.o_proj_bias)
         expected += 2 * cfg.num_layers * cfg.use_qk_norm
-        if len(loaded) != expected:
-            raise ValueError(f"checkpoint has {len(loaded)} of the {expected} tensors "
+        if num_loaded != expected:
+            raise ValueError(f"checkpoint has {num_loaded} of the {expected} tensors "
                              f"{cfg.architecture} needs")

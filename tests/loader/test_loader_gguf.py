@@ -242,4 +242,4 @@ def test_split_gguf_rejected(tmp_path: pathlib.Path, tiny_model: Any, gguf_file:
 
 def _two_splits(writer: Any) -> None:
     """Mark a GGUF as the first of two llama-gguf-split parts."""
-    writer.add_uint16(gguf.Keys.Split.COUNT, 2)
+    writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 2)

@@ -59,5 +59,6 @@ def test_tiny_model_matches_transformers(case, tmp_path, tokenizer):
     for prompt, output in zip(PROMPTS, ours, strict=True):
         with torch.no_grad():
             expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=NUM_NEW_TOKENS,
-                                         min_new_tokens=NUM_NEW_TOKENS, do_sample=False)
+                                         do_sample=False, eos_token_id=None,
+                                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
         assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()

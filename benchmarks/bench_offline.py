@@ -1,0 +1,541 @@
+"""Offline benchmark: kvserve vs Hugging Face transformers on the same weights, in one run.
+
+Both engines run the bundled SmolLM2-135M-Instruct GGUF dequantized to float32, on the same
+prompts (token ids), with the same torch thread count. Prints one JSON object to stdout;
+progress goes to stderr.
+
+    .venv/bin/python benchmarks/bench_offline.py > /tmp/bench.json
+    .venv/bin/python benchmarks/bench_offline.py --skip-hf --only decode,prefill
+    .venv/bin/python benchmarks/bench_offline.py --only batch16 --only batch64 --new-tokens 64
+
+Workloads (each has a warm-up run first; see `method` in the JSON for how repeats are reduced):
+- decode:  batch 1, a ~16-token prompt, `--new-tokens` greedy tokens with EOS ignored;
+           rate = (new tokens - 1) / (time from the first to the last generated token).
+- prefill: a 1,000-token WikiText-2 prompt, time to generate 1 token; a fresh slice of the
+           text every run, so that a prefix cache can never hit.
+- batch16 / batch64: 16 / 64 requests with seeded prompt lengths in [32, 256] tokens cut from
+           WikiText-2, `--new-tokens` each. kvserve: one `generate` call (continuous batching);
+           HF: one left-padded static batch. Throughput = generated tokens / wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import pathlib
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+
+WORKLOADS = ("decode", "prefill", "batch16", "batch64")
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA_FILE = REPO_ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"  # ../shared/data/
+DECODE_LEN = 16  # batch-1 decode prompt: the first tokens of WikiText-2
+PREFILL_LEN = 1000
+BATCH_PROMPT_LENS = (32, 256)
+NUM_MATCH_TOKENS = 32
+CORPUS_CHARS = 400_000  # ~90k tokens: plenty of distinct slices for every workload
+MIB = 1 << 20
+
+
+def log(message: str) -> None:
+    """Progress line on stderr (stdout carries only the JSON)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- results
+
+
+@dataclass
+class DecodeRun:
+    """One batch-1 generation: the tokens and when they came."""
+
+    token_ids: list[int]
+    ttft_s: float
+    decode_s: float  # first generated token -> last generated token
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode rate after the first token."""
+        return (len(self.token_ids) - 1) / self.decode_s
+
+
+@dataclass
+class BatchRun:
+    """One concurrent run: how many real tokens came out in how long, and latency percentiles."""
+
+    num_requests: int
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    wall_s: float
+    ttft_p50_s: float | None
+    tpot_p50_s: float | None
+    e2e_p50_s: float | None = None
+    num_preemptions: int | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Aggregate generation throughput."""
+        return self.num_generated_tokens / self.wall_s
+
+
+class Engine(Protocol):
+    """What a benchmarked engine offers; kvserve and HF implement it the same way."""
+
+    name: str
+
+    def decode(self, prompt: list[int], num_new_tokens: int) -> DecodeRun:
+        """Greedy batch-1 generation of exactly `num_new_tokens` tokens."""
+        ...
+
+    def prefill(self, prompt: list[int]) -> float:
+        """Wall seconds to generate one token after `prompt`."""
+        ...
+
+    def batch(self, prompts: list[list[int]], num_new_tokens: int) -> BatchRun:
+        """Greedy generation of `num_new_tokens` for every prompt at once."""
+        ...
+
+
+# ---------------------------------------------------------------------------- kvserve
+
+
+class KvserveEngine:
+    """kvserve's offline `LLM`, with the bundled model."""
+
+    name = "kvserve"
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from kvserve import LLM
+
+        self.llm = LLM(model=None, show_progress=False, kv_cache_memory=args.kv_cache_memory,
+                       max_num_seqs=args.max_num_seqs,
+                       max_num_batched_tokens=args.max_num_batched_tokens,
+                       num_threads=args.threads)
+
+    def _params(self, num_new_tokens: int) -> Any:
+        from kvserve import SamplingParams
+
+        return SamplingParams(temperature=0, max_tokens=num_new_tokens, ignore_eos=True)
+
+    def decode(self, prompt: list[int], num_new_tokens: int) -> DecodeRun:
+        """Greedy batch-1 generation; timings from the request's metrics."""
+        out = self.llm.generate([{"prompt_token_ids": prompt}], self._params(num_new_tokens),
+                                use_tqdm=False)[0]
+        m = out.metrics
+        return DecodeRun(list(out.outputs[0].token_ids), m.time_to_first_token,
+                         m.last_token_time - m.first_token_time)
+
+    def prefill(self, prompt: list[int]) -> float:
+        """Wall seconds of `generate` with max_tokens=1."""
+        start = time.perf_counter()
+        self.llm.generate([{"prompt_token_ids": prompt}], self._params(1), use_tqdm=False)
+        return time.perf_counter() - start
+
+    def batch(self, prompts: list[list[int]], num_new_tokens: int) -> BatchRun:
+        """All requests in one `generate` call: the engine batches them continuously."""
+        preemptions_before = self.llm.stats().num_preemptions
+        start = time.perf_counter()
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                 self._params(num_new_tokens), use_tqdm=False)
+        wall = time.perf_counter() - start
+        return BatchRun(
+            num_requests=len(prompts),
+            num_prompt_tokens=sum(map(len, prompts)),
+            num_generated_tokens=sum(len(o.outputs[0].token_ids) for o in outs),
+            wall_s=wall,
+            ttft_p50_s=_median([o.metrics.time_to_first_token for o in outs]),
+            tpot_p50_s=_median([o.metrics.time_per_output_token for o in outs]),
+            e2e_p50_s=_median([o.metrics.e2e_latency for o in outs]),
+            num_preemptions=self.llm.stats().num_preemptions - preemptions_before,
+        )
+
+    def memory(self) -> dict[str, int]:
+        """The engine's own memory numbers."""
+        stats = self.llm.stats()
+        return {"model_bytes": stats.model_bytes, "kv_cache_bytes": stats.kv_cache_bytes,
+                "kv_blocks_total": stats.kv_blocks_total, "peak_rss_bytes": stats.peak_rss_bytes}
+
+
+# ---------------------------------------------------------------------------- transformers
+
+
+class TimestampStreamer:
+    """A `generate` streamer that only records when each put() happens (the first is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        """Record the time a token (or, first, the prompt) was handed over."""
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        """Nothing to flush."""
+
+
+class HfEngine:
+    """transformers `AutoModelForCausalLM.generate` on the same GGUF, dequantized to float32."""
+
+    name = "transformers"
+
+    def __init__(self, model_path: pathlib.Path, pad_token_id: int) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path.parent, gguf_file=model_path.name, dtype=torch.float32).eval()
+        self.pad_token_id = pad_token_id
+
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  num_new_tokens: int, streamer: TimestampStreamer | None = None) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                max_new_tokens=num_new_tokens, min_new_tokens=num_new_tokens,
+                pad_token_id=self.pad_token_id, streamer=streamer,
+                temperature=None, top_p=None, top_k=None)
+
+    def decode(self, prompt: list[int], num_new_tokens: int) -> DecodeRun:
+        """Greedy batch-1 generation; timings from streamer timestamps."""
+        ids = torch.tensor([prompt])
+        streamer = TimestampStreamer()
+        start = time.perf_counter()
+        out = self._generate(ids, torch.ones_like(ids), num_new_tokens, streamer)
+        token_times = streamer.times[1:]  # times[0]: the prompt
+        return DecodeRun(out[0, len(prompt):].tolist(), token_times[0] - start,
+                         token_times[-1] - token_times[0])
+
+    def prefill(self, prompt: list[int]) -> float:
+        """Wall seconds of `generate` with max_new_tokens=1."""
+        ids = torch.tensor([prompt])
+        start = time.perf_counter()
+        self._generate(ids, torch.ones_like(ids), 1)
+        return time.perf_counter() - start
+
+    def batch(self, prompts: list[list[int]], num_new_tokens: int) -> BatchRun:
+        """One static left-padded batch with an attention mask; min_new_tokens forbids EOS."""
+        ids, mask = left_pad(prompts, self.pad_token_id)
+        streamer = TimestampStreamer()
+        start = time.perf_counter()
+        out = self._generate(ids, mask, num_new_tokens, streamer)
+        wall = time.perf_counter() - start
+        num_new = out.shape[1] - ids.shape[1]  # every row has exactly this many real tokens
+        token_times = streamer.times[1:]
+        return BatchRun(
+            num_requests=len(prompts),
+            num_prompt_tokens=sum(map(len, prompts)),
+            num_generated_tokens=num_new * len(prompts),
+            wall_s=wall,
+            # A static batch: every request sees the same first-token time and token gaps.
+            ttft_p50_s=token_times[0] - start,
+            tpot_p50_s=(token_times[-1] - token_times[0]) / max(num_new - 1, 1),
+            e2e_p50_s=wall,
+        )
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded input ids [B, max_len] and the attention mask [B, max_len] (1 = real token)."""
+    max_len = max(map(len, prompts))
+    ids = torch.full((len(prompts), max_len), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), max_len), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, max_len - len(prompt):] = torch.tensor(prompt)
+        mask[row, max_len - len(prompt):] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class Prompts:
+    """Every prompt of the run, shared by both engines."""
+
+    decode: list[int]
+    prefill: list[list[int]]  # [0] is the warm-up, then one fresh slice per repeat
+    batch_warmup: list[list[int]]
+    batches: dict[int, list[list[int]]]  # batch size -> prompts
+
+
+def build_prompts(tokenizer: Any, num_repeats: int, batch_sizes: Sequence[int]) -> Prompts:
+    """Tokenize WikiText-2 once and cut every prompt out of it (seeded)."""
+    corpus = load_corpus(tokenizer)
+    rng = random.Random(0)
+    # Plain article text, not a chat turn: greedy decoding stays far from EOS, which matters
+    # because transformers' min_new_tokens masks EOS while kvserve's ignore_eos only keeps going.
+    decode = corpus[:DECODE_LEN]
+    prefill_text = corpus[DECODE_LEN:]
+    prefill = [prefill_text[i * PREFILL_LEN:(i + 1) * PREFILL_LEN] for i in range(num_repeats + 1)]
+    rest = prefill_text[len(prefill) * PREFILL_LEN:]
+    return Prompts(
+        decode=decode,
+        prefill=prefill,
+        batch_warmup=random_slices(rest, 4, BATCH_PROMPT_LENS, rng),
+        batches={size: random_slices(rest, size, BATCH_PROMPT_LENS, rng) for size in batch_sizes},
+    )
+
+
+def load_corpus(tokenizer: Any) -> list[int]:
+    """Token ids of the start of WikiText-2's test split."""
+    if not DATA_FILE.is_file():
+        raise SystemExit(f"benchmark data not found: {DATA_FILE}")
+    text = DATA_FILE.read_text(encoding="utf-8")[:CORPUS_CHARS]
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def random_slices(corpus: list[int], count: int, lengths: tuple[int, int],
+                  rng: random.Random) -> list[list[int]]:
+    """`count` slices of `corpus` with lengths uniform in `lengths` (inclusive), random offsets."""
+    slices = []
+    for _ in range(count):
+        length = rng.randint(*lengths)
+        start = rng.randrange(len(corpus) - length)
+        slices.append(corpus[start:start + length])
+    return slices
+
+
+# ---------------------------------------------------------------------------- measurements
+
+
+def run_decode(engine: Engine, prompt: list[int], num_new_tokens: int,
+               num_repeats: int) -> tuple[dict[str, Any], list[int]]:
+    """Warm up, then the best decode rate of `num_repeats` runs; also returns the tokens."""
+    engine.decode(prompt, min(num_new_tokens, 16))
+    runs = [engine.decode(prompt, num_new_tokens) for _ in range(num_repeats)]
+    rates = [r.tokens_per_s for r in runs]
+    best = runs[rates.index(max(rates))]
+    log(f"{engine.name} decode: {max(rates):.1f} tok/s (runs {_fmt(rates)})")
+    return {"tokens_per_s": max(rates), "runs_tokens_per_s": rates,
+            "ttft_s": best.ttft_s, "num_prompt_tokens": len(prompt),
+            "num_new_tokens": len(best.token_ids)}, best.token_ids
+
+
+def run_prefill(engine: Engine, prompts: list[list[int]]) -> dict[str, Any]:
+    """Warm up on prompts[0], then the best time over the others (each a fresh prompt)."""
+    engine.prefill(prompts[0])
+    times = [engine.prefill(p) for p in prompts[1:]]
+    rates = [len(p) / t for p, t in zip(prompts[1:], times, strict=True)]
+    log(f"{engine.name} prefill: {max(rates):.1f} tok/s (runs {_fmt(rates)})")
+    return {"tokens_per_s": max(rates), "runs_tokens_per_s": rates, "best_s": min(times),
+            "num_prompt_tokens": len(prompts[1])}
+
+
+def run_batch(engine: Engine, warmup: list[list[int]], prompts: list[list[int]],
+              num_new_tokens: int, num_repeats: int) -> dict[str, Any]:
+    """A small warm-up batch, then the run with the best throughput of `num_repeats`."""
+    engine.batch(warmup, 8)
+    runs = [engine.batch(prompts, num_new_tokens) for _ in range(num_repeats)]
+    rates = [r.tokens_per_s for r in runs]
+    best = runs[rates.index(max(rates))]
+    log(f"{engine.name} batch{len(prompts)}: {max(rates):.1f} tok/s (runs {_fmt(rates)})")
+    result = {k: v for k, v in asdict(best).items() if v is not None}
+    return {"tokens_per_s": max(rates), "runs_tokens_per_s": rates, **result}
+
+
+def run_engine(engine: Engine, prompts: Prompts, args: argparse.Namespace
+               ) -> tuple[dict[str, Any], list[int] | None]:
+    """Every selected workload on one engine; returns the results and the decode tokens."""
+    results: dict[str, Any] = {}
+    decode_tokens = None
+    if "decode" in args.only:
+        results["decode"], decode_tokens = run_decode(engine, prompts.decode, args.new_tokens,
+                                                      args.repeats)
+    if "prefill" in args.only:
+        results["prefill"] = run_prefill(engine, prompts.prefill)
+    for size, batch_prompts in prompts.batches.items():
+        results[f"batch{size}"] = run_batch(engine, prompts.batch_warmup, batch_prompts,
+                                            args.new_tokens, args.batch_repeats)
+    return results, decode_tokens
+
+
+def measure_read_bandwidth(num_bytes: int = 512 * MIB, num_repeats: int = 5) -> float:
+    """Best-of-N bytes/s of `.sum()` over a float32 tensor far larger than the caches."""
+    x = torch.ones(num_bytes // 4, dtype=torch.float32)
+    x.sum()  # fault the pages in
+    best = float("inf")
+    for _ in range(num_repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * x.element_size() / best
+
+
+def roofline(model_bytes: int, bandwidth: float, decode: dict[str, Any] | None
+             ) -> dict[str, Any]:
+    """Batch-1 decode reads every weight once per token: at most bandwidth / model_bytes tok/s."""
+    max_rate = bandwidth / model_bytes
+    result: dict[str, Any] = {"read_bandwidth_gb_s": bandwidth / 1e9,
+                              "bandwidth_method": "torch float32 .sum() over 512 MiB, best of 5",
+                              "model_bytes": model_bytes, "max_decode_tokens_per_s": max_rate}
+    if decode is not None:
+        result["kvserve_fraction"] = decode["tokens_per_s"] / max_rate
+    return result
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """Where and when this ran."""
+    import transformers
+
+    import kvserve
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "kvserve": getattr(kvserve, "__version__", "unknown"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "loadavg_1_5_15": list(os.getloadavg()),  # other processes on the CPU make numbers noisy
+    }
+
+
+def method(args: argparse.Namespace) -> dict[str, str]:
+    """How each number was taken, so that the JSON stands on its own."""
+    return {
+        "dtype": "float32 weights (GGUF dequantized) for both engines",
+        "decode": f"best of {args.repeats} runs after a warm-up; rate = (new tokens - 1) / time "
+                  "from first to last generated token (kvserve: request metrics; transformers: "
+                  "timestamps of a generate() streamer's put calls)",
+        "prefill": f"best of {args.repeats} runs after a warm-up, each on a fresh "
+                   f"{PREFILL_LEN}-token WikiText-2 slice; wall time of generating 1 token",
+        "batch": f"best of {args.batch_repeats} run(s) after a 4-request x 8-token warm-up; "
+                 "prompts seeded, lengths uniform in [32, 256] from WikiText-2; kvserve: one "
+                 "generate() call (continuous batching); transformers: one left-padded static "
+                 "batch with min_new_tokens = max_new_tokens; throughput = generated tokens / "
+                 "wall time; transformers TTFT/TPOT are the batch's (same for every row)",
+        "sanity": f"tokens_match: kvserve's first {NUM_MATCH_TOKENS} greedy decode tokens equal "
+                  "transformers'",
+    }
+
+
+def parse_only(values: list[str] | None) -> list[str]:
+    """`--only a,b --only c` -> ["a", "b", "c"], validated; nothing given means all."""
+    if not values:
+        return list(WORKLOADS)
+    chosen = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    unknown = sorted(set(chosen) - set(WORKLOADS))
+    if unknown:
+        raise SystemExit(f"--only: unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
+    return [w for w in WORKLOADS if w in chosen]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-hf", action="store_true", help="only benchmark kvserve")
+    parser.add_argument("--only", action="append", metavar="W",
+                        help=f"workloads to run, repeatable or comma list: {','.join(WORKLOADS)}")
+    parser.add_argument("--new-tokens", type=int, default=128, help="generated tokens per request")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads, both engines")
+    parser.add_argument("--kv-cache-memory", type=int, default=512 * MIB,
+                        help="kvserve KV-cache bytes")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="kvserve max_num_seqs")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512,
+                        help="kvserve max_num_batched_tokens (token budget of a step)")
+    parser.add_argument("--repeats", type=int, default=3, help="measured runs, decode/prefill")
+    parser.add_argument("--batch-repeats", type=int, default=1, help="measured runs, batches")
+    args = parser.parse_args(argv)
+    args.only = parse_only(args.only)
+    if args.new_tokens < 2 or args.repeats < 1 or args.batch_repeats < 1:
+        raise SystemExit("--new-tokens must be >= 2, --repeats and --batch-repeats >= 1")
+    return args
+
+
+def compare(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """kvserve / transformers throughput ratio per workload."""
+    kv, hf = results.get("kvserve", {}), results.get("transformers", {})
+    return {name: kv[name]["tokens_per_s"] / hf[name]["tokens_per_s"]
+            for name in kv if name in hf}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run kvserve, then transformers, on the same prompts; print the JSON report."""
+    import json
+
+    from kvserve.loader.weights import resolve_model_path
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model_path = resolve_model_path(None)
+    log(f"workloads {args.only}; model {model_path.name}; {args.threads} threads")
+
+    kv = KvserveEngine(args)
+    tokenizer = kv.llm.get_tokenizer()
+    batch_sizes = [int(w.removeprefix("batch")) for w in args.only if w.startswith("batch")]
+    prompts = build_prompts(tokenizer, args.repeats, batch_sizes)
+    results: dict[str, dict[str, Any]] = {}
+    results["kvserve"], kv_tokens = run_engine(kv, prompts, args)
+    memory = kv.memory()  # before anything else grows this process's peak RSS
+    del kv
+    gc.collect()
+    bandwidth = measure_read_bandwidth()
+    log(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s")
+
+    report: dict[str, Any] = {"machine": machine_info(args.threads), "method": method(args),
+                              "config": _config(args, model_path)}
+    if not args.skip_hf:
+        log("loading the transformers model (dequantizing the GGUF)")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+            tokenizer.eos_token_id
+        hf = HfEngine(model_path, pad)
+        results["transformers"], hf_tokens = run_engine(hf, prompts, args)
+        if kv_tokens is not None and hf_tokens is not None:
+            report["tokens_match"], report["tokens_match_detail"] = \
+                _tokens_match(kv_tokens, hf_tokens, tokenizer.eos_token_id)
+        report["kvserve_vs_transformers"] = compare(results)
+    report["results"] = results
+    report["kvserve_memory"] = memory
+    kv_decode = results["kvserve"].get("decode")
+    report["roofline"] = roofline(memory["model_bytes"], bandwidth, kv_decode)
+    json.dump(report, sys.stdout, indent=2)
+    print()
+
+
+def _config(args: argparse.Namespace, model_path: pathlib.Path) -> dict[str, Any]:
+    return {"model": model_path.name, "workloads": args.only, "new_tokens": args.new_tokens,
+            "threads": args.threads, "kv_cache_memory": args.kv_cache_memory,
+            "max_num_seqs": args.max_num_seqs,
+            "max_num_batched_tokens": args.max_num_batched_tokens,
+            "repeats": args.repeats, "batch_repeats": args.batch_repeats,
+            "batch_prompt_lens": list(BATCH_PROMPT_LENS), "prefill_prompt_len": PREFILL_LEN}
+
+
+def _tokens_match(kv_tokens: list[int], hf_tokens: list[int], eos_token_id: int | None
+                  ) -> tuple[bool, dict[str, Any]]:
+    """Whether the first NUM_MATCH_TOKENS greedy tokens agree, and where they first differ."""
+    a, b = kv_tokens[:NUM_MATCH_TOKENS], hf_tokens[:NUM_MATCH_TOKENS]
+    first_diff = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+    detail: dict[str, Any] = {"num_compared": min(len(a), len(b)), "first_mismatch": first_diff}
+    if first_diff is not None:
+        # transformers' min_new_tokens masks EOS; kvserve's ignore_eos lets it be generated.
+        detail["kvserve_chose_eos"] = a[first_diff] == eos_token_id
+        detail["kvserve"], detail["transformers"] = a, b
+    return a == b, detail
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _fmt(values: list[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Linear layers that store their weight transposed, for fast decode on CPU."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Linear(nn.Module):
+    """y = x @ W^T + b, with W kept as `weight_t` [in, out].
+
+    With one token per request the matmul is a matrix-vector product bound by reading W. Streaming
+    the rows of W^T (an axpy per input feature) ran about 1.45x faster than F.linear's dot products
+    over the rows of W on the 2-core CPU (benchmarks/, 30 SmolLM2-sized layers, cold cache).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] -> [T, out]."""
+        if self.bias is None:
+            return x @ self.weight_t
+        return torch.addmm(self.bias, x, self.weight_t)
+
+    def load_weight(self, weight: torch.Tensor, rows: slice | None = None) -> None:
+        """Copy a checkpoint weight [out, in] (or the `rows` of a fused output) into place."""
+        target = self.weight_t if rows is None else self.weight_t[:, rows]
+        _check_shape(target.t(), weight)
+        target.copy_(weight.t())
+
+    def load_bias(self, bias: torch.Tensor, rows: slice | None = None) -> None:
+        """Copy a checkpoint bias [out] (or the `rows` of a fused output) into place."""
+        if self.bias is None:
+            raise ValueError("checkpoint has a bias for a layer without one")
+        target = self.bias if rows is None else self.bias[rows]
+        _check_shape(target, bias)
+        target.copy_(bias)
+
+
+def _check_shape(target: torch.Tensor, tensor: torch.Tensor) -> None:
+    if target.shape != tensor.shape:
+        raise ValueError(f"checkpoint tensor has shape {tuple(tensor.shape)}, "
+                         f"expected {tuple(target.shape)}")
