@@ -57,10 +57,9 @@ def _yarn_inv_freq(inv_freq: torch.Tensor, head_dim: int, theta: float,
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to query and key heads from a precomputed cos/sin table indexed by position."""
+    """RoPE from a precomputed cos/sin table: look up once per step, apply in every layer."""
 
-    def __init__(self, head_dim: int, max_position: int, theta: float,
-                 scaling: dict | None = None) -> None:
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None) -> None:
         super().__init__()
         inv_freq, attention_factor = _inv_freq(head_dim, theta, scaling)
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
@@ -68,14 +67,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos() * attention_factor, persistent=False)
         self.register_buffer("sin", angles.sin() * attention_factor, persistent=False)
 
-    def forward(self, positions: torch.Tensor, query: torch.Tensor,
-                key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; query [T, Hq, D], key [T, Hkv, D] -> rotated (same shapes)."""
-        cos = self.cos[positions].unsqueeze(1).to(query.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(query.dtype)
-        return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> (cos, sin), each [T, 1, head_dim], broadcasting over heads."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate heads x [T, H, D] by their positions' angles (rotate-half layout)."""
+    cos, sin = cos_sin
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
