@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import resource
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,8 @@ class EngineStats:
     model_bytes: int
     kv_cache_bytes: int
     peak_rss_bytes: int
+    prompt_throughput: float  # prefill tokens (prompt chunks, recomputes) per second, over the last few seconds
+    generation_throughput: float  # tokens generated per second, over the last few seconds
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Engine:
         self._sequence_of: dict[str, tuple[str, int]] = {}  # child request id -> (group id, index)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self._throughput = ThroughputWindow()
 
     def _num_kv_blocks(self, specs: list, max_model_len: int) -> int:
         """Blocks bought by the budget, but no more than max_num_seqs full contexts need."""
@@ -193,6 +197,8 @@ class Engine:
             logger.exception("step failed")
             return self._fail([s.request.request_id for s in scheduled.scheduled], error)
         changed: dict[str, _Group] = {}
+        num_prefill = sum(s.num_new_tokens for s in scheduled.scheduled if s.num_new_tokens > 1)
+        self._throughput.record(num_prefill, len(sampled.token_ids))
         for request in self.scheduler.update(scheduled, sampled):
             group_id, index = self._sequence_of[request.request_id]
             sequence = self._groups[group_id].sequences[index]
@@ -284,4 +290,29 @@ class Engine:
             model_bytes=self.runner.model_bytes,
             kv_cache_bytes=self.runner.kv_cache_bytes,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            prompt_throughput=self._throughput.rate(0),
+            generation_throughput=self._throughput.rate(1),
         )
+
+
+class ThroughputWindow:
+    """Token counts of recent steps, for tokens-per-second rates over a sliding window."""
+
+    def __init__(self, window_s: float = 5.0) -> None:
+        self.window_s = window_s
+        self._steps: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated tokens)
+
+    def record(self, num_prompt_tokens: int, num_generated: int) -> None:
+        """Log one step's counts now."""
+        now = time.monotonic()
+        self._steps.append((now, num_prompt_tokens, num_generated))
+        while self._steps and self._steps[0][0] < now - self.window_s:
+            self._steps.popleft()
+
+    def rate(self, column: int) -> float:
+        """Tokens per second of column 0 (prompt) or 1 (generated) over the window."""
+        if len(self._steps) < 2:
+            return 0.0
+        elapsed = self._steps[-1][0] - self._steps[0][0]
+        total = sum(step[1 + column] for step in list(self._steps)[1:])
+        return total / elapsed if elapsed > 0 else 0.0
