@@ -88,6 +88,8 @@ class EngineConfig:
         "help": "KV-cache size in bytes; default: kv_cache_memory_fraction of free memory"})
     kv_cache_memory_fraction: float = field(default=0.1, metadata={
         "help": "fraction of available memory for the KV cache when kv_cache_memory is unset"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "reuse the KV blocks of a prompt prefix computed before"})
     enable_chunked_prefill: bool = field(default=True, metadata={
         "help": "split long prompts across steps, sharing them with decodes"})
     seed: int = field(default=0, metadata={"help": "seed of unseeded random sampling"})

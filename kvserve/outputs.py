@@ -76,4 +76,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     error: str | None = None  # set when the request failed inside the engine

@@ -44,6 +44,8 @@ class EngineStats:
     model_bytes: int
     kv_cache_bytes: int
     peak_rss_bytes: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which were found cached
     prompt_throughput: float  # prefill tokens (prompt chunks, recomputes) per second, over the last few seconds
     generation_throughput: float  # tokens generated per second, over the last few seconds
 
@@ -89,7 +91,7 @@ class Engine:
         # A single request must always fit in the cache, or preemption could never make room.
         self.max_model_len = min(max_model_len, num_blocks * config.block_size)
         self.kv_bytes_per_token = bytes_per_token(specs)
-        self.kv_manager = KVCacheManager(num_blocks, config.block_size)
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -238,8 +240,8 @@ class Engine:
             self._groups.pop(group_id, None)
             for sequence in group.sequences:
                 self._sequence_of.pop(sequence.request.request_id, None)
-        return RequestOutput(group_id, group.prompt, group.prompt_token_ids, completions,
-                             finished, self._metrics(group))
+        return RequestOutput(group_id, group.prompt, group.prompt_token_ids, completions, finished,
+                             self._metrics(group), num_cached_tokens=group.sequences[0].request.num_cached_tokens)
 
     def _completion(self, index: int, sequence: _Sequence) -> CompletionOutput:
         request = sequence.request
@@ -290,6 +292,8 @@ class Engine:
             model_bytes=self.runner.model_bytes,
             kv_cache_bytes=self.runner.kv_cache_bytes,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            prefix_cache_queries=self.kv_manager.num_prefix_queries,
+            prefix_cache_hits=self.kv_manager.num_prefix_hits,
             prompt_throughput=self._throughput.rate(0),
             generation_throughput=self._throughput.rate(1),
         )

@@ -101,12 +101,17 @@ class Scheduler:
         while (self.waiting and not preempted and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
-            num_new = self._num_new_tokens(request, budget)
+            # A new or preempted request starts from whatever prefix of it is cached.
+            prefix = self.kv_manager.find_cached_prefix(request.all_token_ids)
+            num_cached = len(prefix.blocks) * self.kv_manager.block_size
+            num_new = self._num_new_tokens(request, budget, num_cached)
             if num_new == 0:
                 break
-            if not self.kv_manager.allocate_slots(request.request_id,
-                                                  request.num_computed_tokens + num_new):
+            if not self.kv_manager.allocate_slots(request.request_id, num_cached + num_new, prefix):
                 break
+            request.num_computed_tokens = num_cached
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -115,8 +120,9 @@ class Scheduler:
         finished, self._finished_since_last_step = self._finished_since_last_step, []
         return SchedulerOutput(scheduled, preempted, finished)
 
-    def _num_new_tokens(self, request: Request, budget: int) -> int:
-        remaining = request.num_tokens - request.num_computed_tokens
+    def _num_new_tokens(self, request: Request, budget: int, num_computed: int | None = None) -> int:
+        computed = request.num_computed_tokens if num_computed is None else num_computed
+        remaining = request.num_tokens - computed
         if remaining > budget and not self.config.enable_chunked_prefill:
             return 0
         return min(remaining, budget)
@@ -158,6 +164,7 @@ class Scheduler:
             if request.is_finished:
                 continue  # aborted while the step ran
             request.num_computed_tokens += item.num_new_tokens
+            self.kv_manager.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
             token = sampled.token_ids.get(request.request_id)
             if token is None:
                 continue  # a prompt chunk: no token yet

@@ -10,10 +10,10 @@ EOS = 0
 
 
 def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=16, chunked=True,
-                   max_model_len=64) -> Scheduler:
+                   max_model_len=64, prefix_caching=False) -> Scheduler:
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                              max_model_len=max_model_len, enable_chunked_prefill=chunked)
-    return Scheduler(config, KVCacheManager(num_blocks, block_size))
+    return Scheduler(config, KVCacheManager(num_blocks, block_size, prefix_caching))
 
 
 def make_request(request_id: str, prompt_len: int, max_tokens: int = 4) -> Request:
@@ -140,3 +140,41 @@ def test_request_aborted_during_a_step_is_not_updated():
     request = scheduler.finish_request("a", RequestStatus.FINISHED_ABORTED)
     scheduler.update(output, SampledTokens({"a": 9}))
     assert request.output_token_ids == []
+
+
+def test_prefix_cache_hit_skips_cached_blocks_and_shares_them():
+    scheduler = make_scheduler(prefix_caching=True)
+    scheduler.add_request(make_request("first", 10))
+    fake_step(scheduler)  # 10 tokens computed: blocks [0-3] and [4-7] are full and cached
+    scheduler.add_request(make_request("second", 10))
+    assert counts(fake_step(scheduler)) == {"first": 1, "second": 2}
+    second = scheduler.requests["second"]
+    assert second.num_cached_tokens == 8
+    first_table = scheduler.kv_manager.block_table("first")
+    assert scheduler.kv_manager.block_table("second")[:2] == first_table[:2]
+    assert all(scheduler.kv_manager.pool.ref_count(b) == 2 for b in first_table[:2])
+
+
+def test_fully_cached_prompt_still_computes_its_last_token():
+    scheduler = make_scheduler(prefix_caching=True)
+    scheduler.add_request(make_request("first", 8))
+    fake_step(scheduler)
+    scheduler.add_request(make_request("second", 8))
+    step = fake_step(scheduler)
+    assert counts(step)["second"] == 4  # the last block is recomputed: logits need a query token
+    assert scheduler.requests["second"].num_cached_tokens == 4
+
+
+def test_preempted_request_reuses_its_own_freed_blocks():
+    scheduler = make_scheduler(num_blocks=4, block_size=4, prefix_caching=True)
+    scheduler.add_request(make_request("old", 6, max_tokens=8))
+    scheduler.add_request(make_request("new", 6, max_tokens=8))
+    while not scheduler.num_preemptions:
+        fake_step(scheduler)
+    new = scheduler.requests["new"]
+    while new.status != RequestStatus.RUNNING and scheduler.requests:
+        fake_step(scheduler)
+    while scheduler.requests:
+        fake_step(scheduler)
+    assert new.output_token_ids == [7] * 8
+    assert scheduler.kv_manager.pool.num_free_blocks == 4
