@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -88,6 +89,8 @@ class EngineConfig:
         "help": "KV-cache size in bytes; default: kv_cache_memory_fraction of free memory"})
     kv_cache_memory_fraction: float = field(default=0.1, metadata={
         "help": "fraction of available memory for the KV cache when kv_cache_memory is unset"})
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "KV-cache storage: auto (the model dtype), int8 or fp8 (e4m3), each with per-token scales"})
     enable_prefix_caching: bool = field(default=True, metadata={
         "help": "reuse the KV blocks of a prompt prefix computed before"})
     enable_chunked_prefill: bool = field(default=True, metadata={
@@ -98,6 +101,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         _require_positive("block_size", self.block_size)
         _require_positive("max_num_seqs", self.max_num_seqs)
         _require_positive("max_num_batched_tokens", self.max_num_batched_tokens)
@@ -117,6 +122,11 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
         return cls(**kwargs)
+
+    @property
+    def cache_storage_dtype(self) -> str:
+        """What the KV cache stores: the model dtype for `auto`, else the quantized format."""
+        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -33,7 +33,14 @@ class LLM:
         """Run every prompt to completion, batched continuously; outputs come back in prompt order."""
         prompts = _as_list(prompts)
         params = _params_for(prompts, sampling_params)
-        ids = [self._add(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        ids: list[str] = []
+        try:
+            for prompt, prompt_params in zip(prompts, params, strict=True):
+                ids.append(self._add(prompt, prompt_params))
+        except ValueError:
+            for request_id in ids:  # all or nothing: a bad prompt queues none of the batch
+                self.engine.abort_request(request_id)
+            raise
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm,
                   leave=False) as bar:

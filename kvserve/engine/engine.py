@@ -85,7 +85,7 @@ class Engine:
         model = build_model(self.model_config, max_model_len).to(self.device, config.torch_dtype)
         self.runner = ModelRunner(model, self.device, config.seed)
         self.runner.load_weights(source, config.torch_dtype, show_progress)
-        specs = model.kv_cache_specs(config.dtype)
+        specs = model.kv_cache_specs(config.cache_storage_dtype)
         num_blocks = self._num_kv_blocks(specs, max_model_len)
         self.runner.allocate_kv_cache(specs, num_blocks, config.block_size)
         # A single request must always fit in the cache, or preemption could never make room.
@@ -135,8 +135,10 @@ class Engine:
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                     arrival_time: float | None = None) -> None:
         """Validate and queue a request; raises ValueError naming the field and the limit."""
-        if request_id in self._groups:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        taken = [i for i in [request_id, *child_ids] if i in self._groups or i in self._sequence_of]
+        if taken:
+            raise ValueError(f"request_id {taken[0]!r} is already in use")
         text, token_ids = self.tokenize(prompt)
         self._validate_prompt(token_ids)
         params.verify(self.model_config.vocab_size)
@@ -144,8 +146,7 @@ class Engine:
         group = _Group(text, token_ids, arrival)
         room = self.max_model_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        for index in range(params.n):
-            child_id = request_id if params.n == 1 else f"{request_id}#{index}"
+        for index, child_id in enumerate(child_ids):
             child_params = params
             if params.n > 1 and params.seed is not None:
                 child_params = dataclasses.replace(params, seed=params.seed + index)
@@ -214,8 +215,12 @@ class Engine:
         if sequence.logprobs is not None and logprobs is not None:
             sequence.logprobs.append(logprobs)
         stop = sequence.detokenizer.append(request.output_token_ids[-1])
-        if stop is not None and not request.is_finished:
-            request.stop_reason = stop
+        if stop is None:
+            return
+        request.stop_reason = stop
+        if request.is_finished:  # the same token also hit max_tokens: the stop string names the reason
+            request.status = RequestStatus.FINISHED_STOPPED
+        else:
             self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
 
     def _fail(self, request_ids: list[str], error: Exception) -> list[RequestOutput]:

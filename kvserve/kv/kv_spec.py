@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Bytes per element of each storage dtype; kept as names so this module imports no torch.
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
+# Quantized storage keeps one float32 scale per token per KV head, for keys and for values.
+QUANTIZED = {"int8", "fp8"}
+SCALE_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,15 @@ class KVCacheSpec:
         return self.num_kv_heads * (self.key_dim + self.value_dim)
 
     @property
+    def is_quantized(self) -> bool:
+        """Whether values are stored as codes plus per-token scales."""
+        return self.dtype in QUANTIZED
+
+    @property
     def bytes_per_token(self) -> int:
-        """Cached bytes per token in this layer."""
-        return self.elements_per_token * DTYPE_BYTES[self.dtype]
+        """Cached bytes per token in this layer, scales included."""
+        scales = self.num_kv_heads * (1 + (self.value_dim > 0)) * SCALE_BYTES if self.is_quantized else 0
+        return self.elements_per_token * DTYPE_BYTES[self.dtype] + scales
 
 
 def bytes_per_token(specs: list[KVCacheSpec]) -> int:

@@ -15,13 +15,13 @@ from torch import nn
 from kvserve.attention.backend import AttentionMetadata
 from kvserve.attention.torch_ref import paged_attention
 from kvserve.config import ModelConfig
+from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.layers.activation import silu_and_mul
 from kvserve.layers.linear import Linear
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding, apply_rotary
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # key, value: [num_blocks, block_size, Hkv, D] each
 CosSin = tuple[torch.Tensor, torch.Tensor]  # [T, 1, D] each
 
 
@@ -43,7 +43,7 @@ class LlamaAttention(nn.Module):
         self.use_qk_norm = config.use_qk_norm
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, cos_sin: CosSin, hidden: torch.Tensor, kv_cache: KVCache,
+    def forward(self, cos_sin: CosSin, hidden: torch.Tensor, kv_cache: LayerKVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
         """hidden [T, hidden_size] -> [T, hidden_size]."""
         num_tokens = hidden.shape[0]
@@ -55,7 +55,7 @@ class LlamaAttention(nn.Module):
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         q, k = apply_rotary(qk, cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], metadata, self.scale)
+        out = paged_attention(q, k, v, kv_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -82,7 +82,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, cos_sin: CosSin, hidden: torch.Tensor, kv_cache: KVCache,
+    def forward(self, cos_sin: CosSin, hidden: torch.Tensor, kv_cache: LayerKVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
         """[T, hidden_size] -> [T, hidden_size]."""
         hidden = hidden + self.self_attn(cos_sin, self.input_layernorm(hidden), kv_cache, metadata)
@@ -118,7 +118,7 @@ class LlamaForCausalLM(nn.Module):
         return [spec] * self.config.num_layers
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], metadata: AttentionMetadata) -> torch.Tensor:
+                kv_caches: list[LayerKVCache], metadata: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden_size]."""
         hidden = self.embed(input_ids)
         cos_sin = self.model.rotary.lookup(positions, hidden.dtype)

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from kvserve.attention.backend import AttentionMetadata, PrefillSeq
 from kvserve.engine.scheduler import SampledTokens, ScheduledRequest, SchedulerOutput
-from kvserve.kv.kv_cache import allocate_kv_caches
+from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.loader.weights import ModelSource
 from kvserve.sample.sampler import Sampler, SamplingMetadata
@@ -20,7 +20,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module, device: torch.device, seed: int = 0) -> None:
         self.model = model
         self.device = device
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
         # Unseeded requests share one generator, seeded by the engine's seed.
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
@@ -48,7 +48,7 @@ class ModelRunner:
     @property
     def kv_cache_bytes(self) -> int:
         """Bytes held by the KV-cache tensors."""
-        return sum(t.numel() * t.element_size() for pair in self.kv_caches for t in pair)
+        return sum(cache.num_bytes for cache in self.kv_caches)
 
     def release(self, request_ids: list[str]) -> None:
         """Forget per-request state of finished requests."""
