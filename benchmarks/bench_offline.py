@@ -7,15 +7,19 @@ progress goes to stderr.
     .venv/bin/python benchmarks/bench_offline.py > /tmp/bench.json
     .venv/bin/python benchmarks/bench_offline.py --skip-hf --only decode,prefill
     .venv/bin/python benchmarks/bench_offline.py --only batch16 --only batch64 --new-tokens 64
+    .venv/bin/python benchmarks/bench_offline.py --wait-quiet 120 > /tmp/bench.json  # shared box
 
 Workloads (each has a warm-up run first; see `method` in the JSON for how repeats are reduced):
-- decode:  batch 1, a ~16-token prompt, `--new-tokens` greedy tokens with EOS ignored;
+- decode:  batch 1, a 16-token prompt (the start of WikiText-2), `--new-tokens` greedy tokens
+           with EOS ignored;
            rate = (new tokens - 1) / (time from the first to the last generated token).
 - prefill: a 1,000-token WikiText-2 prompt, time to generate 1 token; a fresh slice of the
            text every run, so that a prefix cache can never hit.
 - batch16 / batch64: 16 / 64 requests with seeded prompt lengths in [32, 256] tokens cut from
            WikiText-2, `--new-tokens` each. kvserve: one `generate` call (continuous batching);
            HF: one left-padded static batch. Throughput = generated tokens / wall time.
+Also: kvserve's memory (EngineStats), the batch-1 memory-bandwidth roofline, a greedy
+token-equality check between the engines, and per run the CPU used by other processes.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -45,6 +49,8 @@ BATCH_PROMPT_LENS = (32, 256)
 NUM_MATCH_TOKENS = 32
 CORPUS_CHARS = 400_000  # ~90k tokens: plenty of distinct slices for every workload
 MIB = 1 << 20
+T = TypeVar("T")
+QUIET_WAIT_S = 0.0  # --wait-quiet: the longest wait for an idle CPU before each measured run
 
 
 def log(message: str) -> None:
@@ -306,26 +312,85 @@ def random_slices(corpus: list[int], count: int, lengths: tuple[int, int],
 # ---------------------------------------------------------------------------- measurements
 
 
+class CpuMeter:
+    """How many cores other processes kept busy since this was made (the noise on a shared box)."""
+
+    def __init__(self) -> None:
+        self.start = (time.perf_counter(), time.process_time(), _busy_cpu_s())
+
+    def other_cores(self) -> float | None:
+        """Mean number of cores busy outside this process; None where /proc/stat is missing."""
+        wall0, own0, busy0 = self.start
+        busy = _busy_cpu_s()
+        if busy is None or busy0 is None:
+            return None
+        own = time.process_time() - own0
+        return round(max(0.0, (busy - busy0 - own) / (time.perf_counter() - wall0)), 2)
+
+
+def _busy_cpu_s() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat)."""
+    try:
+        fields = [int(f) for f in pathlib.Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.2, sample_s: float = 2.0) -> None:
+    """Sleep, at most `max_wait_s`, until other processes keep fewer than `threshold` cores busy."""
+    start = time.monotonic()
+    other: float | None = None
+    while time.monotonic() - start < max_wait_s:
+        meter = CpuMeter()
+        time.sleep(sample_s)
+        other = meter.other_cores()
+        if other is None or other < threshold:
+            break
+    waited = time.monotonic() - start
+    if waited > 2 * sample_s:
+        log(f"waited {waited:.0f} s for a quiet CPU (other processes' cores now {other})")
+
+
+def repeat(run: Callable[[], T], num_repeats: int) -> tuple[list[T], list[float | None]]:
+    """Call `run` `num_repeats` times; also the other processes' cores during each call."""
+    results, noise = [], []
+    for _ in range(num_repeats):
+        wait_for_quiet(QUIET_WAIT_S)
+        meter = CpuMeter()
+        results.append(run())
+        noise.append(meter.other_cores())
+    return results, noise
+
+
+def best_of(engine: Engine, workload: str, rates: list[float], noise: list[float | None]
+            ) -> dict[str, Any]:
+    """The best rate of the runs, every run's rate, and the noise during each."""
+    log(f"{engine.name} {workload}: {max(rates):.1f} tok/s (runs {_fmt(rates)}; "
+        f"other processes' cores {noise})")
+    return {"tokens_per_s": max(rates), "runs_tokens_per_s": rates, "runs_other_cores": noise}
+
+
 def run_decode(engine: Engine, prompt: list[int], num_new_tokens: int,
                num_repeats: int) -> tuple[dict[str, Any], list[int]]:
     """Warm up, then the best decode rate of `num_repeats` runs; also returns the tokens."""
     engine.decode(prompt, min(num_new_tokens, 16))
-    runs = [engine.decode(prompt, num_new_tokens) for _ in range(num_repeats)]
+    runs, noise = repeat(lambda: engine.decode(prompt, num_new_tokens), num_repeats)
     rates = [r.tokens_per_s for r in runs]
     best = runs[rates.index(max(rates))]
-    log(f"{engine.name} decode: {max(rates):.1f} tok/s (runs {_fmt(rates)})")
-    return {"tokens_per_s": max(rates), "runs_tokens_per_s": rates,
-            "ttft_s": best.ttft_s, "num_prompt_tokens": len(prompt),
+    return {**best_of(engine, "decode", rates, noise), "ttft_s": best.ttft_s,
+            "num_prompt_tokens": len(prompt),
             "num_new_tokens": len(best.token_ids)}, best.token_ids
 
 
 def run_prefill(engine: Engine, prompts: list[list[int]]) -> dict[str, Any]:
     """Warm up on prompts[0], then the best time over the others (each a fresh prompt)."""
     engine.prefill(prompts[0])
-    times = [engine.prefill(p) for p in prompts[1:]]
+    fresh = iter(prompts[1:])
+    times, noise = repeat(lambda: engine.prefill(next(fresh)), len(prompts) - 1)
     rates = [len(p) / t for p, t in zip(prompts[1:], times, strict=True)]
-    log(f"{engine.name} prefill: {max(rates):.1f} tok/s (runs {_fmt(rates)})")
-    return {"tokens_per_s": max(rates), "runs_tokens_per_s": rates, "best_s": min(times),
+    return {**best_of(engine, "prefill", rates, noise), "best_s": min(times),
             "num_prompt_tokens": len(prompts[1])}
 
 
@@ -333,12 +398,11 @@ def run_batch(engine: Engine, warmup: list[list[int]], prompts: list[list[int]],
               num_new_tokens: int, num_repeats: int) -> dict[str, Any]:
     """A small warm-up batch, then the run with the best throughput of `num_repeats`."""
     engine.batch(warmup, 8)
-    runs = [engine.batch(prompts, num_new_tokens) for _ in range(num_repeats)]
+    runs, noise = repeat(lambda: engine.batch(prompts, num_new_tokens), num_repeats)
     rates = [r.tokens_per_s for r in runs]
     best = runs[rates.index(max(rates))]
-    log(f"{engine.name} batch{len(prompts)}: {max(rates):.1f} tok/s (runs {_fmt(rates)})")
-    result = {k: v for k, v in asdict(best).items() if v is not None}
-    return {"tokens_per_s": max(rates), "runs_tokens_per_s": rates, **result}
+    details = {k: v for k, v in asdict(best).items() if v is not None}
+    return {**best_of(engine, f"batch{len(prompts)}", rates, noise), **details}
 
 
 def run_engine(engine: Engine, prompts: Prompts, args: argparse.Namespace
@@ -418,6 +482,10 @@ def method(args: argparse.Namespace) -> dict[str, str]:
                  "generate() call (continuous batching); transformers: one left-padded static "
                  "batch with min_new_tokens = max_new_tokens; throughput = generated tokens / "
                  "wall time; transformers TTFT/TPOT are the batch's (same for every row)",
+        "noise": "runs_other_cores: mean cores kept busy by other processes during each run "
+                 "(/proc/stat busy time minus this process's CPU time, over wall time); the "
+                 "2-core machine is shared, and a run with other_cores near 1 is several times "
+                 "slower (OpenMP threads wait on a descheduled sibling)",
         "sanity": f"tokens_match: kvserve's first {NUM_MATCH_TOKENS} greedy decode tokens equal "
                   "transformers'",
     }
@@ -448,7 +516,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512,
                         help="kvserve max_num_batched_tokens (token budget of a step)")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs, decode/prefill")
-    parser.add_argument("--batch-repeats", type=int, default=1, help="measured runs, batches")
+    parser.add_argument("--batch-repeats", type=int, default=2, help="measured runs, batches")
+    parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                        help="before each measured run, wait up to this long for other "
+                             "processes to leave the CPU (shared machines)")
     args = parser.parse_args(argv)
     args.only = parse_only(args.only)
     if args.new_tokens < 2 or args.repeats < 1 or args.batch_repeats < 1:
@@ -469,8 +540,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from kvserve.loader.weights import resolve_model_path
 
+    global QUIET_WAIT_S
     args = parse_args(argv)
+    QUIET_WAIT_S = args.wait_quiet
     torch.set_num_threads(args.threads)
+    machine = machine_info(args.threads)  # date and load average at the start
     model_path = resolve_model_path(None)
     log(f"workloads {args.only}; model {model_path.name}; {args.threads} threads")
 
@@ -483,10 +557,13 @@ def main(argv: list[str] | None = None) -> None:
     memory = kv.memory()  # before anything else grows this process's peak RSS
     del kv
     gc.collect()
+    meter = CpuMeter()
     bandwidth = measure_read_bandwidth()
-    log(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    bandwidth_noise = meter.other_cores()
+    log(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s (other processes' cores "
+        f"{bandwidth_noise})")
 
-    report: dict[str, Any] = {"machine": machine_info(args.threads), "method": method(args),
+    report: dict[str, Any] = {"machine": machine, "method": method(args),
                               "config": _config(args, model_path)}
     if not args.skip_hf:
         log("loading the transformers model (dequantizing the GGUF)")
@@ -502,6 +579,7 @@ def main(argv: list[str] | None = None) -> None:
     report["kvserve_memory"] = memory
     kv_decode = results["kvserve"].get("decode")
     report["roofline"] = roofline(memory["model_bytes"], bandwidth, kv_decode)
+    report["roofline"]["bandwidth_other_cores"] = bandwidth_noise
     json.dump(report, sys.stdout, indent=2)
     print()
 
@@ -512,6 +590,7 @@ def _config(args: argparse.Namespace, model_path: pathlib.Path) -> dict[str, Any
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "repeats": args.repeats, "batch_repeats": args.batch_repeats,
+            "wait_quiet_s": args.wait_quiet,
             "batch_prompt_lens": list(BATCH_PROMPT_LENS), "prefill_prompt_len": PREFILL_LEN}
 
 

@@ -1,9 +1,13 @@
-"""Command line: `kvserve generate | chat`; engine flags are derived from EngineConfig's fields."""
+"""Command line: `kvserve generate | chat | serve | bench serve`; flags are derived from the config dataclasses."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
+import json
+import math
+import os
 import sys
 import time
 import types
@@ -11,18 +15,25 @@ import typing
 from typing import Any
 
 from kvserve.config import EngineConfig
+from kvserve.kv.kv_memory_cli import add_kv_memory_command
 from kvserve.llm import LLM
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
+from kvserve.server.config import ServerConfig
 
 DEFAULT_CHAT_PROMPT = "In three sentences, what is a KV cache and why does it make LLM inference fast?"
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """One `--flag` per EngineConfig field, typed and documented from the dataclass."""
-    group = parser.add_argument_group("engine")
-    hints = typing.get_type_hints(EngineConfig)
-    for f in dataclasses.fields(EngineConfig):
+    add_dataclass_flags(parser, EngineConfig, "engine")
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One `--flag` per field of a config dataclass, typed and documented from it."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(hints[f.name])
         helptext = f.metadata.get("help", "")
@@ -42,7 +53,12 @@ def _base_type(hint: Any) -> type:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The EngineConfig keyword arguments found in parsed flags."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+    return dataclass_kwargs(args, EngineConfig)
+
+
+def dataclass_kwargs(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """A config dataclass's keyword arguments found in parsed flags."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -92,15 +108,17 @@ def print_metrics(llm: LLM, output: RequestOutput | None, wall: float) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Complete one prompt, streaming the text."""
+    params = sampling_params(args)  # bad flags fail before the model loads
     llm = LLM(**engine_kwargs(args))
     start = time.monotonic()
-    output = stream_to_stdout(llm.stream(args.prompt, sampling_params(args)))
+    output = stream_to_stdout(llm.stream(args.prompt, params))
     if args.verbose:
         print_metrics(llm, output, time.monotonic() - start)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """Chat with the model: one `--message`, or an interactive loop."""
+    params = sampling_params(args)  # bad flags fail before the model loads
     llm = LLM(**engine_kwargs(args))
     messages: list[dict[str, str]] = []
     if args.system:
@@ -122,10 +140,58 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "user", "content": user})
         prompt = {"prompt_token_ids": llm.apply_chat_template(messages)}
         start = time.monotonic()
-        output = stream_to_stdout(llm.stream(prompt, sampling_params(args)))
+        output = stream_to_stdout(llm.stream(prompt, params))
         if args.verbose:
             print_metrics(llm, output, time.monotonic() - start)
         messages.append({"role": "assistant", "content": output.outputs[0].text if output else ""})
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve the OpenAI-compatible HTTP API until interrupted."""
+    from kvserve.server.api_server import serve
+
+    server_kwargs = dataclass_kwargs(args, ServerConfig)
+    if server_kwargs["api_key"] is None:
+        server_kwargs["api_key"] = os.environ.get("KVSERVE_API_KEY") or None
+    serve(EngineConfig.from_kwargs(**engine_kwargs(args)), ServerConfig(**server_kwargs))
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    """Benchmark a running server; prints JSON to stdout."""
+    from kvserve.bench.serve import BenchConfig, run_benchmark
+
+    config = BenchConfig(url=args.url.rstrip("/"), model=args.model, num_requests=args.num_requests,
+                         request_rate=args.request_rate, concurrency=args.concurrency,
+                         input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
+                         seed=args.seed, api_key=args.api_key or os.environ.get("KVSERVE_API_KEY"))
+    summary, results = asyncio.run(run_benchmark(config))
+    if args.plot:
+        from kvserve.bench.plot import plot_latencies
+
+        rate = "all at once" if math.isinf(config.request_rate) else f"{config.request_rate:g} req/s"
+        plot_latencies(results, args.plot, f"kvserve bench serve: {config.num_requests} requests, "
+                       f"concurrency {config.concurrency or 'unlimited'}, {rate}")
+        summary["plot"] = args.plot
+    print(json.dumps(summary, indent=2))
+
+
+def _add_bench_serve(bench: argparse._SubParsersAction) -> None:
+    serve_bench = bench.add_parser("serve", help="stream requests to a running server: TTFT, TPOT, ITL, "
+                                   "throughput as JSON")
+    serve_bench.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    serve_bench.add_argument("--model", default=None, help="model name (default: the server's first)")
+    serve_bench.add_argument("--num-requests", type=int, default=64)
+    serve_bench.add_argument("--request-rate", type=float, default=math.inf,
+                             help="requests per second, Poisson arrivals (default: inf, all at once)")
+    serve_bench.add_argument("--concurrency", type=int, default=None, help="most requests in flight")
+    serve_bench.add_argument("--input-len", type=int, default=128, help="mean prompt length (words ~ tokens)")
+    serve_bench.add_argument("--output-len", type=int, default=64, help="mean max_tokens (EOS ignored)")
+    serve_bench.add_argument("--range-ratio", type=float, default=0.5,
+                             help="lengths drawn uniformly from len * [1 - r, 1 + r]")
+    serve_bench.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
+    serve_bench.add_argument("--api-key", default=None, help="default: $KVSERVE_API_KEY")
+    serve_bench.add_argument("--plot", default=None, metavar="PNG", help="write TTFT / TPOT histograms here")
+    serve_bench.set_defaults(func=cmd_bench_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (generate, chat):
         add_engine_flags(command)
         add_sampling_flags(command)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    add_dataclass_flags(serve, ServerConfig, "server")
+    add_engine_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+    bench = sub.add_parser("bench", help="benchmarks")
+    _add_bench_serve(bench.add_subparsers(dest="bench_command", required=True))
+    add_kv_memory_command(sub)
     return parser
 
 

@@ -1,0 +1,206 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one AsyncEngine."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from kvserve.config import EngineConfig
+from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, GenerateRequest
+from kvserve.engine.engine import Engine
+from kvserve.loader.weights import resolve_model_path
+from kvserve.sampling_params import SamplingParams
+from kvserve.server.auth import ApiKeyMiddleware
+from kvserve.server.config import ServerConfig
+from kvserve.server.errors import OpenAIError, install_error_handlers, invalid_request, overloaded
+from kvserve.server.logprobs import TokenText
+from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from kvserve.server.prompts import encode_chat, encode_prompt
+from kvserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+from kvserve.server.serving import ChatFormatter, CompletionFormatter, Formatter, collect
+from kvserve.server.streaming import ClosingStreamingResponse, unless_disconnected
+
+logger = logging.getLogger(__name__)
+
+
+def model_name_of(model: str | None) -> str:
+    """The default served name: the model file's or directory's name."""
+    path = pathlib.Path(resolve_model_path(model))
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+class _Server:
+    """What the routes share: the engine, metrics, options, and the request checks."""
+
+    def __init__(self, async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig) -> None:
+        self.async_engine = async_engine
+        self.metrics = metrics
+        self.config = config
+        self.model_name = config.served_model_name or model_name_of(async_engine.engine.config.model)
+        self.tokenizer = async_engine.engine.tokenizer
+        self.max_model_len: int = async_engine.engine.max_model_len
+        self.token_text = TokenText(self.tokenizer)
+
+    def check_model(self, name: str | None) -> str:
+        """The served name; 404 for any other model."""
+        served = self.model_name
+        if name is not None and name != served:
+            raise OpenAIError(404, f"model {name!r} does not exist; this server serves {served!r}",
+                              param="model", code="model_not_found")
+        return served
+
+    def check_length(self, num_prompt_tokens: int, params: SamplingParams, prompt_field: str,
+                     max_tokens_field: str) -> None:
+        """400 if the prompt, or the prompt plus max_tokens, does not fit in the context window."""
+        limit = self.max_model_len
+        if num_prompt_tokens >= limit:
+            raise OpenAIError(400, f"{prompt_field} has {num_prompt_tokens} tokens; the context window "
+                              f"(max_model_len) is {limit}, prompt plus at least one generated token",
+                              param=prompt_field, code="context_length_exceeded")
+        if params.max_tokens is not None and num_prompt_tokens + params.max_tokens > limit:
+            raise OpenAIError(400, f"{max_tokens_field} is {params.max_tokens}, but the prompt's "
+                              f"{num_prompt_tokens} tokens leave room for {limit - num_prompt_tokens} in "
+                              f"the context window (max_model_len {limit})",
+                              param=max_tokens_field, code="context_length_exceeded")
+
+    def admit(self) -> None:
+        """503 with Retry-After while the waiting queue is full; the running requests go on."""
+        if self.async_engine.num_waiting >= self.config.max_waiting_requests:
+            raise overloaded(self.config.retry_after_s)
+
+    async def run(self, request: Request, requests: list[GenerateRequest], formatter: Formatter,
+                  stream: bool, num_choices: int, renames: dict[str, str]) -> Response:
+        """Submit the requests, then answer with a whole response or an SSE stream."""
+        try:
+            engine_stream = await self.async_engine.generate(requests)
+        except ValueError as error:
+            raise invalid_request(error, renames) from None
+        except EngineDeadError as error:
+            raise OpenAIError(503, str(error), type="server_error", code="engine_dead") from None
+        if stream:
+            return ClosingStreamingResponse(formatter.stream(engine_stream, num_choices),
+                                            on_close=engine_stream.abort, media_type="text/event-stream",
+                                            headers={"Cache-Control": "no-cache"})
+        try:
+            finished, outputs = await unless_disconnected(request, collect(engine_stream))
+        finally:
+            engine_stream.abort()  # a no-op once finished; covers a collect cancelled before it began
+        if not finished:
+            # Nobody is listening; 499 is the conventional "client closed request" status for logs.
+            return Response(status_code=499)
+        return JSONResponse(formatter.response(outputs).model_dump())
+
+
+def _server(request: Request) -> _Server:
+    return request.app.state.server
+
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, str]:
+    """200 while the engine loop runs; open even with an API key."""
+    if not _server(request).async_engine.is_running:
+        raise OpenAIError(503, "the engine loop is not running", type="server_error", code="engine_dead")
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    return Response(_server(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> ModelList:
+    """The one served model."""
+    server = _server(request)
+    return ModelList(data=[ModelCard(id=server.model_name, max_model_len=server.max_model_len)])
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    """Chat: the conversation through the model's chat template, one answer per `n`."""
+    server = _server(request)
+    model = server.check_model(body.model)
+    server.admit()  # before any work: an overloaded server should shed load cheaply
+    try:
+        params = body.sampling_params()
+        messages = [message.for_template() for message in body.messages]
+        prompt_ids = await run_in_threadpool(encode_chat, server.tokenizer, messages)
+    except ValueError as error:
+        raise invalid_request(error) from None
+    server.check_length(len(prompt_ids), params, "messages", body.max_tokens_field)
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    formatter = ChatFormatter(response_id, model, {response_id: 0}, server.token_text,
+                              params.logprobs, body.include_usage)
+    requests = [GenerateRequest(response_id, {"prompt_token_ids": prompt_ids}, params)]
+    return await server.run(request, requests, formatter, body.stream, params.n,
+                            {"prompt": "messages", "prompt_token_ids": "messages"})
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    """Completions: a prompt, a list of prompts, or token ids; choices are numbered prompt by prompt."""
+    server = _server(request)
+    model = server.check_model(body.model)
+    server.admit()
+    try:
+        params = body.sampling_params()
+        prompts = body.prompts()
+        prompt_ids = await run_in_threadpool(lambda: [encode_prompt(server.tokenizer, p) for p in prompts])
+    except ValueError as error:
+        raise invalid_request(error) from None
+    for ids in prompt_ids:
+        server.check_length(len(ids), params, "prompt", body.max_tokens_field)
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    request_ids = [response_id if len(prompts) == 1 else f"{response_id}-{i}" for i in range(len(prompts))]
+    formatter = CompletionFormatter(response_id, model, {rid: i * params.n for i, rid in enumerate(request_ids)},
+                                    server.token_text, params.logprobs, body.include_usage)
+    requests = [GenerateRequest(rid, _completion_prompt(p, ids), params)
+                for rid, p, ids in zip(request_ids, prompts, prompt_ids, strict=True)]
+    return await server.run(request, requests, formatter, body.stream, len(prompts) * params.n,
+                            {"prompt_token_ids": "prompt"})
+
+
+def _completion_prompt(prompt: str | list[int], ids: list[int]) -> dict[str, Any]:
+    """The engine prompt: ids as encoded here, and the text where there was one."""
+    return {"prompt": prompt if isinstance(prompt, str) else None, "prompt_token_ids": ids}
+
+
+def build_app(async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig) -> FastAPI:
+    """A FastAPI app over a started AsyncEngine; several apps (say, with different keys) may share one."""
+    app = FastAPI(title="kvserve", summary="OpenAI-compatible LLM server", version="0.1.0")
+    app.state.server = _Server(async_engine, metrics, config)
+    install_error_handlers(app)
+    app.include_router(router)
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    return app
+
+
+def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
+    """Load the engine, start its loop, and serve HTTP until interrupted."""
+    import uvicorn
+
+    engine = Engine(engine_config)
+    metrics = ServerMetrics()
+    async_engine = AsyncEngine(engine, metrics)
+    async_engine.start()
+    try:
+        uvicorn.run(build_app(async_engine, metrics, config), host=config.host, port=config.port,
+                    log_level=config.log_level)
+    finally:
+        async_engine.shutdown()

@@ -1,0 +1,32 @@
+"""ServerConfig: the server's options; `kvserve serve` flags are derived from its fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Options of the HTTP server (the engine's are EngineConfig)."""
+
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address to bind; the default keeps the server private to this machine"})
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    api_key: str | None = field(default=None, metadata={
+        "help": "require 'Authorization: Bearer KEY' on /v1/* (default: $KVSERVE_API_KEY)"})
+    served_model_name: str | None = field(default=None, metadata={
+        "help": "the model name clients send (default: the model file's name)"})
+    max_waiting_requests: int = field(default=256, metadata={
+        "help": "sequences that may wait for a slot; past it, new requests get 503 + Retry-After"})
+    retry_after_s: int = field(default=1, metadata={"help": "Retry-After seconds sent with a 503"})
+    log_level: str = field(default="info", metadata={"help": "uvicorn log level"})
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_waiting_requests < 0:
+            raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty")

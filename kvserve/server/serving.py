@@ -1,0 +1,229 @@
+"""Engine outputs to OpenAI responses: whole answers, and server-sent event streams of chunks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from kvserve.engine.async_engine import RequestStream
+from kvserve.outputs import CompletionOutput, RequestOutput
+from kvserve.server.errors import OpenAIError, internal_error
+from kvserve.server.logprobs import TokenText, chat_logprobs, completion_logprobs
+from kvserve.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionResponse,
+    DeltaMessage,
+    ErrorResponse,
+    PromptTokensDetails,
+    Usage,
+)
+
+logger = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(message: BaseModel, exclude: set[str] | None = None) -> str:
+    """One server-sent event carrying a JSON message."""
+    return f"data: {message.model_dump_json(exclude=exclude)}\n\n"
+
+
+def usage_of(outputs: Iterable[RequestOutput]) -> Usage:
+    """Token counts over a request's outputs (one per prompt; `n` samples each)."""
+    outputs = list(outputs)
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    cached = PromptTokensDetails(cached_tokens=sum(o.num_cached_tokens for o in outputs))
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=cached)
+
+
+def _check(output: RequestOutput) -> None:
+    if output.error is not None or any(c.finish_reason == "error" for c in output.outputs):
+        raise internal_error(f"the request failed in the engine: {output.error or 'unknown error'}")
+
+
+async def collect(stream: RequestStream) -> list[RequestOutput]:
+    """Final outputs of a stream's requests, in the order the requests were added."""
+    final: dict[str, RequestOutput] = {}
+    async for output in stream:
+        final[output.request_id] = output
+    return [final[request_id] for request_id in stream.request_ids]
+
+
+@dataclass
+class Formatter:
+    """Shapes one API request's outputs; `choice_base` maps an engine request to its first choice index."""
+
+    response_id: str
+    model: str
+    choice_base: dict[str, int]
+    token_text: TokenText
+    num_top_logprobs: int | None = None  # None: the client did not ask for logprobs
+    include_usage: bool = False
+    _text_offset: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether responses carry logprobs."""
+        return self.num_top_logprobs is not None
+
+    def response(self, outputs: list[RequestOutput]) -> BaseModel:
+        """The whole response of finished outputs; a request that failed in the engine is a 500."""
+        raise NotImplementedError
+
+    def _opening(self, indices: list[int]) -> list[BaseModel]:
+        return []
+
+    def _delta(self, index: int, completion: CompletionOutput) -> BaseModel | None:
+        raise NotImplementedError
+
+    def _finish(self, index: int, reason: str) -> BaseModel:
+        raise NotImplementedError
+
+    def _usage_chunk(self, usage: Usage) -> BaseModel:
+        raise NotImplementedError
+
+    def _chunk_exclude(self) -> set[str] | None:
+        return None
+
+    def _new_logprobs(self, completion: CompletionOutput) -> tuple[list[int], list[dict[int, float]]]:
+        """The token ids and logprobs this output adds."""
+        start = len(completion.token_ids) - len(completion.delta_token_ids)
+        return completion.delta_token_ids, (completion.logprobs or [])[start:]
+
+    async def stream(self, stream: RequestStream, num_choices: int) -> AsyncIterator[str]:
+        """The SSE body: opening chunks, deltas, a finish chunk per choice, usage, then [DONE]."""
+        exclude = self._chunk_exclude()
+        last: dict[str, RequestOutput] = {}
+        finished: set[int] = set()
+        try:
+            for chunk in self._opening(list(range(num_choices))):
+                yield sse(chunk, exclude)
+            async for output in stream:
+                _check(output)
+                last[output.request_id] = output
+                base = self.choice_base[output.request_id]
+                for completion in output.outputs:
+                    index = base + completion.index
+                    if index in finished:
+                        continue
+                    delta = self._delta(index, completion)
+                    if delta is not None:
+                        yield sse(delta, exclude)
+                    if completion.finish_reason is not None:
+                        finished.add(index)
+                        yield sse(self._finish(index, completion.finish_reason), exclude)
+            if self.include_usage:
+                yield sse(self._usage_chunk(usage_of(last.values())))
+        except OpenAIError as error:
+            yield sse(ErrorResponse(error=error.info))
+        except Exception as error:  # headers are sent: the error can only travel as an event
+            logger.exception("stream %s failed", self.response_id)
+            yield sse(ErrorResponse(error=internal_error(f"internal error: {type(error).__name__}").info))
+        yield DONE
+
+
+class ChatFormatter(Formatter):
+    """chat.completion and chat.completion.chunk objects."""
+
+    def response(self, outputs: list[RequestOutput]) -> ChatCompletionResponse:
+        """A chat.completion of the (single) finished output."""
+        choices = []
+        for output in outputs:
+            _check(output)
+            for completion in output.outputs:
+                logprobs = None
+                if self.wants_logprobs:
+                    logprobs = chat_logprobs(completion.token_ids, completion.logprobs or [],
+                                             self.num_top_logprobs, self.token_text)
+                choices.append(ChatChoice(index=self.choice_base[output.request_id] + completion.index,
+                                          message=AssistantMessage(content=completion.text),
+                                          logprobs=logprobs, finish_reason=completion.finish_reason))
+        return ChatCompletionResponse(id=self.response_id, model=self.model, choices=choices,
+                                      usage=usage_of(outputs))
+
+    def _chunk(self, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.response_id, model=self.model, choices=choices)
+
+    def _opening(self, indices: list[int]) -> list[BaseModel]:
+        # OpenAI opens each choice with the role and empty content.
+        return [self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                for i in indices]
+
+    def _delta(self, index: int, completion: CompletionOutput) -> BaseModel | None:
+        token_ids, logprobs = self._new_logprobs(completion)
+        if not completion.delta_text and not (self.wants_logprobs and token_ids):
+            return None
+        choice = ChatChunkChoice(index=index, delta=DeltaMessage(content=completion.delta_text))
+        if self.wants_logprobs:
+            choice.logprobs = chat_logprobs(token_ids, logprobs, self.num_top_logprobs, self.token_text)
+        return self._chunk([choice])
+
+    def _finish(self, index: int, reason: str) -> BaseModel:
+        return self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason)])
+
+    def _usage_chunk(self, usage: Usage) -> BaseModel:
+        chunk = self._chunk([])
+        chunk.usage = usage
+        return chunk
+
+    def _chunk_exclude(self) -> set[str] | None:
+        # OpenAI sends "usage": null in every chunk only when the client asked for usage.
+        return None if self.include_usage else {"usage"}
+
+
+class CompletionFormatter(Formatter):
+    """text_completion objects, whole and as stream chunks."""
+
+    def response(self, outputs: list[RequestOutput]) -> CompletionResponse:
+        """A text_completion of the finished outputs, choices ordered by index."""
+        choices = []
+        for output in outputs:
+            _check(output)
+            for completion in output.outputs:
+                logprobs = None
+                if self.wants_logprobs:
+                    logprobs = completion_logprobs(completion.token_ids, completion.logprobs or [],
+                                                   self.num_top_logprobs, self.token_text)
+                choices.append(CompletionChoice(index=self.choice_base[output.request_id] + completion.index,
+                                                text=completion.text, logprobs=logprobs,
+                                                finish_reason=completion.finish_reason))
+        choices.sort(key=lambda choice: choice.index)
+        return CompletionResponse(id=self.response_id, model=self.model, choices=choices,
+                                  usage=usage_of(outputs))
+
+    def _chunk(self, choices: list[CompletionChoice]) -> CompletionResponse:
+        return CompletionResponse(id=self.response_id, model=self.model, choices=choices)
+
+    def _delta(self, index: int, completion: CompletionOutput) -> BaseModel | None:
+        token_ids, logprobs = self._new_logprobs(completion)
+        if not completion.delta_text and not (self.wants_logprobs and token_ids):
+            return None
+        choice = CompletionChoice(index=index, text=completion.delta_text)
+        if self.wants_logprobs:
+            offset = self._text_offset.get(index, 0)
+            choice.logprobs = completion_logprobs(token_ids, logprobs, self.num_top_logprobs,
+                                                  self.token_text, offset)
+            # Offsets continue across chunks, as if the tokens were one list.
+            self._text_offset[index] = offset + sum(len(token) for token in choice.logprobs.tokens)
+        return self._chunk([choice])
+
+    def _finish(self, index: int, reason: str) -> BaseModel:
+        return self._chunk([CompletionChoice(index=index, text="", finish_reason=reason)])
+
+    def _usage_chunk(self, usage: Usage) -> BaseModel:
+        chunk = self._chunk([])
+        chunk.usage = usage
+        return chunk
+
+    def _chunk_exclude(self) -> set[str] | None:
+        return None if self.include_usage else {"usage"}

@@ -1,0 +1,134 @@
+"""Bad input, unknown models, API keys and overload: OpenAI-shaped errors, and the server still answers."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import openai
+import pytest
+from serve_harness import API_KEY, GREEDY_MAX_TOKENS, GREEDY_PROMPTS, MODEL, assert_openai_error
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MESSAGES = [{"role": "user", "content": "Hi"}]
+LONG_PROMPT = "hello " * 2000  # about 2,000 tokens: more than the 1,456-token context of the test engine
+
+
+def post(url: str, path: str, body: object, **kwargs: object) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, timeout=60, **kwargs)
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    (CHAT, {}, "messages"),  # missing field
+    (CHAT, {"messages": []}, "messages"),
+    (CHAT, {"messages": "Hi"}, "messages"),  # mistyped
+    (CHAT, {"messages": [{"role": "wizard", "content": "Hi"}]}, "messages[0].role"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content"),
+    (CHAT, {"messages": MESSAGES, "temperature": -1}, "temperature"),  # out of range, from SamplingParams
+    (CHAT, {"messages": MESSAGES, "temperature": "hot"}, "temperature"),
+    (CHAT, {"messages": MESSAGES, "top_p": 0}, "top_p"),
+    (CHAT, {"messages": MESSAGES, "n": 0}, "n"),
+    (CHAT, {"messages": MESSAGES, "n": 1000}, "n"),  # too large
+    (CHAT, {"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
+    (CHAT, {"messages": MESSAGES, "max_tokens": 10**6}, "max_tokens"),  # past the context window
+    (CHAT, {"messages": MESSAGES, "max_completion_tokens": 10**6}, "max_completion_tokens"),
+    (CHAT, {"messages": MESSAGES, "max_tokens": 1.5}, "max_tokens"),
+    (CHAT, {"messages": MESSAGES, "stream": "yes"}, "stream"),
+    (CHAT, {"messages": MESSAGES, "presence_penalty": 3}, "presence_penalty"),
+    (CHAT, {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+    (CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    (CHAT, {"messages": MESSAGES, "stop_token_ids": [10**7]}, "stop_token_ids"),  # from Engine.add_request
+    (CHAT, {"messages": MESSAGES, "stop": [""]}, "stop"),
+    (CHAT, {"messages": MESSAGES, "seed": 2**70}, "seed"),
+    (CHAT, {"messages": [{"role": "user", "content": LONG_PROMPT}]}, "messages"),  # prompt too long
+    (COMPLETIONS, {"prompt": ""}, "prompt"),
+    (COMPLETIONS, {"prompt": []}, "prompt"),
+    (COMPLETIONS, {"prompt": [10**8]}, "prompt"),  # token id past the vocabulary
+    (COMPLETIONS, {"prompt": [1, "a"]}, "prompt"),
+    (COMPLETIONS, {"prompt": LONG_PROMPT}, "prompt"),
+    (COMPLETIONS, {"prompt": "Hi", "logprobs": 100}, "logprobs"),
+    (COMPLETIONS, {"prompt": "Hi", "echo": True}, "echo"),
+    (COMPLETIONS, {"prompt": "Hi", "min_tokens": 20, "max_tokens": 4}, "min_tokens"),
+])
+def test_invalid_request_is_400_naming_the_field(live, path: str, body: dict, param: str) -> None:
+    for stream in (False, True):  # a streamed request is validated before the stream starts
+        error = assert_openai_error(post(live.url, path, {**body, "stream": stream} if "stream" not in body
+                                         else body), 400, param)
+        assert error["type"] == "invalid_request_error"
+        assert param.split("[")[0].split(".")[0] in error["message"]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b"null"])
+def test_invalid_json_is_400(live, raw: bytes) -> None:
+    response = httpx.post(f"{live.url}{CHAT}", content=raw, headers={"Content-Type": "application/json"})
+    assert_openai_error(response, 400)
+
+
+def test_unknown_model_is_404(live) -> None:
+    error = assert_openai_error(post(live.url, CHAT, {"model": "gpt-4", "messages": MESSAGES}), 404, "model")
+    assert error["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        live.client().completions.create(model="gpt-4", prompt="Hi")
+
+
+def test_unknown_route_and_method(live) -> None:
+    assert_openai_error(httpx.get(f"{live.url}/v1/nothing"), 404)
+    assert_openai_error(httpx.delete(f"{live.url}/v1/models"), 405)
+
+
+def test_openai_client_sees_bad_request(live) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        live.client().chat.completions.create(model=MODEL, messages=MESSAGES, temperature=-1)
+    assert info.value.body["param"] == "temperature"
+
+
+def test_api_key_required_on_v1_routes(live) -> None:
+    url = live.keyed_url
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
+                    {"Authorization": f"Basic {API_KEY}"}):
+        for request in (lambda h: httpx.get(f"{url}/v1/models", headers=h),
+                        lambda h: post(url, CHAT, {"messages": MESSAGES}, headers=h),
+                        lambda h: httpx.post(f"{url}{COMPLETIONS}", content=b"{bad", headers=h)):
+            error = assert_openai_error(request(headers), 401)
+            assert error["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/health").status_code == 200  # open: load balancers probe it
+    assert httpx.get(f"{url}/metrics").status_code == 200
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    answer = client.completions.create(model=MODEL, prompt=GREEDY_PROMPTS[0], temperature=0,
+                                       max_tokens=GREEDY_MAX_TOKENS, extra_body={"ignore_eos": True})
+    assert answer.choices[0].text == live.expected[GREEDY_PROMPTS[0]].text
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_full_queue_is_503_with_retry_after_and_running_requests_go_on(live) -> None:
+    # A stream on the open server runs while the full server refuses new work.
+    result: dict[str, str] = {}
+
+    def stream() -> None:
+        chunks = live.client().completions.create(model=MODEL, prompt=GREEDY_PROMPTS[0], temperature=0,
+                                                  max_tokens=GREEDY_MAX_TOKENS, stream=True,
+                                                  extra_body={"ignore_eos": True})
+        result["text"] = "".join(c.choices[0].text for c in chunks)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    for path, body in ((CHAT, {"messages": MESSAGES}), (COMPLETIONS, {"prompt": "Hi", "stream": True})):
+        response = post(live.full_url, path, body)
+        error = assert_openai_error(response, 503)
+        assert error["code"] == "overloaded"
+        assert int(response.headers["Retry-After"]) >= 0
+    assert httpx.get(f"{live.full_url}/v1/models").status_code == 200  # only generation is refused
+    thread.join(120)
+    assert result["text"] == live.expected[GREEDY_PROMPTS[0]].text
+
+
+def test_server_still_answers_after_errors(live) -> None:
+    for body in ({"messages": MESSAGES, "n": 1000}, {"prompt": LONG_PROMPT}, {"messages": None}):
+        assert post(live.url, CHAT if "messages" in body else COMPLETIONS, body).status_code == 400
+    answer = live.client().completions.create(model=MODEL, prompt=GREEDY_PROMPTS[1], temperature=0,
+                                              max_tokens=GREEDY_MAX_TOKENS, extra_body={"ignore_eos": True})
+    assert answer.choices[0].text == live.expected[GREEDY_PROMPTS[1]].text

@@ -1,0 +1,66 @@
+"""`kvserve serve` as a subprocess, and `kvserve bench serve` against the live test server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+from serve_harness import MODEL
+
+from kvserve.cli import main
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_kvserve_serve_subprocess_with_key_from_environment() -> None:
+    port = _free_port()
+    env = {**os.environ, "KVSERVE_API_KEY": "env-key"}
+    command = [sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), "--kv-cache-memory",
+               str(64 * 2**20), "--served-model-name", "tiny", "--log-level", "warning"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.5)
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        headers = {"Authorization": "Bearer env-key"}
+        answer = httpx.post(f"{url}/v1/completions", headers=headers, timeout=60,
+                            json={"model": "tiny", "prompt": "The capital of France is", "max_tokens": 3,
+                                  "temperature": 0}).json()
+        assert answer["choices"][0]["text"].startswith(" Paris")
+    finally:
+        process.terminate()
+        process.wait(30)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to exit with it.
+    assert process.returncode in (0, -signal.SIGTERM)
+
+
+def test_bench_serve_prints_json_and_plots(live, tmp_path, capsys) -> None:
+    plot = tmp_path / "latency.png"
+    main(["bench", "serve", "--url", live.url, "--model", MODEL, "--num-requests", "6", "--request-rate", "50",
+          "--concurrency", "3", "--input-len", "16", "--output-len", "4", "--seed", "3", "--plot", str(plot)])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["completed"] == 6 and summary["failures"] == 0
+    assert summary["total_output_tokens"] > 0 and summary["output_throughput"] > 0
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms"):
+        assert set(summary[metric]) == {"mean", "p50", "p90", "p99"}
+        assert summary[metric]["p50"] <= summary[metric]["p99"]
+    assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
