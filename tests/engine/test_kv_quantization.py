@@ -47,9 +47,7 @@ def wikitext_ids() -> list[int]:
     return ids, perplexity(llm, ids)
 
 
-# The KV-memory issue asks for < 1% with fp8 too; e4m3 with per-token scales measures +1.09% on this slice
-# (its 3-bit mantissa), so the bound says what holds today. See BENCHMARKS.md.
-@pytest.mark.parametrize(("kv_cache_dtype", "max_increase"), [("int8", 0.01), ("fp8", 0.015)])
+@pytest.mark.parametrize(("kv_cache_dtype", "max_increase"), [("int8", 0.01), ("fp8", 0.01)])
 def test_perplexity_increase_is_small(wikitext_ids, kv_cache_dtype, max_increase):
     ids, baseline = wikitext_ids
     llm = LLM(kv_cache_memory=64 * 2**20, kv_cache_dtype=kv_cache_dtype, show_progress=False)
