@@ -21,8 +21,6 @@ from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.config import ServerConfig
 
-DEFAULT_CHAT_PROMPT = "In three sentences, what is a KV cache and why does it make LLM inference fast?"
-
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """One `--flag` per EngineConfig field, typed and documented from the dataclass."""
