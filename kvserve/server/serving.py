@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel
@@ -76,6 +76,13 @@ class Formatter:
         """Whether responses carry logprobs."""
         return self.num_top_logprobs is not None
 
+    def _completions(self, outputs: list[RequestOutput]) -> Iterator[tuple[int, CompletionOutput]]:
+        """(choice index, completion) of every finished output; a request that failed in the engine raises."""
+        for output in outputs:
+            _check(output)
+            for completion in output.outputs:
+                yield self.choice_base[output.request_id] + completion.index, completion
+
     def response(self, outputs: list[RequestOutput]) -> BaseModel:
         """The whole response of finished outputs; a request that failed in the engine is a 500."""
         raise NotImplementedError
@@ -138,16 +145,13 @@ class ChatFormatter(Formatter):
     def response(self, outputs: list[RequestOutput]) -> ChatCompletionResponse:
         """A chat.completion of the (single) finished output."""
         choices = []
-        for output in outputs:
-            _check(output)
-            for completion in output.outputs:
-                logprobs = None
-                if self.wants_logprobs:
-                    logprobs = chat_logprobs(completion.token_ids, completion.logprobs or [],
-                                             self.num_top_logprobs, self.token_text)
-                choices.append(ChatChoice(index=self.choice_base[output.request_id] + completion.index,
-                                          message=AssistantMessage(content=completion.text),
-                                          logprobs=logprobs, finish_reason=completion.finish_reason))
+        for index, completion in self._completions(outputs):
+            logprobs = None
+            if self.wants_logprobs:
+                logprobs = chat_logprobs(completion.token_ids, completion.logprobs or [],
+                                         self.num_top_logprobs, self.token_text)
+            choices.append(ChatChoice(index=index, message=AssistantMessage(content=completion.text),
+                                      logprobs=logprobs, finish_reason=completion.finish_reason))
         return ChatCompletionResponse(id=self.response_id, model=self.model, choices=choices,
                                       usage=usage_of(outputs))
 
@@ -187,16 +191,13 @@ class CompletionFormatter(Formatter):
     def response(self, outputs: list[RequestOutput]) -> CompletionResponse:
         """A text_completion of the finished outputs, choices ordered by index."""
         choices = []
-        for output in outputs:
-            _check(output)
-            for completion in output.outputs:
-                logprobs = None
-                if self.wants_logprobs:
-                    logprobs = completion_logprobs(completion.token_ids, completion.logprobs or [],
-                                                   self.num_top_logprobs, self.token_text)
-                choices.append(CompletionChoice(index=self.choice_base[output.request_id] + completion.index,
-                                                text=completion.text, logprobs=logprobs,
-                                                finish_reason=completion.finish_reason))
+        for index, completion in self._completions(outputs):
+            logprobs = None
+            if self.wants_logprobs:
+                logprobs = completion_logprobs(completion.token_ids, completion.logprobs or [],
+                                               self.num_top_logprobs, self.token_text)
+            choices.append(CompletionChoice(index=index, text=completion.text, logprobs=logprobs,
+                                            finish_reason=completion.finish_reason))
         choices.sort(key=lambda choice: choice.index)
         return CompletionResponse(id=self.response_id, model=self.model, choices=choices,
                                   usage=usage_of(outputs))
