@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+KV_CACHE_DTYPES = ("auto", "int8", "int4", "fp8")
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_INT4_GROUP = 64  # tokens per int4 key-scale group (and block): 3.5x smaller than float16 at d_h = 64
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -34,6 +36,8 @@ class ModelConfig:
     use_qk_norm: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # The whole HF config dict, for architecture-specific fields (DeepSeek's MLA ranks and MoE routing).
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -68,6 +72,7 @@ class ModelConfig:
             use_qk_norm=arch == "Qwen3ForCausalLM",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            extra=dict(cfg),
         )
 
 
@@ -79,7 +84,8 @@ class EngineConfig:
                                                       "or nothing for the bundled SmolLM2-135M"})
     dtype: str = field(default="float32", metadata={"help": "weights and activations dtype"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
-    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    block_size: int | None = field(default=None, metadata={
+        "help": f"tokens per KV-cache block; default {DEFAULT_BLOCK_SIZE}, or kv_residual_tokens with int4"})
     max_model_len: int | None = field(default=None, metadata={
         "help": "context window (prompt + output); default: the model's, capped at 8192"})
     max_num_seqs: int = field(default=64, metadata={"help": "most requests running at once"})
@@ -90,7 +96,15 @@ class EngineConfig:
     kv_cache_memory_fraction: float = field(default=0.1, metadata={
         "help": "fraction of available memory for the KV cache when kv_cache_memory is unset"})
     kv_cache_dtype: str = field(default="auto", metadata={
-        "help": "KV-cache storage: auto (the model dtype), int8 or fp8 (e4m3), each with per-token scales"})
+        "help": "KV-cache storage: auto (the model dtype), int8 or fp8 (e4m3) with per-token scales, or int4 "
+                "(KIVI: keys per channel per block, values per token)"})
+    kv_residual_tokens: int | None = field(default=None, metadata={
+        "help": f"int4 only: tokens per key-quantization group, which is one KV block (default "
+                f"{DEFAULT_INT4_GROUP}); a request's newest, incomplete group stays in full precision"})
+    kv_window: int | None = field(default=None, metadata={
+        "help": "attention sinks + sliding window (StreamingLLM): each token sees the kv_sinks first tokens and "
+                "the last kv_window ones; blocks in between are freed, so memory stays bounded"})
+    kv_sinks: int = field(default=4, metadata={"help": "with kv_window: leading tokens always kept (attention sinks)"})
     enable_prefix_caching: bool = field(default=True, metadata={
         "help": "reuse the KV blocks of a prompt prefix computed before"})
     enable_chunked_prefill: bool = field(default=True, metadata={
@@ -103,7 +117,17 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        _require_positive("block_size", self.block_size)
+        for name in ("block_size", "kv_residual_tokens", "kv_window"):
+            if getattr(self, name) is not None:
+                _require_positive(name, getattr(self, name))
+        if self.kv_sinks < 0:
+            raise ValueError(f"kv_sinks must be >= 0, got {self.kv_sinks}")
+        if self.kv_cache_dtype != "int4" and self.kv_residual_tokens is not None:
+            raise ValueError("kv_residual_tokens applies only to kv_cache_dtype='int4'")
+        if (self.kv_cache_dtype == "int4" and None not in (self.block_size, self.kv_residual_tokens)
+                and self.block_size != self.kv_residual_tokens):
+            raise ValueError(f"with kv_cache_dtype='int4' a block is one key-quantization group: block_size "
+                             f"({self.block_size}) must equal kv_residual_tokens ({self.kv_residual_tokens})")
         _require_positive("max_num_seqs", self.max_num_seqs)
         _require_positive("max_num_batched_tokens", self.max_num_batched_tokens)
         if self.max_model_len is not None:
@@ -122,6 +146,13 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
         return cls(**kwargs)
+
+    @property
+    def cache_block_size(self) -> int:
+        """Tokens per KV block: block_size, or for int4 the key-quantization group (kv_residual_tokens)."""
+        if self.kv_cache_dtype == "int4":
+            return self.kv_residual_tokens or self.block_size or DEFAULT_INT4_GROUP
+        return self.block_size or DEFAULT_BLOCK_SIZE
 
     @property
     def cache_storage_dtype(self) -> str:

@@ -5,72 +5,145 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvserve.attention.backend import AttentionMetadata, PrefillSeq
+from kvserve.attention.backend import AttentionMetadata, Int4WritePlan, PrefillSeq, ResidualTails, WindowMetadata
 from kvserve.kv.kv_cache import LayerKVCache
-from kvserve.kv.kv_quant import dequantize, quantize
+from kvserve.kv.kv_quant import dequantize, dequantize_int4, quantize, quantize_int4
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
     """Store this step's keys/values [T, Hkv, D] at their slots, quantizing on the way in if the cache is."""
     if cache.is_quantized:
         key, key_scale = quantize(key, cache.kv_cache_dtype)
-        value, value_scale = quantize(value, cache.kv_cache_dtype)
         _flat(cache.key_scale).index_copy_(0, slot_mapping, key_scale)
-        _flat(cache.value_scale).index_copy_(0, slot_mapping, value_scale)
+        if value.shape[-1]:  # MLA caches no separate value (value_dim 0): nothing to scale
+            value, value_scale = quantize(value, cache.kv_cache_dtype)
+            _flat(cache.value_scale).index_copy_(0, slot_mapping, value_scale)
     _flat(cache.key).index_copy_(0, slot_mapping, key)
-    _flat(cache.value).index_copy_(0, slot_mapping, value)
+    if value.shape[-1]:
+        _flat(cache.value).index_copy_(0, slot_mapping, value)
 
 
 def _flat(cache: torch.Tensor) -> torch.Tensor:
     """[num_blocks, block_size, H, D] -> [num_slots, H, D] (a view)."""
-    return cache.view(-1, cache.shape[2], cache.shape[3])
+    # Explicit sizes, not -1: an MLA value cache has D == 0, and -1 is ambiguous for an empty tensor.
+    return cache.view(cache.shape[0] * cache.shape[1], cache.shape[2], cache.shape[3])
 
 
-def gather_kv(cache: LayerKVCache, block_tables: torch.Tensor,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read whole blocks, dequantized block by block: tables [B, nb] -> keys, values [B, H, nb * bs, D]."""
+def gather_kv(cache: LayerKVCache, block_tables: torch.Tensor, dtype: torch.dtype,
+              tails: ResidualTails | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read whole blocks, dequantized block by block: tables [B, nb] -> keys, values [B, H, nb * bs, D].
+
+    int4: the incomplete tail blocks named by `tails` are read from the full-precision residual instead.
+    """
+    if cache.is_int4:
+        return _gather_int4(cache, block_tables, dtype, tails)
     keys, values = _gather(cache.key, block_tables), _gather(cache.value, block_tables)
     if cache.is_quantized:
         keys = dequantize(keys, _gather(cache.key_scale, block_tables), dtype)
-        values = dequantize(values, _gather(cache.value_scale, block_tables), dtype)
+        if values.shape[-1]:
+            values = dequantize(values, _gather(cache.value_scale, block_tables), dtype)
     return keys, values
+
+
+def _gather_int4(cache: LayerKVCache, tables: torch.Tensor, dtype: torch.dtype,
+                 tails: ResidualTails | None) -> tuple[torch.Tensor, torch.Tensor]:
+    # [B, nb, bs, H, D / 2] codes; key parameters [B, nb, 1, H, D] broadcast over a block's tokens.
+    keys = dequantize_int4(cache.key[tables], cache.key_scale[tables], cache.key_zero[tables], dtype)
+    values = dequantize_int4(cache.value[tables], cache.value_scale[tables], cache.value_zero[tables], dtype)
+    if tails is not None and tails.rows.numel():
+        keys[tails.rows, tails.blocks] = cache.residual_key[tails.slots]  # [k, bs, H, D]
+        values[tails.rows, tails.blocks] = cache.residual_value[tails.slots]
+    batch, num_blocks, block_size, heads, _ = keys.shape
+    return (keys.view(batch, num_blocks * block_size, heads, -1).transpose(1, 2),
+            values.view(batch, num_blocks * block_size, heads, -1).transpose(1, 2))
+
+
+def write_kv_int4(key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache, plan: Int4WritePlan) -> None:
+    """Quantize the blocks completed this step (keys per channel, values per token); keep the rest exact."""
+    if plan.flush_blocks.numel():
+        blocks = plan.flush_blocks
+        for new, residual, codes, scale, zero, dim in (
+                (key, cache.residual_key, cache.key, cache.key_scale, cache.key_zero, 1),
+                (value, cache.residual_value, cache.value, cache.value_scale, cache.value_zero, -1)):
+            full = _assemble_blocks(new, residual, plan)  # [C, bs, H, D]
+            block_codes, block_scale, block_zero = quantize_int4(full, dim)
+            codes.index_copy_(0, blocks, block_codes)
+            scale.index_copy_(0, blocks, block_scale)
+            zero.index_copy_(0, blocks, block_zero)
+    if plan.residual_rows.numel():
+        _flat(cache.residual_key).index_copy_(0, plan.residual_slots, key[plan.residual_rows])
+        _flat(cache.residual_value).index_copy_(0, plan.residual_slots, value[plan.residual_rows])
+
+
+def _assemble_blocks(new: torch.Tensor, residual: torch.Tensor, plan: Int4WritePlan) -> torch.Tensor:
+    """The completed blocks' tokens, from the residual (earlier steps) and this step: [C, bs, H, D]."""
+    block_size = residual.shape[1]
+    full = new.new_empty(plan.flush_blocks.numel() * block_size, *new.shape[1:])
+    rows, slots = plan.flush_from_residual
+    full[rows] = _flat(residual)[slots].to(new.dtype)
+    rows, step_rows = plan.flush_from_step
+    full[rows] = new[step_rows]
+    return full.view(-1, block_size, *new.shape[1:])
 
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """cache [N, bs, H, D], tables [B, nb] -> [B, H, nb * bs, D]."""
     batch, num_blocks = block_tables.shape
     blocks = cache[block_tables]  # [B, nb, bs, H, D]
-    return blocks.view(batch, num_blocks * cache.shape[1], cache.shape[2], -1).transpose(1, 2)
+    return blocks.view(batch, num_blocks * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
 
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                     metadata: AttentionMetadata, scale: float) -> torch.Tensor:
     """Write K/V to the cache, then attend: query [T, Hq, D] -> output [T, Hq, D]."""
-    write_kv(key, value, cache, metadata.slot_mapping)
+    if cache.is_int4:
+        write_kv_int4(key, value, cache, metadata.int4)
+    else:
+        write_kv(key, value, cache, metadata.slot_mapping)
     output = torch.empty_like(query)
+    window = metadata.window
     if metadata.num_decodes:
         output[:metadata.num_decodes] = _decode(query[:metadata.num_decodes], cache, metadata, scale)
     for seq in metadata.prefills:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
-        output[rows] = _prefill(query[rows], key[rows], value[rows], cache, seq, scale)
+        if window is None:
+            output[rows] = _prefill(query[rows], key[rows], value[rows], cache, seq, scale)
+        else:
+            output[rows] = _prefill_with_window(query[rows], key[rows], value[rows], cache, seq, scale, window, rows)
     return output
+
+
+def _rotate(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor],
+            rows: slice | torch.Tensor) -> torch.Tensor:
+    """Rotate heads x [n, H, D] by the RoPE angles of `rows` (rotate-half layout)."""
+    cos, sin = rotation[0][rows], rotation[1][rows]
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _decode(query: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
     """One query token per request, all requests in one batched call."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads = cache.key.shape[2]
-    keys, values = gather_kv(cache, metadata.decode_block_tables, query.dtype)  # [B, Hkv, L, D]
+    tails = metadata.int4.decode_tails if cache.is_int4 else None
+    keys, values = gather_kv(cache, metadata.decode_block_tables, query.dtype, tails)  # [B, Hkv, L, D]
     # GQA without copying K/V per query head: the query heads sharing a KV head become that
     # head's "query length". [B, Hq, D] -> [B, Hkv, G, D]
     grouped = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=metadata.decode_mask,
                                          scale=scale)  # [B, Hkv, G, D]
+    window = metadata.window
+    if window is not None and window.decode_in_window.any():
+        # Queries past sinks + window score the sinks from a shifted position; the others were plain causal.
+        rows = window.decode_in_window.nonzero().flatten()
+        sinks = _rotate(query[rows], window.sink_rotation, rows).view(-1, *grouped.shape[1:])
+        out[rows] = _window_attention(grouped[rows], sinks, keys[rows], values[rows], metadata.decode_mask[rows],
+                                      window.num_sinks, scale)
     return out.reshape(batch, num_heads, -1)
 
 
-def _prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
-             seq: PrefillSeq, scale: float) -> torch.Tensor:
+def _prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache, seq: PrefillSeq,
+             scale: float) -> torch.Tensor:
     """Causal attention of one request's new tokens over its cached prefix and themselves."""
     num_cached = seq.seq_len - seq.query_len
     if num_cached == 0:
@@ -78,7 +151,7 @@ def _prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache:
         keys, values = key.transpose(0, 1), value.transpose(0, 1)
         mask = None
     else:
-        keys, values = gather_kv(cache, seq.block_table[None], query.dtype)
+        keys, values = gather_kv(cache, seq.block_table[None], query.dtype, seq.residual)
         keys, values = keys[0, :, :seq.seq_len], values[0, :, :seq.seq_len]  # [Hkv, S, D]
         # Query i sits at position num_cached + i and sees keys 0..num_cached + i.
         key_pos = torch.arange(seq.seq_len, device=query.device)
@@ -91,3 +164,42 @@ def _prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache:
     out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
                                          is_causal=mask is None, scale=scale)
     return out[0].transpose(0, 1)  # [n, Hq, D]
+
+
+def _prefill_with_window(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
+                         seq: PrefillSeq, scale: float, window: WindowMetadata, rows: slice) -> torch.Tensor:
+    """A prompt chunk under sinks + window: queries before S + W are plain causal, later ones see sinks + window."""
+    num_cached = seq.seq_len - seq.query_len
+    num_plain = min(max(window.num_sinks + window.window - num_cached, 0), seq.query_len)
+    if num_plain == seq.query_len:
+        return _prefill(query, key, value, cache, seq, scale)
+    out = torch.empty_like(query)
+    if num_plain:  # nothing is evicted while some query still sees everything before it
+        head = PrefillSeq(seq.query_start, num_plain, num_cached + num_plain, seq.block_table, seq.residual)
+        out[:num_plain] = _prefill(query[:num_plain], key[:num_plain], value[:num_plain], cache, head, scale)
+    num_tokens, num_heads, head_dim = query.shape
+    late = slice(num_plain, num_tokens)
+    sink_query = _rotate(query[late], window.sink_rotation, slice(rows.start + num_plain, rows.stop))
+    keys, values = gather_kv(cache, seq.block_table[None], query.dtype, seq.residual)  # [1, Hkv, L, D]
+    num_kv_heads = keys.shape[1]
+
+    def by_kv_head(x: torch.Tensor) -> torch.Tensor:  # [n, Hq, D] -> [Hkv, G, n, D]
+        return x.reshape(x.shape[0], num_kv_heads, -1, head_dim).permute(1, 2, 0, 3)
+
+    out_late = _window_attention(by_kv_head(query[late]), by_kv_head(sink_query), keys[0, :, None],
+                                 values[0, :, None], seq.key_mask[late], window.num_sinks, scale)
+    out[late] = out_late.permute(2, 0, 1, 3).reshape(-1, num_heads, head_dim)  # [Hkv, G, n, D] -> [n, Hq, D]
+    return out
+
+
+def _window_attention(query: torch.Tensor, sink_query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor, num_sinks: int, scale: float) -> torch.Tensor:
+    """Softmax attention where the first `num_sinks` key columns are scored with `sink_query`.
+
+    query / sink_query [..., n, D], keys / values [..., L, D] (broadcasting), mask [..., n, L] bool -> [..., n, D].
+    """
+    scores = query @ keys.transpose(-1, -2)  # [..., n, L]
+    if num_sinks:
+        scores[..., :num_sinks] = sink_query @ keys[..., :num_sinks, :].transpose(-1, -2)
+    scores = (scores * scale).masked_fill_(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ values

@@ -15,9 +15,9 @@ from kvserve.config import EngineConfig, ModelConfig, SchedulerConfig
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.request import Request, RequestStatus
 from kvserve.engine.scheduler import Scheduler
-from kvserve.kv.kv_cache import available_memory_bytes
+from kvserve.kv.kv_cache import available_memory_bytes, residual_bytes_per_slot
 from kvserve.kv.kv_manager import KVCacheManager
-from kvserve.kv.kv_spec import bytes_per_token
+from kvserve.kv.kv_spec import KVCacheSpec, bytes_per_block, bytes_per_token
 from kvserve.loader.weights import open_model
 from kvserve.models.registry import build_model
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -85,13 +85,23 @@ class Engine:
         model = build_model(self.model_config, max_model_len).to(self.device, config.torch_dtype)
         self.runner = ModelRunner(model, self.device, config.seed)
         self.runner.load_weights(source, config.torch_dtype, show_progress)
+        block_size = config.cache_block_size
         specs = model.kv_cache_specs(config.cache_storage_dtype)
+        if config.kv_cache_dtype == "int4":  # keys share a per-channel scale across one block
+            specs = [dataclasses.replace(spec, group_size=block_size) for spec in specs]
+        # int4: every running request keeps its newest, incomplete block in full precision.
+        num_residual_slots = config.max_num_seqs if config.kv_cache_dtype == "int4" else 0
+        self.kv_residual_bytes = num_residual_slots * residual_bytes_per_slot(specs, block_size, config.torch_dtype)
         num_blocks = self._num_kv_blocks(specs, max_model_len)
-        self.runner.allocate_kv_cache(specs, num_blocks, config.block_size)
-        # A single request must always fit in the cache, or preemption could never make room.
-        self.max_model_len = min(max_model_len, num_blocks * config.block_size)
-        self.kv_bytes_per_token = bytes_per_token(specs)
-        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.runner.allocate_kv_cache(specs, num_blocks, block_size, num_residual_slots)
+        # A single request must always fit in the cache, or preemption could never make room; with a window
+        # it only ever holds its sinks and window (checked in _num_kv_blocks), so the context is not capped.
+        self.max_model_len = max_model_len if config.kv_window else min(max_model_len, num_blocks * block_size)
+        bytes_per = bytes_per_token(specs)
+        self.kv_bytes_per_token = int(bytes_per) if bytes_per.denominator == 1 else float(bytes_per)
+        self.kv_manager = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
+                                         config.kv_window, config.kv_sinks)
+        self.runner.set_window(config.kv_window, config.kv_sinks)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -107,18 +117,32 @@ class Engine:
         self.num_generation_tokens = 0
         self._throughput = ThroughputWindow()
 
-    def _num_kv_blocks(self, specs: list, max_model_len: int) -> int:
-        """Blocks bought by the budget, but no more than max_num_seqs full contexts need."""
+    def _num_kv_blocks(self, specs: list[KVCacheSpec], max_model_len: int) -> int:
+        """Blocks bought by the budget (after the int4 residual), but no more than max_num_seqs requests need."""
         config = self.config
         budget = config.kv_cache_memory or int(available_memory_bytes(self.device)
                                                * config.kv_cache_memory_fraction)
-        per_block = bytes_per_token(specs) * config.block_size
-        needed = config.max_num_seqs * -(-max_model_len // config.block_size)
-        num_blocks = min(budget // per_block, needed)
+        block_size = config.cache_block_size
+        per_block = bytes_per_block(specs, block_size)
+        per_request = self._max_blocks_per_request(max_model_len)
+        num_blocks = min((budget - self.kv_residual_bytes) // per_block, config.max_num_seqs * per_request)
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory of {budget} bytes is less than one block "
-                             f"({per_block} bytes)")
+            raise ValueError(f"kv_cache_memory of {budget} bytes is less than one block ({per_block} bytes)"
+                             + (f" plus the int4 residual of max_num_seqs={config.max_num_seqs} requests "
+                                f"({self.kv_residual_bytes} bytes)" if self.kv_residual_bytes else ""))
+        if config.kv_window and num_blocks < per_request:
+            raise ValueError(f"kv_cache_memory of {budget} bytes holds {num_blocks} blocks, but kv_window="
+                             f"{config.kv_window} with kv_sinks={config.kv_sinks} and max_num_batched_tokens="
+                             f"{config.max_num_batched_tokens} needs {per_request} blocks per request")
         return num_blocks
+
+    def _max_blocks_per_request(self, max_model_len: int) -> int:
+        """Blocks one request can hold at once: its whole context, or with a window its sinks + window + chunk."""
+        config, size = self.config, self.config.cache_block_size
+        if not config.kv_window:
+            return -(-max_model_len // size)
+        chunk = min(config.max_num_batched_tokens, max_model_len)
+        return -(-config.kv_sinks // size) + -(-(config.kv_window - 1 + chunk) // size) + 1
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -92,6 +92,7 @@ class Scheduler:
             if num_new == 0:
                 index += 1
                 continue
+            self.kv_manager.evict_outside_window(request.request_id, request.num_computed_tokens)
             if not self._allocate_or_preempt(request, num_new, preempted):
                 break  # the request preempted itself: nobody later in the list can run either
             scheduled.append(self._schedule(request, num_new))
@@ -110,6 +111,7 @@ class Scheduler:
             if not self.kv_manager.allocate_slots(request.request_id, num_cached + num_new, prefix):
                 break
             request.num_computed_tokens = num_cached
+            self.kv_manager.evict_outside_window(request.request_id, num_cached)
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
             self.waiting.popleft()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from kvserve.kv.kv_quant import QUANTIZED_DTYPES
+from kvserve.kv.kv_quant import INT4_PARAM_DTYPE, QUANTIZED_DTYPES
 from kvserve.kv.kv_spec import KVCacheSpec
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -14,13 +14,24 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 @dataclass
 class LayerKVCache:
-    """One layer's paged cache: key/value [num_blocks, block_size, Hkv, D], plus [..., 1] scales if quantized."""
+    """One layer's paged cache: key/value [num_blocks, block_size, Hkv, D] (codes if quantized), plus parameters.
+
+    int8 / fp8: key_scale / value_scale [num_blocks, block_size, Hkv, 1] float32.
+    int4: codes packed two per byte [..., D / 2]; key_scale / key_zero [num_blocks, 1, Hkv, D] (per channel, per
+    block), value_scale / value_zero [num_blocks, block_size, Hkv, 1] (per token), float16; and the residual
+    [num_residual_slots, block_size, Hkv, D] in the model dtype: each running request's newest, incomplete block,
+    kept exact until it fills and can be quantized per channel.
+    """
 
     key: torch.Tensor
     value: torch.Tensor
     kv_cache_dtype: str = "auto"
     key_scale: torch.Tensor | None = None
     value_scale: torch.Tensor | None = None
+    key_zero: torch.Tensor | None = None
+    value_zero: torch.Tensor | None = None
+    residual_key: torch.Tensor | None = None
+    residual_value: torch.Tensor | None = None
 
     @property
     def is_quantized(self) -> bool:
@@ -28,32 +39,66 @@ class LayerKVCache:
         return self.key_scale is not None
 
     @property
+    def is_int4(self) -> bool:
+        """Whether this is the KIVI int4 layout (per-channel key groups and a full-precision residual)."""
+        return self.kv_cache_dtype == "int4"
+
+    @property
     def num_bytes(self) -> int:
-        """Bytes held by this layer's tensors."""
-        tensors = [self.key, self.value, self.key_scale, self.value_scale]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        """Bytes held by this layer's tensors, residual included."""
+        tensors = [getattr(self, f.name) for f in fields(self)]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def allocate_kv_caches(specs: list[KVCacheSpec], num_blocks: int, block_size: int,
-                       device: torch.device | str) -> list[LayerKVCache]:
+def allocate_kv_caches(specs: list[KVCacheSpec], num_blocks: int, block_size: int, device: torch.device | str,
+                       model_dtype: torch.dtype = torch.float32, num_residual_slots: int = 0) -> list[LayerKVCache]:
     """One LayerKVCache per layer, zero-filled (masked-out slots must hold finite values)."""
     caches = []
     for spec in specs:
         shape = (num_blocks, block_size, spec.num_kv_heads)
-        if not spec.is_quantized:
+        if spec.dtype == "int4":
+            caches.append(_int4_cache(spec, shape, device, model_dtype, num_residual_slots))
+        elif spec.is_quantized:
+            storage, _ = QUANTIZED_DTYPES[spec.dtype]
+            caches.append(LayerKVCache(
+                torch.zeros(*shape, spec.key_dim, dtype=storage, device=device),
+                torch.zeros(*shape, spec.value_dim, dtype=storage, device=device),
+                spec.dtype,
+                torch.zeros(*shape, 1, dtype=torch.float32, device=device),
+                torch.zeros(*shape, 1, dtype=torch.float32, device=device),
+            ))
+        else:
             dtype = _TORCH_DTYPES[spec.dtype]
             caches.append(LayerKVCache(torch.zeros(*shape, spec.key_dim, dtype=dtype, device=device),
                                        torch.zeros(*shape, spec.value_dim, dtype=dtype, device=device)))
-            continue
-        storage, _ = QUANTIZED_DTYPES[spec.dtype]
-        caches.append(LayerKVCache(
-            torch.zeros(*shape, spec.key_dim, dtype=storage, device=device),
-            torch.zeros(*shape, spec.value_dim, dtype=storage, device=device),
-            spec.dtype,
-            torch.zeros(*shape, 1, dtype=torch.float32, device=device),
-            torch.zeros(*shape, 1, dtype=torch.float32, device=device),
-        ))
     return caches
+
+
+def _int4_cache(spec: KVCacheSpec, shape: tuple[int, int, int], device: torch.device | str,
+                model_dtype: torch.dtype, num_residual_slots: int) -> LayerKVCache:
+    num_blocks, block_size, heads = shape
+
+    def zeros(*size: int, dtype: torch.dtype = INT4_PARAM_DTYPE) -> torch.Tensor:
+        return torch.zeros(*size, dtype=dtype, device=device)
+
+    residual = (num_residual_slots, block_size, heads)
+    return LayerKVCache(
+        key=zeros(*shape, spec.key_dim // 2, dtype=torch.uint8),
+        value=zeros(*shape, spec.value_dim // 2, dtype=torch.uint8),
+        kv_cache_dtype="int4",
+        key_scale=zeros(num_blocks, 1, heads, spec.key_dim),
+        value_scale=zeros(*shape, 1),
+        key_zero=zeros(num_blocks, 1, heads, spec.key_dim),
+        value_zero=zeros(*shape, 1),
+        residual_key=zeros(*residual, spec.key_dim, dtype=model_dtype),
+        residual_value=zeros(*residual, spec.value_dim, dtype=model_dtype),
+    )
+
+
+def residual_bytes_per_slot(specs: list[KVCacheSpec], block_size: int, model_dtype: torch.dtype) -> int:
+    """Bytes of one int4 residual slot (one block of full-precision K/V per layer); 0 for other caches."""
+    element = torch.empty(0, dtype=model_dtype).element_size()
+    return sum(block_size * spec.elements_per_token * element for spec in specs if spec.dtype == "int4")
 
 
 def available_memory_bytes(device: torch.device) -> int:

@@ -5,13 +5,19 @@ from __future__ import annotations
 from kvserve.kv.block_pool import BlockPool
 from kvserve.kv.prefix_cache import CachedPrefix, hash_block
 
+EVICTED = -1  # a block-table entry whose block left the sliding window and went back to the pool
+
 
 class KVCacheManager:
     """Maps each request to the blocks that hold its tokens' keys and values, sharing cached prefixes."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 window: int | None = None, num_sinks: int = 0) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.window = window  # StreamingLLM: keep the first num_sinks tokens and the last `window` ones
+        self.num_sink_blocks = -(-num_sinks // block_size)
+        self._num_evicted: dict[str, int] = {}  # blocks evicted per request (they follow the sink blocks)
         self.pool = BlockPool(num_blocks)
         self._block_tables: dict[str, list[int]] = {}
         self._block_hashes: dict[str, list[int]] = {}  # chained hashes of the request's full blocks
@@ -89,6 +95,26 @@ class KVCacheManager:
                 return
             hashes.append(block_hash)
 
+    def evict_outside_window(self, request_id: str, num_computed_tokens: int) -> None:
+        """Free the blocks that no query from position `num_computed_tokens` on can see (sinks stay)."""
+        if self.window is None:
+            return
+        table = self._block_tables.get(request_id, [])
+        # Query q sees keys > q - window: a block is dead once its last position is <= first query - window.
+        first_live = (num_computed_tokens - self.window + 1) // self.block_size
+        start = self.num_sink_blocks + self._num_evicted.get(request_id, 0)
+        dead = list(range(start, min(first_live, len(table))))
+        if not dead:
+            return
+        self.pool.free([table[index] for index in reversed(dead)])
+        for index in dead:
+            table[index] = EVICTED
+        self._num_evicted[request_id] = self._num_evicted.get(request_id, 0) + len(dead)
+
+    def num_held_blocks(self, request_id: str) -> int:
+        """Blocks the request holds now (evicted ones excluded)."""
+        return len(self._block_tables.get(request_id, [])) - self._num_evicted.get(request_id, 0)
+
     def block_table(self, request_id: str) -> list[int]:
         """The request's blocks, in token order."""
         return self._block_tables.get(request_id, [])
@@ -97,6 +123,7 @@ class KVCacheManager:
         """Return the request's blocks to the pool, last block first so shared prefixes are evicted last."""
         self._block_hashes.pop(request_id, None)
         self._uncacheable.discard(request_id)
+        self._num_evicted.pop(request_id, None)
         table = self._block_tables.pop(request_id, None)
         if table:
-            self.pool.free(table[::-1])
+            self.pool.free([block for block in reversed(table) if block != EVICTED])

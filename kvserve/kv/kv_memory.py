@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-SCALE_BYTES = 4  # every scale and zero point is a float32
-INT4_KEY_GROUP_SIZE = 32  # KIVI: key scale/zero point per channel, shared by a group of 32 tokens
+SCALE_BYTES = 4  # int8 / fp8: one float32 scale per token per KV head
+INT4_PARAM_BYTES = 2  # int4: float16 scales and zero points
+INT4_GROUP_SIZE = 64  # int4 keys: scale/zero point per channel, shared by a group (= one KV block) of 64 tokens
 MODEL_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 DEFAULT_GQA_KV_HEADS = 8  # GQA equivalent shown for MHA/MLA models (Llama-2-70B / Llama-3 use 8 KV heads)
 MLA_LATENT_PER_HEAD_DIM = 4  # MLA equivalent of a non-MLA model: d_c = 4·d_h (DeepSeek-V2: 512 = 4·128)
@@ -49,17 +50,22 @@ class KVCacheScheme:
         return total
 
 
+def int4_scheme(group_size: int) -> KVCacheScheme:
+    """KIVI int4 with key scales shared by `group_size` tokens (the engine's group is one KV block)."""
+    params = 2 * INT4_PARAM_BYTES  # a scale and a zero point
+    return KVCacheScheme(Fraction(1, 2), key_channel_bytes=Fraction(params, group_size),
+                         value_token_bytes=Fraction(params),
+                         description="KIVI: 0.5 byte; V: float16 scale + zero point per token per head; "
+                                     f"K: float16 scale + zero point per channel per {group_size} tokens")
+
+
 # The one place the storage cost of each kv_cache_dtype is defined.
 KV_CACHE_SCHEMES: dict[str, KVCacheScheme] = {
     "auto": KVCacheScheme(None, description="model dtype (float16/bfloat16: 2 bytes), no scales"),
     "float32": KVCacheScheme(Fraction(4), description="4 bytes, no scales"),
     "int8": KVCacheScheme(Fraction(1), key_token_bytes=Fraction(SCALE_BYTES), value_token_bytes=Fraction(SCALE_BYTES),
                           description="1 byte + one float32 scale per token per KV head, for K and for V"),
-    "int4": KVCacheScheme(Fraction(1, 2),
-                          key_channel_bytes=Fraction(2 * SCALE_BYTES, INT4_KEY_GROUP_SIZE),
-                          value_token_bytes=Fraction(2 * SCALE_BYTES),
-                          description="KIVI: 0.5 byte; V: float32 scale + zero point per token per head; "
-                                      f"K: float32 scale + zero point per channel per {INT4_KEY_GROUP_SIZE} tokens"),
+    "int4": int4_scheme(INT4_GROUP_SIZE),
     "fp8": KVCacheScheme(Fraction(1), key_token_bytes=Fraction(SCALE_BYTES), value_token_bytes=Fraction(SCALE_BYTES),
                          description="e4m3, 1 byte + one float32 scale per token per KV head, for K and for V"),
 }
@@ -246,8 +252,8 @@ def kv_memory_report(shape: ModelShape, context: int = 4096, batch: int = 1, mod
                      for name in KV_CACHE_SCHEMES}
         rows.append(KVMemoryRow(layout, per_token, {k: v * context * batch for k, v in per_token.items()}))
     notes.append(f"auto = the model dtype, taken as {model_dtype_bytes} bytes per element")
-    notes.append(f"int4 key scales are amortised over groups of {INT4_KEY_GROUP_SIZE} tokens; the full-precision "
-                 "window of recent tokens (kv_residual_tokens) is not counted")
+    notes.append(f"int4 key scales are amortised over groups of {INT4_GROUP_SIZE} tokens; the newest, incomplete "
+                 "group of each running request stays in the model dtype (a per-request cost, not counted here)")
     return KVMemoryReport(shape, context, batch, model_dtype_bytes, rows, notes)
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
-# Bytes per element of each storage dtype; kept as names so this module imports no torch.
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
-# Quantized storage keeps one float32 scale per token per KV head, for keys and for values.
-QUANTIZED = {"int8", "fp8"}
-SCALE_BYTES = 4
+from kvserve.kv.kv_memory import KV_CACHE_SCHEMES, MODEL_DTYPE_BYTES, KVCacheScheme, int4_scheme
+
+# Storage dtypes of the cache; the bytes each costs (scales included) come from kv_memory's table.
+CACHE_DTYPES = ("float32", "float16", "bfloat16", "int8", "fp8", "int4")
+QUANTIZED = {"int8", "fp8", "int4"}
 
 
 @dataclass(frozen=True)
@@ -16,16 +17,18 @@ class KVCacheSpec:
     """One attention layer's cache layout: per token, `num_kv_heads` keys of `key_dim` and values of `value_dim`.
 
     MLA stores a single latent "head" with `value_dim == 0` (the value is read from the key latent).
+    int4 shares each key channel's scale across a group of `group_size` tokens: one KV block.
     """
 
     num_kv_heads: int
     key_dim: int
     value_dim: int
     dtype: str
+    group_size: int = 0
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"KV cache dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.dtype not in CACHE_DTYPES:
+            raise ValueError(f"KV cache dtype must be one of {list(CACHE_DTYPES)}, got {self.dtype!r}")
 
     @property
     def elements_per_token(self) -> int:
@@ -34,21 +37,35 @@ class KVCacheSpec:
 
     @property
     def is_quantized(self) -> bool:
-        """Whether values are stored as codes plus per-token scales."""
+        """Whether values are stored as codes plus scales."""
         return self.dtype in QUANTIZED
 
     @property
-    def bytes_per_token(self) -> int:
-        """Cached bytes per token in this layer, scales included."""
-        scales = self.num_kv_heads * (1 + (self.value_dim > 0)) * SCALE_BYTES if self.is_quantized else 0
-        return self.elements_per_token * DTYPE_BYTES[self.dtype] + scales
+    def scheme(self) -> KVCacheScheme:
+        """The storage cost table entry of this layer's dtype (a float dtype is the table's `auto`)."""
+        if self.dtype == "int4":
+            if self.group_size < 1:
+                raise ValueError("an int4 KV cache needs group_size >= 1 (tokens sharing a key scale)")
+            return int4_scheme(self.group_size)
+        return KV_CACHE_SCHEMES["auto" if self.dtype in MODEL_DTYPE_BYTES else self.dtype]
+
+    @property
+    def bytes_per_token(self) -> Fraction:
+        """Cached bytes per token in this layer, scales included (int4 key scales amortised over a group)."""
+        element_bytes = MODEL_DTYPE_BYTES.get(self.dtype, 1)  # only read by `auto`
+        return self.num_kv_heads * self.scheme.head_bytes_per_token(self.key_dim, self.value_dim, element_bytes)
 
 
-def bytes_per_token(specs: list[KVCacheSpec]) -> int:
+def bytes_per_token(specs: list[KVCacheSpec]) -> Fraction:
     """Bytes of KV cache one token takes across all layers."""
-    return sum(spec.bytes_per_token for spec in specs)
+    return sum((spec.bytes_per_token for spec in specs), Fraction(0))
+
+
+def bytes_per_block(specs: list[KVCacheSpec], block_size: int) -> int:
+    """Bytes one block of `block_size` tokens takes across all layers (a whole number)."""
+    return int(bytes_per_token(specs) * block_size)
 
 
 def num_blocks_for_budget(specs: list[KVCacheSpec], block_size: int, budget_bytes: int) -> int:
     """How many whole blocks of `block_size` tokens fit in `budget_bytes`."""
-    return budget_bytes // (bytes_per_token(specs) * block_size)
+    return budget_bytes // bytes_per_block(specs, block_size)

@@ -62,6 +62,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None = None) -> None:
         super().__init__()
         inv_freq, attention_factor = _inv_freq(head_dim, theta, scaling)
+        self.inv_freq = inv_freq  # float32 [head_dim / 2]; a plain attribute, so that .to(dtype) keeps it exact
         freqs = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
         angles = torch.cat([freqs, freqs], dim=-1)  # [max_position, head_dim]
         self.register_buffer("cos", angles.cos() * attention_factor, persistent=False)
@@ -70,6 +71,12 @@ class RotaryEmbedding(nn.Module):
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> (cos, sin), each [T, 1, head_dim], broadcasting over heads."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+    def rotation(self, offsets: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pure rotation (no attention factor) by `offsets` [T] positions: (cos, sin), each [T, 1, head_dim]."""
+        freqs = offsets.float()[:, None] * self.inv_freq.to(offsets.device)[None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos().unsqueeze(1).to(dtype), angles.sin().unsqueeze(1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -6,11 +6,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kvserve.attention.backend import AttentionMetadata, PrefillSeq
+from kvserve.attention.backend import AttentionMetadata, PrefillSeq, WindowMetadata
 from kvserve.engine.scheduler import SampledTokens, ScheduledRequest, SchedulerOutput
 from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.loader.weights import ModelSource
+from kvserve.runner.cache_plans import (
+    ResidualSlots,
+    StepSpan,
+    held_blocks,
+    int4_write_plan,
+    key_positions,
+    prefill_tail,
+    window_visible,
+)
 from kvserve.sample.sampler import Sampler, SamplingMetadata
 
 
@@ -22,6 +31,9 @@ class ModelRunner:
         self.device = device
         self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
+        self.residual_slots: ResidualSlots | None = None  # int4 caches only
+        self.window: int | None = None  # sinks + sliding window (StreamingLLM)
+        self.num_sinks = 0
         # Unseeded requests share one generator, seeded by the engine's seed.
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
         self.generators: dict[str, torch.Generator] = {}
@@ -40,10 +52,18 @@ class ModelRunner:
         seen = {p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}
         return sum(seen.values())
 
-    def allocate_kv_cache(self, specs: list[KVCacheSpec], num_blocks: int, block_size: int) -> None:
-        """Allocate the paged cache tensors once."""
-        self.kv_caches = allocate_kv_caches(specs, num_blocks, block_size, self.device)
+    def allocate_kv_cache(self, specs: list[KVCacheSpec], num_blocks: int, block_size: int,
+                          num_residual_slots: int = 0) -> None:
+        """Allocate the paged cache tensors once (int4: plus one residual slot per running request)."""
+        dtype = next(self.model.parameters()).dtype
+        self.kv_caches = allocate_kv_caches(specs, num_blocks, block_size, self.device, dtype, num_residual_slots)
         self.block_size = block_size
+        if any(cache.is_int4 for cache in self.kv_caches):
+            self.residual_slots = ResidualSlots(num_residual_slots)
+
+    def set_window(self, window: int | None, num_sinks: int) -> None:
+        """Attend with sinks + a sliding window (the KV manager evicts the blocks in between)."""
+        self.window, self.num_sinks = window, num_sinks
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -54,14 +74,19 @@ class ModelRunner:
         """Forget per-request state of finished requests."""
         for request_id in request_ids:
             self.generators.pop(request_id, None)
+            if self.residual_slots is not None:
+                self.residual_slots.release(request_id)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> SampledTokens:
         """Run one step and sample a token for every request that reached the end of its tokens."""
         self.release(output.finished_request_ids)
+        if self.residual_slots is not None:
+            for request_id in output.preempted_request_ids:
+                self.residual_slots.release(request_id)
         # Single-token queries first: the attention batches them in one call.
         items = sorted(output.scheduled, key=lambda s: s.num_new_tokens != 1)
-        input_ids, positions, metadata = self._prepare_inputs(items)
+        input_ids, positions, metadata = self.prepare_inputs(items)
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)
         sampling = [i for i, item in enumerate(items) if item.is_sampling]
         if not sampling:
@@ -74,52 +99,78 @@ class ModelRunner:
             {r.request_id: t for r, t in zip(requests, result.token_ids, strict=True)},
             {r.request_id: lp for r, lp in zip(requests, result.logprobs, strict=True)})
 
-    def _prepare_inputs(self, items: list[ScheduledRequest]
+    def prepare_inputs(self, items: list[ScheduledRequest]
                         ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Pack token ids and positions [T] and build the attention metadata."""
         block_size, device = self.block_size, self.device
         token_ids: list[int] = []
         positions: list[int] = []
-        decode_slots: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_seq_lens: list[int] = []
-        prefill_slots: list[torch.Tensor] = []
-        prefills: list[PrefillSeq] = []
+        spans: list[StepSpan] = []
+        slots: list[torch.Tensor] = []
         for item in items:
             start, count = item.num_computed_tokens, item.num_new_tokens
+            slot = self.residual_slots.slot(item.request.request_id) if self.residual_slots else -1
+            spans.append(StepSpan(len(token_ids), start, count, item.block_table, slot))
             token_ids.extend(item.request.all_token_ids[start:start + count])
-            if count == 1:
-                positions.append(start)
-                decode_slots.append(item.block_table[start // block_size] * block_size
-                                    + start % block_size)
-                decode_tables.append(item.block_table)
-                decode_seq_lens.append(start + 1)
-                continue
             positions.extend(range(start, start + count))
             table = torch.tensor(item.block_table, dtype=torch.long, device=device)
             pos = torch.arange(start, start + count, device=device)
-            prefill_slots.append(table[pos // block_size] * block_size + pos % block_size)
-            prefills.append(PrefillSeq(len(token_ids) - count, count, start + count, table))
-        slots = torch.tensor(decode_slots, dtype=torch.long, device=device)
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+        num_decodes = sum(1 for item in items if item.num_new_tokens == 1)
+        held = [held_blocks(item.block_table) for item in items]
+        position_tensor = torch.tensor(positions, dtype=torch.long, device=device)
         metadata = AttentionMetadata(
-            slot_mapping=torch.cat([slots, *prefill_slots]) if prefill_slots else slots,
-            num_decodes=len(decode_slots),
-            prefills=prefills,
-            **self._decode_tables(decode_tables, decode_seq_lens),
+            slot_mapping=torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long, device=device),
+            num_decodes=num_decodes,
+            prefills=[self._prefill_seq(span, *blocks) for span, blocks in zip(spans[num_decodes:], held[num_decodes:],
+                                                                                  strict=True)],
+            **self._decode_tables(spans[:num_decodes], held[:num_decodes]),
         )
-        return (torch.tensor(token_ids, device=device), torch.tensor(positions, device=device),
-                metadata)
+        if self.residual_slots is not None:
+            columns = [len(blocks) - 1 for blocks, _ in held[:num_decodes]]
+            metadata.int4 = int4_write_plan(spans, num_decodes, columns, block_size, device)
+        if self.window is not None:
+            metadata.window = self._window_metadata(position_tensor, metadata.num_decodes)
+        return torch.tensor(token_ids, device=device), position_tensor, metadata
 
-    def _decode_tables(self, tables: list[list[int]], seq_lens: list[int]) -> dict[str, torch.Tensor]:
+    def _prefill_seq(self, span: StepSpan, blocks: list[int], indices: list[int]) -> PrefillSeq:
+        """A multi-token request's attention inputs: its held blocks, int4 tail and window mask."""
+        device = self.device
+        seq_len = span.start + span.count
+        seq = PrefillSeq(span.first_row, span.count, seq_len, torch.tensor(blocks, dtype=torch.long, device=device))
+        if self.residual_slots is not None:
+            seq.residual = prefill_tail(span, len(blocks), self.block_size, device)
+        if self.window is not None:
+            query_pos = torch.arange(span.start, seq_len, device=device)
+            seq.key_mask = window_visible(key_positions(indices, self.block_size, device), query_pos,
+                                          self.window, self.num_sinks)
+        return seq
+
+    def _decode_tables(self, spans: list[StepSpan], held: list[tuple[list[int], list[int]]]
+                       ) -> dict[str, torch.Tensor]:
         """Padded block tables [B, max_blocks] and the key mask [B, 1, 1, max_blocks * block_size]."""
-        max_blocks = max((len(t) for t in tables), default=0)
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        block_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
-        key_pos = torch.arange(max_blocks * self.block_size, device=self.device)
-        lens = torch.tensor(seq_lens, dtype=torch.long, device=self.device)
-        mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]
-        return {"decode_block_tables": block_tables.view(len(tables), max_blocks),
-                "decode_mask": mask}
+        device, size = self.device, self.block_size
+        max_blocks = max((len(blocks) for blocks, _ in held), default=0)
+        padded = [blocks + [0] * (max_blocks - len(blocks)) for blocks, _ in held]
+        block_tables = torch.tensor(padded, dtype=torch.long, device=device).view(len(held), max_blocks)
+        query_pos = torch.tensor([span.start for span in spans], dtype=torch.long, device=device)
+        if self.window is None:
+            key_pos = torch.arange(max_blocks * size, device=device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+        else:
+            # Padding columns get a position past every query: never visible.
+            far = max((span.start for span in spans), default=0) + 1
+            key_pos = torch.stack([torch.cat([key_positions(indices, size, device),
+                                              torch.full(((max_blocks - len(indices)) * size,), far, device=device)])
+                                   for _, indices in held]) if held else torch.zeros(0, 0, dtype=torch.long)
+            mask = window_visible(key_pos, query_pos[:, None], self.window, self.num_sinks)[:, 0]
+        return {"decode_block_tables": block_tables, "decode_mask": mask[:, None, None, :]}
+
+    def _window_metadata(self, positions: torch.Tensor, num_decodes: int) -> WindowMetadata:
+        """Each query's rotation back to the sink-query position S + W - 1 (see WindowMetadata)."""
+        delta = (positions - (self.num_sinks + self.window - 1)).clamp_min(0)
+        cos, sin = self.model.model.rotary.rotation(delta, next(self.model.parameters()).dtype)
+        return WindowMetadata(self.num_sinks, self.window, (cos, -sin), delta[:num_decodes] > 0)
 
     def _sampling_metadata(self, requests: list) -> SamplingMetadata:
         generators = []

@@ -1,13 +1,11 @@
 """Quantized KV cache on the bundled model: perplexity on WikiText-2 stays close to the float cache."""
 
-import math
 import pathlib
 
 import pytest
-import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.attention.backend import AttentionMetadata, PrefillSeq
+from kvserve.engine.perplexity import perplexity as engine_perplexity
 
 DATA = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2-raw-test.txt"
 NUM_TOKENS = 1024
@@ -15,25 +13,7 @@ CHUNK = 64  # each chunk attends to the earlier ones through the (quantized) cac
 
 
 def perplexity(llm: LLM, token_ids: list[int]) -> float:
-    """Teacher-forced perplexity, computed chunk by chunk through the paged cache (engine idle)."""
-    runner = llm.engine.runner
-    table = torch.arange(-(-len(token_ids) // runner.block_size))
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(token_ids) - 1, CHUNK):
-            end = min(start + CHUNK, len(token_ids) - 1)
-            metadata = AttentionMetadata(
-                slot_mapping=torch.arange(start, end), num_decodes=0,
-                decode_block_tables=torch.zeros(0, 0, dtype=torch.long),
-                decode_mask=torch.zeros(0, 1, 1, 0, dtype=torch.bool),
-                prefills=[PrefillSeq(0, end - start, end, table)])
-            hidden = runner.model(torch.tensor(token_ids[start:end]), torch.arange(start, end),
-                                  runner.kv_caches, metadata)
-            logprobs = torch.log_softmax(runner.model.compute_logits(hidden), dim=-1)
-            targets = torch.tensor(token_ids[start + 1:end + 1])
-            nll -= logprobs.gather(1, targets[:, None]).sum().item()
-            count += end - start
-    return math.exp(nll / count)
+    return engine_perplexity(llm.engine, token_ids, CHUNK)
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +27,58 @@ def wikitext_ids() -> list[int]:
     return ids, perplexity(llm, ids)
 
 
-@pytest.mark.parametrize(("kv_cache_dtype", "max_increase"), [("int8", 0.01), ("fp8", 0.01)])
+# 30 layers x 3 KV heads; head_dim 64 for keys and for values.
+BYTES_PER_TOKEN = {
+    "int8": 30 * 3 * (2 * 64 + 2 * 4),  # 1-byte codes + a float32 scale per token per head, K and V
+    "fp8": 30 * 3 * (2 * 64 + 2 * 4),
+    # Half-byte codes; V: float16 scale + zero point per token; K: the same per channel, per 64-token block.
+    "int4": 30 * 3 * (64 + 4 + 64 * 4 // 64),
+}
+
+
+@pytest.mark.parametrize(("kv_cache_dtype", "max_increase"), [("int8", 0.01), ("fp8", 0.01), ("int4", 0.05)])
 def test_perplexity_increase_is_small(wikitext_ids, kv_cache_dtype, max_increase):
     ids, baseline = wikitext_ids
-    llm = LLM(kv_cache_memory=64 * 2**20, kv_cache_dtype=kv_cache_dtype, show_progress=False)
+    llm = LLM(kv_cache_memory=64 * 2**20, kv_cache_dtype=kv_cache_dtype, max_num_seqs=1, show_progress=False)
     quantized = perplexity(llm, ids)
     assert quantized != baseline  # the cache really is quantized
     assert quantized / baseline - 1 < max_increase, (baseline, quantized)
-    # The same budget buys more blocks: codes are 1 byte instead of 4, plus the scales.
-    assert llm.engine.kv_bytes_per_token == 30 * (3 * 64 * 2 + 3 * 2 * 4)
+    # The same budget buys more blocks: codes are 1 byte (or half) instead of 4, plus the scales.
+    assert llm.engine.kv_bytes_per_token == BYTES_PER_TOKEN[kv_cache_dtype]
     out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     assert "Paris" in out[0].outputs[0].text
+
+
+def test_int4_blocks_are_groups_and_the_residual_is_budgeted():
+    budget = 32 * 2**20
+    llm = LLM(kv_cache_memory=budget, kv_cache_dtype="int4", max_num_seqs=4, show_progress=False)
+    engine = llm.engine
+    assert engine.kv_manager.block_size == 64  # one key-quantization group per block
+    residual = 4 * 64 * 30 * 3 * 128 * 4  # 4 requests x one float32 block of K and V per layer
+    assert engine.kv_residual_bytes == residual
+    assert engine.kv_manager.num_blocks == (budget - residual) // (64 * BYTES_PER_TOKEN["int4"])
+    assert engine.runner.kv_cache_bytes <= budget
+    with pytest.raises(ValueError, match="block_size .* must equal kv_residual_tokens"):
+        LLM(kv_cache_dtype="int4", block_size=16, kv_residual_tokens=32)
+    with pytest.raises(ValueError, match="int4 residual of max_num_seqs=64"):
+        LLM(kv_cache_dtype="int4", kv_cache_memory=2**20, show_progress=False)
+
+
+def test_int4_batched_equals_alone_and_frees_everything(wikitext_ids):
+    ids, _ = wikitext_ids
+    prompts = [ids[:150], ids[200:237], ids[300:301]]  # two blocks and a tail, a tail only, one token
+    llm = LLM(kv_cache_memory=32 * 2**20, kv_cache_dtype="int4", max_num_seqs=4, show_progress=False)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)  # crosses block boundaries
+
+    def run(batch: list[list[int]]) -> list[list[int]]:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outputs]
+
+    assert run(prompts) == [run([p])[0] for p in prompts]
+    engine = llm.engine
+    assert engine.kv_manager.pool.num_free_blocks == engine.kv_manager.num_blocks
+    # Finished requests hand their residual slot back at the next step: at most the last one still holds it.
+    assert engine.runner.residual_slots.num_free >= 3
 
 
 def test_unknown_kv_cache_dtype_is_rejected():

@@ -62,8 +62,10 @@ def test_quantized_schemes_include_their_scales():
     heads, d_h, layers = 32, 128, 32
     # int8 / fp8: 1 byte per element + a float32 scale per token per KV head, for K and for V.
     assert mha.bytes_per_token["int8"] == mha.bytes_per_token["fp8"] == layers * heads * (2 * d_h + 2 * 4)
-    # int4 KIVI: 0.5 byte per element; V: scale + zero point per token; K: per channel per 32 tokens.
-    assert mha.bytes_per_token["int4"] == layers * heads * (d_h + 2 * 4 + Fraction(2 * 4 * d_h, 32))
+    # int4 KIVI: 0.5 byte per element; V: float16 scale + zero point per token; K: per channel per 64 tokens.
+    assert mha.bytes_per_token["int4"] == layers * heads * (d_h + 2 * 2 + Fraction(2 * 2 * d_h, 64))
+    # 3.66x smaller than float16 at d_h = 128, scales included.
+    assert mha.bytes_per_token["auto"] / mha.bytes_per_token["int4"] > Fraction(7, 2)
     assert set(KV_CACHE_SCHEMES) == {"auto", "float32", "int8", "int4", "fp8"}
     # MLA caches a single latent with no separate value: one scale per token.
     mla = kv_memory_report(load_shape("deepseek-v2")).row("MLA")
