@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kvserve.attention.backend import AttentionMetadata
-from kvserve.attention.torch_ref import paged_attention
+from kvserve.attention.selector import select_attention
 from kvserve.config import ModelConfig
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_spec import KVCacheSpec
@@ -55,7 +55,8 @@ class LlamaAttention(nn.Module):
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         q, k = apply_rotary(qk, cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        out = paged_attention(q, k, v, kv_cache, metadata, self.scale)
+        # Triton on CUDA, torch_ref elsewhere; chosen once per device (select_attention is cached).
+        out = select_attention(q.device)(q, k, v, kv_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

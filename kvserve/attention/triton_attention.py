@@ -1,0 +1,544 @@
+"""Triton paged attention: KV write (quantizing int8/fp8 on the way in), split-KV decode and varlen prefill.
+
+The kernels read and write exactly the layout of `torch_ref` / `LayerKVCache`: key/value
+[num_blocks, block_size, Hkv, D] and, for int8/fp8 caches, codes (int8, or uint8 raw e4m3 bytes)
+plus float32 scales [num_blocks, block_size, Hkv, 1]. They run on CUDA tensors, or on CPU tensors
+when TRITON_INTERPRET=1 was set before this module was imported (how the tests run without a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kvserve.attention import torch_ref
+from kvserve.attention.backend import AttentionMetadata
+from kvserve.kv.kv_cache import LayerKVCache
+
+# kv_cache_dtype -> the QUANT constexpr of the kernels; other layouts (int4, ...) take torch_ref.
+_QUANT_MODES = {"auto": 0, "int8": 1, "fp8": 2}
+_LOG2E = 1.4426950408889634
+DEFAULT_PARTITION_SIZE = 512  # keys per split-KV partition of the decode kernel
+
+
+# ---------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _round_half_even(x):
+    """float32 -> int32, ties to even like torch.round (no rint in the interpreter)."""
+    floor = tl.floor(x)
+    frac = x - floor  # exact for |x| < 2**23
+    whole = floor.to(tl.int32)
+    is_up = (frac > 0.5) | ((frac == 0.5) & ((whole & 1) == 1))
+    return whole + is_up.to(tl.int32)
+
+
+@triton.jit
+def _fp8_encode(x):
+    """float32 -> e4m3fn bytes, round to nearest even: torch's float8_e4m3fn conversion for |x| <= 464.
+
+    Done on the bits: Triton 3.6's interpreter rounds fp8 casts wrongly (a mantissa carry can halve the
+    value), and sm < 89 has no e4m3 type. Past 448 it saturates where torch gives NaN; quantized values
+    never exceed 448.
+    """
+    sign = (x.to(tl.int32, bitcast=True) >> 24) & 0x80
+    mag = tl.minimum(tl.abs(x), 448.0)
+    bits = mag.to(tl.int32, bitcast=True)
+    # Normal range: rebias the exponent (127 -> 7) and round the mantissa to 3 bits, carries included.
+    normal = (bits + (((7 - 127) << 23) + 0x7FFFF) + ((bits >> 20) & 1)) >> 20
+    # Below 2**-6 (subnormal e4m3): adding 2**14 leaves an ulp of 2**-9, the subnormal step, so the
+    # hardware's round-to-nearest-even does the rounding; the low bits are then the code.
+    subnormal = (mag + 16384.0).to(tl.int32, bitcast=True) - 0x46800000
+    code = tl.where(bits < (121 << 23), subnormal, normal)
+    return (code | sign).to(tl.uint8)
+
+
+@triton.jit
+def _fp8_decode(code):
+    """e4m3fn bytes (uint8) -> float32 via integer ops (portable: no fp8 type needed)."""
+    bits = code.to(tl.int32)
+    exponent = (bits >> 3) & 0xF
+    mantissa = bits & 0x7
+    normal = (((exponent + (127 - 7)) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+    subnormal = mantissa.to(tl.float32) * 0.001953125  # mantissa * 2**-9
+    mag = tl.where(exponent == 0, subnormal, normal)
+    return tl.where(bits >= 128, -mag, mag)
+
+
+@triton.jit
+def _dequantize(codes, scale, QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr):
+    """Codes [N, D] and float32 scales [N, 1] -> float32 values [N, D]."""
+    if QUANT == 1:
+        values = codes.to(tl.float32)
+    elif FP8_NATIVE:
+        values = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        values = _fp8_decode(codes)
+    return values * scale
+
+
+@triton.jit
+def _store_rows(src_ptr, stride_src_t, stride_src_h, cache_ptr, scale_ptr, tok, head, block, offset, is_valid,
+                stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr):
+    """Copy rows [R, D] of one source into their cache slots, quantizing per row if QUANT."""
+    dims = tl.arange(0, BLOCK_D)
+    mask = is_valid[:, None] & (dims < HEAD_DIM)[None, :]
+    rows = tl.load(src_ptr + tok[:, None] * stride_src_t + head[:, None] * stride_src_h + dims[None, :],
+                   mask=mask, other=0.0)
+    slot_off = block * stride_cb + offset * stride_cs + head * stride_ch  # [R]
+    dst = cache_ptr + slot_off[:, None] + dims[None, :]
+    if QUANT == 0:
+        tl.store(dst, rows, mask=mask)
+    else:
+        # Same float32 math as kv_quant.quantize: scale = max(absmax, 1e-8) / qmax, codes = x / scale.
+        rows = rows.to(tl.float32)
+        qmax = 127.0 if QUANT == 1 else 448.0
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(rows), axis=1), 1e-8), qmax)  # [R]
+        scaled = tl.math.div_rn(rows, scale[:, None])
+        if QUANT == 1:
+            codes = tl.minimum(tl.maximum(_round_half_even(scaled), -127), 127).to(tl.int8)
+        else:
+            codes = _fp8_encode(scaled)
+        tl.store(dst, codes, mask=mask)
+        tl.store(scale_ptr + block * stride_sb + offset * stride_ss + head * stride_sh, scale, mask=is_valid)
+
+
+@triton.jit
+def _write_kv_kernel(key_ptr, value_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                     num_rows, num_kv_heads, block_size,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh,
+                     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr):
+    """One program stores BLOCK_R (token, KV head) rows of both K and V."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    tok = rows // num_kv_heads
+    head = rows % num_kv_heads
+    slot = tl.load(slot_ptr + tok, mask=rows < num_rows, other=-1)
+    is_valid = slot >= 0  # a negative slot (padding) writes nothing
+    block = slot // block_size
+    offset = slot % block_size
+    _store_rows(key_ptr, stride_kt, stride_kh, k_cache_ptr, k_scale_ptr, tok, head, block, offset, is_valid,
+                stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, HEAD_DIM, BLOCK_D, QUANT)
+    _store_rows(value_ptr, stride_vt, stride_vh, v_cache_ptr, v_scale_ptr, tok, head, block, offset, is_valid,
+                stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, HEAD_DIM, BLOCK_D, QUANT)
+
+
+@triton.jit
+def _attend_tile(q, q_pos, m_i, l_i, acc, tile, num_keys, block_table_ptr, block_size, kv_head,
+                 k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                 stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
+                 key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row, use_fresh,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
+                 FP8_NATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 HAS_FRESH: tl.constexpr):
+    """One online-softmax step of rows q [M, D] over keys tile .. tile + BLOCK_N (those < num_keys).
+
+    IS_CAUSAL: row r sees only keys at positions <= q_pos[r]. HAS_FRESH and use_fresh: read the
+    keys from this step's unquantized key/value rows fresh_row + position instead of the cache.
+    """
+    dims = tl.arange(0, BLOCK_D)
+    pos = tile + tl.arange(0, BLOCK_N)
+    in_seq = pos < num_keys
+    if HAS_FRESH:
+        is_fresh = in_seq & use_fresh
+        in_seq = in_seq & (use_fresh == 0)
+    # Paged gather: position -> (physical block from the table, offset in the block).
+    block = tl.load(block_table_ptr + pos // block_size, mask=in_seq, other=0)
+    offset = pos % block_size
+    slot_off = block * stride_cb + offset * stride_cs + kv_head * stride_ch  # [N]
+    mask = in_seq[:, None] & (dims < HEAD_DIM)[None, :]
+    # Masked rows load 0: a NaN left in an unused cache slot must not reach p @ V.
+    k = tl.load(k_cache_ptr + slot_off[:, None] + dims[None, :], mask=mask, other=0)  # [N, D]
+    v = tl.load(v_cache_ptr + slot_off[:, None] + dims[None, :], mask=mask, other=0)
+    if QUANT != 0:
+        scale_off = block * stride_sb + offset * stride_ss + kv_head * stride_sh
+        k_scale = tl.load(k_scale_ptr + scale_off, mask=in_seq, other=0.0)
+        v_scale = tl.load(v_scale_ptr + scale_off, mask=in_seq, other=0.0)
+        k = _dequantize(k, k_scale[:, None], QUANT, FP8_NATIVE)
+        v = _dequantize(v, v_scale[:, None], QUANT, FP8_NATIVE)
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
+    if HAS_FRESH:
+        fresh_mask = is_fresh[:, None] & (dims < HEAD_DIM)[None, :]
+        rows = fresh_row + pos
+        fresh_k = tl.load(key_ptr + rows[:, None] * stride_kt + kv_head * stride_kh + dims[None, :], mask=fresh_mask,
+                          other=0.0)
+        fresh_v = tl.load(value_ptr + rows[:, None] * stride_vt + kv_head * stride_vh + dims[None, :],
+                          mask=fresh_mask, other=0.0)
+        k = tl.where(fresh_mask, fresh_k.to(q.dtype), k)
+        v = tl.where(fresh_mask, fresh_v.to(q.dtype), v)
+        in_seq = in_seq | is_fresh
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 units
+    if IS_CAUSAL:
+        scores = tl.where((pos[None, :] <= q_pos[:, None]) & in_seq[None, :], scores, float("-inf"))
+    else:
+        scores = tl.where(in_seq[None, :], scores, float("-inf"))
+    # Every row sees at least one key in its first tile, so m_new is finite from then on.
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend(q, q_pos, start, end, num_keys, block_table_ptr, block_size, kv_head,
+            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+            stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
+            key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row, use_fresh,
+            BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+            QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr,
+            HAS_FRESH: tl.constexpr, INTERPRET: tl.constexpr):
+    """Rows q [M, D] over the key tiles start .. end: (running max, sum, unnormalized output [M, D])."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if INTERPRET:
+        # Triton 3.6's interpreter cannot range() over tensor bounds with numpy >= 2.4 (triton#9171).
+        tile = start
+        while tile < end:
+            m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, tile, num_keys, block_table_ptr, block_size,
+                                         kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                                         stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
+                                         key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row,
+                                         use_fresh, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION,
+                                         IS_CAUSAL, HAS_FRESH)
+            tile += BLOCK_N
+    else:  # a for loop, which the compiler software-pipelines
+        for tile in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, tile, num_keys, block_table_ptr, block_size,
+                                         kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                                         stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
+                                         key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row,
+                                         use_fresh, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION,
+                                         IS_CAUSAL, HAS_FRESH)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
+                   out_ptr, lse_ptr, qk_scale, num_queries_per_kv, block_size,
+                   stride_qb, stride_qh, stride_bt,
+                   stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh,
+                   stride_ob, stride_oh, stride_op, stride_lb, stride_lh,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PARTITION_SIZE: tl.constexpr, QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Program (request, KV head, partition): the KV head's query heads over one slice of the keys."""
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + req)
+    start = part * PARTITION_SIZE
+    if start >= seq_len:  # partitions past this request's end: the merge never reads them
+        return
+    end = tl.minimum(start + PARTITION_SIZE, seq_len)
+    dims = tl.arange(0, BLOCK_D)
+    # GQA: the query heads of one KV head are the rows of one tile, padded to BLOCK_G >= 16 for tl.dot.
+    group = tl.arange(0, BLOCK_G)
+    head = kv_head * num_queries_per_kv + group
+    is_head = group < num_queries_per_kv
+    q_mask = is_head[:, None] & (dims < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + req * stride_qb + head[:, None] * stride_qh + dims[None, :], mask=q_mask, other=0.0)
+    m_i, l_i, acc = _attend(q, group, start, end, end, block_tables_ptr + req * stride_bt, block_size, kv_head,
+                            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                            stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
+                            q_ptr, q_ptr, 0, 0, 0, 0, 0, False,  # no fresh K/V: decode reads the cache only
+                            BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION, False, False,
+                            INTERPRET)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + req * stride_ob + head[:, None] * stride_oh + part * stride_op + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    if STORE_LSE:
+        tl.store(lse_ptr + req * stride_lb + head * stride_lh + part, m_i + tl.log2(l_i), mask=is_head)
+
+
+@triton.jit
+def _merge_kernel(part_ptr, lse_ptr, seq_lens_ptr, out_ptr,
+                  stride_pb, stride_ph, stride_pp, stride_lb, stride_lh, stride_ob, stride_oh,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+                  PARTITION_SIZE: tl.constexpr):
+    """Program (request, query head): log-sum-exp weighted sum of the partitions' normalized outputs."""
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    num_parts = tl.cdiv(tl.load(seq_lens_ptr + req), PARTITION_SIZE)
+    parts = tl.arange(0, BLOCK_P)
+    dims = tl.arange(0, BLOCK_D)
+    is_part = parts < num_parts
+    lse = tl.load(lse_ptr + req * stride_lb + head * stride_lh + parts, mask=is_part, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, axis=0))  # [P], 0 for missing partitions
+    mask = is_part[:, None] & (dims < HEAD_DIM)[None, :]
+    partial = tl.load(part_ptr + req * stride_pb + head * stride_ph + parts[:, None] * stride_pp + dims[None, :],
+                      mask=mask, other=0.0)  # [P, D]
+    out = tl.sum(partial * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+    tl.store(out_ptr + req * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
+                    query_start_loc_ptr, out_ptr, key_ptr, value_ptr, qk_scale, num_queries_per_kv, block_size,
+                    stride_qt, stride_qh, stride_bt,
+                    stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, stride_ot, stride_oh,
+                    stride_kt, stride_kh, stride_vt, stride_vh,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    BLOCK_N: tl.constexpr, QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, HAS_FRESH: tl.constexpr, INTERPRET: tl.constexpr):
+    """Program (query tile, sequence, KV head): BLOCK_Q new tokens x the KV head's query heads, causal.
+
+    HAS_FRESH: a sequence with no cached prefix attends over its unquantized new K/V rather than
+    their quantized copies in the cache, as torch_ref does.
+    """
+    q_tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    query_start = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - query_start
+    first = q_tile * BLOCK_Q  # first query of this tile, counted within the sequence's new tokens
+    if first >= query_len:  # the grid covers the longest query; shorter ones stop here
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_cached = seq_len - query_len
+    # Rows are (token, query head) pairs: [BLOCK_Q * BLOCK_G], heads of one token adjacent.
+    rows = tl.arange(0, BLOCK_Q * BLOCK_G)
+    tok = first + rows // BLOCK_G
+    group = rows % BLOCK_G
+    head = kv_head * num_queries_per_kv + group
+    is_row = (tok < query_len) & (group < num_queries_per_kv)
+    dims = tl.arange(0, BLOCK_D)
+    q_mask = is_row[:, None] & (dims < HEAD_DIM)[None, :]
+    q_rows = (query_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh
+    q = tl.load(q_ptr + q_rows + dims[None, :], mask=q_mask, other=0.0)
+    # Query i of the chunk sits at position num_cached + i and sees keys 0 ..= that position.
+    q_pos = num_cached + tok
+    num_keys = tl.minimum(seq_len, num_cached + first + BLOCK_Q)  # causal: no key past the tile's last query
+    m_i, l_i, acc = _attend(q, q_pos, 0, num_keys, num_keys, block_tables_ptr + seq * stride_bt, block_size,
+                            kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                            stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
+                            key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, query_start,
+                            num_cached == 0, BLOCK_Q * BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE,
+                            DOT_PRECISION, True, HAS_FRESH, INTERPRET)
+    out = acc / l_i[:, None]
+    o_rows = (query_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh
+    tl.store(out_ptr + o_rows + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+# ---------------------------------------------------------------------------- launchers
+
+# Whether the kernels above were built for TRITON_INTERPRET=1 (decided once, when triton.jit ran).
+IS_INTERPRETED = not isinstance(_decode_kernel, triton.runtime.JITFunction)
+# Tile sizes. The interpreter pays a fixed Python cost (tens of us) per tl op whatever the tile's
+# size, so it gets few, large tiles; the GPU sizes are first guesses, not tuned yet.
+_BLOCK_N = 256 if IS_INTERPRETED else 64  # keys per tile (independent of the cache's block_size)
+_PREFILL_ROWS = 256 if IS_INTERPRETED else 64  # (query token, query head) rows per prefill program
+_WRITE_ELEMENTS = 16384 if IS_INTERPRETED else 4096  # rows * head_dim per write_kv program
+
+
+def is_supported(cache: LayerKVCache, metadata: AttentionMetadata) -> bool:
+    """Whether these kernels handle this cache layout and step (else the caller falls back to torch_ref).
+
+    Not handled: int4 (KIVI) caches, MLA's value-less caches, attention sinks + sliding window.
+    """
+    if getattr(cache, "kv_cache_dtype", "auto") not in _QUANT_MODES:
+        return False
+    if getattr(metadata, "window", None) is not None:
+        return False
+    return cache.key.dim() == 4 and cache.key.shape == cache.value.shape
+
+
+@functools.cache
+def _use_native_fp8(device: torch.device) -> bool:
+    """Hardware e4m3 decode needs sm_89+; the interpreter and older GPUs decode on the bits."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _cache_args(cache: LayerKVCache) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, ...], int]:
+    """Scale tensors (the codes themselves when unquantized: never read), strides and QUANT constexpr."""
+    quant = _QUANT_MODES[cache.kv_cache_dtype]
+    k_scale = cache.key_scale if quant else cache.key
+    v_scale = cache.value_scale if quant else cache.value
+    strides = (*cache.key.stride()[:3], *k_scale.stride()[:3])  # [N, bs, H, D]: block, slot, head
+    if cache.value.stride() != cache.key.stride() or (quant and v_scale.stride() != k_scale.stride()):
+        raise ValueError("key and value caches must share a layout (strides)")
+    return k_scale, v_scale, cache.key.shape[1], strides, quant
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """float32 stays float32 in tl.dot (TF32 would miss the 1e-4 oracle tolerance)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
+    """Store keys/values [T, Hkv, D] at their slots (negative = skip), quantizing for int8/fp8 caches."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        key, value = key.contiguous(), value.contiguous()
+    k_scale, v_scale, block_size, strides, quant = _cache_args(cache)
+    block_d = triton.next_power_of_2(head_dim)
+    block_r = max(1, _WRITE_ELEMENTS // block_d)
+    num_rows = num_tokens * num_kv_heads
+    _write_kv_kernel[(triton.cdiv(num_rows, block_r),)](
+        key, value, slot_mapping, cache.key, cache.value, k_scale, v_scale,
+        num_rows, num_kv_heads, block_size,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), *strides,
+        HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d, QUANT=quant)
+
+
+def decode_attention(query: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+                     partition_size: int = DEFAULT_PARTITION_SIZE) -> torch.Tensor:
+    """One query token per request: query [B, Hq, D], tables [B, max_blocks], seq_lens [B] -> [B, Hq, D].
+
+    Split-KV (Flash-Decoding): the keys of a request are cut into partitions of `partition_size`
+    that run in parallel, and a second kernel merges them by log-sum-exp. One program serves all
+    Hq / Hkv query heads of a KV head, so each K/V tile is read once per group (GQA).
+    """
+    batch, num_heads, head_dim = query.shape
+    out = torch.empty_like(query) if out is None else out
+    if batch == 0:
+        return out
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if partition_size % _BLOCK_N:
+        raise ValueError(f"partition_size must be a multiple of {_BLOCK_N}, got {partition_size}")
+    k_scale, v_scale, block_size, strides, quant = _cache_args(cache)
+    num_kv_heads = cache.key.shape[2]
+    group = num_heads // num_kv_heads
+    # The table width bounds every seq_len from above without reading seq_lens on the host (no sync).
+    num_parts = triton.cdiv(block_tables.shape[1] * block_size, partition_size)
+    block_d = triton.next_power_of_2(head_dim)
+    if num_parts == 1:  # one partition: write the final output directly, no merge
+        partial, lse = out, out
+        partial_strides = (out.stride(0), out.stride(1), 0)
+    else:
+        partial = torch.empty(batch, num_heads, num_parts, head_dim, dtype=torch.float32, device=query.device)
+        lse = torch.empty(batch, num_heads, num_parts, dtype=torch.float32, device=query.device)
+        partial_strides = partial.stride()[:3]
+    _decode_kernel[(batch, num_kv_heads, num_parts)](
+        query, cache.key, cache.value, k_scale, v_scale, block_tables, seq_lens, partial, lse,
+        scale * _LOG2E, group, block_size,
+        query.stride(0), query.stride(1), block_tables.stride(0), *strides,
+        *partial_strides, lse.stride(0), lse.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=_BLOCK_N,
+        PARTITION_SIZE=partition_size, QUANT=quant, FP8_NATIVE=_use_native_fp8(query.device),
+        DOT_PRECISION=_dot_precision(query.dtype), STORE_LSE=num_parts > 1, INTERPRET=IS_INTERPRETED, num_warps=4)
+    if num_parts > 1:
+        _merge_kernel[(batch, num_heads)](
+            partial, lse, seq_lens, out, *partial.stride()[:3], lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=triton.next_power_of_2(num_parts),
+            PARTITION_SIZE=partition_size, num_warps=4)
+    return out
+
+
+def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc: torch.Tensor,
+                      seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, scale: float,
+                      out: torch.Tensor | None = None, key: torch.Tensor | None = None,
+                      value: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal varlen attention over the paged cache, all sequences in one launch.
+
+    query [T, Hq, D] packs each sequence's new tokens at query_start_loc [S + 1]; seq_lens [S]
+    count cached prefix + new tokens; block_tables [S, max_blocks]. The new keys must already be
+    in the cache (write_kv first). Rows of `out` outside the sequences are left untouched.
+    key/value [T, Hkv, D] (optional, quantized caches): a sequence without a cached prefix then
+    attends over these full-precision rows instead of their quantized copies, like torch_ref.
+    Not measured yet: on GPU, compare with SDPA / FlashAttention over gathered K/V.
+    """
+    _, num_heads, head_dim = query.shape
+    out = torch.empty_like(query) if out is None else out
+    num_seqs = seq_lens.shape[0]
+    if num_seqs == 0 or max_query_len == 0:
+        return out
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    k_scale, v_scale, block_size, strides, quant = _cache_args(cache)
+    num_kv_heads = cache.key.shape[2]
+    group = num_heads // num_kv_heads
+    block_g = triton.next_power_of_2(group)
+    block_q = max(1, _PREFILL_ROWS // block_g)  # tokens per program; rows = block_q * block_g >= 16
+    block_d = triton.next_power_of_2(head_dim)
+    has_fresh = quant != 0 and key is not None and value is not None
+    if not has_fresh:
+        key = value = query  # never read
+    elif key.stride(-1) != 1 or value.stride(-1) != 1:
+        key, value = key.contiguous(), value.contiguous()
+    grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        query, cache.key, cache.value, k_scale, v_scale, block_tables, seq_lens, query_start_loc, out, key, value,
+        scale * _LOG2E, group, block_size,
+        query.stride(0), query.stride(1), block_tables.stride(0), *strides, out.stride(0), out.stride(1),
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_N=_BLOCK_N,
+        QUANT=quant, FP8_NATIVE=_use_native_fp8(query.device), DOT_PRECISION=_dot_precision(query.dtype),
+        HAS_FRESH=has_fresh, INTERPRET=IS_INTERPRETED, num_warps=4 if block_d <= 64 else 8)
+    return out
+
+
+# ---------------------------------------------------------------------------- the backend
+
+
+@dataclass
+class _StepTensors:
+    """What the kernels need beyond AttentionMetadata, derived once per step and shared by every layer."""
+
+    decode_seq_lens: torch.Tensor  # [num_decodes] int32
+    query_start_loc: torch.Tensor  # [num_prefills + 1] int32, absolute rows in the packed batch
+    prefill_seq_lens: torch.Tensor  # [num_prefills] int32
+    prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] long, padded with 0
+    max_query_len: int
+
+
+# The metadata of the step in flight and its derived tensors: one step at a time per process.
+_step_cache: tuple[weakref.ref[AttentionMetadata], _StepTensors] | None = None
+
+
+def _step_tensors(metadata: AttentionMetadata, device: torch.device) -> _StepTensors:
+    """Derive (or reuse for the next layers) seq_lens / query_start_loc / padded tables."""
+    global _step_cache
+    if _step_cache is not None and _step_cache[0]() is metadata:
+        return _step_cache[1]
+    mask = metadata.decode_mask
+    decode_seq_lens = mask.reshape(mask.shape[0], mask.shape[-1]).sum(-1, dtype=torch.int32)  # [B, 1, 1, L] -> [B]
+    prefills = metadata.prefills
+    starts = [seq.query_start for seq in prefills]
+    ends = [seq.query_start + seq.query_len for seq in prefills]
+    if starts[1:] != ends[:-1]:
+        raise ValueError("prefill queries must be packed back to back in the batch")
+    query_start_loc = torch.tensor(starts[:1] + ends, dtype=torch.int32, device=device)
+    seq_lens = torch.tensor([seq.seq_len for seq in prefills], dtype=torch.int32, device=device)
+    if prefills:
+        tables = torch.nn.utils.rnn.pad_sequence([seq.block_table for seq in prefills], batch_first=True)
+    else:
+        tables = torch.zeros(0, 1, dtype=torch.long, device=device)
+    tensors = _StepTensors(decode_seq_lens, query_start_loc, seq_lens, tables,
+                           max((seq.query_len for seq in prefills), default=0))
+    _step_cache = (weakref.ref(metadata), tensors)
+    return tensors
+
+
+def triton_paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
+                           metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Drop-in for torch_ref.paged_attention: write K/V, then decode + prefill kernels -> [T, Hq, D]."""
+    if not is_supported(cache, metadata):
+        return torch_ref.paged_attention(query, key, value, cache, metadata, scale)
+    write_kv(key, value, cache, metadata.slot_mapping)
+    step = _step_tensors(metadata, query.device)
+    output = torch.empty_like(query)
+    num_decodes = metadata.num_decodes
+    if num_decodes:
+        decode_attention(query[:num_decodes], cache, metadata.decode_block_tables, step.decode_seq_lens, scale,
+                         out=output[:num_decodes])
+    if metadata.prefills:
+        prefill_attention(query, cache, step.query_start_loc, step.prefill_seq_lens, step.prefill_block_tables,
+                          step.max_query_len, scale, out=output, key=key, value=value)
+    return output

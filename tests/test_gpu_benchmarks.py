@@ -1,0 +1,35 @@
+"""The GPU benchmark scripts: --help anywhere, and a clear exit (not a traceback) where there is no CUDA."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = ["bench_gpu_throughput.py", "bench_gpu_latency.py"]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_works_without_a_gpu(script: str) -> None:
+    result = run(script, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--models" in result.stdout and "--skip-hf" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_exits_clearly_without_cuda(script: str) -> None:
+    result = run(script, "--models", "smollm2-135m")
+    assert result.returncode == 2
+    assert "needs an NVIDIA GPU" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
