@@ -85,6 +85,8 @@ class Engine:
         model = build_model(self.model_config, max_model_len).to(self.device, config.torch_dtype)
         self.runner = ModelRunner(model, self.device, config.seed)
         self.runner.load_weights(source, config.torch_dtype, show_progress)
+        if config.kv_window and not model.supports_kv_window:
+            raise ValueError(f"kv_window is not supported for {self.model_config.architecture}")
         block_size = config.cache_block_size
         specs = model.kv_cache_specs(config.cache_storage_dtype)
         if config.kv_cache_dtype == "int4":  # keys share a per-channel scale across one block

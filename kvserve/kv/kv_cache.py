@@ -65,7 +65,8 @@ def allocate_kv_caches(specs: list[KVCacheSpec], num_blocks: int, block_size: in
                 torch.zeros(*shape, spec.value_dim, dtype=storage, device=device),
                 spec.dtype,
                 torch.zeros(*shape, 1, dtype=torch.float32, device=device),
-                torch.zeros(*shape, 1, dtype=torch.float32, device=device),
+                # MLA caches no separate value (value_dim 0): no value scales either.
+                torch.zeros(*shape, 1 if spec.value_dim else 0, dtype=torch.float32, device=device),
             ))
         else:
             dtype = _TORCH_DTYPES[spec.dtype]

@@ -106,6 +106,8 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The causal LM: `forward` gives hidden states, `compute_logits` the vocabulary scores."""
 
+    supports_kv_window = True  # attention sinks + sliding window (torch_ref's window path)
+
     def __init__(self, config: ModelConfig, max_position: int) -> None:
         super().__init__()
         self.config = config

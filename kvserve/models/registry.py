@@ -5,9 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from kvserve.config import ModelConfig
+from kvserve.models.deepseek import DeepseekForCausalLM
 from kvserve.models.llama import LlamaForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
+    "DeepseekV2ForCausalLM": DeepseekForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
