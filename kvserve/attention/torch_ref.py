@@ -9,6 +9,9 @@ from kvserve.attention.backend import AttentionMetadata, Int4WritePlan, PrefillS
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_quant import dequantize, dequantize_int4, quantize, quantize_int4
 
+# Quantized caches are attended this many blocks at a time, so only one segment is ever dequantized.
+DEQUANT_SEGMENT_BLOCKS = 16
+
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
     """Store this step's keys/values [T, Hkv, D] at their slots, quantizing on the way in if the cache is."""
@@ -126,13 +129,19 @@ def _decode(query: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadat
     batch, num_heads, head_dim = query.shape
     num_kv_heads = cache.key.shape[2]
     tails = metadata.int4.decode_tails if cache.is_int4 else None
-    keys, values = gather_kv(cache, metadata.decode_block_tables, query.dtype, tails)  # [B, Hkv, L, D]
     # GQA without copying K/V per query head: the query heads sharing a KV head become that
     # head's "query length". [B, Hq, D] -> [B, Hkv, G, D]
     grouped = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    window = metadata.window
+    if cache.is_quantized:
+        # Every row may use the sink query: for rows with delta = 0 it is the query itself (cos 1, sin 0).
+        sinks = _rotate(query, window.sink_rotation, slice(0, batch)).view(grouped.shape) if window else None
+        out = _attend_quantized(grouped, sinks, cache, metadata.decode_block_tables, metadata.decode_mask, tails,
+                                window.num_sinks if window else 0, scale)
+        return out.reshape(batch, num_heads, -1)
+    keys, values = gather_kv(cache, metadata.decode_block_tables, query.dtype, tails)  # [B, Hkv, L, D]
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=metadata.decode_mask,
                                          scale=scale)  # [B, Hkv, G, D]
-    window = metadata.window
     if window is not None and window.decode_in_window.any():
         # Queries past sinks + window score the sinks from a shifted position; the others were plain causal.
         rows = window.decode_in_window.nonzero().flatten()
@@ -151,12 +160,15 @@ def _prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache:
         keys, values = key.transpose(0, 1), value.transpose(0, 1)
         mask = None
     else:
+        # Query i sits at position num_cached + i and sees keys 0..num_cached + i.
+        key_pos = torch.arange(seq.block_table.numel() * cache.key.shape[1], device=query.device)
+        query_pos = torch.arange(num_cached, seq.seq_len, device=query.device)
+        mask = key_pos[None, :] <= query_pos[:, None]  # [n, nb * bs]
+        if cache.is_quantized:
+            return _prefill_quantized(query, None, cache, seq, mask, 0, scale)
         keys, values = gather_kv(cache, seq.block_table[None], query.dtype, seq.residual)
         keys, values = keys[0, :, :seq.seq_len], values[0, :, :seq.seq_len]  # [Hkv, S, D]
-        # Query i sits at position num_cached + i and sees keys 0..num_cached + i.
-        key_pos = torch.arange(seq.seq_len, device=query.device)
-        query_pos = torch.arange(num_cached, seq.seq_len, device=query.device)
-        mask = key_pos[None, :] <= query_pos[:, None]  # [n, S]
+        mask = mask[:, :seq.seq_len]
     group = query.shape[1] // keys.shape[0]
     if group > 1:  # GQA: one K/V copy per query head; SDPA's own enable_gqa falls back to a slow kernel
         keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
@@ -180,6 +192,10 @@ def _prefill_with_window(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     num_tokens, num_heads, head_dim = query.shape
     late = slice(num_plain, num_tokens)
     sink_query = _rotate(query[late], window.sink_rotation, slice(rows.start + num_plain, rows.stop))
+    if cache.is_quantized:
+        out[late] = _prefill_quantized(query[late], sink_query, cache, seq, seq.key_mask[late], window.num_sinks,
+                                       scale)
+        return out
     keys, values = gather_kv(cache, seq.block_table[None], query.dtype, seq.residual)  # [1, Hkv, L, D]
     num_kv_heads = keys.shape[1]
 
@@ -190,6 +206,64 @@ def _prefill_with_window(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                                  values[0, :, None], seq.key_mask[late], window.num_sinks, scale)
     out[late] = out_late.permute(2, 0, 1, 3).reshape(-1, num_heads, head_dim)  # [Hkv, G, n, D] -> [n, Hq, D]
     return out
+
+
+def _prefill_quantized(query: torch.Tensor, sink_query: torch.Tensor | None, cache: LayerKVCache,
+                       seq: PrefillSeq, mask: torch.Tensor, num_sinks: int, scale: float) -> torch.Tensor:
+    """Queries [n, Hq, D] of one request over its quantized cache, with the key mask [n, nb * bs] -> [n, Hq, Dv]."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = cache.key.shape[2]
+    group = num_heads // num_kv_heads
+
+    def by_kv_head(x: torch.Tensor) -> torch.Tensor:  # [n, Hq, D] -> [1, Hkv, n * G, D], rows ordered (n, G)
+        return x.reshape(num_tokens, num_kv_heads, group, head_dim).transpose(0, 1).reshape(
+            1, num_kv_heads, num_tokens * group, head_dim)
+
+    sinks = by_kv_head(sink_query) if sink_query is not None else None
+    row_mask = mask.repeat_interleave(group, dim=0)[None, None]  # [1, 1, n * G, nb * bs]
+    out = _attend_quantized(by_kv_head(query), sinks, cache, seq.block_table[None], row_mask, seq.residual,
+                            num_sinks, scale)  # [1, Hkv, n * G, Dv]
+    return out[0].reshape(num_kv_heads, num_tokens, group, -1).transpose(0, 1).reshape(num_tokens, num_heads, -1)
+
+
+def _attend_quantized(query: torch.Tensor, sink_query: torch.Tensor | None, cache: LayerKVCache,
+                      tables: torch.Tensor, mask: torch.Tensor, tails: ResidualTails | None, num_sinks: int,
+                      scale: float) -> torch.Tensor:
+    """Online-softmax attention over a quantized cache, dequantizing DEQUANT_SEGMENT_BLOCKS blocks at a time.
+
+    No full-precision copy of the whole history is ever built: only one segment's K/V at once.
+    query / sink_query [B, Hkv, M, D], tables [B, nb], mask [B, 1, M, nb * bs] bool -> [B, Hkv, M, Dv].
+    The first `num_sinks` key columns (sinks, always in the first segment) are scored with `sink_query`.
+    """
+    block_size = cache.key.shape[1]
+    running_max = torch.full((*query.shape[:-1], 1), float("-inf"), dtype=query.dtype, device=query.device)
+    denominator = torch.zeros_like(running_max)
+    numerator = None
+    for first in range(0, tables.shape[1], DEQUANT_SEGMENT_BLOCKS):
+        segment = tables[:, first:first + DEQUANT_SEGMENT_BLOCKS]
+        keys, values = gather_kv(cache, segment, query.dtype, _tails_within(tails, first, segment.shape[1]))
+        scores = query @ keys.transpose(-1, -2)  # [B, Hkv, M, S]
+        if sink_query is not None and first == 0 and num_sinks:
+            scores[..., :num_sinks] = sink_query @ keys[..., :num_sinks, :].transpose(-1, -2)
+        columns = slice(first * block_size, (first + segment.shape[1]) * block_size)
+        scores = (scores * scale).masked_fill_(~mask[..., columns], float("-inf"))
+        new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
+        shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)  # all masked so far: 0
+        weights = torch.exp(scores - shift)
+        rescale = torch.exp(running_max - shift)
+        denominator = denominator * rescale + weights.sum(dim=-1, keepdim=True)
+        partial = weights @ values
+        numerator = partial if numerator is None else numerator * rescale + partial
+        running_max = new_max
+    return numerator / denominator
+
+
+def _tails_within(tails: ResidualTails | None, first: int, count: int) -> ResidualTails | None:
+    """The int4 residual tails that fall in table columns [first, first + count), renumbered from 0."""
+    if tails is None or not tails.rows.numel():
+        return tails
+    inside = (tails.blocks >= first) & (tails.blocks < first + count)
+    return ResidualTails(tails.rows[inside], tails.blocks[inside] - first, tails.slots[inside])
 
 
 def _window_attention(query: torch.Tensor, sink_query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -2,9 +2,11 @@
 
 import random
 
+import pytest
 import torch
 
-from kvserve.attention.torch_ref import gather_kv, write_kv_int4
+from kvserve.attention.backend import ResidualTails
+from kvserve.attention.torch_ref import DEQUANT_SEGMENT_BLOCKS, _attend_quantized, gather_kv, write_kv, write_kv_int4
 from kvserve.kv.kv_cache import allocate_kv_caches
 from kvserve.kv.kv_quant import dequantize_int4, quantize_int4
 from kvserve.kv.kv_spec import KVCacheSpec
@@ -90,3 +92,38 @@ def test_int4_round_trip_error_is_bounded_per_group():
     assert (restored - x).norm() < 0.5 * (per_token - x).norm()  # why keys are quantized per channel
     constant = torch.full((8, 1, 4), 3.0)
     assert torch.equal(dequantize_int4(*quantize_int4(constant, dim=0), torch.float32), constant)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8", "int4"])
+def test_segmented_attention_equals_attention_over_the_dequantized_history(kv_cache_dtype):
+    """Quantized caches are read DEQUANT_SEGMENT_BLOCKS blocks at a time with an online softmax."""
+    torch.manual_seed(0)
+    block, heads, kv_heads, dim, num_blocks = 4, 6, 2, 16, 50
+    spec = KVCacheSpec(kv_heads, dim, dim, kv_cache_dtype, group_size=block)
+    cache = allocate_kv_caches([spec], num_blocks, block, "cpu", num_residual_slots=2)[0]
+    lengths = [150, 37]  # past several segments, and within the first
+    tables = [list(range(0, 38)), list(range(38, 48))]
+    spans, rows = [], 0
+    for index, (length, table) in enumerate(zip(lengths, tables, strict=True)):
+        spans.append(StepSpan(rows, 0, length, table, slot=index))
+        rows += length
+    keys, values = torch.randn(rows, kv_heads, dim), torch.randn(rows, kv_heads, dim)
+    if kv_cache_dtype == "int4":
+        write_kv_int4(keys, values, cache, int4_write_plan(spans, 0, [], block, torch.device("cpu")))
+    else:
+        slots = torch.cat([torch.tensor(t)[torch.arange(n) // block] * block + torch.arange(n) % block
+                           for n, t in zip(lengths, tables, strict=True)])
+        write_kv(keys, values, cache, slots)
+    padded = torch.tensor([t + [0] * (38 - len(t)) for t in tables])
+    # Both lengths end inside a block: int4 reads those last blocks from the residual slots 0 and 1.
+    tails = ResidualTails(torch.tensor([0, 1]), torch.tensor([len(t) - 1 for t in tables]), torch.tensor([0, 1]))
+    key_pos = torch.arange(38 * block)
+    mask = (key_pos[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    query = torch.randn(2, kv_heads, heads // kv_heads, dim)
+    streamed = _attend_quantized(query, None, cache, padded, mask, tails if kv_cache_dtype == "int4" else None,
+                                 0, dim ** -0.5)
+    full_keys, full_values = gather_kv(cache, padded, torch.float32, tails if kv_cache_dtype == "int4" else None)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, full_keys, full_values, attn_mask=mask,
+                                                                scale=dim ** -0.5)
+    assert DEQUANT_SEGMENT_BLOCKS < 38
+    torch.testing.assert_close(streamed, expected, atol=1e-5, rtol=1e-5)
