@@ -9,8 +9,9 @@ from kvserve.attention.backend import AttentionMetadata, Int4WritePlan, PrefillS
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_quant import dequantize, dequantize_int4, quantize, quantize_int4
 
-# Quantized caches are attended this many blocks at a time, so only one segment is ever dequantized.
-DEQUANT_SEGMENT_BLOCKS = 16
+# Quantized caches are attended this many tokens at a time, so only one segment is ever dequantized
+# (fewer, larger segments: each one costs a few small ops per layer).
+DEQUANT_SEGMENT_TOKENS = 1024
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
@@ -229,18 +230,19 @@ def _prefill_quantized(query: torch.Tensor, sink_query: torch.Tensor | None, cac
 def _attend_quantized(query: torch.Tensor, sink_query: torch.Tensor | None, cache: LayerKVCache,
                       tables: torch.Tensor, mask: torch.Tensor, tails: ResidualTails | None, num_sinks: int,
                       scale: float) -> torch.Tensor:
-    """Online-softmax attention over a quantized cache, dequantizing DEQUANT_SEGMENT_BLOCKS blocks at a time.
+    """Online-softmax attention over a quantized cache, dequantizing DEQUANT_SEGMENT_TOKENS tokens at a time.
 
     No full-precision copy of the whole history is ever built: only one segment's K/V at once.
     query / sink_query [B, Hkv, M, D], tables [B, nb], mask [B, 1, M, nb * bs] bool -> [B, Hkv, M, Dv].
     The first `num_sinks` key columns (sinks, always in the first segment) are scored with `sink_query`.
     """
     block_size = cache.key.shape[1]
+    segment_blocks = max(DEQUANT_SEGMENT_TOKENS // block_size, 1)
     running_max = torch.full((*query.shape[:-1], 1), float("-inf"), dtype=query.dtype, device=query.device)
     denominator = torch.zeros_like(running_max)
     numerator = None
-    for first in range(0, tables.shape[1], DEQUANT_SEGMENT_BLOCKS):
-        segment = tables[:, first:first + DEQUANT_SEGMENT_BLOCKS]
+    for first in range(0, tables.shape[1], segment_blocks):
+        segment = tables[:, first:first + segment_blocks]
         keys, values = gather_kv(cache, segment, query.dtype, _tails_within(tails, first, segment.shape[1]))
         scores = query @ keys.transpose(-1, -2)  # [B, Hkv, M, S]
         if sink_query is not None and first == 0 and num_sinks:

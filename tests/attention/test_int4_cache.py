@@ -5,8 +5,9 @@ import random
 import pytest
 import torch
 
+from kvserve.attention import torch_ref
 from kvserve.attention.backend import ResidualTails
-from kvserve.attention.torch_ref import DEQUANT_SEGMENT_BLOCKS, _attend_quantized, gather_kv, write_kv, write_kv_int4
+from kvserve.attention.torch_ref import _attend_quantized, gather_kv, write_kv, write_kv_int4
 from kvserve.kv.kv_cache import allocate_kv_caches
 from kvserve.kv.kv_quant import dequantize_int4, quantize_int4
 from kvserve.kv.kv_spec import KVCacheSpec
@@ -95,8 +96,9 @@ def test_int4_round_trip_error_is_bounded_per_group():
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8", "int4"])
-def test_segmented_attention_equals_attention_over_the_dequantized_history(kv_cache_dtype):
-    """Quantized caches are read DEQUANT_SEGMENT_BLOCKS blocks at a time with an online softmax."""
+def test_segmented_attention_equals_attention_over_the_dequantized_history(kv_cache_dtype, monkeypatch):
+    """Quantized caches are read DEQUANT_SEGMENT_TOKENS tokens at a time with an online softmax."""
+    monkeypatch.setattr(torch_ref, "DEQUANT_SEGMENT_TOKENS", 64)  # 16 blocks: the 150-token request spans 3
     torch.manual_seed(0)
     block, heads, kv_heads, dim, num_blocks = 4, 6, 2, 16, 50
     spec = KVCacheSpec(kv_heads, dim, dim, kv_cache_dtype, group_size=block)
@@ -125,5 +127,4 @@ def test_segmented_attention_equals_attention_over_the_dequantized_history(kv_ca
     full_keys, full_values = gather_kv(cache, padded, torch.float32, tails if kv_cache_dtype == "int4" else None)
     expected = torch.nn.functional.scaled_dot_product_attention(query, full_keys, full_values, attn_mask=mask,
                                                                 scale=dim ** -0.5)
-    assert DEQUANT_SEGMENT_BLOCKS < 38
     torch.testing.assert_close(streamed, expected, atol=1e-5, rtol=1e-5)
