@@ -35,6 +35,7 @@ from kvserve.layers.activation import silu_and_mul
 from kvserve.layers.linear import Linear
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding, apply_rotary
+from kvserve.models.base import DecoderForCausalLM
 
 CosSin = tuple[torch.Tensor, torch.Tensor]  # [T, 1, d_r] each
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -377,7 +378,7 @@ class DeepseekModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class DeepseekForCausalLM(nn.Module):
+class DeepseekForCausalLM(DecoderForCausalLM):
     """DeepSeek-V2/V3 causal LM with a latent KV cache; same interface as LlamaForCausalLM."""
 
     supports_kv_window = False  # the MLA attention path has no sinks + sliding window
@@ -396,25 +397,6 @@ class DeepseekForCausalLM(nn.Module):
                              "use auto, int8 or fp8")
         spec = KVCacheSpec(1, self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim, 0, dtype)
         return [spec] * self.cfg.num_layers
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[LayerKVCache], metadata: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, hidden_size]."""
-        hidden = self.embed(input_ids)
-        cos_sin = self.model.rotary.lookup(positions, hidden.dtype)
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            hidden = layer(cos_sin, hidden, kv_cache, metadata)
-        return self.model.norm(hidden)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[T] -> [T, hidden_size]."""
-        if self.cfg.tie_word_embeddings:
-            return self.lm_head.weight_t.index_select(1, input_ids).t()
-        return self.model.embed_tokens(input_ids)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden_size] -> [N, vocab_size] in float32."""
-        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors in, then split kv_b_proj for the absorbed decode."""

@@ -21,6 +21,7 @@ from kvserve.layers.activation import silu_and_mul
 from kvserve.layers.linear import Linear
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding, apply_rotary
+from kvserve.models.base import DecoderForCausalLM
 
 CosSin = tuple[torch.Tensor, torch.Tensor]  # [T, 1, D] each
 
@@ -103,7 +104,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(DecoderForCausalLM):
     """The causal LM: `forward` gives hidden states, `compute_logits` the vocabulary scores."""
 
     supports_kv_window = True  # attention sinks + sliding window (torch_ref's window path)
@@ -119,25 +120,6 @@ class LlamaForCausalLM(nn.Module):
         spec = KVCacheSpec(self.config.num_kv_heads, self.config.head_dim, self.config.head_dim,
                            dtype)
         return [spec] * self.config.num_layers
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[LayerKVCache], metadata: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, hidden_size]."""
-        hidden = self.embed(input_ids)
-        cos_sin = self.model.rotary.lookup(positions, hidden.dtype)
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            hidden = layer(cos_sin, hidden, kv_cache, metadata)
-        return self.model.norm(hidden)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[T] -> [T, hidden_size]."""
-        if self.config.tie_word_embeddings:
-            return self.lm_head.weight_t.index_select(1, input_ids).t()
-        return self.model.embed_tokens(input_ids)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden_size] -> [N, vocab_size] in float32."""
-        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors in, filling the fused projections slice by slice."""
