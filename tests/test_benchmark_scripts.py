@@ -1,4 +1,4 @@
-"""The GPU benchmark scripts: --help anywhere, and a clear exit (not a traceback) where there is no CUDA."""
+"""The benchmark scripts: --help anywhere (they import and parse), and the GPU ones exit clearly without CUDA."""
 
 from __future__ import annotations
 
@@ -33,3 +33,14 @@ def test_exits_clearly_without_cuda(script: str) -> None:
     assert "needs an NVIDIA GPU" in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+CPU_SCRIPTS = [("bench_offline.py", "--kv-cache-memory"), ("bench_kv.py", "--cache-sizes"),
+               ("bench_mla.py", "--contexts")]
+
+
+@pytest.mark.parametrize(("script", "flag"), CPU_SCRIPTS)
+def test_cpu_benchmarks_parse_their_flags(script: str, flag: str) -> None:
+    result = run(script, "--help")
+    assert result.returncode == 0, result.stderr
+    assert flag in result.stdout
