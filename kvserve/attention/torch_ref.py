@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from kvserve.attention.backend import AttentionMetadata, Int4WritePlan, PrefillSeq, ResidualTails, WindowMetadata
 from kvserve.kv.kv_cache import LayerKVCache
-from kvserve.kv.kv_quant import dequantize, dequantize_int4, quantize, quantize_int4
+from kvserve.kv.kv_quant import codes_as, dequantize, dequantize_int4, quantize, quantize_int4
 
 # Quantized caches are attended this many tokens at a time, so only one segment is ever dequantized
 # (fewer, larger segments: each one costs a few small ops per layer).
@@ -243,10 +243,13 @@ def _attend_quantized(query: torch.Tensor, sink_query: torch.Tensor | None, cach
     numerator = None
     for first in range(0, tables.shape[1], segment_blocks):
         segment = tables[:, first:first + segment_blocks]
-        keys, values = gather_kv(cache, segment, query.dtype, _tails_within(tails, first, segment.shape[1]))
+        keys, values, key_scale, value_scale = _read_segment(cache, segment, query.dtype,
+                                                             _tails_within(tails, first, segment.shape[1]))
         scores = query @ keys.transpose(-1, -2)  # [B, Hkv, M, S]
         if sink_query is not None and first == 0 and num_sinks:
             scores[..., :num_sinks] = sink_query @ keys[..., :num_sinks, :].transpose(-1, -2)
+        if key_scale is not None:
+            scores = scores * key_scale
         columns = slice(first * block_size, (first + segment.shape[1]) * block_size)
         scores = (scores * scale).masked_fill_(~mask[..., columns], float("-inf"))
         new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
@@ -254,10 +257,36 @@ def _attend_quantized(query: torch.Tensor, sink_query: torch.Tensor | None, cach
         weights = torch.exp(scores - shift)
         rescale = torch.exp(running_max - shift)
         denominator = denominator * rescale + weights.sum(dim=-1, keepdim=True)
-        partial = weights @ values
+        partial = (weights if value_scale is None else weights * value_scale) @ values
         numerator = partial if numerator is None else numerator * rescale + partial
         running_max = new_max
     return numerator / denominator
+
+
+def _read_segment(cache: LayerKVCache, tables: torch.Tensor, dtype: torch.dtype, tails: ResidualTails | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """keys, values [B, H, S, D] of some blocks, and their per-token scales [B, H, 1, S] still to apply.
+
+    int8 / fp8 scales are per token, so q . (codes * s) = (q . codes) * s: they multiply the scores and the
+    softmax weights ([B, H, M, S]) instead of every cached element. int4 comes back fully dequantized (None).
+    """
+    if cache.is_int4:
+        return (*gather_kv(cache, tables, dtype, tails), None, None)
+    keys, values = _codes_by_head(cache.key, tables, dtype), _codes_by_head(cache.value, tables, dtype)
+    key_scale = _gather(cache.key_scale, tables).to(dtype).transpose(-1, -2)  # [B, H, S, 1] -> [B, H, 1, S]
+    value_scale = _gather(cache.value_scale, tables).to(dtype).transpose(-1, -2)
+    return keys, values, key_scale, value_scale
+
+
+def _codes_by_head(cache: torch.Tensor, tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Codes of the blocks in `tables` as `dtype`, laid out [B, H, nb * bs, D] contiguously for the matmuls.
+
+    Transposed while still 1-byte codes, then converted: 3x cheaper than converting the strided view and
+    letting matmul copy it again (measured for int8; fp8's conversion is slow on CPU either way).
+    """
+    batch, num_blocks = tables.shape
+    codes = cache[tables].view(batch, num_blocks * cache.shape[1], cache.shape[2], -1)  # [B, L, H, D]
+    return codes_as(codes.transpose(1, 2).contiguous(), dtype)
 
 
 def _tails_within(tails: ResidualTails | None, first: int, count: int) -> ResidualTails | None:

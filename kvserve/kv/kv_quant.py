@@ -34,9 +34,14 @@ def quantize(x: torch.Tensor, kv_cache_dtype: str) -> tuple[torch.Tensor, torch.
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """codes [..., D], scale [..., 1] -> values [..., D] in `dtype`."""
+    return codes_as(codes, dtype) * scale.to(dtype)
+
+
+def codes_as(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 or fp8 codes (fp8 kept as raw uint8 bytes) as numbers in `dtype`, before their scale."""
     if codes.dtype == torch.uint8:
         codes = codes.view(torch.float8_e4m3fn)
-    return codes.to(dtype) * scale.to(dtype)
+    return codes.to(dtype)
 
 
 def quantize_int4(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
