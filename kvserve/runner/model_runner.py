@@ -106,21 +106,22 @@ class ModelRunner:
         token_ids: list[int] = []
         positions: list[int] = []
         spans: list[StepSpan] = []
-        slots: list[torch.Tensor] = []
+        slots: list[int] = []
         for item in items:
             start, count = item.num_computed_tokens, item.num_new_tokens
             slot = self.residual_slots.slot(item.request.request_id) if self.residual_slots else -1
             spans.append(StepSpan(len(token_ids), start, count, item.block_table, slot))
             token_ids.extend(item.request.all_token_ids[start:start + count])
             positions.extend(range(start, start + count))
-            table = torch.tensor(item.block_table, dtype=torch.long, device=device)
-            pos = torch.arange(start, start + count, device=device)
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
+            # Plain ints: a tensor per request would cost more than the arithmetic for decodes.
+            table = item.block_table
+            slots.extend(table[pos // block_size] * block_size + pos % block_size
+                         for pos in range(start, start + count))
         num_decodes = sum(1 for item in items if item.num_new_tokens == 1)
         held = [held_blocks(item.block_table) for item in items]
         position_tensor = torch.tensor(positions, dtype=torch.long, device=device)
         metadata = AttentionMetadata(
-            slot_mapping=torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decodes=num_decodes,
             prefills=[self._prefill_seq(span, *blocks) for span, blocks in zip(spans[num_decodes:], held[num_decodes:],
                                                                                   strict=True)],
