@@ -84,3 +84,17 @@ def test_int4_batched_equals_alone_and_frees_everything(wikitext_ids):
 def test_unknown_kv_cache_dtype_is_rejected():
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         LLM(kv_cache_dtype="int3")
+
+
+def test_int4_options_name_their_field():
+    with pytest.raises(ValueError, match="kv_residual_tokens applies only to kv_cache_dtype='int4'"):
+        LLM(kv_residual_tokens=32)
+    with pytest.raises(ValueError, match="kv_residual_tokens must be >= 1, got 0"):
+        LLM(kv_cache_dtype="int4", kv_residual_tokens=0)
+
+
+def test_perplexity_needs_two_tokens():
+    llm = LLM(kv_cache_memory=2**20, show_progress=False)
+    with pytest.raises(ValueError, match="perplexity needs at least 2 tokens, got 1"):
+        engine_perplexity(llm.engine, [5])
+    assert llm.engine.kv_manager.pool.num_free_blocks == llm.engine.kv_manager.num_blocks
