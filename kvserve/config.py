@@ -111,6 +111,9 @@ class EngineConfig:
         "help": "split long prompts across steps, sharing them with decodes"})
     seed: int = field(default=0, metadata={"help": "seed of unseeded random sampling"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+    cpu_blas_max_tokens: int = field(default=8, metadata={
+        "help": "CPU float32: steps of up to this many tokens run their matmuls on numpy's OpenBLAS with torch "
+                "single-threaded (faster for decode on CPUs where MKL's GEMV is slow); 0 turns it off"})
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -120,6 +123,8 @@ class EngineConfig:
         for name in ("block_size", "kv_residual_tokens", "kv_window"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name))
+        if self.cpu_blas_max_tokens < 0:
+            raise ValueError(f"cpu_blas_max_tokens must be >= 0, got {self.cpu_blas_max_tokens}")
         if self.kv_sinks < 0:
             raise ValueError(f"kv_sinks must be >= 0, got {self.kv_sinks}")
         if self.kv_cache_dtype != "int4" and self.kv_residual_tokens is not None:

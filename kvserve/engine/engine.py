@@ -18,9 +18,11 @@ from kvserve.engine.scheduler import Scheduler
 from kvserve.kv.kv_cache import available_memory_bytes, residual_bytes_per_slot
 from kvserve.kv.kv_manager import KVCacheManager
 from kvserve.kv.kv_spec import KVCacheSpec, bytes_per_block, bytes_per_token
+from kvserve.layers.host_blas import set_blas_threads
 from kvserve.loader.weights import open_model
 from kvserve.models.registry import build_model
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvserve.runner.host_malloc import keep_freed_memory
 from kvserve.runner.model_runner import ModelRunner
 from kvserve.sampling_params import SamplingParams
 
@@ -78,12 +80,17 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+            set_blas_threads(torch.get_num_threads())
         source = open_model(config.model)
         self.model_config = ModelConfig.from_hf_config(source.hf_config)
         self.tokenizer = source.load_tokenizer()
         max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, 8192)
         model = build_model(self.model_config, max_model_len).to(self.device, config.torch_dtype)
         self.runner = ModelRunner(model, self.device, config.seed)
+        if self.device.type == "cpu" and config.torch_dtype == torch.float32:
+            self.runner.cpu_blas_max_tokens = config.cpu_blas_max_tokens
         self.runner.load_weights(source, config.torch_dtype, show_progress)
         if config.kv_window and not model.supports_kv_window:
             raise ValueError(f"kv_window is not supported for {self.model_config.architecture}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -10,6 +12,7 @@ from kvserve.attention.backend import AttentionMetadata, PrefillSeq, WindowMetad
 from kvserve.engine.scheduler import SampledTokens, ScheduledRequest, SchedulerOutput
 from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches
 from kvserve.kv.kv_spec import KVCacheSpec
+from kvserve.layers.host_blas import host_blas_step
 from kvserve.loader.weights import ModelSource
 from kvserve.runner.cache_plans import (
     ResidualSlots,
@@ -34,6 +37,7 @@ class ModelRunner:
         self.residual_slots: ResidualSlots | None = None  # int4 caches only
         self.window: int | None = None  # sinks + sliding window (StreamingLLM)
         self.num_sinks = 0
+        self.cpu_blas_max_tokens = 0  # steps of up to this many tokens use host_blas (0: never)
         # Unseeded requests share one generator, seeded by the engine's seed.
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
         self.generators: dict[str, torch.Generator] = {}
@@ -86,6 +90,12 @@ class ModelRunner:
                 self.residual_slots.release(request_id)
         # Single-token queries first: the attention batches them in one call.
         items = sorted(output.scheduled, key=lambda s: s.num_new_tokens != 1)
+        num_tokens = sum(item.num_new_tokens for item in items)
+        with host_blas_step() if num_tokens <= self.cpu_blas_max_tokens else contextlib.nullcontext():
+            return self._run(items)
+
+    def _run(self, items: list[ScheduledRequest]) -> SampledTokens:
+        """Forward the packed step, then sample the requests that reached the end of their tokens."""
         input_ids, positions, metadata = self.prepare_inputs(items)
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)
         sampling = [i for i, item in enumerate(items) if item.is_sampling]

@@ -110,3 +110,14 @@ def test_forced_preemption_matches(prompts, expected):
     assert sum(o.metrics.num_preemptions for o in outputs) > 0
     assert [o.outputs[0].token_ids for o in outputs] == expected * 2
     assert small.stats().kv_blocks_used == 0
+
+
+def test_torch_only_matmuls_match(prompts, expected, monkeypatch):
+    """cpu_blas_max_tokens=0 (every matmul on torch) gives the default's tokens (decode matmuls on OpenBLAS)."""
+    from kvserve.layers import host_blas
+
+    calls = []
+    monkeypatch.setattr(host_blas, "matmul", lambda *args: calls.append(1))  # would break the run if called
+    torch_only = LLM(kv_cache_memory=64 * 2**20, cpu_blas_max_tokens=0, show_progress=False)
+    assert generate_ids(torch_only, prompts) == expected
+    assert not calls

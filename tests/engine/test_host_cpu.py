@@ -1,0 +1,58 @@
+"""CPU host tuning: small steps take numpy's OpenBLAS with torch single-threaded; glibc keeps freed memory."""
+
+import sys
+
+import pytest
+import torch
+
+from kvserve import LLM, SamplingParams
+from kvserve.layers import host_blas
+from kvserve.runner.host_malloc import keep_freed_memory
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(kv_cache_memory=16 * 2**20, max_num_batched_tokens=64, show_progress=False)
+
+
+def test_small_steps_use_openblas_single_threaded_torch_and_restore_threads(llm, monkeypatch):
+    """Prefill (20 tokens > 8) runs on torch; each decode step on OpenBLAS while torch has one thread."""
+    torch.set_num_threads(2)
+    real = host_blas.matmul
+    steps: list[tuple[int, int]] = []  # (rows, torch threads) per OpenBLAS matmul
+
+    def spy(x, weight_t):
+        steps.append((x.shape[0], torch.get_num_threads()))
+        return real(x, weight_t)
+
+    monkeypatch.setattr(host_blas, "matmul", spy)
+    llm.generate([{"prompt_token_ids": list(range(100, 120))}],
+                 SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    layers = llm.engine.model_config.num_layers
+    # 3 decode steps x (4 matmuls per layer + the LM head), each a single row with torch on one thread.
+    assert steps == [(1, 1)] * (3 * (4 * layers + 1))
+    assert torch.get_num_threads() == 2
+
+
+def test_matmul_matches_torch_within_rounding():
+    x, weight_t = torch.randn(5, 64), torch.randn(64, 96)
+    torch.testing.assert_close(host_blas.matmul(x, weight_t), x @ weight_t)
+
+
+def test_outside_a_step_nothing_takes_openblas():
+    x = torch.randn(1, 8)
+    assert not host_blas.takes(x)
+    with host_blas.host_blas_step():
+        assert host_blas.takes(x)
+        assert not host_blas.takes(x.to(torch.bfloat16))
+    assert not host_blas.takes(x)
+
+
+def test_negative_cpu_blas_max_tokens_rejected():
+    with pytest.raises(ValueError, match="cpu_blas_max_tokens must be >= 0, got -1"):
+        LLM(cpu_blas_max_tokens=-1, show_progress=False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_glibc_accepts_the_malloc_limits():
+    assert keep_freed_memory()
