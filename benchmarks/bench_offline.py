@@ -19,7 +19,9 @@ Workloads (each has a warm-up run first; see `method` in the JSON for how repeat
            WikiText-2, `--new-tokens` each; a fresh prompt set every run (a repeat would hit
            kvserve's prefix cache). kvserve: one `generate` call (continuous batching);
            HF: one left-padded static batch. Throughput = generated tokens / wall time.
-Also: kvserve's memory (EngineStats), the batch-1 memory-bandwidth roofline, a greedy
+Both engines are loaded at once and run interleaved: run i of kvserve, then run i of transformers, so a
+slow phase of a shared machine hits both. Also: kvserve's memory (EngineStats at load; the process peak
+with both engines at the end), the batch-1 memory-bandwidth roofline, a greedy
 token-equality check between the engines, and per run the CPU used by other processes.
 """
 
@@ -357,71 +359,93 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.2, sample_s: float = 
         log(f"waited {waited:.0f} s for a quiet CPU (other processes' cores now {other})")
 
 
-def repeat(run: Callable[[], T], num_repeats: int) -> tuple[list[T], list[float | None]]:
-    """Call `run` `num_repeats` times; also the other processes' cores during each call."""
-    results, noise = [], []
-    for _ in range(num_repeats):
-        wait_for_quiet(QUIET_WAIT_S)
-        meter = CpuMeter()
-        results.append(run())
-        noise.append(meter.other_cores())
-    return results, noise
+def repeat(engines: Sequence[Engine], run: Callable[[Engine, int], T], num_repeats: int
+           ) -> dict[str, tuple[list[T], list[float | None]]]:
+    """Per engine: `run(engine, i)` for i < num_repeats, and the other processes' cores during each.
+
+    Run i of every engine comes back to back (kvserve, transformers, kvserve, ...), so a slow phase
+    of a shared machine hits both engines alike instead of skewing their ratio.
+    """
+    out: dict[str, tuple[list[T], list[float | None]]] = {e.name: ([], []) for e in engines}
+    for i in range(num_repeats):
+        for engine in engines:
+            wait_for_quiet(QUIET_WAIT_S)
+            meter = CpuMeter()
+            results, noise = out[engine.name]
+            results.append(run(engine, i))
+            noise.append(meter.other_cores())
+    return out
 
 
-def best_of(engine: Engine, workload: str, rates: list[float], noise: list[float | None]
+def best_of(engine: str, workload: str, rates: list[float], noise: list[float | None]
             ) -> dict[str, Any]:
     """The best rate of the runs, every run's rate, and the noise during each."""
-    log(f"{engine.name} {workload}: {max(rates):.1f} tok/s (runs {_fmt(rates)}; "
+    log(f"{engine} {workload}: {max(rates):.1f} tok/s (runs {_fmt(rates)}; "
         f"other processes' cores {noise})")
     return {"tokens_per_s": max(rates), "runs_tokens_per_s": rates, "runs_other_cores": noise}
 
 
-def run_decode(engine: Engine, prompt: list[int], num_new_tokens: int,
-               num_repeats: int) -> tuple[dict[str, Any], list[int]]:
-    """Warm up, then the best decode rate of `num_repeats` runs; also returns the tokens."""
-    engine.decode(prompt, min(num_new_tokens, 16))
-    runs, noise = repeat(lambda: engine.decode(prompt, num_new_tokens), num_repeats)
-    rates = [r.tokens_per_s for r in runs]
-    best = runs[rates.index(max(rates))]
-    return {**best_of(engine, "decode", rates, noise), "ttft_s": best.ttft_s,
-            "num_prompt_tokens": len(prompt),
-            "num_new_tokens": len(best.token_ids)}, best.token_ids
+def run_decode(engines: Sequence[Engine], prompt: list[int], num_new_tokens: int, num_repeats: int
+               ) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Warm up, then per engine the best decode rate of `num_repeats` runs, and its tokens."""
+    for engine in engines:
+        engine.decode(prompt, min(num_new_tokens, 16))
+    results, tokens = {}, {}
+    for name, (runs, noise) in repeat(engines, lambda e, _: e.decode(prompt, num_new_tokens), num_repeats).items():
+        rates = [r.tokens_per_s for r in runs]
+        best = runs[rates.index(max(rates))]
+        results[name] = {**best_of(name, "decode", rates, noise), "ttft_s": best.ttft_s,
+                         "num_prompt_tokens": len(prompt), "num_new_tokens": len(best.token_ids)}
+        tokens[name] = best.token_ids
+    return results, tokens
 
 
-def run_prefill(engine: Engine, prompts: list[list[int]]) -> dict[str, Any]:
-    """Warm up on prompts[0], then the best time over the others (each a fresh prompt)."""
-    engine.prefill(prompts[0])
-    fresh = iter(prompts[1:])
-    times, noise = repeat(lambda: engine.prefill(next(fresh)), len(prompts) - 1)
-    rates = [len(p) / t for p, t in zip(prompts[1:], times, strict=True)]
-    return {**best_of(engine, "prefill", rates, noise), "best_s": min(times),
-            "num_prompt_tokens": len(prompts[1])}
+def run_prefill(engines: Sequence[Engine], prompts: list[list[int]]) -> dict[str, Any]:
+    """Warm up on prompts[0], then per engine the best time over the others (each a fresh prompt)."""
+    for engine in engines:
+        engine.prefill(prompts[0])
+    measured = prompts[1:]
+    results = {}
+    for name, (times, noise) in repeat(engines, lambda e, i: e.prefill(measured[i]), len(measured)).items():
+        rates = [len(p) / t for p, t in zip(measured, times, strict=True)]
+        results[name] = {**best_of(name, "prefill", rates, noise), "best_s": min(times),
+                         "num_prompt_tokens": len(measured[0])}
+    return results
 
 
-def run_batch(engine: Engine, warmup: list[list[int]], prompt_sets: list[list[list[int]]],
+def run_batch(engines: Sequence[Engine], warmup: list[list[int]], prompt_sets: list[list[list[int]]],
               num_new_tokens: int) -> dict[str, Any]:
-    """A small warm-up batch, then the best throughput over the prompt sets (a fresh set per run)."""
-    engine.batch(warmup, 8)
-    fresh = iter(prompt_sets)
-    runs, noise = repeat(lambda: engine.batch(next(fresh), num_new_tokens), len(prompt_sets))
-    rates = [r.tokens_per_s for r in runs]
-    best = runs[rates.index(max(rates))]
-    details = {k: v for k, v in asdict(best).items() if v is not None}
-    return {**best_of(engine, f"batch{len(prompt_sets[0])}", rates, noise), **details}
+    """A small warm-up batch, then per engine the best throughput over the prompt sets (a fresh set per run)."""
+    for engine in engines:
+        engine.batch(warmup, 8)
+    results = {}
+    workload = f"batch{len(prompt_sets[0])}"
+    for name, (runs, noise) in repeat(engines, lambda e, i: e.batch(prompt_sets[i], num_new_tokens),
+                                      len(prompt_sets)).items():
+        rates = [r.tokens_per_s for r in runs]
+        best = runs[rates.index(max(rates))]
+        details = {k: v for k, v in asdict(best).items() if v is not None}
+        results[name] = {**best_of(name, workload, rates, noise), **details}
+    return results
 
 
-def run_engine(engine: Engine, prompts: Prompts, args: argparse.Namespace
-               ) -> tuple[dict[str, Any], list[int] | None]:
-    """Every selected workload on one engine; returns the results and the decode tokens."""
-    results: dict[str, Any] = {}
-    decode_tokens = None
+def run_workloads(engines: Sequence[Engine], prompts: Prompts, args: argparse.Namespace
+                  ) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]]]:
+    """Every selected workload, engines interleaved; results[engine][workload] and the decode tokens."""
+    results: dict[str, dict[str, Any]] = {e.name: {} for e in engines}
+    decode_tokens: dict[str, list[int]] = {}
+
+    def record(workload: str, per_engine: dict[str, Any]) -> None:
+        for name, result in per_engine.items():
+            results[name][workload] = result
+
     if "decode" in args.only:
-        results["decode"], decode_tokens = run_decode(engine, prompts.decode, args.new_tokens,
-                                                      args.repeats)
+        per_engine, decode_tokens = run_decode(engines, prompts.decode, args.new_tokens, args.repeats)
+        record("decode", per_engine)
     if "prefill" in args.only:
-        results["prefill"] = run_prefill(engine, prompts.prefill)
+        record("prefill", run_prefill(engines, prompts.prefill))
     for size, prompt_sets in prompts.batches.items():
-        results[f"batch{size}"] = run_batch(engine, prompts.batch_warmup, prompt_sets, args.new_tokens)
+        record(f"batch{size}", run_batch(engines, prompts.batch_warmup, prompt_sets, args.new_tokens))
     return results, decode_tokens
 
 
@@ -491,6 +515,10 @@ def method(args: argparse.Namespace) -> dict[str, str]:
                  "(/proc/stat busy time minus this process's CPU time, over wall time); the "
                  "2-core machine is shared, and a run with other_cores near 1 is several times "
                  "slower (OpenMP threads wait on a descheduled sibling)",
+        "order": "both engines loaded at once; each workload warms both up, then alternates their measured "
+                 "runs (kvserve run i, transformers run i, ...)",
+        "memory": "kvserve_memory: the engine's EngineStats right after it loaded (peak_rss_bytes then), and "
+                  "peak_rss_bytes_both_engines: the process's peak at the end, both models included",
         "sanity": f"tokens_match: kvserve's first {NUM_MATCH_TOKENS} greedy decode tokens equal "
                   "transformers'",
     }
@@ -541,7 +569,7 @@ def compare(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run kvserve, then transformers, on the same prompts; print the JSON report."""
+    """Run kvserve and transformers, interleaved, on the same prompts; print the JSON report."""
     import json
 
     from kvserve.loader.weights import resolve_model_path
@@ -556,12 +584,18 @@ def main(argv: list[str] | None = None) -> None:
 
     kv = KvserveEngine(args)
     tokenizer = kv.llm.get_tokenizer()
+    memory = kv.memory()  # at load: before anything else grows this process's RSS
+    engines: list[Engine] = [kv]
+    if not args.skip_hf:
+        log("loading the transformers model (dequantizing the GGUF)")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+            tokenizer.eos_token_id
+        engines.append(HfEngine(model_path, pad))
     batch_sizes = [int(w.removeprefix("batch")) for w in args.only if w.startswith("batch")]
     prompts = build_prompts(tokenizer, args.repeats, batch_sizes, args.batch_repeats)
-    results: dict[str, dict[str, Any]] = {}
-    results["kvserve"], kv_tokens = run_engine(kv, prompts, args)
-    memory = kv.memory()  # before anything else grows this process's peak RSS
-    del kv
+    results, decode_tokens = run_workloads(engines, prompts, args)
+    memory["peak_rss_bytes_both_engines"] = kv.memory()["peak_rss_bytes"]
+    del kv, engines
     gc.collect()
     meter = CpuMeter()
     bandwidth = measure_read_bandwidth()
@@ -572,14 +606,9 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {"machine": machine, "method": method(args),
                               "config": _config(args, model_path)}
     if not args.skip_hf:
-        log("loading the transformers model (dequantizing the GGUF)")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-            tokenizer.eos_token_id
-        hf = HfEngine(model_path, pad)
-        results["transformers"], hf_tokens = run_engine(hf, prompts, args)
-        if kv_tokens is not None and hf_tokens is not None:
-            report["tokens_match"], report["tokens_match_detail"] = \
-                _tokens_match(kv_tokens, hf_tokens, tokenizer.eos_token_id)
+        if len(decode_tokens) == 2:
+            report["tokens_match"], report["tokens_match_detail"] = _tokens_match(
+                decode_tokens["kvserve"], decode_tokens["transformers"], tokenizer.eos_token_id)
         report["kvserve_vs_transformers"] = compare(results)
     report["results"] = results
     report["kvserve_memory"] = memory
