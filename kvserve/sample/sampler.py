@@ -100,11 +100,9 @@ class Sampler:
         else:
             token_ids = self._sample_mixed(logits, metadata)
 
-        token_list = token_ids.tolist()
-        logprobs: list[dict[int, float] | None] = [None] * num_rows
-        if raw_logprobs is not None:
-            logprobs = gather_logprobs(raw_logprobs, token_ids, metadata)
-        return SamplerOutput(token_list, logprobs)
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids.tolist(), [None] * num_rows)
+        return gather_logprobs(raw_logprobs, token_ids, metadata)
 
     def _sample_mixed(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         """Argmax for greedy rows, random sampling for the others; returns [num_rows] int64."""
@@ -168,7 +166,8 @@ def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
     presence = torch.tensor([p.presence_penalty for p in params], device=device)
 
     output_counts = token_counts(metadata.output_token_ids, logits.shape[1], device)
-    if bool((repetition != 1.0).any()):
+    # Which penalties are on is read from the params, not the tensors: no device-to-host sync.
+    if any(p.repetition_penalty != 1.0 for p in params):
         # Repetition looks at prompt and output; vLLM's rule: shrink positive logits,
         # push negative ones further down, so the token always becomes less likely.
         prompt_counts = token_counts(metadata.prompt_token_ids, logits.shape[1], device)
@@ -177,9 +176,9 @@ def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
         penalized = torch.where(logits > 0, logits / scale, logits * scale)
         logits.copy_(torch.where(seen, penalized, logits))
     # Frequency scales with how often the token was generated, presence is a flat charge.
-    if bool((frequency != 0.0).any()):
+    if any(p.frequency_penalty != 0.0 for p in params):
         logits -= frequency.unsqueeze(1) * output_counts
-    if bool((presence != 0.0).any()):
+    if any(p.presence_penalty != 0.0 for p in params):
         logits -= presence.unsqueeze(1) * (output_counts > 0).to(logits.dtype)
 
 
@@ -231,7 +230,7 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     if use_top_k or use_top_p:
         k = torch.tensor(top_k, device=device)
         p = torch.tensor(top_p, device=device) if use_top_p else None
-        apply_top_k_top_p(logits, k, p)
+        apply_top_k_top_p(logits, k, p, max(top_k))
 
     probs = torch.softmax(logits, dim=-1)
     if any(p.min_p > 0 for p in params):
@@ -244,16 +243,16 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
 
 
 def apply_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor | None
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor | None, max_k: int
 ) -> None:
     """Mask, in place, logits [rows, vocab] outside each row's top-k and top-p set.
 
-    `top_k` [rows] holds vocab for rows without a limit, `top_p` [rows] holds 1.0 for rows
-    without one. Each row keeps the tokens whose logit is >= a per-row threshold, found in
-    the sorted candidates: ties with the threshold survive, and no scatter back is needed.
+    `top_k` [rows] holds vocab for rows without a limit (`max_k` is its largest value, passed
+    from the host so that no sync reads it back), `top_p` [rows] holds 1.0 for rows without one.
+    Each row keeps the tokens whose logit is >= a per-row threshold, found in the sorted
+    candidates: ties with the threshold survive, and no scatter back is needed.
     """
     vocab_size = logits.shape[1]
-    max_k = int(top_k.max())
     # Candidates in descending order: a partial top-k when every row has a limit (much cheaper
     # than sorting the vocab), else a full sort. A row's leading candidates are the same either
     # way, so a seeded row's result does not depend on the batch around it.
@@ -285,21 +284,25 @@ def _top_p_count(values: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
 
 def gather_logprobs(
     raw_logprobs: torch.Tensor, token_ids: torch.Tensor, metadata: SamplingMetadata
-) -> list[dict[int, float] | None]:
-    """Per row: {sampled token: logprob} plus the row's top-`logprobs` tokens, else None."""
+) -> SamplerOutput:
+    """The sampled tokens and, per row, {sampled token: logprob} plus the row's top-`logprobs`
+    tokens (None for rows that asked for none), read back to the host in one transfer."""
     max_num = metadata.max_num_logprobs or 0
-    sampled = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()  # [rows]
+    sampled = raw_logprobs.gather(1, token_ids.unsqueeze(1))  # [rows, 1]
     top_values, top_ids = raw_logprobs.topk(max_num, dim=-1)  # [rows, max_num]
-    top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
-    token_list = token_ids.tolist()
+    # float64 holds every token id and float32 logprob exactly: one tensor, one copy to the host.
+    parts = (token_ids.unsqueeze(1), top_ids, sampled, top_values)
+    packed = torch.cat([part.to(torch.float64) for part in parts], dim=1).tolist()  # [rows, 2 + 2 * max_num]
+    token_list: list[int] = []
     result: list[dict[int, float] | None] = []
-    for row, p in enumerate(metadata.params):
+    for row, p in zip(packed, metadata.params, strict=True):
+        token_id, ids, token_logprob, values = (int(row[0]), row[1:1 + max_num], row[1 + max_num],
+                                                row[2 + max_num:])
+        token_list.append(token_id)
         if p.logprobs is None:
             result.append(None)
             continue
-        entry = dict(
-            zip(top_ids_list[row][: p.logprobs], top_values_list[row][: p.logprobs], strict=True)
-        )
-        entry[token_list[row]] = sampled[row]
+        entry = {int(i): v for i, v in zip(ids[: p.logprobs], values[: p.logprobs], strict=True)}
+        entry[token_id] = token_logprob
         result.append(entry)
-    return result
+    return SamplerOutput(token_list, result)

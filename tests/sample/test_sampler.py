@@ -242,3 +242,35 @@ def test_min_tokens_blocks_eos_and_stop_token_ids() -> None:
     # With ignore_eos, EOS does not end the request, so only the stop id is masked.
     ignore = [SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True)]
     assert Sampler()(logits, make_metadata(ignore, eos_token_ids=(eos,))).token_ids == [eos]
+
+
+READ_BACKS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def test_one_read_back_to_the_host_per_step(monkeypatch) -> None:
+    """Whatever the mix of parameters, sampling reads device values back once (on a GPU, one sync)."""
+    calls: list[str] = []
+
+    def counting(name: str):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, **kwargs):
+            calls.append(name)
+            return real(self, *args, **kwargs)
+        return counted
+
+    for name in READ_BACKS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    mixes = [
+        [SamplingParams(temperature=0)],
+        [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0.8, seed=1)],
+        [SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.2,
+                        frequency_penalty=0.5, presence_penalty=0.3, logprobs=2, min_tokens=4),
+         SamplingParams(temperature=0, presence_penalty=1.0), SamplingParams(temperature=1.0, top_p=0.5)],
+    ]
+    for params in mixes:
+        metadata = make_metadata(params, prompts=[[1, 2]] * len(params), outputs=[[3]] * len(params),
+                                 eos_token_ids=(7,))
+        calls.clear()
+        Sampler(torch.Generator().manual_seed(0))(random_logits(len(params), 50), metadata)
+        assert calls == ["tolist"], params
