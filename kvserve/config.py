@@ -94,7 +94,10 @@ class EngineConfig:
     kv_cache_memory: int | None = field(default=None, metadata={
         "help": "KV-cache size in bytes; default: kv_cache_memory_fraction of free memory"})
     kv_cache_memory_fraction: float = field(default=0.1, metadata={
-        "help": "fraction of available memory for the KV cache when kv_cache_memory is unset"})
+        "help": "CPU: fraction of available memory for the KV cache when kv_cache_memory is unset"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "CUDA, when kv_cache_memory is unset: the share of the GPU's memory kvserve may use in all; the "
+                "KV cache gets what the weights and a profiled worst-case step leave"})
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "KV-cache storage: auto (the model dtype), int8 or fp8 (e4m3) with per-token scales, or int4 "
                 "(KIVI: keys per channel per block, values per token)"})
@@ -123,6 +126,8 @@ class EngineConfig:
         for name in ("block_size", "kv_residual_tokens", "kv_window"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name))
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.cpu_blas_max_tokens < 0:
             raise ValueError(f"cpu_blas_max_tokens must be >= 0, got {self.cpu_blas_max_tokens}")
         if self.kv_sinks < 0:

@@ -23,6 +23,7 @@ from kvserve.loader.weights import open_model
 from kvserve.models.registry import build_model
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvserve.runner.host_malloc import keep_freed_memory
+from kvserve.runner.memory_profile import GIB, kv_budget, read_gpu_memory
 from kvserve.runner.model_runner import ModelRunner
 from kvserve.sampling_params import SamplingParams
 
@@ -103,6 +104,8 @@ class Engine:
         self.kv_residual_bytes = num_residual_slots * residual_bytes_per_slot(specs, block_size, config.torch_dtype)
         num_blocks = self._num_kv_blocks(specs, max_model_len)
         self.runner.allocate_kv_cache(specs, num_blocks, block_size, num_residual_slots)
+        logger.info("KV cache: %d blocks of %d tokens, %.2f GiB (%s); model %.2f GiB", num_blocks, block_size,
+                    self.runner.kv_cache_bytes / GIB, config.cache_storage_dtype, self.runner.model_bytes / GIB)
         # A single request must always fit in the cache, or preemption could never make room; with a window
         # it only ever holds its sinks and window (checked in _num_kv_blocks), so the context is not capped.
         self.max_model_len = max_model_len if config.kv_window else min(max_model_len, num_blocks * block_size)
@@ -129,8 +132,7 @@ class Engine:
     def _num_kv_blocks(self, specs: list[KVCacheSpec], max_model_len: int) -> int:
         """Blocks bought by the budget (after the int4 residual), but no more than max_num_seqs requests need."""
         config = self.config
-        budget = config.kv_cache_memory or int(available_memory_bytes(self.device)
-                                               * config.kv_cache_memory_fraction)
+        budget = self._kv_budget(specs, max_model_len)
         block_size = config.cache_block_size
         per_block = bytes_per_block(specs, block_size)
         per_request = self._max_blocks_per_request(max_model_len)
@@ -144,6 +146,26 @@ class Engine:
                              f"{config.kv_window} with kv_sinks={config.kv_sinks} and max_num_batched_tokens="
                              f"{config.max_num_batched_tokens} needs {per_request} blocks per request")
         return num_blocks
+
+    def _kv_budget(self, specs: list[KVCacheSpec], max_model_len: int) -> int:
+        """KV-cache bytes: kv_cache_memory if set; on CUDA what gpu_memory_utilization leaves after a
+        profiling step (see runner/memory_profile.py); else a fraction of the free memory."""
+        config = self.config
+        if config.kv_cache_memory:
+            return config.kv_cache_memory
+        if self.device.type != "cuda":
+            return int(available_memory_bytes(self.device) * config.kv_cache_memory_fraction)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        scratch = self.runner.profile_step(specs, min(config.max_num_batched_tokens, max_model_len),
+                                           config.max_num_seqs, config.cache_block_size)
+        memory = read_gpu_memory(self.device)
+        torch.cuda.empty_cache()
+        budget = kv_budget(memory, config.gpu_memory_utilization, scratch)
+        logger.info("profiling step: peak %.2f GiB without its scratch cache, %.2f GiB outside torch; "
+                    "KV cache budget %.2f GiB (gpu_memory_utilization=%s)", (memory.peak_torch - scratch) / GIB,
+                    memory.outside_torch / GIB, budget / GIB, config.gpu_memory_utilization)
+        return budget
 
     def _max_blocks_per_request(self, max_model_len: int) -> int:
         """Blocks one request can hold at once: its whole context, or with a window its sinks + window + chunk."""

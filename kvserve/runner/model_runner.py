@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import nn
@@ -64,6 +65,26 @@ class ModelRunner:
         self.block_size = block_size
         if any(cache.is_int4 for cache in self.kv_caches):
             self.residual_slots = ResidualSlots(num_residual_slots)
+
+    @torch.inference_mode()
+    def profile_step(self, specs: list[KVCacheSpec], num_tokens: int, num_rows: int, block_size: int) -> int:
+        """Run the largest step the scheduler can make over a scratch cache: one `num_tokens` prefill,
+        logits and softmax for `num_rows` rows. Returns the scratch cache's bytes (freed on return)."""
+        dtype = next(self.model.parameters()).dtype
+        plain = [dataclasses.replace(spec, dtype=str(dtype).removeprefix("torch."), group_size=0)
+                 for spec in specs]  # activations are what is measured; a plain cache needs no int4 plan
+        num_blocks = -(-num_tokens // block_size)
+        scratch = allocate_kv_caches(plain, num_blocks, block_size, self.device, dtype)
+        tokens = torch.arange(num_tokens, device=self.device)
+        metadata = AttentionMetadata(
+            slot_mapping=tokens, num_decodes=0,
+            decode_block_tables=torch.zeros(0, 0, dtype=torch.long, device=self.device),
+            decode_mask=torch.zeros(0, 1, 1, 0, dtype=torch.bool, device=self.device),
+            prefills=[PrefillSeq(0, num_tokens, num_tokens, torch.arange(num_blocks, device=self.device))])
+        hidden = self.model(torch.zeros_like(tokens), tokens, scratch, metadata)
+        rows = hidden[torch.arange(num_rows, device=self.device) % num_tokens]
+        torch.softmax(self.model.compute_logits(rows), dim=-1)
+        return sum(cache.num_bytes for cache in scratch)
 
     def set_window(self, window: int | None, num_sinks: int) -> None:
         """Attend with sinks + a sliding window (the KV manager evicts the blocks in between)."""
