@@ -92,7 +92,8 @@ class EngineConfig:
     max_num_batched_tokens: int = field(default=512, metadata={
         "help": "token budget of one step (prefill chunks + decodes)"})
     kv_cache_memory: int | None = field(default=None, metadata={
-        "help": "KV-cache size in bytes; default: kv_cache_memory_fraction of free memory"})
+        "help": "KV-cache size in bytes; default: kv_cache_memory_fraction of free memory (CPU) or what "
+                "gpu_memory_utilization leaves (CUDA)"})
     kv_cache_memory_fraction: float = field(default=0.1, metadata={
         "help": "CPU: fraction of available memory for the KV cache when kv_cache_memory is unset"})
     gpu_memory_utilization: float = field(default=0.9, metadata={
