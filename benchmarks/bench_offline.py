@@ -19,9 +19,11 @@ Workloads (each has a warm-up run first; see `method` in the JSON for how repeat
            WikiText-2, `--new-tokens` each; a fresh prompt set every run (a repeat would hit
            kvserve's prefix cache). kvserve: one `generate` call (continuous batching);
            HF: one left-padded static batch. Throughput = generated tokens / wall time.
-Both engines are loaded at once and run interleaved: run i of kvserve, then run i of transformers, so a
-slow phase of a shared machine hits both. Also: kvserve's memory (EngineStats at load; the process peak
-with both engines at the end), the batch-1 memory-bandwidth roofline, a greedy
+Each engine runs alone in a fresh process per round: round i is a kvserve process, then a transformers
+process, each warming up and measuring run i of every workload. Alternating keeps a slow phase of a shared
+machine from hitting one engine's whole series, and separate processes keep the engines from slowing each
+other (kvserve decoded ~12% slower with transformers' model loaded beside it). Also: kvserve's memory
+(EngineStats at the end of its process), the batch-1 memory-bandwidth roofline, a greedy
 token-equality check between the engines, and per run the CPU used by other processes.
 """
 
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import os
 import pathlib
 import platform
@@ -515,10 +516,10 @@ def method(args: argparse.Namespace) -> dict[str, str]:
                  "(/proc/stat busy time minus this process's CPU time, over wall time); the "
                  "2-core machine is shared, and a run with other_cores near 1 is several times "
                  "slower (OpenMP threads wait on a descheduled sibling)",
-        "order": "both engines loaded at once; each workload warms both up, then alternates their measured "
-                 "runs (kvserve run i, transformers run i, ...)",
-        "memory": "kvserve_memory: the engine's EngineStats right after it loaded (peak_rss_bytes then), and "
-                  "peak_rss_bytes_both_engines: the process's peak at the end, both models included",
+        "order": "rounds: round i runs kvserve alone in a fresh process, then transformers in another; each "
+                 "warms up and measures run i of every workload (decode/prefill: rounds < repeats; batches: "
+                 "rounds < batch_repeats)",
+        "memory": "kvserve_memory: EngineStats at the end of the last kvserve process (peak RSS of kvserve alone)",
         "sanity": f"tokens_match: kvserve's first {NUM_MATCH_TOKENS} greedy decode tokens equal "
                   "transformers'",
     }
@@ -554,6 +555,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="before each measured run, wait up to this long for other "
                              "processes to leave the CPU (shared machines)")
+    # Internal: how the parent starts each round's child process.
+    parser.add_argument("--engine", choices=["kvserve", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.only = parse_only(args.only)
     if args.new_tokens < 2 or args.repeats < 1 or args.batch_repeats < 1:
@@ -569,54 +573,102 @@ def compare(results: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run kvserve and transformers, interleaved, on the same prompts; print the JSON report."""
-    import json
-
-    from kvserve.loader.weights import resolve_model_path
-
+    """Rounds of one process per engine, alternating; print the JSON report (a child prints its round)."""
     global QUIET_WAIT_S
     args = parse_args(argv)
     QUIET_WAIT_S = args.wait_quiet
     torch.set_num_threads(args.threads)
+    if args.engine:
+        run_round(args)
+    else:
+        run_rounds(args, argv if argv is not None else sys.argv[1:])
+
+
+def engine_tokenizer() -> Any:
+    """The bundled model's tokenizer, without loading weights (both engines' prompts come from it)."""
+    from kvserve.loader.weights import open_model
+
+    return open_model(None).load_tokenizer()
+
+
+def run_round(args: argparse.Namespace) -> None:
+    """Child: one engine, round `args.round`: every workload's warm-up and its run with this round's prompts."""
+    import json
+
+    from kvserve.loader.weights import resolve_model_path
+
+    tokenizer = engine_tokenizer()
+    batch_sizes = [int(w.removeprefix("batch")) for w in args.only if w.startswith("batch")]
+    prompts = build_prompts(tokenizer, args.repeats, batch_sizes, args.batch_repeats)
+    r = args.round
+    prompts.prefill = [prompts.prefill[0], prompts.prefill[1 + r]] if r < args.repeats else []
+    prompts.batches = {size: [sets[r]] for size, sets in prompts.batches.items() if r < args.batch_repeats}
+    args.only = [w for w in args.only if (w.startswith("batch") and r < args.batch_repeats)
+                 or (not w.startswith("batch") and r < args.repeats)]
+    args.repeats = 1
+    if args.engine == "kvserve":
+        engine: Engine = KvserveEngine(args)
+    else:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        engine = HfEngine(resolve_model_path(None), pad)
+    results, decode_tokens = run_workloads([engine], prompts, args)
+    out = {"results": results[engine.name], "decode_tokens": decode_tokens.get(engine.name)}
+    if isinstance(engine, KvserveEngine):
+        out["memory"] = engine.memory()
+    json.dump(out, sys.stdout)
+
+
+def run_rounds(args: argparse.Namespace, argv: list[str]) -> None:
+    """Parent: round r runs kvserve in a fresh process, then transformers in another; merge and report."""
+    import json
+    import subprocess
+
+    from kvserve.loader.weights import resolve_model_path
+
     machine = machine_info(args.threads)  # date and load average at the start
     model_path = resolve_model_path(None)
     log(f"workloads {args.only}; model {model_path.name}; {args.threads} threads")
-
-    kv = KvserveEngine(args)
-    tokenizer = kv.llm.get_tokenizer()
-    memory = kv.memory()  # at load: before anything else grows this process's RSS
-    engines: list[Engine] = [kv]
-    if not args.skip_hf:
-        log("loading the transformers model (dequantizing the GGUF)")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-            tokenizer.eos_token_id
-        engines.append(HfEngine(model_path, pad))
-    batch_sizes = [int(w.removeprefix("batch")) for w in args.only if w.startswith("batch")]
-    prompts = build_prompts(tokenizer, args.repeats, batch_sizes, args.batch_repeats)
-    results, decode_tokens = run_workloads(engines, prompts, args)
-    memory["peak_rss_bytes_both_engines"] = kv.memory()["peak_rss_bytes"]
-    del kv, engines
-    gc.collect()
+    names = ["kvserve"] + ([] if args.skip_hf else ["transformers"])
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in names}
+    decode_tokens: dict[str, list[int]] = {}
+    memory: dict[str, Any] = {}
+    for r in range(max(args.repeats, args.batch_repeats)):
+        for name in names:
+            child = subprocess.run([sys.executable, __file__, *argv, "--engine", name, "--round", str(r)],
+                                   stdout=subprocess.PIPE, check=True, text=True)
+            out = json.loads(child.stdout)
+            for workload, result in out["results"].items():
+                runs[name].setdefault(workload, []).append(result)
+            if out["decode_tokens"] is not None:
+                decode_tokens.setdefault(name, out["decode_tokens"])
+            memory = out.get("memory", memory)
+    results = {name: {w: merge_runs(name, w, rs) for w, rs in per.items()} for name, per in runs.items()}
     meter = CpuMeter()
     bandwidth = measure_read_bandwidth()
     bandwidth_noise = meter.other_cores()
-    log(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s (other processes' cores "
-        f"{bandwidth_noise})")
+    log(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s (other processes' cores {bandwidth_noise})")
 
-    report: dict[str, Any] = {"machine": machine, "method": method(args),
-                              "config": _config(args, model_path)}
+    report: dict[str, Any] = {"machine": machine, "method": method(args), "config": _config(args, model_path)}
     if not args.skip_hf:
         if len(decode_tokens) == 2:
             report["tokens_match"], report["tokens_match_detail"] = _tokens_match(
-                decode_tokens["kvserve"], decode_tokens["transformers"], tokenizer.eos_token_id)
+                decode_tokens["kvserve"], decode_tokens["transformers"], engine_tokenizer().eos_token_id)
         report["kvserve_vs_transformers"] = compare(results)
     report["results"] = results
     report["kvserve_memory"] = memory
-    kv_decode = results["kvserve"].get("decode")
-    report["roofline"] = roofline(memory["model_bytes"], bandwidth, kv_decode)
+    report["roofline"] = roofline(memory["model_bytes"], bandwidth, results["kvserve"].get("decode"))
     report["roofline"]["bandwidth_other_cores"] = bandwidth_noise
     json.dump(report, sys.stdout, indent=2)
     print()
+
+
+def merge_runs(engine: str, workload: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One workload's rounds (one run each) -> the best run's details plus every run's rate and noise."""
+    best = max(runs, key=lambda r: r["tokens_per_s"])
+    rates = [rate for r in runs for rate in r["runs_tokens_per_s"]]
+    noise = [n for r in runs for n in r["runs_other_cores"]]
+    return {**best_of(engine, workload, rates, noise),
+            **{k: v for k, v in best.items() if k not in ("tokens_per_s", "runs_tokens_per_s", "runs_other_cores")}}
 
 
 def _config(args: argparse.Namespace, model_path: pathlib.Path) -> dict[str, Any]:
