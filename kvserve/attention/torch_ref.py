@@ -52,8 +52,10 @@ def gather_kv(cache: LayerKVCache, block_tables: torch.Tensor, dtype: torch.dtyp
 def _gather_int4(cache: LayerKVCache, tables: torch.Tensor, dtype: torch.dtype,
                  tails: ResidualTails | None) -> tuple[torch.Tensor, torch.Tensor]:
     # [B, nb, bs, H, D / 2] codes; key parameters [B, nb, 1, H, D] broadcast over a block's tokens.
-    keys = dequantize_int4(cache.key[tables], cache.key_scale[tables], cache.key_zero[tables], dtype)
-    values = dequantize_int4(cache.value[tables], cache.value_scale[tables], cache.value_zero[tables], dtype)
+    keys = dequantize_int4(_blocks(cache.key, tables), _blocks(cache.key_scale, tables),
+                           _blocks(cache.key_zero, tables), dtype)
+    values = dequantize_int4(_blocks(cache.value, tables), _blocks(cache.value_scale, tables),
+                             _blocks(cache.value_zero, tables), dtype)
     if tails is not None and tails.rows.numel():
         keys[tails.rows, tails.blocks] = cache.residual_key[tails.slots]  # [k, bs, H, D]
         values[tails.rows, tails.blocks] = cache.residual_value[tails.slots]
@@ -90,11 +92,16 @@ def _assemble_blocks(new: torch.Tensor, residual: torch.Tensor, plan: Int4WriteP
     return full.view(-1, block_size, *new.shape[1:])
 
 
+def _blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """cache [N, ...], tables [B, nb] -> the tables' blocks [B, nb, ...] (a copy)."""
+    # index_select over the flat block dimension copies whole blocks; `cache[block_tables]` ran ~5x slower.
+    return cache.index_select(0, block_tables.flatten()).view(*block_tables.shape, *cache.shape[1:])
+
+
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """cache [N, bs, H, D], tables [B, nb] -> [B, H, nb * bs, D]."""
     batch, num_blocks = block_tables.shape
-    # index_select over the flat block dimension copies whole blocks; `cache[block_tables]` ran ~5x slower.
-    blocks = cache.index_select(0, block_tables.flatten())  # [B * nb, bs, H, D]
+    blocks = _blocks(cache, block_tables)  # [B, nb, bs, H, D]
     return blocks.view(batch, num_blocks * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
 
 
@@ -286,7 +293,7 @@ def _codes_by_head(cache: torch.Tensor, tables: torch.Tensor, dtype: torch.dtype
     letting matmul copy it again (measured for int8; fp8's conversion is slow on CPU either way).
     """
     batch, num_blocks = tables.shape
-    codes = cache[tables].view(batch, num_blocks * cache.shape[1], cache.shape[2], -1)  # [B, L, H, D]
+    codes = _blocks(cache, tables).view(batch, num_blocks * cache.shape[1], cache.shape[2], -1)  # [B, L, H, D]
     return codes_as(codes.transpose(1, 2).contiguous(), dtype)
 
 
