@@ -161,15 +161,13 @@ def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
     """Apply repetition, frequency and presence penalties in place to `logits` [rows, vocab]."""
     params = metadata.params
     device = logits.device
-    repetition = torch.tensor([p.repetition_penalty for p in params], device=device)
-    frequency = torch.tensor([p.frequency_penalty for p in params], device=device)
-    presence = torch.tensor([p.presence_penalty for p in params], device=device)
-
     output_counts = token_counts(metadata.output_token_ids, logits.shape[1], device)
-    # Which penalties are on is read from the params, not the tensors: no device-to-host sync.
+    # Which penalties are on is read from the params, not from tensors: no device-to-host sync, and
+    # only the per-row values in use are uploaded.
     if any(p.repetition_penalty != 1.0 for p in params):
         # Repetition looks at prompt and output; vLLM's rule: shrink positive logits,
         # push negative ones further down, so the token always becomes less likely.
+        repetition = torch.tensor([p.repetition_penalty for p in params], device=device)
         prompt_counts = token_counts(metadata.prompt_token_ids, logits.shape[1], device)
         seen = (prompt_counts > 0) | (output_counts > 0)  # [rows, vocab]
         scale = repetition.unsqueeze(1).expand_as(logits)  # [rows, vocab]
@@ -177,8 +175,10 @@ def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
         logits.copy_(torch.where(seen, penalized, logits))
     # Frequency scales with how often the token was generated, presence is a flat charge.
     if any(p.frequency_penalty != 0.0 for p in params):
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)
         logits -= frequency.unsqueeze(1) * output_counts
     if any(p.presence_penalty != 0.0 for p in params):
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)
         logits -= presence.unsqueeze(1) * (output_counts > 0).to(logits.dtype)
 
 
