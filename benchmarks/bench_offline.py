@@ -360,22 +360,12 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.2, sample_s: float = 
         log(f"waited {waited:.0f} s for a quiet CPU (other processes' cores now {other})")
 
 
-def repeat(engines: Sequence[Engine], run: Callable[[Engine, int], T], num_repeats: int
-           ) -> dict[str, tuple[list[T], list[float | None]]]:
-    """Per engine: `run(engine, i)` for i < num_repeats, and the other processes' cores during each.
-
-    Run i of every engine comes back to back (kvserve, transformers, kvserve, ...), so a slow phase
-    of a shared machine hits both engines alike instead of skewing their ratio.
-    """
-    out: dict[str, tuple[list[T], list[float | None]]] = {e.name: ([], []) for e in engines}
-    for i in range(num_repeats):
-        for engine in engines:
-            wait_for_quiet(QUIET_WAIT_S)
-            meter = CpuMeter()
-            results, noise = out[engine.name]
-            results.append(run(engine, i))
-            noise.append(meter.other_cores())
-    return out
+def measure(run: Callable[[], T]) -> tuple[T, float | None]:
+    """`run()` once, after waiting for a quiet CPU if asked; also the other processes' cores during it."""
+    wait_for_quiet(QUIET_WAIT_S)
+    meter = CpuMeter()
+    result = run()
+    return result, meter.other_cores()
 
 
 def best_of(engine: str, workload: str, rates: list[float], noise: list[float | None]
@@ -386,68 +376,29 @@ def best_of(engine: str, workload: str, rates: list[float], noise: list[float | 
     return {"tokens_per_s": max(rates), "runs_tokens_per_s": rates, "runs_other_cores": noise}
 
 
-def run_decode(engines: Sequence[Engine], prompt: list[int], num_new_tokens: int, num_repeats: int
-               ) -> tuple[dict[str, Any], dict[str, list[int]]]:
-    """Warm up, then per engine the best decode rate of `num_repeats` runs, and its tokens."""
-    for engine in engines:
-        engine.decode(prompt, min(num_new_tokens, 16))
-    results, tokens = {}, {}
-    for name, (runs, noise) in repeat(engines, lambda e, _: e.decode(prompt, num_new_tokens), num_repeats).items():
-        rates = [r.tokens_per_s for r in runs]
-        best = runs[rates.index(max(rates))]
-        results[name] = {**best_of(name, "decode", rates, noise), "ttft_s": best.ttft_s,
-                         "num_prompt_tokens": len(prompt), "num_new_tokens": len(best.token_ids)}
-        tokens[name] = best.token_ids
-    return results, tokens
+def run_decode(engine: Engine, prompt: list[int], num_new_tokens: int) -> tuple[dict[str, Any], list[int]]:
+    """Warm up, then one decode run; its rate and details, and its tokens."""
+    engine.decode(prompt, min(num_new_tokens, 16))
+    run, noise = measure(lambda: engine.decode(prompt, num_new_tokens))
+    return {"tokens_per_s": run.tokens_per_s, "other_cores": noise, "ttft_s": run.ttft_s,
+            "num_prompt_tokens": len(prompt), "num_new_tokens": len(run.token_ids)}, run.token_ids
 
 
-def run_prefill(engines: Sequence[Engine], prompts: list[list[int]]) -> dict[str, Any]:
-    """Warm up on prompts[0], then per engine the best time over the others (each a fresh prompt)."""
-    for engine in engines:
-        engine.prefill(prompts[0])
-    measured = prompts[1:]
-    results = {}
-    for name, (times, noise) in repeat(engines, lambda e, i: e.prefill(measured[i]), len(measured)).items():
-        rates = [len(p) / t for p, t in zip(measured, times, strict=True)]
-        results[name] = {**best_of(name, "prefill", rates, noise), "best_s": min(times),
-                         "num_prompt_tokens": len(measured[0])}
-    return results
+def run_prefill(engine: Engine, warmup: list[int], prompt: list[int]) -> dict[str, Any]:
+    """Warm up on one prompt, then time one prefill of a fresh one."""
+    engine.prefill(warmup)
+    seconds, noise = measure(lambda: engine.prefill(prompt))
+    return {"tokens_per_s": len(prompt) / seconds, "other_cores": noise, "best_s": seconds,
+            "num_prompt_tokens": len(prompt)}
 
 
-def run_batch(engines: Sequence[Engine], warmup: list[list[int]], prompt_sets: list[list[list[int]]],
-              num_new_tokens: int) -> dict[str, Any]:
-    """A small warm-up batch, then per engine the best throughput over the prompt sets (a fresh set per run)."""
-    for engine in engines:
-        engine.batch(warmup, 8)
-    results = {}
-    workload = f"batch{len(prompt_sets[0])}"
-    for name, (runs, noise) in repeat(engines, lambda e, i: e.batch(prompt_sets[i], num_new_tokens),
-                                      len(prompt_sets)).items():
-        rates = [r.tokens_per_s for r in runs]
-        best = runs[rates.index(max(rates))]
-        details = {k: v for k, v in asdict(best).items() if v is not None}
-        results[name] = {**best_of(name, workload, rates, noise), **details}
-    return results
-
-
-def run_workloads(engines: Sequence[Engine], prompts: Prompts, args: argparse.Namespace
-                  ) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]]]:
-    """Every selected workload, engines interleaved; results[engine][workload] and the decode tokens."""
-    results: dict[str, dict[str, Any]] = {e.name: {} for e in engines}
-    decode_tokens: dict[str, list[int]] = {}
-
-    def record(workload: str, per_engine: dict[str, Any]) -> None:
-        for name, result in per_engine.items():
-            results[name][workload] = result
-
-    if "decode" in args.only:
-        per_engine, decode_tokens = run_decode(engines, prompts.decode, args.new_tokens, args.repeats)
-        record("decode", per_engine)
-    if "prefill" in args.only:
-        record("prefill", run_prefill(engines, prompts.prefill))
-    for size, prompt_sets in prompts.batches.items():
-        record(f"batch{size}", run_batch(engines, prompts.batch_warmup, prompt_sets, args.new_tokens))
-    return results, decode_tokens
+def run_batch(engine: Engine, warmup: list[list[int]], prompts: list[list[int]], num_new_tokens: int
+              ) -> dict[str, Any]:
+    """A small warm-up batch, then one run over a fresh prompt set."""
+    engine.batch(warmup, 8)
+    run, noise = measure(lambda: engine.batch(prompts, num_new_tokens))
+    details = {k: v for k, v in asdict(run).items() if v is not None}
+    return {"tokens_per_s": run.tokens_per_s, "other_cores": noise, **details}
 
 
 def measure_read_bandwidth(num_bytes: int = 512 * MIB, num_repeats: int = 5) -> float:
@@ -600,19 +551,24 @@ def run_round(args: argparse.Namespace) -> None:
     tokenizer = engine_tokenizer()
     batch_sizes = [int(w.removeprefix("batch")) for w in args.only if w.startswith("batch")]
     prompts = build_prompts(tokenizer, args.repeats, batch_sizes, args.batch_repeats)
-    r = args.round
-    prompts.prefill = [prompts.prefill[0], prompts.prefill[1 + r]] if r < args.repeats else []
-    prompts.batches = {size: [sets[r]] for size, sets in prompts.batches.items() if r < args.batch_repeats}
-    args.only = [w for w in args.only if (w.startswith("batch") and r < args.batch_repeats)
-                 or (not w.startswith("batch") and r < args.repeats)]
-    args.repeats = 1
     if args.engine == "kvserve":
         engine: Engine = KvserveEngine(args)
     else:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         engine = HfEngine(resolve_model_path(None), pad)
-    results, decode_tokens = run_workloads([engine], prompts, args)
-    out = {"results": results[engine.name], "decode_tokens": decode_tokens.get(engine.name)}
+    r = args.round
+    results: dict[str, Any] = {}
+    decode_tokens = None
+    if r < args.repeats and "decode" in args.only:
+        results["decode"], decode_tokens = run_decode(engine, prompts.decode, args.new_tokens)
+    if r < args.repeats and "prefill" in args.only:
+        results["prefill"] = run_prefill(engine, prompts.prefill[0], prompts.prefill[1 + r])
+    if r < args.batch_repeats:
+        for size, prompt_sets in prompts.batches.items():
+            results[f"batch{size}"] = run_batch(engine, prompts.batch_warmup, prompt_sets[r], args.new_tokens)
+    for workload, result in results.items():
+        log(f"{engine.name} {workload}, round {r}: {result['tokens_per_s']:.1f} tok/s")
+    out = {"results": results, "decode_tokens": decode_tokens}
     if isinstance(engine, KvserveEngine):
         out["memory"] = engine.memory()
     json.dump(out, sys.stdout)
@@ -665,10 +621,9 @@ def run_rounds(args: argparse.Namespace, argv: list[str]) -> None:
 def merge_runs(engine: str, workload: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One workload's rounds (one run each) -> the best run's details plus every run's rate and noise."""
     best = max(runs, key=lambda r: r["tokens_per_s"])
-    rates = [rate for r in runs for rate in r["runs_tokens_per_s"]]
-    noise = [n for r in runs for n in r["runs_other_cores"]]
-    return {**best_of(engine, workload, rates, noise),
-            **{k: v for k, v in best.items() if k not in ("tokens_per_s", "runs_tokens_per_s", "runs_other_cores")}}
+    details = {k: v for k, v in best.items() if k not in ("tokens_per_s", "other_cores")}
+    return {**best_of(engine, workload, [r["tokens_per_s"] for r in runs], [r["other_cores"] for r in runs]),
+            **details}
 
 
 def _config(args: argparse.Namespace, model_path: pathlib.Path) -> dict[str, Any]:
