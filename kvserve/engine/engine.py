@@ -18,6 +18,7 @@ from kvserve.engine.scheduler import Scheduler
 from kvserve.kv.kv_cache import available_memory_bytes, residual_bytes_per_slot
 from kvserve.kv.kv_manager import KVCacheManager
 from kvserve.kv.kv_spec import KVCacheSpec, bytes_per_block, bytes_per_token
+from kvserve.layers import onednn
 from kvserve.layers.host_blas import set_blas_threads
 from kvserve.loader.weights import open_model
 from kvserve.models.registry import build_model
@@ -93,6 +94,9 @@ class Engine:
         if self.device.type == "cpu" and config.torch_dtype == torch.float32:
             self.runner.cpu_blas_max_tokens = config.cpu_blas_max_tokens
         self.runner.load_weights(source, config.torch_dtype, show_progress)
+        if (self.device.type == "cpu" and config.torch_dtype == torch.float32 and config.cpu_packed_weights
+                and onednn.available()):
+            self.runner.pack_weights_for_onednn()
         if config.kv_window and not model.supports_kv_window:
             raise ValueError(f"kv_window is not supported for {self.model_config.architecture}")
         block_size = config.cache_block_size

@@ -4,8 +4,8 @@ Why: on the 2-core CPU this engine is tuned on, OpenBLAS's float32 GEMV streams 
 torch's MKL reaches ~18 GB/s (30 SmolLM2 layers: 15.5 vs 25.5 ms per token). But the two libraries keep
 separate thread pools whose idle workers spin: with both at 2 threads on 2 cores, a decode step ran ~6x
 slower. So a step on this path runs torch's own ops on one thread and leaves the cores to OpenBLAS.
-That pays while those ops are small: decode steps of 4 and 8 requests ran 1.2-1.45x faster, at 16 the
-single-threaded attention cancelled the gain, and prefill lost 25%. Hence `cpu_blas_max_tokens` (8).
+That pays while those ops are small. With oneDNN-packed weights (layers/onednn.py) taking every step of
+two or more rows, only batch-1 decode is left here: `cpu_blas_max_tokens` defaults to 1.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvserve.layers import host_blas
+from kvserve.layers import host_blas, onednn
 
 # Row counts for which the transposed product wins (measured on the 2-core CPU, 30 SmolLM2-sized layers).
 _SKINNY_ROWS = (8, 64)
@@ -17,17 +17,22 @@ class Linear(nn.Module):
     With one token per request the matmul is a matrix-vector product bound by reading W. Streaming
     the rows of W^T (an axpy per input feature) ran about 1.45x faster than F.linear's dot products
     over the rows of W on the 2-core CPU (a microbenchmark of 30 SmolLM2-sized layers, cold cache).
+    On a float32 CPU model, `pack_for_onednn` adds a second copy of W in oneDNN's layout for steps of
+    several rows (see layers/onednn.py); single rows keep the plain weight.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight_t = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None  # W in oneDNN's blocked layout, float32 CPU only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out]."""
         if host_blas.takes(x):
             y = host_blas.matmul(x, self.weight_t)
+        elif self.packed is not None and x.shape[0] > 1:
+            return onednn.linear(x, self.packed, self.bias)
         elif _SKINNY_ROWS[0] < x.shape[0] <= _SKINNY_ROWS[1]:
             # A batch of decodes: MKL runs W @ x^T (out features as the long side) about 1.4x faster
             # than x @ W^T for 9-64 rows (slower from ~96 on); the transposes are views, the copy is [T, out].
@@ -35,6 +40,11 @@ class Linear(nn.Module):
         else:
             y = x @ self.weight_t
         return y if self.bias is None else y.add_(self.bias)
+
+    def pack_for_onednn(self) -> int:
+        """Keep a oneDNN-packed copy of the weight (call after loading); returns its bytes."""
+        self.packed = onednn.pack(self.weight_t)
+        return self.packed.numel() * self.packed.element_size()
 
     def load_weight(self, weight: torch.Tensor, rows: slice | None = None) -> None:
         """Copy a checkpoint weight [out, in] (or the `rows` of a fused output) into place."""

@@ -112,12 +112,14 @@ def test_forced_preemption_matches(prompts, expected):
     assert small.stats().kv_blocks_used == 0
 
 
-def test_torch_only_matmuls_match(prompts, expected, monkeypatch):
-    """cpu_blas_max_tokens=0 (every matmul on torch) gives the default's tokens (decode matmuls on OpenBLAS)."""
-    from kvserve.layers import host_blas
+def test_plain_torch_matmuls_match(prompts, expected, monkeypatch):
+    """Without OpenBLAS (batch-1 decode) and without oneDNN-packed weights (steps of several rows), every
+    matmul runs on torch: the same tokens as the default's, for the prompts batched together."""
+    from kvserve.layers import host_blas, onednn
 
-    calls = []
-    monkeypatch.setattr(host_blas, "matmul", lambda *args: calls.append(1))  # would break the run if called
-    torch_only = LLM(kv_cache_memory=64 * 2**20, cpu_blas_max_tokens=0, show_progress=False)
-    assert generate_ids(torch_only, prompts) == expected
+    calls = []  # the stand-ins would break the run if called
+    monkeypatch.setattr(host_blas, "matmul", lambda *args: calls.append("openblas"))
+    monkeypatch.setattr(onednn, "linear", lambda *args: calls.append("onednn"))
+    plain = LLM(kv_cache_memory=64 * 2**20, cpu_blas_max_tokens=0, cpu_packed_weights=False, show_progress=False)
+    assert generate_ids(plain, prompts) == expected
     assert not calls

@@ -1,4 +1,5 @@
-"""CPU host tuning: small steps take numpy's OpenBLAS with torch single-threaded; glibc keeps freed memory."""
+"""CPU host tuning: batch-1 decode takes numpy's OpenBLAS with torch single-threaded, steps of several rows take
+oneDNN-packed weights, and glibc keeps freed memory."""
 
 import sys
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.layers import host_blas
+from kvserve.layers import host_blas, onednn
+from kvserve.layers.linear import Linear
 from kvserve.runner.host_malloc import keep_freed_memory
 
 
@@ -16,7 +18,7 @@ def llm() -> LLM:
 
 
 def test_small_steps_use_openblas_single_threaded_torch_and_restore_threads(llm, monkeypatch):
-    """Prefill (20 tokens > 8) runs on torch; each decode step on OpenBLAS while torch has one thread."""
+    """Prefill (20 tokens) runs on torch; each decode step on OpenBLAS while torch has one thread."""
     torch.set_num_threads(2)
     real = host_blas.matmul
     steps: list[tuple[int, int]] = []  # (rows, torch threads) per OpenBLAS matmul
@@ -32,6 +34,41 @@ def test_small_steps_use_openblas_single_threaded_torch_and_restore_threads(llm,
     # 3 decode steps x (4 matmuls per layer + the LM head), each a single row with torch on one thread.
     assert steps == [(1, 1)] * (3 * (4 * layers + 1))
     assert torch.get_num_threads() == 2
+
+
+def test_steps_of_several_rows_use_the_packed_weights(llm, monkeypatch):
+    """Two 20-token prompts: one 40-token prefill step (2 rows reach the LM head), then two 2-row decode steps."""
+    real = onednn.linear
+    rows: list[int] = []
+
+    def spy(x, packed, bias):
+        rows.append(x.shape[0])
+        return real(x, packed, bias)
+
+    monkeypatch.setattr(onednn, "linear", spy)
+    llm.generate([{"prompt_token_ids": list(range(300, 320))}, {"prompt_token_ids": list(range(400, 420))}],
+                 SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    layers = llm.engine.model_config.num_layers
+    assert sorted(rows) == sorted([40] * 4 * layers + [2] * (1 + 2 * (4 * layers + 1)))
+
+
+def test_packed_copies_are_counted_in_model_memory(llm):
+    linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
+    assert all(m.packed is not None for m in linears)
+    plain = sum(m.weight_t.numel() * 4 for m in linears)
+    assert llm.engine.runner.packed_weight_bytes == plain
+    assert llm.stats().model_bytes > 2 * plain - llm.engine.runner.model.lm_head.weight_t.numel() * 4
+
+
+def test_packed_linear_matches_the_plain_one_within_rounding():
+    layer = Linear(64, 96, bias=True)
+    torch.nn.init.normal_(layer.weight_t)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(5, 64)
+    plain = layer(x)
+    layer.pack_for_onednn()
+    torch.testing.assert_close(layer(x), plain)
+    torch.testing.assert_close(layer(x[:1]), plain[:1])  # one row: the plain weight
 
 
 def test_matmul_matches_torch_within_rounding():
