@@ -75,6 +75,7 @@ class AttentionMetadata:
     prefills: list[PrefillSeq]
     int4: Int4WritePlan | None = None  # set when the cache is int4
     window: WindowMetadata | None = None  # set when the engine runs with sinks + a sliding window
+    decode_seq_lens: torch.Tensor | None = None  # [num_decodes] long: each decode's position + 1 (set by the runner)
 
 
 class AttentionBackend(Protocol):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from kvserve.attention.backend import AttentionMetadata, Int4WritePlan, PrefillSeq, ResidualTails, WindowMetadata
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_quant import codes_as, dequantize, dequantize_int4, quantize, quantize_int4
+
+# (query [B, Hq, D], cache, metadata, scale) -> [B, Hq, D]: attention of the step's single-token queries.
+DecodeAttention = Callable[[torch.Tensor, LayerKVCache, AttentionMetadata, float], torch.Tensor]
 
 # Quantized caches are attended this many tokens at a time, so only one segment is ever dequantized
 # (fewer, larger segments: each one costs a few small ops per layer).
@@ -106,8 +111,11 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
 
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
-                    metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Write K/V to the cache, then attend: query [T, Hq, D] -> output [T, Hq, D]."""
+                    metadata: AttentionMetadata, scale: float, decode: DecodeAttention | None = None) -> torch.Tensor:
+    """Write K/V to the cache, then attend: query [T, Hq, D] -> output [T, Hq, D].
+
+    `decode` replaces this module's batched single-token attention (a compiled backend's kernel).
+    """
     if cache.is_int4:
         write_kv_int4(key, value, cache, metadata.int4)
     else:
@@ -115,7 +123,7 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     output = torch.empty_like(query)
     window = metadata.window
     if metadata.num_decodes:
-        output[:metadata.num_decodes] = _decode(query[:metadata.num_decodes], cache, metadata, scale)
+        output[:metadata.num_decodes] = (decode or _decode)(query[:metadata.num_decodes], cache, metadata, scale)
     for seq in metadata.prefills:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
         if window is None:

@@ -203,7 +203,8 @@ class ModelRunner:
                                               torch.full(((max_blocks - len(indices)) * size,), far, device=device)])
                                    for _, indices in held]) if held else torch.zeros(0, 0, dtype=torch.long)
             mask = window_visible(key_pos, query_pos[:, None], self.window, self.num_sinks)[:, 0]
-        return {"decode_block_tables": block_tables, "decode_mask": mask[:, None, None, :]}
+        return {"decode_block_tables": block_tables, "decode_mask": mask[:, None, None, :],
+                "decode_seq_lens": query_pos + 1}
 
     def _window_metadata(self, positions: torch.Tensor, num_decodes: int) -> WindowMetadata:
         """Each query's rotation back to the sink-query position S + W - 1 (see WindowMetadata)."""

@@ -240,7 +240,10 @@ def fresh_selection() -> Iterator[None]:
 def test_selector_honours_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     monkeypatch.delenv("KVSERVE_ATTENTION", raising=False)
-    assert select_attention(cpu) is torch_ref.paged_attention
+    from kvserve.attention import cpu_native  # auto on CPU: the compiled decode kernel where it builds
+
+    assert select_attention(cpu) is (cpu_native.paged_attention if cpu_native.available() else
+                                     torch_ref.paged_attention)
     select_attention.cache_clear()
     monkeypatch.setenv("KVSERVE_ATTENTION", "torch")
     assert select_attention(cpu) is torch_ref.paged_attention

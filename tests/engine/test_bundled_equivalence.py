@@ -112,14 +112,34 @@ def test_forced_preemption_matches(prompts, expected):
     assert small.stats().kv_blocks_used == 0
 
 
-def test_plain_torch_matmuls_match(prompts, expected, monkeypatch):
-    """Without OpenBLAS (batch-1 decode) and without oneDNN-packed weights (steps of several rows), every
-    matmul runs on torch: the same tokens as the default's, for the prompts batched together."""
+def test_plain_torch_path_matches(prompts, expected, monkeypatch):
+    """Every matmul on torch (no OpenBLAS for batch-1 decode, no oneDNN-packed weights for steps of several rows)
+    and torch_ref's attention instead of the compiled decode kernel: the default's tokens, prompts batched."""
+    from kvserve.attention import cpu_native
+    from kvserve.attention.selector import select_attention
     from kvserve.layers import host_blas, onednn
 
     calls = []  # the stand-ins would break the run if called
     monkeypatch.setattr(host_blas, "matmul", lambda *args: calls.append("openblas"))
     monkeypatch.setattr(onednn, "linear", lambda *args: calls.append("onednn"))
-    plain = LLM(kv_cache_memory=64 * 2**20, cpu_blas_max_tokens=0, cpu_packed_weights=False, show_progress=False)
-    assert generate_ids(plain, prompts) == expected
+    monkeypatch.setattr(cpu_native, "decode", lambda *args: calls.append("cpu_native"))
+    monkeypatch.setenv("KVSERVE_ATTENTION", "torch")
+    select_attention.cache_clear()
+    try:
+        plain = LLM(kv_cache_memory=64 * 2**20, cpu_blas_max_tokens=0, cpu_packed_weights=False, show_progress=False)
+        assert generate_ids(plain, prompts) == expected
+    finally:
+        select_attention.cache_clear()
     assert not calls
+
+
+def test_default_decodes_run_on_the_compiled_kernel(llm, prompts, monkeypatch):
+    from kvserve.attention import cpu_native
+
+    if not cpu_native.available():
+        pytest.skip("no C compiler: the kernel could not be built")
+    rows: list[int] = []
+    real = cpu_native.decode
+    monkeypatch.setattr(cpu_native, "decode", lambda q, *rest: rows.append(q.shape[0]) or real(q, *rest))
+    generate_ids(llm, prompts[:2], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert rows == [2] * 2 * llm.engine.model_config.num_layers
