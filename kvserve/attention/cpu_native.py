@@ -1,79 +1,35 @@
-"""CPU paged attention with a compiled decode kernel (cpu_paged_decode.c); prefill and the rest stay on torch_ref.
+"""CPU paged attention with a compiled decode kernel (native/paged_decode.c); prefill and the rest stay on torch_ref.
 
 Why: a batched decode step on torch copies every sequence's blocks into a padded tensor, then SDPA reads the
 copy again, so the KV cache is streamed about three times per layer. The C kernel reads each block once, in
-place, and only up to each sequence's own length. It is compiled on first use with the system C compiler
-(`-O3 -march=native -fopenmp`, cached under ~/.cache/kvserve); without a compiler the engine stays on torch.
-It runs on torch's OpenMP thread pool: the library is linked against libgomp, which torch has already loaded.
+place, and only up to each sequence's own length (64 decodes of 150-400 tokens, 3 of 9 heads, from a cold
+cache: 1.1-1.5 vs 8-9 ms per layer on the 2-core CPU). Built on first use (kvserve.native); without a
+compiler the engine stays on torch.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import torch
 
+from kvserve import native
 from kvserve.attention import torch_ref
 from kvserve.attention.backend import AttentionMetadata
 from kvserve.kv.kv_cache import LayerKVCache
 
-logger = logging.getLogger(__name__)
-
-SOURCE = pathlib.Path(__file__).with_name("cpu_paged_decode.c")
-# Reassociation lets gcc vectorize the dot products; no -ffast-math, whose startup code would switch the
-# whole process to flush-to-zero.
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-          "-fno-trapping-math", "-shared", "-fPIC")
 _INT64 = ctypes.c_int64
-
-
-def _cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("KVSERVE_CACHE_DIR") or pathlib.Path.home() / ".cache" / "kvserve")
 
 
 @functools.cache
 def load_kernel() -> ctypes.CDLL | None:
-    """The compiled kernel library (built once per source, flags and machine), or None if it cannot be built."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        logger.warning("no C compiler found: CPU decode attention stays on torch")
-        return None
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(_FLAGS).encode() + platform.machine().encode()).hexdigest()[:16]
-    library = _cache_dir() / f"cpu_paged_decode-{digest}.so"
-    if not library.exists():
-        try:
-            _compile(compiler, library)
-        except (OSError, subprocess.CalledProcessError) as error:
-            details = getattr(error, "stderr", "") or error
-            logger.warning("building %s failed, CPU decode attention stays on torch: %s", SOURCE.name, details)
-            return None
-    kernel = ctypes.CDLL(str(library))
-    kernel.paged_decode_f32.restype = ctypes.c_int
-    kernel.paged_decode_f32.argtypes = [ctypes.c_void_p] * 6 + [_INT64] * 6 + [ctypes.c_float]
+    """The compiled kernel library with its signature set, or None if it cannot be built here."""
+    kernel = native.load("paged_decode")
+    if kernel is not None:
+        kernel.paged_decode_f32.restype = ctypes.c_int
+        kernel.paged_decode_f32.argtypes = [ctypes.c_void_p] * 6 + [_INT64] * 6 + [ctypes.c_float]
     return kernel
-
-
-def _compile(compiler: str, library: pathlib.Path) -> None:
-    """Compile to a temporary name, then rename: concurrent builders never load a half-written file."""
-    library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as tmp:
-        partial = pathlib.Path(tmp.name)
-    try:
-        subprocess.run([compiler, *_FLAGS, "-o", str(partial), str(SOURCE)], check=True, capture_output=True,
-                       text=True, timeout=120)
-        os.replace(partial, library)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def available() -> bool:

@@ -54,5 +54,5 @@ def _cpu_backend(required: bool) -> PagedAttention:
         return cpu_native.paged_attention
     if required:
         raise ValueError("KVSERVE_ATTENTION=cpu needs a C compiler with OpenMP (cc, or $CC) to build "
-                         f"{cpu_native.SOURCE.name}")
+                         "kvserve/native/paged_decode.c")
     return torch_ref.paged_attention

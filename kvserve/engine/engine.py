@@ -18,7 +18,7 @@ from kvserve.engine.scheduler import Scheduler
 from kvserve.kv.kv_cache import available_memory_bytes, residual_bytes_per_slot
 from kvserve.kv.kv_manager import KVCacheManager
 from kvserve.kv.kv_spec import KVCacheSpec, bytes_per_block, bytes_per_token
-from kvserve.layers import onednn
+from kvserve.layers import native_gemv, onednn
 from kvserve.layers.host_blas import set_blas_threads
 from kvserve.loader.weights import open_model
 from kvserve.models.registry import build_model
@@ -91,12 +91,9 @@ class Engine:
         max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, 8192)
         model = build_model(self.model_config, max_model_len).to(self.device, config.torch_dtype)
         self.runner = ModelRunner(model, self.device, config.seed)
-        if self.device.type == "cpu" and config.torch_dtype == torch.float32:
-            self.runner.cpu_blas_max_tokens = config.cpu_blas_max_tokens
         self.runner.load_weights(source, config.torch_dtype, show_progress)
-        if (self.device.type == "cpu" and config.torch_dtype == torch.float32 and config.cpu_packed_weights
-                and onednn.available()):
-            self.runner.pack_weights_for_onednn()
+        if self.device.type == "cpu" and config.torch_dtype == torch.float32:
+            self._tune_cpu_linears(config)
         if config.kv_window and not model.supports_kv_window:
             raise ValueError(f"kv_window is not supported for {self.model_config.architecture}")
         block_size = config.cache_block_size
@@ -150,6 +147,13 @@ class Engine:
                              f"{config.kv_window} with kv_sinks={config.kv_sinks} and max_num_batched_tokens="
                              f"{config.max_num_batched_tokens} needs {per_request} blocks per request")
         return num_blocks
+
+    def _tune_cpu_linears(self, config: EngineConfig) -> None:
+        """Float32 CPU: oneDNN-packed weights for steps of several rows; batch-1 decode on the compiled GEMV, or
+        on numpy's OpenBLAS (steps of up to cpu_blas_max_tokens) where no C compiler can build it."""
+        use_native_gemv = config.cpu_native_gemv and native_gemv.available()
+        self.runner.prepare_cpu_linears(config.cpu_packed_weights and onednn.available(), use_native_gemv)
+        self.runner.cpu_blas_max_tokens = 0 if use_native_gemv else config.cpu_blas_max_tokens
 
     def _kv_budget(self, specs: list[KVCacheSpec], max_model_len: int) -> int:
         """KV-cache bytes: kv_cache_memory if set; on CUDA what gpu_memory_utilization leaves after a

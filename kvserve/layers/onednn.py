@@ -4,7 +4,8 @@ Why: a batch of decodes is a skinny matmul (2-64 rows against a 576 x 3072 weigh
 weight on every call, so those steps ran near GEMV speed per row. A weight packed once at load time
 lets oneDNN's kernels stream it as is: 30 SmolLM2 layers (2-core CPU, cold cache) took 26 vs 45 ms at
 16 rows, 75-80 vs 98-107 ms at 64, and 538 vs 598-719 ms at 512 (the best of torch and numpy). At one
-row numpy's OpenBLAS GEMV stays faster (17 vs 21 ms), which is why `Linear` keeps its plain weight too.
+row numpy's OpenBLAS GEMV stays faster (17 vs 21 ms), and the compiled GEMV faster still, which is why
+`Linear` keeps its plain weight too.
 """
 
 from __future__ import annotations

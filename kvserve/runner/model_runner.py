@@ -53,10 +53,14 @@ class ModelRunner:
         with torch.no_grad():
             self.model.load_weights((name, t.to(self.device)) for name, t in weights)
 
-    def pack_weights_for_onednn(self) -> None:
-        """Float32 CPU: give every Linear a oneDNN-packed copy of its weight (faster steps of several rows)."""
-        self.packed_weight_bytes = sum(module.pack_for_onednn() for module in self.model.modules()
-                                       if isinstance(module, Linear))
+    def prepare_cpu_linears(self, pack_for_onednn: bool, use_native_gemv: bool) -> None:
+        """Float32 CPU: give every Linear a oneDNN-packed copy of its weight (faster steps of several rows) and/or
+        route its one-row inputs to the compiled GEMV."""
+        linears = [module for module in self.model.modules() if isinstance(module, Linear)]
+        if pack_for_onednn:
+            self.packed_weight_bytes = sum(module.pack_for_onednn() for module in linears)
+        for module in linears:
+            module.use_native_gemv = use_native_gemv
 
     @property
     def model_bytes(self) -> int:

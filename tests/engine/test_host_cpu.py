@@ -1,5 +1,5 @@
-"""CPU host tuning: batch-1 decode takes numpy's OpenBLAS with torch single-threaded, steps of several rows take
-oneDNN-packed weights, and glibc keeps freed memory."""
+"""CPU host tuning: batch-1 decode takes the compiled GEMV (or, without it, numpy's OpenBLAS with torch
+single-threaded), steps of several rows take oneDNN-packed weights, and glibc keeps freed memory."""
 
 import sys
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.layers import host_blas, onednn
+from kvserve.layers import host_blas, native_gemv, onednn
 from kvserve.layers.linear import Linear
 from kvserve.runner.host_malloc import keep_freed_memory
 
@@ -17,8 +17,38 @@ def llm() -> LLM:
     return LLM(kv_cache_memory=16 * 2**20, max_num_batched_tokens=64, show_progress=False)
 
 
-def test_small_steps_use_openblas_single_threaded_torch_and_restore_threads(llm, monkeypatch):
+def test_batch_1_decode_uses_the_compiled_gemv_with_torchs_threads(llm, monkeypatch):
+    if not native_gemv.available():
+        pytest.skip("no C compiler: the GEMV could not be built")
+    torch.set_num_threads(2)
+    real = native_gemv.gemv
+    steps: list[tuple[int, int]] = []  # (rows, torch threads) per GEMV
+
+    def spy(x, weight_t):
+        steps.append((x.shape[0], torch.get_num_threads()))
+        return real(x, weight_t)
+
+    monkeypatch.setattr(native_gemv, "gemv", spy)
+    monkeypatch.setattr(host_blas, "matmul", lambda *args: pytest.fail("OpenBLAS used beside the GEMV"))
+    llm.generate([{"prompt_token_ids": list(range(500, 520))}],
+                 SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    layers = llm.engine.model_config.num_layers
+    # The prefill's one LM-head row, then 3 decode steps x (4 matmuls per layer + the LM head): single rows, torch
+    # keeping its 2 threads.
+    assert steps == [(1, 2)] * (1 + 3 * (4 * layers + 1))
+
+
+def test_gemv_matches_torch_within_rounding():
+    if not native_gemv.available():
+        pytest.skip("no C compiler: the GEMV could not be built")
+    for num_in, num_out in ((64, 96), (7, 5), (1536, 576)):  # row counts that are and are not multiples of 4
+        x, weight_t = torch.randn(1, num_in), torch.randn(num_in, num_out)
+        torch.testing.assert_close(native_gemv.gemv(x, weight_t), x @ weight_t, atol=1e-4, rtol=1e-5)
+
+
+def test_without_the_gemv_small_steps_use_openblas_single_threaded_torch(monkeypatch):
     """Prefill (20 tokens) runs on torch; each decode step on OpenBLAS while torch has one thread."""
+    llm = LLM(kv_cache_memory=16 * 2**20, max_num_batched_tokens=64, cpu_native_gemv=False, show_progress=False)
     torch.set_num_threads(2)
     real = host_blas.matmul
     steps: list[tuple[int, int]] = []  # (rows, torch threads) per OpenBLAS matmul

@@ -2,7 +2,7 @@
  *
  * The pure-torch path copies every sequence's blocks into a padded [B, L, Hkv, D] tensor before SDPA
  * reads them again; here each sequence's task walks its block table and reads each key and value row
- * once, up to its own length. The threads share the sequences. Built by cpu_native.py.
+ * once, up to its own length. The threads share the sequences. Used by attention/cpu_native.py.
  *
  * query, out  [num_seqs, num_kv_heads * group, head_dim]   (query head h * group + g uses KV head h)
  * key, value  [num_blocks, block_size, num_kv_heads, head_dim]

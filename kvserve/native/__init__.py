@@ -1,0 +1,67 @@
+"""Small C kernels for the CPU, compiled on first use with the system compiler and loaded with ctypes.
+
+Each `<name>.c` here is built alone (`-O3 -march=native -fopenmp`) into ~/.cache/kvserve (or
+$KVSERVE_CACHE_DIR), named by a hash of its source, the flags and the machine, so an edit or another CPU
+architecture builds anew. The libraries link libgomp, which torch has already loaded, so their OpenMP
+loops run on torch's thread pool and follow torch.set_num_threads. Without a compiler (or if a build
+fails) `load` returns None and callers keep their torch path; the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = pathlib.Path(__file__).parent
+# Reassociation lets gcc vectorize the reductions; no -ffast-math, whose startup code would switch the whole
+# process to flush-to-zero.
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+         "-fno-trapping-math", "-shared", "-fPIC")
+
+
+def cache_dir() -> pathlib.Path:
+    """Where built libraries are kept."""
+    return pathlib.Path(os.environ.get("KVSERVE_CACHE_DIR") or pathlib.Path.home() / ".cache" / "kvserve")
+
+
+@functools.cache
+def load(name: str) -> ctypes.CDLL | None:
+    """The library built from `<name>.c`, or None if it cannot be built here."""
+    source = SOURCE_DIR / f"{name}.c"
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        logger.warning("no C compiler found: %s.c is not built, its callers stay on torch", name)
+        return None
+    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + platform.machine().encode())
+    library = cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
+    if not library.exists():
+        try:
+            _compile(compiler, source, library)
+        except (OSError, subprocess.CalledProcessError) as error:
+            details = getattr(error, "stderr", "") or error
+            logger.warning("building %s failed, its callers stay on torch: %s", source.name, details)
+            return None
+    return ctypes.CDLL(str(library))
+
+
+def _compile(compiler: str, source: pathlib.Path, library: pathlib.Path) -> None:
+    """Compile to a temporary name, then rename: concurrent builders never load a half-written file."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as tmp:
+        partial = pathlib.Path(tmp.name)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", str(partial), str(source)], check=True, capture_output=True,
+                       text=True, timeout=120)
+        os.replace(partial, library)
+    finally:
+        partial.unlink(missing_ok=True)
