@@ -115,9 +115,9 @@ class EngineConfig:
         "help": "split long prompts across steps, sharing them with decodes"})
     seed: int = field(default=0, metadata={"help": "seed of unseeded random sampling"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
-    cpu_native_gemv: bool = field(default=True, metadata={
-        "help": "CPU float32: batch-1 decode matmuls on kvserve's compiled GEMV (built on first use with the "
-                "system C compiler); without one, or when off, cpu_blas_max_tokens applies"})
+    cpu_native_kernels: bool = field(default=True, metadata={
+        "help": "CPU float32: batch-1 decode matmuls and RMSNorm on kvserve's compiled kernels (built on first use "
+                "with the system C compiler); without one, or when off, cpu_blas_max_tokens applies"})
     cpu_blas_max_tokens: int = field(default=1, metadata={
         "help": "CPU float32 without the compiled GEMV: steps of up to this many tokens run their matmuls on "
                 "numpy's OpenBLAS with torch single-threaded (faster than MKL's GEMV for batch-1 decode); 0: off"})

@@ -18,7 +18,7 @@ from kvserve.engine.scheduler import Scheduler
 from kvserve.kv.kv_cache import available_memory_bytes, residual_bytes_per_slot
 from kvserve.kv.kv_manager import KVCacheManager
 from kvserve.kv.kv_spec import KVCacheSpec, bytes_per_block, bytes_per_token
-from kvserve.layers import native_gemv, onednn
+from kvserve.layers import native_ops, onednn
 from kvserve.layers.host_blas import set_blas_threads
 from kvserve.loader.weights import open_model
 from kvserve.models.registry import build_model
@@ -149,11 +149,12 @@ class Engine:
         return num_blocks
 
     def _tune_cpu_linears(self, config: EngineConfig) -> None:
-        """Float32 CPU: oneDNN-packed weights for steps of several rows; batch-1 decode on the compiled GEMV, or
-        on numpy's OpenBLAS (steps of up to cpu_blas_max_tokens) where no C compiler can build it."""
-        use_native_gemv = config.cpu_native_gemv and native_gemv.available()
-        self.runner.prepare_cpu_linears(config.cpu_packed_weights and onednn.available(), use_native_gemv)
-        self.runner.cpu_blas_max_tokens = 0 if use_native_gemv else config.cpu_blas_max_tokens
+        """Float32 CPU: oneDNN-packed weights for steps of several rows; batch-1 decode matmuls and RMSNorm on the
+        compiled kernels, or the matmuls on numpy's OpenBLAS (steps of up to cpu_blas_max_tokens) where no C
+        compiler can build them."""
+        use_native_ops = config.cpu_native_kernels and native_ops.available()
+        self.runner.prepare_cpu_layers(config.cpu_packed_weights and onednn.available(), use_native_ops)
+        self.runner.cpu_blas_max_tokens = 0 if use_native_ops else config.cpu_blas_max_tokens
 
     def _kv_budget(self, specs: list[KVCacheSpec], max_model_len: int) -> int:
         """KV-cache bytes: kv_cache_memory if set; on CUDA what gpu_memory_utilization leaves after a

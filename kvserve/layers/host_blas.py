@@ -6,7 +6,7 @@ separate thread pools whose idle workers spin: with both at 2 threads on 2 cores
 slower. So a step on this path runs torch's own ops on one thread and leaves the cores to OpenBLAS.
 That pays while those ops are small. With oneDNN-packed weights (layers/onednn.py) taking every step of
 two or more rows, only batch-1 decode is left here (`cpu_blas_max_tokens` 1), and only as the fallback for
-when kvserve's compiled GEMV (layers/native_gemv.py, ~20% faster) cannot be built.
+when kvserve's compiled GEMV (layers/native_ops.py, ~20% faster) cannot be built.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvserve.layers import host_blas, native_gemv, onednn
+from kvserve.layers import host_blas, native_ops, onednn
 
 # Row counts for which the transposed product wins (measured on the 2-core CPU, 30 SmolLM2-sized layers).
 _SKINNY_ROWS = (8, 64)
@@ -19,7 +19,7 @@ class Linear(nn.Module):
     over the rows of W on the 2-core CPU (a microbenchmark of 30 SmolLM2-sized layers, cold cache).
     On a float32 CPU model, `pack_for_onednn` adds a second copy of W in oneDNN's layout for steps of
     several rows (see layers/onednn.py); single rows read the plain weight, on kvserve's compiled GEMV when
-    `use_native_gemv` is set (layers/native_gemv.py).
+    `use_native_gemv` is set (layers/native_ops.py).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -27,12 +27,12 @@ class Linear(nn.Module):
         self.weight_t = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None  # W in oneDNN's blocked layout, float32 CPU only
-        self.use_native_gemv = False  # float32 CPU only: one-row inputs go to native_gemv
+        self.use_native_gemv = False  # float32 CPU only: one-row inputs go to native_ops.gemv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out]."""
         if self.use_native_gemv and x.shape[0] == 1 and x.dim() == 2:
-            y = native_gemv.gemv(x, self.weight_t)
+            y = native_ops.gemv(x, self.weight_t)
         elif host_blas.takes(x):
             y = host_blas.matmul(x, self.weight_t)
         elif self.packed is not None and x.shape[0] > 1:

@@ -15,6 +15,7 @@ from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.layers.host_blas import host_blas_step
 from kvserve.layers.linear import Linear
+from kvserve.layers.norm import RMSNorm
 from kvserve.loader.weights import ModelSource
 from kvserve.runner.cache_plans import (
     ResidualSlots,
@@ -53,14 +54,17 @@ class ModelRunner:
         with torch.no_grad():
             self.model.load_weights((name, t.to(self.device)) for name, t in weights)
 
-    def prepare_cpu_linears(self, pack_for_onednn: bool, use_native_gemv: bool) -> None:
+    def prepare_cpu_layers(self, pack_for_onednn: bool, use_native_ops: bool) -> None:
         """Float32 CPU: give every Linear a oneDNN-packed copy of its weight (faster steps of several rows) and/or
-        route its one-row inputs to the compiled GEMV."""
+        route one-row matmuls and every RMSNorm to the compiled kernels (layers/native_ops.py)."""
         linears = [module for module in self.model.modules() if isinstance(module, Linear)]
         if pack_for_onednn:
             self.packed_weight_bytes = sum(module.pack_for_onednn() for module in linears)
         for module in linears:
-            module.use_native_gemv = use_native_gemv
+            module.use_native_gemv = use_native_ops
+        for module in self.model.modules():
+            if isinstance(module, RMSNorm):
+                module.use_native = use_native_ops
 
     @property
     def model_bytes(self) -> int:

@@ -113,23 +113,24 @@ def test_forced_preemption_matches(prompts, expected):
 
 
 def test_plain_torch_path_matches(prompts, expected, monkeypatch):
-    """Every matmul on torch (no compiled GEMV or OpenBLAS for batch-1 decode, no oneDNN-packed weights for steps
-    of several rows) and torch_ref's attention instead of the compiled decode kernel: the default's tokens, for the
-    prompts batched together."""
+    """Every matmul and norm on torch (no compiled GEMV, RMSNorm or OpenBLAS for batch-1 decode, no oneDNN-packed
+    weights for steps of several rows) and torch_ref's attention instead of the compiled decode kernel: the
+    default's tokens, for the prompts batched together."""
     from kvserve.attention import cpu_native
     from kvserve.attention.selector import select_attention
-    from kvserve.layers import host_blas, native_gemv, onednn
+    from kvserve.layers import host_blas, native_ops, onednn
 
     calls = []  # the stand-ins would break the run if called
     monkeypatch.setattr(host_blas, "matmul", lambda *args: calls.append("openblas"))
     monkeypatch.setattr(onednn, "linear", lambda *args: calls.append("onednn"))
-    monkeypatch.setattr(native_gemv, "gemv", lambda *args: calls.append("gemv"))
+    monkeypatch.setattr(native_ops, "gemv", lambda *args: calls.append("gemv"))
+    monkeypatch.setattr(native_ops, "rms_norm", lambda *args: calls.append("rms_norm"))
     monkeypatch.setattr(cpu_native, "decode", lambda *args: calls.append("cpu_native"))
     monkeypatch.setenv("KVSERVE_ATTENTION", "torch")
     select_attention.cache_clear()
     try:
-        plain = LLM(kv_cache_memory=64 * 2**20, cpu_native_gemv=False, cpu_blas_max_tokens=0, cpu_packed_weights=False,
-                    show_progress=False)
+        plain = LLM(kv_cache_memory=64 * 2**20, cpu_native_kernels=False, cpu_blas_max_tokens=0,
+                    cpu_packed_weights=False, show_progress=False)
         assert generate_ids(plain, prompts) == expected
     finally:
         select_attention.cache_clear()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.layers import host_blas, native_gemv, onednn
+from kvserve.layers import host_blas, native_ops, onednn
 from kvserve.layers.linear import Linear
 from kvserve.runner.host_malloc import keep_freed_memory
 
@@ -18,17 +18,17 @@ def llm() -> LLM:
 
 
 def test_batch_1_decode_uses_the_compiled_gemv_with_torchs_threads(llm, monkeypatch):
-    if not native_gemv.available():
+    if not native_ops.available():
         pytest.skip("no C compiler: the GEMV could not be built")
     torch.set_num_threads(2)
-    real = native_gemv.gemv
+    real = native_ops.gemv
     steps: list[tuple[int, int]] = []  # (rows, torch threads) per GEMV
 
     def spy(x, weight_t):
         steps.append((x.shape[0], torch.get_num_threads()))
         return real(x, weight_t)
 
-    monkeypatch.setattr(native_gemv, "gemv", spy)
+    monkeypatch.setattr(native_ops, "gemv", spy)
     monkeypatch.setattr(host_blas, "matmul", lambda *args: pytest.fail("OpenBLAS used beside the GEMV"))
     llm.generate([{"prompt_token_ids": list(range(500, 520))}],
                  SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -39,16 +39,34 @@ def test_batch_1_decode_uses_the_compiled_gemv_with_torchs_threads(llm, monkeypa
 
 
 def test_gemv_matches_torch_within_rounding():
-    if not native_gemv.available():
-        pytest.skip("no C compiler: the GEMV could not be built")
+    if not native_ops.available():
+        pytest.skip("no C compiler: the kernels could not be built")
     for num_in, num_out in ((64, 96), (7, 5), (1536, 576)):  # row counts that are and are not multiples of 4
         x, weight_t = torch.randn(1, num_in), torch.randn(num_in, num_out)
-        torch.testing.assert_close(native_gemv.gemv(x, weight_t), x @ weight_t, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(native_ops.gemv(x, weight_t), x @ weight_t, atol=1e-4, rtol=1e-5)
+
+
+def test_rms_norm_matches_torch_within_rounding():
+    if not native_ops.available():
+        pytest.skip("no C compiler: the kernels could not be built")
+    weight = torch.randn(576)
+    for rows in (0, 1, 7, 300):  # 300 x 576 rows run on several threads
+        x = torch.randn(rows, 576) * 3
+        expected = torch.nn.functional.rms_norm(x, (576,), weight, 1e-5)
+        torch.testing.assert_close(native_ops.rms_norm(x, weight, 1e-5), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_native_kernels_are_set_on_every_linear_and_norm(llm):
+    from kvserve.layers.norm import RMSNorm
+
+    modules = list(llm.engine.runner.model.modules())
+    assert all(m.use_native_gemv for m in modules if isinstance(m, Linear))
+    assert all(m.use_native for m in modules if isinstance(m, RMSNorm))
 
 
 def test_without_the_gemv_small_steps_use_openblas_single_threaded_torch(monkeypatch):
     """Prefill (20 tokens) runs on torch; each decode step on OpenBLAS while torch has one thread."""
-    llm = LLM(kv_cache_memory=16 * 2**20, max_num_batched_tokens=64, cpu_native_gemv=False, show_progress=False)
+    llm = LLM(kv_cache_memory=16 * 2**20, max_num_batched_tokens=64, cpu_native_kernels=False, show_progress=False)
     torch.set_num_threads(2)
     real = host_blas.matmul
     steps: list[tuple[int, int]] = []  # (rows, torch threads) per OpenBLAS matmul

@@ -1,0 +1,59 @@
+"""Float32 CPU layer ops on kvserve's compiled kernels (kvserve/native): the batch-1 GEMV and RMSNorm.
+
+They run on torch's OpenMP threads. The GEMV replaces numpy's OpenBLAS for one-row matmuls (host_blas.py is
+its fallback without a C compiler): it needs no second thread pool, so torch keeps all its threads during
+the step. RMSNorm replaces torch's composition of ~6 small ops with one pass.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from kvserve import native
+
+
+@functools.cache
+def _gemv_kernel() -> ctypes.CDLL | None:
+    kernel = native.load("gemv")
+    if kernel is not None:
+        kernel.gemv_f32.restype = None
+        kernel.gemv_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+        kernel.gemv_threads.restype = ctypes.c_int
+    return kernel
+
+
+@functools.cache
+def _norm_kernel() -> ctypes.CDLL | None:
+    kernel = native.load("rms_norm")
+    if kernel is not None:
+        kernel.rms_norm_f32.restype = None
+        kernel.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    return kernel
+
+
+def available() -> bool:
+    """Whether both kernels can run here."""
+    return _gemv_kernel() is not None and _norm_kernel() is not None
+
+
+def gemv(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """x [1, in] @ weight_t [in, out] -> [1, out]; float32, CPU, weight_t contiguous."""
+    kernel = _gemv_kernel()
+    num_in, num_out = weight_t.shape
+    x = x.contiguous()
+    y = x.new_empty(1, num_out)
+    partial = x.new_empty(kernel.gemv_threads() * num_out)  # each thread's partial sums
+    kernel.gemv_f32(x.data_ptr(), weight_t.data_ptr(), y.data_ptr(), partial.data_ptr(), num_in, num_out)
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., dim] -> x / sqrt(mean(x^2) + eps) * weight, same shape; float32, CPU."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    dim = x.shape[-1]
+    _norm_kernel().rms_norm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
+    return y
