@@ -1,8 +1,8 @@
 """Small C kernels for the CPU, compiled on first use with the system compiler and loaded with ctypes.
 
 Each `<name>.c` here is built alone (`-O3 -march=native -fopenmp`) into ~/.cache/kvserve (or
-$KVSERVE_CACHE_DIR), named by a hash of its source, the flags and the machine, so an edit or another CPU
-architecture builds anew. The libraries link libgomp, which torch has already loaded, so their OpenMP
+$KVSERVE_CACHE_DIR), named by a hash of its source, the flags and the CPU's features, so an edit or another
+CPU builds anew. The libraries link libgomp, which torch has already loaded, so their OpenMP
 loops run on torch's thread pool and follow torch.set_num_threads. Without a compiler (or if a build
 fails) `load` returns None and callers keep their torch path; the reason is logged once.
 """
@@ -42,7 +42,7 @@ def load(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler found: %s.c is not built, its callers stay on torch", name)
         return None
-    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + platform.machine().encode())
+    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + _cpu_features().encode())
     library = cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
     if not library.exists():
         try:
@@ -52,6 +52,17 @@ def load(name: str) -> ctypes.CDLL | None:
             logger.warning("building %s failed, its callers stay on torch: %s", source.name, details)
             return None
     return ctypes.CDLL(str(library))
+
+
+def _cpu_features() -> str:
+    """The machine and its instruction-set flags: -march=native code from another CPU could crash on this one
+    (a home directory shared between machines)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = platform.processor()
+    return platform.machine() + flags
 
 
 def _compile(compiler: str, source: pathlib.Path, library: pathlib.Path) -> None:
