@@ -93,7 +93,7 @@ class Engine:
         self.runner = ModelRunner(model, self.device, config.seed)
         self.runner.load_weights(source, config.torch_dtype, show_progress)
         if self.device.type == "cpu" and config.torch_dtype == torch.float32:
-            self._tune_cpu_linears(config)
+            self._tune_cpu_layers(config)
         if config.kv_window and not model.supports_kv_window:
             raise ValueError(f"kv_window is not supported for {self.model_config.architecture}")
         block_size = config.cache_block_size
@@ -148,7 +148,7 @@ class Engine:
                              f"{config.max_num_batched_tokens} needs {per_request} blocks per request")
         return num_blocks
 
-    def _tune_cpu_linears(self, config: EngineConfig) -> None:
+    def _tune_cpu_layers(self, config: EngineConfig) -> None:
         """Float32 CPU: oneDNN-packed weights for steps of several rows; batch-1 decode matmuls and RMSNorm on the
         compiled kernels, or the matmuls on numpy's OpenBLAS (steps of up to cpu_blas_max_tokens) where no C
         compiler can build them."""
