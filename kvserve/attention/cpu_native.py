@@ -9,9 +9,6 @@ compiler the engine stays on torch.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
 
 from kvserve import native
@@ -19,22 +16,10 @@ from kvserve.attention import torch_ref
 from kvserve.attention.backend import AttentionMetadata
 from kvserve.kv.kv_cache import LayerKVCache
 
-_INT64 = ctypes.c_int64
-
-
-@functools.cache
-def load_kernel() -> ctypes.CDLL | None:
-    """The compiled kernel library with its signature set, or None if it cannot be built here."""
-    kernel = native.load("paged_decode")
-    if kernel is not None:
-        kernel.paged_decode_f32.restype = ctypes.c_int
-        kernel.paged_decode_f32.argtypes = [ctypes.c_void_p] * 6 + [_INT64] * 6 + [ctypes.c_float]
-    return kernel
-
 
 def available() -> bool:
     """Whether the compiled kernel can run here."""
-    return load_kernel() is not None
+    return native.load("paged_decode") is not None
 
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
@@ -59,7 +44,7 @@ def decode(query: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata
         raise ValueError(f"a decode attends {int(seq_lens.max())} tokens but its block table holds "
                          f"{tables.shape[1] * block_size}")
     out = torch.empty_like(query)
-    status = load_kernel().paged_decode_f32(
+    status = native.load("paged_decode").paged_decode_f32(
         query.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr(), tables.data_ptr(), seq_lens.data_ptr(),
         out.data_ptr(), batch, num_kv_heads, num_heads // num_kv_heads, head_dim, block_size, tables.shape[1],
         scale)

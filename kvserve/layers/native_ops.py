@@ -7,41 +7,19 @@ the step. RMSNorm replaces torch's composition of ~6 small ops with one pass.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
 
 from kvserve import native
 
 
-@functools.cache
-def _gemv_kernel() -> ctypes.CDLL | None:
-    kernel = native.load("gemv")
-    if kernel is not None:
-        kernel.gemv_f32.restype = None
-        kernel.gemv_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
-        kernel.gemv_threads.restype = ctypes.c_int
-    return kernel
-
-
-@functools.cache
-def _norm_kernel() -> ctypes.CDLL | None:
-    kernel = native.load("rms_norm")
-    if kernel is not None:
-        kernel.rms_norm_f32.restype = None
-        kernel.rms_norm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-    return kernel
-
-
 def available() -> bool:
     """Whether both kernels can run here."""
-    return _gemv_kernel() is not None and _norm_kernel() is not None
+    return native.load("gemv") is not None and native.load("rms_norm") is not None
 
 
 def gemv(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """x [1, in] @ weight_t [in, out] -> [1, out]; float32, CPU, weight_t contiguous."""
-    kernel = _gemv_kernel()
+    kernel = native.load("gemv")
     num_in, num_out = weight_t.shape
     x = x.contiguous()
     y = x.new_empty(1, num_out)
@@ -55,5 +33,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty_like(x)
     dim = x.shape[-1]
-    _norm_kernel().rms_norm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
+    native.load("rms_norm").rms_norm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
     return y

@@ -27,6 +27,13 @@ SOURCE_DIR = pathlib.Path(__file__).parent
 # process to flush-to-zero.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
          "-fno-trapping-math", "-shared", "-fPIC")
+_PTR, _INT64, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+# Every exported C function: library -> {function: (return type, argument types)}, set once at load.
+SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
+    "paged_decode": {"paged_decode_f32": (ctypes.c_int, [_PTR] * 6 + [_INT64] * 6 + [_FLOAT])},
+    "gemv": {"gemv_f32": (None, [_PTR] * 4 + [_INT64] * 2), "gemv_threads": (ctypes.c_int, [])},
+    "rms_norm": {"rms_norm_f32": (None, [_PTR] * 3 + [_INT64] * 2 + [_FLOAT])},
+}
 
 
 def cache_dir() -> pathlib.Path:
@@ -36,7 +43,7 @@ def cache_dir() -> pathlib.Path:
 
 @functools.cache
 def load(name: str) -> ctypes.CDLL | None:
-    """The library built from `<name>.c`, or None if it cannot be built here."""
+    """The library built from `<name>.c`, its functions typed as in SIGNATURES, or None if it cannot be built here."""
     source = SOURCE_DIR / f"{name}.c"
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
@@ -51,7 +58,11 @@ def load(name: str) -> ctypes.CDLL | None:
             details = getattr(error, "stderr", "") or error
             logger.warning("building %s failed, its callers stay on torch: %s", source.name, details)
             return None
-    return ctypes.CDLL(str(library))
+    kernel = ctypes.CDLL(str(library))
+    for function, (restype, argtypes) in SIGNATURES[name].items():
+        getattr(kernel, function).restype = restype
+        getattr(kernel, function).argtypes = argtypes
+    return kernel
 
 
 def _cpu_features() -> str:

@@ -4,7 +4,7 @@
  * so the accumulator is loaded and stored a quarter as often, into a private partial sum; then the
  * threads add the partials column band by column band. On the 2-core test CPU this read SmolLM2's
  * 538 MB of float32 weights per token at 24-30 GB/s where numpy's OpenBLAS GEMV read 21-25 (8 rows per
- * pass, or 512-bit vectors, were slower). Used by layers/native_gemv.py.
+ * pass, or 512-bit vectors, were slower). Used by layers/native_ops.py.
  *
  * partial: scratch of [threads, out] floats (unused with one thread).
  */
