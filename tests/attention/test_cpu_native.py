@@ -84,6 +84,24 @@ def test_the_kernel_is_what_runs_the_decodes(monkeypatch):
 
 
 @needs_kernel
+def test_a_table_shorter_than_the_sequence_is_refused():
+    """The kernel trusts the block tables, so a decode that would read past its table is stopped first."""
+    step = make_step([(40, 1)], num_kv_heads=3, group=3, head_dim=64, block_size=16)
+    metadata = step.metadata
+    metadata.decode_block_tables = metadata.decode_block_tables[:, :2]  # 32 slots for 40 tokens
+    metadata.decode_seq_lens = torch.tensor([40])
+    with pytest.raises(ValueError, match="a decode attends 40 tokens but its block table holds 32"):
+        cpu_native.decode(step.query, step.cache, metadata, step.scale)
+
+
+@pytest.mark.usefixtures("fresh_selection")
+def test_cpu_attention_is_refused_on_another_device(monkeypatch):
+    monkeypatch.setenv("KVSERVE_ATTENTION", "cpu")
+    with pytest.raises(ValueError, match="KVSERVE_ATTENTION=cpu runs on the CPU only, not cuda"):
+        select_attention(torch.device("cuda"))
+
+
+@needs_kernel
 @pytest.mark.usefixtures("fresh_selection")
 def test_auto_picks_the_kernel_on_cpu(monkeypatch):
     monkeypatch.delenv("KVSERVE_ATTENTION", raising=False)

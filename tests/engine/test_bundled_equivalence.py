@@ -137,6 +137,31 @@ def test_plain_torch_path_matches(prompts, expected, monkeypatch):
     assert not calls
 
 
+@pytest.mark.parametrize("flag", ["cpu_packed_weights", "cpu_native_kernels", "KVSERVE_ATTENTION=torch"])
+def test_each_cpu_fast_path_off_alone_matches(flag, prompts, expected, monkeypatch):
+    """One fast path off at a time: the default's tokens, each prompt alone (batch-1 steps) and all batched."""
+    from kvserve.attention import torch_ref
+    from kvserve.attention.selector import select_attention
+
+    if flag.startswith("KVSERVE_ATTENTION"):
+        monkeypatch.setenv("KVSERVE_ATTENTION", "torch")
+    select_attention.cache_clear()
+    try:
+        llm = LLM(kv_cache_memory=64 * 2**20, show_progress=False,
+                  **({} if flag.startswith("KVSERVE_ATTENTION") else {flag: False}))
+        linear = llm.engine.runner.model.lm_head
+        if flag == "cpu_packed_weights":
+            assert linear.packed is None
+        elif flag == "cpu_native_kernels":  # batch-1 matmuls fall back to OpenBLAS
+            assert not linear.use_native_gemv and llm.engine.runner.cpu_blas_max_tokens == 1
+        else:
+            assert select_attention(torch.device("cpu")) is torch_ref.paged_attention
+        assert [generate_ids(llm, [p])[0] for p in prompts] == expected
+        assert generate_ids(llm, prompts) == expected
+    finally:
+        select_attention.cache_clear()
+
+
 def test_default_decodes_run_on_the_compiled_kernel(llm, prompts, monkeypatch):
     from kvserve.attention import cpu_native
 
