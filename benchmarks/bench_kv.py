@@ -67,7 +67,7 @@ def max_concurrent(llm: LLM, scheme: str, budget: int, num_tokens: int) -> int:
     block_size = engine.kv_manager.block_size
     per_block = engine.runner.kv_cache_bytes - engine.kv_residual_bytes
     per_block //= engine.kv_manager.num_blocks
-    per_slot = engine.kv_residual_bytes // engine.config.max_num_seqs if scheme == "int4" else 0
+    per_slot = engine.kv_residual_bytes // engine.config.scheduler.max_num_seqs if scheme == "int4" else 0
     per_request = -(-num_tokens // block_size) * per_block + per_slot
     return budget // per_request
 

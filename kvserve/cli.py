@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any
 
-from kvserve.config import EngineConfig
+from kvserve.config import EngineConfig, option_sections, sub_configs
 from kvserve.kv.kv_memory_cli import add_kv_memory_command
 from kvserve.llm import LLM
 from kvserve.outputs import RequestOutput
@@ -23,18 +23,21 @@ from kvserve.server.config import ServerConfig
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--flag` per EngineConfig field, typed and documented from the dataclass."""
-    add_dataclass_flags(parser, EngineConfig, "engine")
+    """One `--flag` per engine option, in one argument group per EngineConfig section, typed and documented."""
+    for section, sub_config in sub_configs().items():
+        add_dataclass_flags(parser, sub_config, f"engine: {section}")
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
-    """One `--flag` per field of a config dataclass, typed and documented from it."""
+    """One `--flag` per field of a config dataclass, typed and documented from it, its default shown."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = _base_type(hints[f.name])
         helptext = f.metadata.get("help", "")
+        if f.default is not None:  # an unset default is explained by the help text
+            helptext += f" (default: {f.default})"
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                help=helptext)
@@ -50,8 +53,8 @@ def _base_type(hint: Any) -> type:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The EngineConfig keyword arguments found in parsed flags."""
-    return dataclass_kwargs(args, EngineConfig)
+    """The flat engine options (EngineConfig.from_kwargs' keyword arguments) found in parsed flags."""
+    return {name: getattr(args, name) for name in option_sections()}
 
 
 def dataclass_kwargs(args: argparse.Namespace, cls: type) -> dict[str, Any]:

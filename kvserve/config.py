@@ -1,17 +1,24 @@
-"""Configuration: frozen dataclasses, the one source of truth for engine options and CLI flags."""
+"""Configuration: frozen dataclasses, the one source of truth for engine options and CLI flags.
+
+EngineConfig groups the options in sub-configs (load, cache, scheduler, parallel, speculative, platform); each
+option keeps one flat name, unique across them, for `LLM(**kwargs)` and the CLI. ModelConfig is the checkpoint's
+architecture shape. No torch at import: the scheduler and KV manager import this module.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from kvserve.kv.dtypes import DEFAULT_INT4_GROUP_SIZE, KV_CACHE_DTYPES, MODEL_DTYPES, torch_dtype
 
-KV_CACHE_DTYPES = ("auto", "int8", "int4", "fp8")
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_BLOCK_SIZE = 16
-DEFAULT_INT4_GROUP = 64  # tokens per int4 key-scale group (and block): 3.5x smaller than float16 at d_h = 64
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
 @dataclass(frozen=True)
@@ -77,20 +84,34 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    """Every option of the engine; `LLM(**kwargs)` and the CLI flags are derived from these fields."""
+class LoadConfig:
+    """What to load and where: the checkpoint, its dtype, the device, the sampling seed."""
 
     model: str | None = field(default=None, metadata={"help": "a .gguf file, an HF directory, "
                                                       "or nothing for the bundled SmolLM2-135M"})
     dtype: str = field(default="float32", metadata={"help": "weights and activations dtype"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
+    seed: int = field(default=0, metadata={"help": "seed of unseeded random sampling"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(MODEL_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype named by `dtype` (imports torch)."""
+        return torch_dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: block size, storage dtype, memory budget, int4 groups, sinks + window, prefix reuse."""
+
     block_size: int | None = field(default=None, metadata={
         "help": f"tokens per KV-cache block; default {DEFAULT_BLOCK_SIZE}, or kv_residual_tokens with int4"})
-    max_model_len: int | None = field(default=None, metadata={
-        "help": "context window (prompt + output); default: the model's, capped at 8192"})
-    max_num_seqs: int = field(default=64, metadata={"help": "most requests running at once"})
-    max_num_batched_tokens: int = field(default=512, metadata={
-        "help": "token budget of one step (prefill chunks + decodes)"})
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "KV-cache storage: auto (the model dtype), int8 or fp8 (e4m3) with per-token scales, or int4 "
+                "(KIVI: keys per channel per block, values per token)"})
     kv_cache_memory: int | None = field(default=None, metadata={
         "help": "KV-cache size in bytes; default: kv_cache_memory_fraction of free memory (CPU) or what "
                 "gpu_memory_utilization leaves (CUDA)"})
@@ -99,22 +120,102 @@ class EngineConfig:
     gpu_memory_utilization: float = field(default=0.9, metadata={
         "help": "CUDA, when kv_cache_memory is unset: the share of the GPU's memory kvserve may use in all; the "
                 "KV cache gets what the weights and a profiled worst-case step leave"})
-    kv_cache_dtype: str = field(default="auto", metadata={
-        "help": "KV-cache storage: auto (the model dtype), int8 or fp8 (e4m3) with per-token scales, or int4 "
-                "(KIVI: keys per channel per block, values per token)"})
     kv_residual_tokens: int | None = field(default=None, metadata={
         "help": f"int4 only: tokens per key-quantization group, which is one KV block (default "
-                f"{DEFAULT_INT4_GROUP}); a request's newest, incomplete group stays in full precision"})
+                f"{DEFAULT_INT4_GROUP_SIZE}); a request's newest, incomplete group stays in full precision"})
     kv_window: int | None = field(default=None, metadata={
         "help": "attention sinks + sliding window (StreamingLLM): each token sees the kv_sinks first tokens and "
                 "the last kv_window ones; blocks in between are freed, so memory stays bounded"})
     kv_sinks: int = field(default=4, metadata={"help": "with kv_window: leading tokens always kept (attention sinks)"})
     enable_prefix_caching: bool = field(default=True, metadata={
         "help": "reuse the KV blocks of a prompt prefix computed before"})
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        for name in ("block_size", "kv_residual_tokens", "kv_window", "kv_cache_memory"):
+            if getattr(self, name) is not None:
+                _require_positive(name, getattr(self, name))
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.kv_sinks < 0:
+            raise ValueError(f"kv_sinks must be >= 0, got {self.kv_sinks}")
+        if self.kv_cache_dtype != "int4" and self.kv_residual_tokens is not None:
+            raise ValueError("kv_residual_tokens applies only to kv_cache_dtype='int4'")
+        if (self.kv_cache_dtype == "int4" and None not in (self.block_size, self.kv_residual_tokens)
+                and self.block_size != self.kv_residual_tokens):
+            raise ValueError(f"with kv_cache_dtype='int4' a block is one key-quantization group: block_size "
+                             f"({self.block_size}) must equal kv_residual_tokens ({self.kv_residual_tokens})")
+
+    @property
+    def resolved_block_size(self) -> int:
+        """Tokens per KV block: block_size, or for int4 the key-quantization group (kv_residual_tokens)."""
+        if self.kv_cache_dtype == "int4":
+            return self.kv_residual_tokens or self.block_size or DEFAULT_INT4_GROUP_SIZE
+        return self.block_size or DEFAULT_BLOCK_SIZE
+
+    def storage_dtype(self, model_dtype: str) -> str:
+        """What the KV cache stores: the model dtype for `auto`, else the quantized format."""
+        return model_dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits the scheduler enforces each step; the engine fills in max_model_len once the model is loaded."""
+
+    max_num_seqs: int = field(default=64, metadata={"help": "most requests running at once"})
+    max_num_batched_tokens: int = field(default=512, metadata={
+        "help": "token budget of one step (prefill chunks + decodes)"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "context window (prompt + output); default: the model's, capped at 8192"})
     enable_chunked_prefill: bool = field(default=True, metadata={
         "help": "split long prompts across steps, sharing them with decodes"})
-    seed: int = field(default=0, metadata={"help": "seed of unseeded random sampling"})
-    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+
+    def __post_init__(self) -> None:
+        _require_positive("max_num_seqs", self.max_num_seqs)
+        _require_positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.max_model_len is not None:
+            _require_positive("max_model_len", self.max_model_len)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is split across devices (a placeholder: one device for now)."""
+
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "devices each layer is split across (tensor parallelism; only 1 is supported so far)"})
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size must be 1 (tensor parallelism is not implemented yet), "
+                             f"got {self.tensor_parallel_size}")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (a placeholder: off until a proposer exists)."""
+
+    speculative_method: str | None = field(default=None, metadata={
+        "help": "draft-token proposer (none is implemented yet)"})
+    num_speculative_tokens: int = field(default=0, metadata={
+        "help": "draft tokens proposed per request per step"})
+
+    def __post_init__(self) -> None:
+        if self.speculative_method is not None:
+            raise ValueError(f"speculative_method must be None (speculative decoding is not implemented yet), "
+                             f"got {self.speculative_method!r}")
+        if self.num_speculative_tokens != 0:
+            raise ValueError(f"num_speculative_tokens must be 0 without a speculative_method, "
+                             f"got {self.num_speculative_tokens}")
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    """Host and device specifics: CPU threads, the CPU fast paths, the attention backend."""
+
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (unset or 0: torch's default)"})
     cpu_native_kernels: bool = field(default=True, metadata={
         "help": "CPU float32: batch-1 decode matmuls and RMSNorm on kvserve's compiled kernels (built on first use "
                 "with the system C compiler); without one, or when off, cpu_blas_max_tokens applies"})
@@ -124,72 +225,57 @@ class EngineConfig:
     cpu_packed_weights: bool = field(default=True, metadata={
         "help": "CPU float32: also keep every linear weight in oneDNN's packed layout, for steps of several "
                 "tokens (batched decode, prefill); costs a second copy of the weights"})
+    attention_backend: str = field(default="auto", metadata={
+        "help": "attention implementation: auto (the fastest that serves the model's KV cache on this device), "
+                "torch (the pure-torch reference), cpu (compiled CPU decode kernel) or triton"})
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        for name in ("block_size", "kv_residual_tokens", "kv_window"):
-            if getattr(self, name) is not None:
-                _require_positive(name, getattr(self, name))
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.cpu_blas_max_tokens < 0:
             raise ValueError(f"cpu_blas_max_tokens must be >= 0, got {self.cpu_blas_max_tokens}")
-        if self.kv_sinks < 0:
-            raise ValueError(f"kv_sinks must be >= 0, got {self.kv_sinks}")
-        if self.kv_cache_dtype != "int4" and self.kv_residual_tokens is not None:
-            raise ValueError("kv_residual_tokens applies only to kv_cache_dtype='int4'")
-        if (self.kv_cache_dtype == "int4" and None not in (self.block_size, self.kv_residual_tokens)
-                and self.block_size != self.kv_residual_tokens):
-            raise ValueError(f"with kv_cache_dtype='int4' a block is one key-quantization group: block_size "
-                             f"({self.block_size}) must equal kv_residual_tokens ({self.kv_residual_tokens})")
-        _require_positive("max_num_seqs", self.max_num_seqs)
-        _require_positive("max_num_batched_tokens", self.max_num_batched_tokens)
-        if self.max_model_len is not None:
-            _require_positive("max_model_len", self.max_model_len)
-        if self.kv_cache_memory is not None:
-            _require_positive("kv_cache_memory", self.kv_cache_memory)
-        if not 0 < self.kv_cache_memory_fraction <= 1:
-            raise ValueError("kv_cache_memory_fraction must be in (0, 1], "
-                             f"got {self.kv_cache_memory_fraction}")
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
-        """Like the constructor, but an unknown option is a ValueError that lists the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
-        return cls(**kwargs)
-
-    @property
-    def cache_block_size(self) -> int:
-        """Tokens per KV block: block_size, or for int4 the key-quantization group (kv_residual_tokens)."""
-        if self.kv_cache_dtype == "int4":
-            return self.kv_residual_tokens or self.block_size or DEFAULT_INT4_GROUP
-        return self.block_size or DEFAULT_BLOCK_SIZE
-
-    @property
-    def cache_storage_dtype(self) -> str:
-        """What the KV cache stores: the model dtype for `auto`, else the quantized format."""
-        return self.dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """The torch dtype named by `dtype`."""
-        return _DTYPES[self.dtype]
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
-    """Limits the scheduler enforces each step."""
+class EngineConfig:
+    """Every engine option, grouped in sub-configs; `LLM(**kwargs)` and the CLI flags use the flat field names."""
 
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    max_model_len: int
-    enable_chunked_prefill: bool = True
+    load: LoadConfig = field(default_factory=LoadConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    platform: PlatformConfig = field(default_factory=PlatformConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Route flat options (`block_size=32`) to their sub-configs; an unknown one is a ValueError listing all."""
+        owners = option_sections()
+        unknown = sorted(set(kwargs) - set(owners))
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(owners)}")
+        grouped: dict[str, dict[str, Any]] = {section: {} for section in sub_configs()}
+        for name, value in kwargs.items():
+            grouped[owners[name]][name] = value
+        return cls(**{section: sub_config(**grouped[section]) for section, sub_config in sub_configs().items()})
+
+
+def sub_configs() -> dict[str, type]:
+    """EngineConfig's sections in order: field name -> sub-config class (load: LoadConfig, ...)."""
+    hints = typing.get_type_hints(EngineConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(EngineConfig)}
+
+
+def option_sections() -> dict[str, str]:
+    """Each flat option name -> the EngineConfig section that holds it (block_size -> cache)."""
+    owners: dict[str, str] = {}
+    for section, sub_config in sub_configs().items():
+        for f in dataclasses.fields(sub_config):
+            # Flat names must stay unique: they are the LLM keyword arguments and the CLI flags.
+            assert f.name not in owners, f"engine option {f.name!r} is in both {owners[f.name]} and {section}"
+            owners[f.name] = section
+    return owners
 
 
 def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict | None]:

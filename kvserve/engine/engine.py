@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvserve.config import EngineConfig, ModelConfig, SchedulerConfig
+from kvserve.config import EngineConfig, ModelConfig
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.request import Request, RequestStatus
 from kvserve.engine.scheduler import Scheduler
@@ -78,48 +78,48 @@ class Engine:
     """Loads the model, owns scheduler, KV manager and runner, and steps them."""
 
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        if config.platform.num_threads:
+            torch.set_num_threads(config.platform.num_threads)
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = torch.device(config.load.device)
         if self.device.type == "cpu":
             keep_freed_memory()
             set_blas_threads(torch.get_num_threads())
-        source = open_model(config.model)
+        source = open_model(config.load.model)
         self.model_config = ModelConfig.from_hf_config(source.hf_config)
         self.tokenizer = source.load_tokenizer()
-        max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, 8192)
-        model = build_model(self.model_config, max_model_len).to(self.device, config.torch_dtype)
-        self.runner = ModelRunner(model, self.device, config.seed)
-        self.runner.load_weights(source, config.torch_dtype, show_progress)
-        if self.device.type == "cpu" and config.torch_dtype == torch.float32:
+        max_model_len = config.scheduler.max_model_len or min(self.model_config.max_position_embeddings, 8192)
+        model = build_model(self.model_config, max_model_len).to(self.device, config.load.torch_dtype)
+        self.runner = ModelRunner(model, self.device, config.load.seed)
+        self.runner.load_weights(source, config.load.torch_dtype, show_progress)
+        if self.device.type == "cpu" and config.load.torch_dtype == torch.float32:
             self._tune_cpu_layers(config)
-        if config.kv_window and not model.supports_kv_window:
+        if config.cache.kv_window and not model.supports_kv_window:
             raise ValueError(f"kv_window is not supported for {self.model_config.architecture}")
-        block_size = config.cache_block_size
-        specs = model.kv_cache_specs(config.cache_storage_dtype)
-        if config.kv_cache_dtype == "int4":  # keys share a per-channel scale across one block
+        block_size = config.cache.resolved_block_size
+        specs = model.kv_cache_specs(config.cache.storage_dtype(config.load.dtype))
+        if config.cache.kv_cache_dtype == "int4":  # keys share a per-channel scale across one block
             specs = [dataclasses.replace(spec, group_size=block_size) for spec in specs]
         # int4: every running request keeps its newest, incomplete block in full precision.
-        num_residual_slots = config.max_num_seqs if config.kv_cache_dtype == "int4" else 0
-        self.kv_residual_bytes = num_residual_slots * residual_bytes_per_slot(specs, block_size, config.torch_dtype)
+        num_residual_slots = config.scheduler.max_num_seqs if config.cache.kv_cache_dtype == "int4" else 0
+        self.kv_residual_bytes = num_residual_slots * residual_bytes_per_slot(specs, block_size,
+                                                                              config.load.torch_dtype)
         num_blocks = self._num_kv_blocks(specs, max_model_len)
         self.runner.allocate_kv_cache(specs, num_blocks, block_size, num_residual_slots)
         logger.info("KV cache: %d blocks of %d tokens, %.2f GiB (%s); model %.2f GiB", num_blocks, block_size,
-                    self.runner.kv_cache_bytes / GIB, config.cache_storage_dtype, self.runner.model_bytes / GIB)
+                    self.runner.kv_cache_bytes / GIB, config.cache.storage_dtype(config.load.dtype),
+                    self.runner.model_bytes / GIB)
         # A single request must always fit in the cache, or preemption could never make room; with a window
         # it only ever holds its sinks and window (checked in _num_kv_blocks), so the context is not capped.
-        self.max_model_len = max_model_len if config.kv_window else min(max_model_len, num_blocks * block_size)
+        self.max_model_len = (max_model_len if config.cache.kv_window
+                              else min(max_model_len, num_blocks * block_size))
         bytes_per = bytes_per_token(specs)
         self.kv_bytes_per_token = int(bytes_per) if bytes_per.denominator == 1 else float(bytes_per)
-        self.kv_manager = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
-                                         config.kv_window, config.kv_sinks)
-        self.runner.set_window(config.kv_window, config.kv_sinks)
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            enable_chunked_prefill=config.enable_chunked_prefill), self.kv_manager)
+        self.kv_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching,
+                                         config.cache.kv_window, config.cache.kv_sinks)
+        self.runner.set_window(config.cache.kv_window, config.cache.kv_sinks)
+        self.scheduler = Scheduler(dataclasses.replace(config.scheduler, max_model_len=self.max_model_len),
+                                   self.kv_manager)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -134,55 +134,57 @@ class Engine:
         """Blocks bought by the budget (after the int4 residual), but no more than max_num_seqs requests need."""
         config = self.config
         budget = self._kv_budget(specs, max_model_len)
-        block_size = config.cache_block_size
+        block_size = config.cache.resolved_block_size
         per_block = bytes_per_block(specs, block_size)
         per_request = self._max_blocks_per_request(max_model_len)
-        num_blocks = min((budget - self.kv_residual_bytes) // per_block, config.max_num_seqs * per_request)
+        num_blocks = min((budget - self.kv_residual_bytes) // per_block,
+                         config.scheduler.max_num_seqs * per_request)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory of {budget} bytes is less than one block ({per_block} bytes)"
-                             + (f" plus the int4 residual of max_num_seqs={config.max_num_seqs} requests "
+                             + (f" plus the int4 residual of max_num_seqs={config.scheduler.max_num_seqs} requests "
                                 f"({self.kv_residual_bytes} bytes)" if self.kv_residual_bytes else ""))
-        if config.kv_window and num_blocks < per_request:
+        if config.cache.kv_window and num_blocks < per_request:
             raise ValueError(f"kv_cache_memory of {budget} bytes holds {num_blocks} blocks, but kv_window="
-                             f"{config.kv_window} with kv_sinks={config.kv_sinks} and max_num_batched_tokens="
-                             f"{config.max_num_batched_tokens} needs {per_request} blocks per request")
+                             f"{config.cache.kv_window} with kv_sinks={config.cache.kv_sinks} and "
+                             f"max_num_batched_tokens={config.scheduler.max_num_batched_tokens} needs {per_request} "
+                             "blocks per request")
         return num_blocks
 
     def _tune_cpu_layers(self, config: EngineConfig) -> None:
         """Float32 CPU: oneDNN-packed weights for steps of several rows; batch-1 decode matmuls and RMSNorm on the
         compiled kernels, or the matmuls on numpy's OpenBLAS (steps of up to cpu_blas_max_tokens) where no C
         compiler can build them."""
-        use_native_ops = config.cpu_native_kernels and native_ops.available()
-        self.runner.prepare_cpu_layers(config.cpu_packed_weights and onednn.available(), use_native_ops)
-        self.runner.cpu_blas_max_tokens = 0 if use_native_ops else config.cpu_blas_max_tokens
+        use_native_ops = config.platform.cpu_native_kernels and native_ops.available()
+        self.runner.prepare_cpu_layers(config.platform.cpu_packed_weights and onednn.available(), use_native_ops)
+        self.runner.cpu_blas_max_tokens = 0 if use_native_ops else config.platform.cpu_blas_max_tokens
 
     def _kv_budget(self, specs: list[KVCacheSpec], max_model_len: int) -> int:
         """KV-cache bytes: kv_cache_memory if set; on CUDA what gpu_memory_utilization leaves after a
         profiling step (see runner/memory_profile.py); else a fraction of the free memory."""
         config = self.config
-        if config.kv_cache_memory:
-            return config.kv_cache_memory
+        if config.cache.kv_cache_memory:
+            return config.cache.kv_cache_memory
         if self.device.type != "cuda":
-            return int(available_memory_bytes(self.device) * config.kv_cache_memory_fraction)
+            return int(available_memory_bytes(self.device) * config.cache.kv_cache_memory_fraction)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        scratch = self.runner.profile_step(specs, min(config.max_num_batched_tokens, max_model_len),
-                                           config.max_num_seqs, config.cache_block_size)
+        scratch = self.runner.profile_step(specs, min(config.scheduler.max_num_batched_tokens, max_model_len),
+                                           config.scheduler.max_num_seqs, config.cache.resolved_block_size)
         memory = read_gpu_memory(self.device)
         torch.cuda.empty_cache()
-        budget = kv_budget(memory, config.gpu_memory_utilization, scratch)
+        budget = kv_budget(memory, config.cache.gpu_memory_utilization, scratch)
         logger.info("profiling step: peak %.2f GiB without its scratch cache, %.2f GiB outside torch; "
                     "KV cache budget %.2f GiB (gpu_memory_utilization=%s)", (memory.peak_torch - scratch) / GIB,
-                    memory.outside_torch / GIB, budget / GIB, config.gpu_memory_utilization)
+                    memory.outside_torch / GIB, budget / GIB, config.cache.gpu_memory_utilization)
         return budget
 
     def _max_blocks_per_request(self, max_model_len: int) -> int:
         """Blocks one request can hold at once: its whole context, or with a window its sinks + window + chunk."""
-        config, size = self.config, self.config.cache_block_size
-        if not config.kv_window:
+        config, size = self.config, self.config.cache.resolved_block_size
+        if not config.cache.kv_window:
             return -(-max_model_len // size)
-        chunk = min(config.max_num_batched_tokens, max_model_len)
-        return -(-config.kv_sinks // size) + -(-(config.kv_window - 1 + chunk) // size) + 1
+        chunk = min(config.scheduler.max_num_batched_tokens, max_model_len)
+        return -(-config.cache.kv_sinks // size) + -(-(config.cache.kv_window - 1 + chunk) // size) + 1
 
     # ---- requests -------------------------------------------------------------------------
 

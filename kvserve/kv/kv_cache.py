@@ -6,10 +6,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from kvserve.kv.kv_quant import INT4_PARAM_DTYPE, QUANTIZED_DTYPES
+from kvserve.kv.dtypes import torch_dtype
+from kvserve.kv.kv_quant import INT4_PARAM_DTYPE
 from kvserve.kv.kv_spec import KVCacheSpec
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -59,17 +58,17 @@ def allocate_kv_caches(specs: list[KVCacheSpec], num_blocks: int, block_size: in
         if spec.dtype == "int4":
             caches.append(_int4_cache(spec, shape, device, model_dtype, num_residual_slots))
         elif spec.is_quantized:
-            storage, _ = QUANTIZED_DTYPES[spec.dtype]
+            storage, scale = torch_dtype(spec.kv_dtype.storage_dtype), torch_dtype(spec.kv_dtype.param_dtype)
             caches.append(LayerKVCache(
                 torch.zeros(*shape, spec.key_dim, dtype=storage, device=device),
                 torch.zeros(*shape, spec.value_dim, dtype=storage, device=device),
                 spec.dtype,
-                torch.zeros(*shape, 1, dtype=torch.float32, device=device),
+                torch.zeros(*shape, 1, dtype=scale, device=device),
                 # MLA caches no separate value (value_dim 0): no value scales either.
-                torch.zeros(*shape, 1 if spec.value_dim else 0, dtype=torch.float32, device=device),
+                torch.zeros(*shape, 1 if spec.value_dim else 0, dtype=scale, device=device),
             ))
         else:
-            dtype = _TORCH_DTYPES[spec.dtype]
+            dtype = torch_dtype(spec.kv_dtype.storage_dtype)
             caches.append(LayerKVCache(torch.zeros(*shape, spec.key_dim, dtype=dtype, device=device),
                                        torch.zeros(*shape, spec.value_dim, dtype=dtype, device=device)))
     return caches

@@ -1,8 +1,8 @@
 """KV-cache memory calculator: elements and bytes per token of a model's attention and its MHA/GQA/MQA/MLA equivalents.
 
 Pure Python (no torch at import): the GGUF path imports the loader lazily. The storage cost of each
-`kv_cache_dtype`, scales and zero points included, lives in one table, `KV_CACHE_SCHEMES`, so the
-quantized cache can import the same figures it is measured by.
+`kv_cache_dtype`, scales and zero points included, comes from the KV dtype table (`kv/dtypes.py`) that the
+engine's cache is allocated by.
 """
 
 from __future__ import annotations
@@ -14,62 +14,14 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-SCALE_BYTES = 4  # int8 / fp8: one float32 scale per token per KV head
-INT4_PARAM_BYTES = 2  # int4: float16 scales and zero points
-INT4_GROUP_SIZE = 64  # int4 keys: scale/zero point per channel, shared by a group (= one KV block) of 64 tokens
-MODEL_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+from kvserve.kv.dtypes import DEFAULT_INT4_GROUP_SIZE, KV_DTYPES, QUANTIZED_KV_DTYPES, kv_dtype
+
 DEFAULT_GQA_KV_HEADS = 8  # GQA equivalent shown for MHA/MLA models (Llama-2-70B / Llama-3 use 8 KV heads)
 MLA_LATENT_PER_HEAD_DIM = 4  # MLA equivalent of a non-MLA model: d_c = 4·d_h (DeepSeek-V2: 512 = 4·128)
 MLA_ROPE_PER_HEAD_DIM = Fraction(1, 2)  # ... and d_rope = d_h/2 (DeepSeek-V2: 64 = 128/2)
-
-
-@dataclass(frozen=True)
-class KVCacheScheme:
-    """Bytes one KV head costs per token under a `kv_cache_dtype`: elements plus amortised scales/zero points.
-
-    `element_bytes` None means the model dtype (`auto`). `*_token_bytes` are per token per head (scales and
-    zero points stored once per token); `*_channel_bytes` are per element per token (per-channel scales shared
-    by a group of tokens, amortised over the group).
-    """
-
-    element_bytes: Fraction | None
-    key_token_bytes: Fraction = Fraction(0)
-    key_channel_bytes: Fraction = Fraction(0)
-    value_token_bytes: Fraction = Fraction(0)
-    value_channel_bytes: Fraction = Fraction(0)
-    description: str = ""
-
-    def head_bytes_per_token(self, key_dim: int, value_dim: int, model_dtype_bytes: int = 2) -> Fraction:
-        """Bytes per token of one KV head holding `key_dim` key and `value_dim` value elements."""
-        element = Fraction(model_dtype_bytes) if self.element_bytes is None else self.element_bytes
-        total = Fraction(0)
-        if key_dim:
-            total += key_dim * (element + self.key_channel_bytes) + self.key_token_bytes
-        if value_dim:  # MLA caches no separate value: no value scales either
-            total += value_dim * (element + self.value_channel_bytes) + self.value_token_bytes
-        return total
-
-
-def int4_scheme(group_size: int) -> KVCacheScheme:
-    """KIVI int4 with key scales shared by `group_size` tokens (the engine's group is one KV block)."""
-    params = 2 * INT4_PARAM_BYTES  # a scale and a zero point
-    return KVCacheScheme(Fraction(1, 2), key_channel_bytes=Fraction(params, group_size),
-                         value_token_bytes=Fraction(params),
-                         description="KIVI: 0.5 byte; V: float16 scale + zero point per token per head; "
-                                     f"K: float16 scale + zero point per channel per {group_size} tokens")
-
-
-# The one place the storage cost of each kv_cache_dtype is defined.
-KV_CACHE_SCHEMES: dict[str, KVCacheScheme] = {
-    "auto": KVCacheScheme(None, description="model dtype (float16/bfloat16: 2 bytes), no scales"),
-    "float32": KVCacheScheme(Fraction(4), description="4 bytes, no scales"),
-    "int8": KVCacheScheme(Fraction(1), key_token_bytes=Fraction(SCALE_BYTES), value_token_bytes=Fraction(SCALE_BYTES),
-                          description="1 byte + one float32 scale per token per KV head, for K and for V"),
-    "int4": int4_scheme(INT4_GROUP_SIZE),
-    "fp8": KVCacheScheme(Fraction(1), key_token_bytes=Fraction(SCALE_BYTES), value_token_bytes=Fraction(SCALE_BYTES),
-                         description="e4m3, 1 byte + one float32 scale per token per KV head, for K and for V"),
-}
-KV_CACHE_DTYPES = tuple(KV_CACHE_SCHEMES)
+# The columns of the report: auto (the model dtype), float32 (the engine's CPU default) and every quantized
+# dtype; float16 / bfloat16 are `auto` at 2 bytes.
+REPORTED_DTYPES = ("auto", "float32", *QUANTIZED_KV_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -127,15 +79,8 @@ class KVLayout:
 
     def bytes_per_token(self, num_layers: int, kv_cache_dtype: str, model_dtype_bytes: int = 2) -> Fraction:
         """Bytes one token takes across `num_layers` layers, scales included (amortised for int4 keys)."""
-        return num_layers * self.num_kv_heads * scheme(kv_cache_dtype).head_bytes_per_token(
+        return num_layers * self.num_kv_heads * kv_dtype(kv_cache_dtype).head_bytes_per_token(
             self.key_dim, self.value_dim, model_dtype_bytes)
-
-
-def scheme(kv_cache_dtype: str) -> KVCacheScheme:
-    """The storage scheme of `kv_cache_dtype`, or a ValueError naming the choices."""
-    if kv_cache_dtype not in KV_CACHE_SCHEMES:
-        raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_SCHEMES)}, got {kv_cache_dtype!r}")
-    return KV_CACHE_SCHEMES[kv_cache_dtype]
 
 
 def kv_layouts(shape: ModelShape, gqa_kv_heads: int | None = None) -> tuple[list[KVLayout], list[str]]:
@@ -225,7 +170,7 @@ class KVMemoryReport:
             "batch": self.batch,
             "num_tokens": self.context * self.batch,
             "model_dtype_bytes": self.model_dtype_bytes,
-            "kv_cache_dtypes": {name: s.description for name, s in KV_CACHE_SCHEMES.items()},
+            "kv_cache_dtypes": {name: KV_DTYPES[name].description for name in REPORTED_DTYPES},
             "attention": [
                 {"attention": row.layout.attention, "is_real": row.layout.is_real, "formula": row.layout.formula,
                  "num_kv_heads": row.layout.num_kv_heads, "key_dim": row.layout.key_dim,
@@ -249,11 +194,12 @@ def kv_memory_report(shape: ModelShape, context: int = 4096, batch: int = 1, mod
     rows = []
     for layout in layouts:
         per_token = {name: layout.bytes_per_token(shape.num_layers, name, model_dtype_bytes)
-                     for name in KV_CACHE_SCHEMES}
+                     for name in REPORTED_DTYPES}
         rows.append(KVMemoryRow(layout, per_token, {k: v * context * batch for k, v in per_token.items()}))
     notes.append(f"auto = the model dtype, taken as {model_dtype_bytes} bytes per element")
-    notes.append(f"int4 key scales are amortised over groups of {INT4_GROUP_SIZE} tokens; the newest, incomplete "
-                 "group of each running request stays in the model dtype (a per-request cost, not counted here)")
+    notes.append(f"int4 key scales are amortised over groups of {DEFAULT_INT4_GROUP_SIZE} tokens; the newest, "
+                 "incomplete group of each running request stays in the model dtype (a per-request cost, not counted "
+                 "here)")
     return KVMemoryReport(shape, context, batch, model_dtype_bytes, rows, notes)
 
 
@@ -385,7 +331,7 @@ def format_report(report: KVMemoryReport) -> str:
     table = []
     for row in report.rows:
         label = row.layout.attention + (" (real)" if row.layout.is_real else "")
-        for index, dtype in enumerate(KV_CACHE_SCHEMES):
+        for index, dtype in enumerate(REPORTED_DTYPES):
             per_token = row.bytes_per_token[dtype]
             exact = f"{_number(per_token):,}" if per_token.denominator == 1 else f"{float(per_token):,.2f}"
             table.append([label if index == 0 else "",

@@ -6,13 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from kvserve.kv.kv_memory import (
-    BUILTIN_SHAPES,
-    MODEL_DTYPE_BYTES,
-    format_report,
-    kv_memory_report,
-    load_shape,
-)
+from kvserve.kv.dtypes import MODEL_DTYPES, model_dtype_bytes
+from kvserve.kv.kv_memory import BUILTIN_SHAPES, format_report, kv_memory_report, load_shape
 
 
 def _positive_int(text: str) -> int:
@@ -30,7 +25,7 @@ def cmd_kv_memory(args: argparse.Namespace) -> None:
     """Print the KV-cache memory table (or JSON with --json) for `args.model`."""
     shape = load_shape(args.model)
     report = kv_memory_report(shape, context=args.context, batch=args.batch,
-                              model_dtype_bytes=MODEL_DTYPE_BYTES[args.model_dtype],
+                              model_dtype_bytes=model_dtype_bytes(args.model_dtype),
                               gqa_kv_heads=args.gqa_kv_heads)
     if args.json:
         payload: dict[str, Any] = report.to_dict()
@@ -51,7 +46,7 @@ def add_kv_memory_command(subparsers: argparse._SubParsersAction) -> None:
                              f"({', '.join(BUILTIN_SHAPES)}); default: the bundled model")
     parser.add_argument("--context", type=_positive_int, default=4096, metavar="N", help="tokens per sequence")
     parser.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="number of sequences")
-    parser.add_argument("--model-dtype", choices=list(MODEL_DTYPE_BYTES), default="float16",
+    parser.add_argument("--model-dtype", choices=list(MODEL_DTYPES), default="float16",
                         help="dtype that kv_cache_dtype=auto stores (the engine's CPU default is float32)")
     parser.add_argument("--gqa-kv-heads", type=_positive_int, default=None, metavar="N",
                         help="KV heads of the GQA equivalent (default: the model's, or 8 for MHA/MLA models)")

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import torch
 
-# Storage dtype and the largest magnitude it holds, per kv_cache_dtype. fp8 e4m3 codes are kept
-# as their raw bytes (uint8): CPU index_copy_/gather are not implemented for float8 tensors.
-QUANTIZED_DTYPES: dict[str, tuple[torch.dtype, float]] = {
-    "int8": (torch.int8, 127.0),
-    "fp8": (torch.uint8, 448.0),
-}
+from kvserve.kv.dtypes import KV_DTYPES, torch_dtype
+
+# The largest magnitude each symmetric dtype's codes hold (int8 127, fp8 e4m3 448), from the KV dtype table.
+_MAX_CODE = {name: d.max_code for name, d in KV_DTYPES.items() if d.max_code}
 INT4_LEVELS = 15  # codes 0..15
-INT4_PARAM_DTYPE = torch.float16  # scales and zero points of the int4 cache
+INT4_PARAM_DTYPE = torch_dtype(KV_DTYPES["int4"].param_dtype)  # scales and zero points of the int4 cache
 
 
 def quantize(x: torch.Tensor, kv_cache_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (codes [..., D] in the storage dtype, scale [..., 1] float32), x ≈ codes * scale."""
-    _, qmax = QUANTIZED_DTYPES[kv_cache_dtype]
+    qmax = _MAX_CODE[kv_cache_dtype]
     x = x.float()
     # Per-vector absmax scaling: an outlier token only costs its own precision.
     scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax

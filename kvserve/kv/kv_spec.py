@@ -5,11 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from kvserve.kv.kv_memory import KV_CACHE_SCHEMES, MODEL_DTYPE_BYTES, KVCacheScheme, int4_scheme
-
-# Storage dtypes of the cache; the bytes each costs (scales included) come from kv_memory's table.
-CACHE_DTYPES = ("float32", "float16", "bfloat16", "int8", "fp8", "int4")
-QUANTIZED = {"int8", "fp8", "int4"}
+from kvserve.kv.dtypes import KV_DTYPES, STORAGE_DTYPES, KVDtype
 
 
 @dataclass(frozen=True)
@@ -27,8 +23,8 @@ class KVCacheSpec:
     group_size: int = 0
 
     def __post_init__(self) -> None:
-        if self.dtype not in CACHE_DTYPES:
-            raise ValueError(f"KV cache dtype must be one of {list(CACHE_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"KV cache dtype must be one of {list(STORAGE_DTYPES)}, got {self.dtype!r}")
 
     @property
     def elements_per_token(self) -> int:
@@ -38,22 +34,18 @@ class KVCacheSpec:
     @property
     def is_quantized(self) -> bool:
         """Whether values are stored as codes plus scales."""
-        return self.dtype in QUANTIZED
+        return self.kv_dtype.is_quantized
 
     @property
-    def scheme(self) -> KVCacheScheme:
-        """The storage cost table entry of this layer's dtype (a float dtype is the table's `auto`)."""
-        if self.dtype == "int4":
-            if self.group_size < 1:
-                raise ValueError("an int4 KV cache needs group_size >= 1 (tokens sharing a key scale)")
-            return int4_scheme(self.group_size)
-        return KV_CACHE_SCHEMES["auto" if self.dtype in MODEL_DTYPE_BYTES else self.dtype]
+    def kv_dtype(self) -> KVDtype:
+        """This layer's row of the KV dtype table."""
+        return KV_DTYPES[self.dtype]
 
     @property
     def bytes_per_token(self) -> Fraction:
         """Cached bytes per token in this layer, scales included (int4 key scales amortised over a group)."""
-        element_bytes = MODEL_DTYPE_BYTES.get(self.dtype, 1)  # only read by `auto`
-        return self.num_kv_heads * self.scheme.head_bytes_per_token(self.key_dim, self.value_dim, element_bytes)
+        return self.num_kv_heads * self.kv_dtype.head_bytes_per_token(self.key_dim, self.value_dim,
+                                                                      group_size=self.group_size)
 
 
 def bytes_per_token(specs: list[KVCacheSpec]) -> Fraction:

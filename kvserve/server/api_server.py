@@ -47,7 +47,7 @@ class _Server:
         self.async_engine = async_engine
         self.metrics = metrics
         self.config = config
-        self.model_name = config.served_model_name or model_name_of(async_engine.engine.config.model)
+        self.model_name = config.served_model_name or model_name_of(async_engine.engine.config.load.model)
         self.tokenizer = async_engine.engine.tokenizer
         self.max_model_len: int = async_engine.engine.max_model_len
         self.token_text = TokenText(self.tokenizer)

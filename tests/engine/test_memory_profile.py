@@ -34,7 +34,7 @@ def test_profile_step_leaves_the_engine_untouched(kv_cache_dtype):
     before = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     cache = [t.clone() for t in (llm.engine.runner.kv_caches[0].key, llm.engine.runner.kv_caches[0].value)]
     engine = llm.engine
-    specs = engine.runner.model.kv_cache_specs(engine.config.cache_storage_dtype)
+    specs = engine.runner.model.kv_cache_specs(engine.config.cache.storage_dtype(engine.config.load.dtype))
     scratch = engine.runner.profile_step(specs, num_tokens=100, num_rows=64, block_size=16)
     layer = specs[0]
     assert scratch == len(specs) * 7 * 16 * layer.num_kv_heads * (layer.key_dim + layer.value_dim) * 4

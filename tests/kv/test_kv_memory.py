@@ -9,12 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from kvserve.kv.kv_memory import (
-    KV_CACHE_SCHEMES,
-    ModelShape,
-    kv_memory_report,
-    load_shape,
-)
+from kvserve.kv.kv_memory import ModelShape, kv_memory_report, load_shape
 from kvserve.kv.kv_memory_cli import add_kv_memory_command
 
 MiB, GiB = 2**20, 2**30
@@ -66,7 +61,7 @@ def test_quantized_schemes_include_their_scales():
     assert mha.bytes_per_token["int4"] == layers * heads * (d_h + 2 * 2 + Fraction(2 * 2 * d_h, 64))
     # 3.66x smaller than float16 at d_h = 128, scales included.
     assert mha.bytes_per_token["auto"] / mha.bytes_per_token["int4"] > Fraction(7, 2)
-    assert set(KV_CACHE_SCHEMES) == {"auto", "float32", "int8", "int4", "fp8"}
+    assert set(mha.bytes_per_token) == {"auto", "float32", "int8", "int4", "fp8"}
     # MLA caches a single latent with no separate value: one scale per token.
     mla = kv_memory_report(load_shape("deepseek-v2")).row("MLA")
     assert mla.bytes_per_token["int8"] == 60 * (576 + 4)

@@ -8,12 +8,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import uvicorn
 
+from kvserve.config import EngineConfig
 from kvserve.engine.engine import EngineStats
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
@@ -111,7 +111,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.tokenizer = None
         self.max_model_len = 64
-        self.config = SimpleNamespace(model=None)
+        self.config = EngineConfig()  # the bundled model (model=None)
         self.num_waiting = 0  # what stats() reports: lets a test fill the waiting queue
         self.raise_in_step: Exception | None = None
         self.num_to_fail = 0  # the next requests added fail (their first output carries an error)
