@@ -64,7 +64,8 @@ def test_invalid_values_name_field_and_limit(kwargs: dict, message: str) -> None
     ],
 )
 def test_boundary_values_are_accepted(kwargs: dict) -> None:
-    SamplingParams(**kwargs)
+    params = SamplingParams(**kwargs)
+    assert {name: getattr(params, name) for name in kwargs} == kwargs
 
 
 def test_verify_stop_token_ids_against_vocab() -> None:
