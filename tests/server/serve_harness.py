@@ -15,6 +15,7 @@ import httpx
 import uvicorn
 
 from kvserve.engine.engine import EngineStats
+from kvserve.inputs import InputProcessor
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
 
@@ -111,6 +112,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.tokenizer = None
         self.max_model_len = 64
+        self.input_processor = InputProcessor(None, vocab_size=1000, max_model_len=self.max_model_len)
         self.config = SimpleNamespace(model=None)
         self.num_waiting = 0  # what stats() reports: lets a test fill the waiting queue
         self.raise_in_step: Exception | None = None
