@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -115,7 +116,7 @@ class ModelRunner:
         """Bytes held by the KV-cache tensors."""
         return sum(cache.num_bytes for cache in self.kv_caches)
 
-    def _release(self, finished_req_ids: list[str], preempted_req_ids: list[str]) -> None:
+    def release(self, finished_req_ids: Sequence[str], preempted_req_ids: Sequence[str] = ()) -> None:
         """Forget the generators of finished requests and the int4 residual slots of finished and preempted ones."""
         for request_id in finished_req_ids:
             self.generators.pop(request_id, None)
@@ -126,7 +127,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
         """Apply the step's diffs, run it, and sample a token for every request that reached its last token."""
-        self._release(output.finished_req_ids, output.preempted_req_ids)
+        self.release(output.finished_req_ids, output.preempted_req_ids)
         batch = self.input_batch.update(output)
         if not batch.requests:
             return ModelRunnerOutput([], [], [])
