@@ -9,11 +9,10 @@ from typing import Any
 from tqdm import tqdm
 
 from kvserve.config import EngineConfig
-from kvserve.engine.engine import Engine, EngineStats, PromptInput
+from kvserve.engine.engine import Engine, EngineStats
+from kvserve.inputs import Messages, PromptInput
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
-
-Messages = list[dict[str, str]]
 
 
 class LLM:
@@ -61,11 +60,7 @@ class LLM:
 
     def apply_chat_template(self, messages: Messages) -> list[int]:
         """Token ids of a conversation rendered with the model's template, ready for the reply."""
-        tokenizer = self.engine.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template; use generate() with a plain prompt")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
+        return self.engine.input_processor.apply_chat_template(messages)
 
     def stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None
                ) -> Iterator[RequestOutput]:

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from kvserve.engine.engine import Engine, EngineStats, PromptInput
+from kvserve.engine.engine import Engine, EngineStats
+from kvserve.inputs import PromptInput
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 

@@ -1,9 +1,10 @@
-"""Incremental detokenization with stop strings, safe for multi-byte UTF-8 characters."""
+"""Incremental detokenization that finds stop strings, safe for multi-byte UTF-8 characters."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from kvserve.engine.stop import StopStringMatch
 from kvserve.sampling_params import SamplingParams
 
 # Prompt tokens kept as decoding context: enough for a tokenizer that drops the leading
@@ -14,7 +15,9 @@ _REPLACEMENT_CHAR = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    """Turns generated token ids into text one token at a time, applying stop strings.
+    """Turns generated token ids into text one token at a time, reporting where a stop string appears.
+
+    Whether a match stops the request is engine/stop.py's decision; once it does, `stop_at` ends the text there.
 
     Each step decodes only a short window of ids: [:read_offset] is text that was already
     emitted (context), [read_offset:] is new. The new text is the difference of the two
@@ -27,7 +30,6 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = params.skip_special_tokens
         self.stop: list[str] = list(params.stop or [])
         self.include_stop_str_in_output = params.include_stop_str_in_output
-        self.min_tokens = params.min_tokens
         # Search window for stop strings: the new text plus this many earlier characters.
         self._stop_tail = max((len(s) for s in self.stop), default=1) - 1
         self._special_ids = _special_token_ids(tokenizer) if self.skip_special_tokens else set()
@@ -39,24 +41,17 @@ class IncrementalDetokenizer:
 
         self._text = ""
         self._num_sent_chars = 0
-        self.num_output_tokens = 0
-        self.stop_reason: str | None = None  # the stop string that ended the text, if any
+        self.is_stopped = False  # the text ended at a stop string; later tokens are ignored
 
     @property
     def output_text(self) -> str:
         """Text generated so far, stop string handled; a trailing partial char waits for flush."""
         return self._text
 
-    @property
-    def is_stopped(self) -> bool:
-        """Whether a stop string has been found; later tokens are ignored."""
-        return self.stop_reason is not None
-
-    def append(self, token_id: int) -> str | None:
-        """Add one generated token; return the stop string if the text now contains one."""
+    def append(self, token_id: int) -> StopStringMatch | None:
+        """Add one generated token; the earliest stop string its new text completed, if any."""
         if self.is_stopped:
             return None
-        self.num_output_tokens += 1
         if token_id in self._special_ids:
             return None  # skipped specials add no text; keeping them out keeps windows small
         self._window_ids.append(token_id)
@@ -66,13 +61,19 @@ class IncrementalDetokenizer:
         self._advance()
         return self._add_text(delta)
 
-    def flush(self) -> str | None:
+    def flush(self) -> None:
         """Add any bytes still held as a partial character (call once the request is done)."""
         if self.is_stopped:
-            return None
+            return
         delta = self._new_text()
         self._advance()
-        return self._add_text(delta) if delta else None
+        self._text += delta
+
+    def stop_at(self, match: StopStringMatch) -> None:
+        """End the text at a stop string the request stopped on (keeping it with include_stop_str_in_output)."""
+        end = match.index + len(match.stop) if self.include_stop_str_in_output else match.index
+        self._text = self._text[:end]
+        self.is_stopped = True
 
     def next_delta(self, is_finished: bool) -> str:
         """Return text not returned before; hold back a possible stop-string start until done."""
@@ -106,29 +107,19 @@ class IncrementalDetokenizer:
         """Decode a window of ids with this request's special-token setting."""
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def _add_text(self, delta: str) -> str | None:
-        """Append decoded text, then look for a stop string in the new part."""
+    def _add_text(self, delta: str) -> StopStringMatch | None:
+        """Append decoded text, then look for a stop string ending in the new part."""
         start = max(len(self._text) - self._stop_tail, 0)
         self._text += delta
-        # Like vLLM, stop strings do not count before min_tokens tokens were generated.
-        if not self.stop or self.num_output_tokens < self.min_tokens:
-            return None
-        found = self._find_stop(start)
-        if found is None:
-            return None
-        index, stop = found
-        end = index + len(stop) if self.include_stop_str_in_output else index
-        self._text = self._text[:end]
-        self.stop_reason = stop
-        return stop
+        return self._find_stop(start) if self.stop else None
 
-    def _find_stop(self, start: int) -> tuple[int, str] | None:
-        """Earliest stop string occurrence at or after `start`, as (index, stop string)."""
-        best: tuple[int, str] | None = None
+    def _find_stop(self, start: int) -> StopStringMatch | None:
+        """Earliest stop string occurrence at or after `start`."""
+        best: StopStringMatch | None = None
         for stop in self.stop:
             index = self._text.find(stop, start)
-            if index != -1 and (best is None or index < best[0]):
-                best = (index, stop)
+            if index != -1 and (best is None or index < best.index):
+                best = StopStringMatch(index, stop)
         return best
 
     def _stop_prefix_len(self) -> int:

@@ -15,6 +15,8 @@ from kvserve.config import EngineConfig, ModelConfig
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.request import Request, RequestStatus
 from kvserve.engine.scheduler import Scheduler
+from kvserve.engine.stop import check_stop
+from kvserve.inputs import InputProcessor, PromptInput
 from kvserve.kv.kv_cache import available_memory_bytes, residual_bytes_per_slot
 from kvserve.kv.kv_manager import KVCacheManager
 from kvserve.kv.kv_spec import KVCacheSpec, bytes_per_block, bytes_per_token
@@ -29,8 +31,6 @@ from kvserve.runner.model_runner import ModelRunner
 from kvserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-PromptInput = str | list[int] | dict
 
 
 @dataclass
@@ -124,6 +124,7 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.input_processor = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len)
         self._groups: dict[str, _Group] = {}
         self._sequence_of: dict[str, tuple[str, int]] = {}  # child request id -> (group id, index)
         self.num_prompt_tokens = 0
@@ -188,16 +189,6 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
-        """A prompt as (text or None, token ids): a string, a list of ids, or {"prompt_token_ids": ...}."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            prompt = prompt.get("prompt", "")
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt) if prompt else []
-        return None, list(prompt)
-
     def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams,
                     arrival_time: float | None = None) -> None:
         """Validate and queue a request; raises ValueError naming the field and the limit."""
@@ -205,18 +196,15 @@ class Engine:
         taken = [i for i in [request_id, *child_ids] if i in self._groups or i in self._sequence_of]
         if taken:
             raise ValueError(f"request_id {taken[0]!r} is already in use")
-        text, token_ids = self.tokenize(prompt)
-        self._validate_prompt(token_ids)
-        params.verify(self.model_config.vocab_size)
+        processed = self.input_processor.process(prompt, params)
+        token_ids = processed.prompt_token_ids
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        group = _Group(text, token_ids, arrival)
-        room = self.max_model_len - len(token_ids)
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        group = _Group(processed.prompt, token_ids, arrival)
         for index, child_id in enumerate(child_ids):
             child_params = params
             if params.n > 1 and params.seed is not None:
                 child_params = dataclasses.replace(params, seed=params.seed + index)
-            request = Request(child_id, token_ids, child_params, max_tokens, self.eos_token_ids,
+            request = Request(child_id, token_ids, child_params, processed.max_tokens, self.eos_token_ids,
                               arrival)
             detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
             logprobs = [] if params.logprobs is not None else None
@@ -226,17 +214,6 @@ class Engine:
         for sequence in group.sequences:
             self.scheduler.add_request(sequence.request)
         self.num_prompt_tokens += len(token_ids)
-
-    def _validate_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise ValueError("prompt must not be empty")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is "
-                             f"{self.max_model_len} (prompt plus at least one generated token)")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt_token_ids must be in [0, {vocab}), got {bad[0]}")
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks; unknown ids are ignored."""
@@ -257,37 +234,37 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduler/runner step; returns an output for every request that changed."""
         scheduled = self.scheduler.schedule()
-        if scheduled.is_empty:
-            self.runner.release(scheduled.finished_request_ids)
-            return []
         try:
-            sampled = self.runner.execute(scheduled)
+            sampled = self.runner.execute(scheduled)  # an empty step still tells the runner who finished
         except Exception as error:  # a failing step fails its requests, never the engine
             logger.exception("step failed")
-            return self._fail([s.request.request_id for s in scheduled.scheduled], error)
+            return self._fail(list(scheduled.num_scheduled_tokens), error)
+        if scheduled.is_empty:
+            return []
         changed: dict[str, _Group] = {}
-        num_prefill = sum(s.num_new_tokens for s in scheduled.scheduled if s.num_new_tokens > 1)
-        self._throughput.record(num_prefill, len(sampled.token_ids))
-        for request in self.scheduler.update(scheduled, sampled):
+        num_prefill = sum(n for n in scheduled.num_scheduled_tokens.values() if n > 1)
+        self._throughput.record(num_prefill, sum(len(token_ids) for token_ids in sampled.sampled_token_ids))
+        logprobs = dict(zip(sampled.req_ids, sampled.logprobs, strict=True))
+        for request in self.scheduler.update(scheduled, sampled, self._check_stop):
             group_id, index = self._sequence_of[request.request_id]
             sequence = self._groups[group_id].sequences[index]
-            self._on_token(sequence, sampled.logprobs.get(request.request_id))
+            step_logprobs = logprobs[request.request_id]
+            if sequence.logprobs is not None and step_logprobs is not None:
+                # Only the tokens the scheduler appended: a stop drops the ones sampled after it.
+                sequence.logprobs.extend(step_logprobs[:request.num_output_tokens - len(sequence.logprobs)])
             changed[group_id] = self._groups[group_id]
         return [self._make_output(group_id, group) for group_id, group in changed.items()]
 
-    def _on_token(self, sequence: _Sequence, logprobs: dict[int, float] | None) -> None:
-        request = sequence.request
+    def _check_stop(self, request: Request) -> RequestStatus | None:
+        """Called once per appended token: its text first, then the stop decision (engine/stop.py)."""
+        group_id, index = self._sequence_of[request.request_id]
+        detokenizer = self._groups[group_id].sequences[index].detokenizer
         self.num_generation_tokens += 1
-        if sequence.logprobs is not None and logprobs is not None:
-            sequence.logprobs.append(logprobs)
-        stop = sequence.detokenizer.append(request.output_token_ids[-1])
-        if stop is None:
-            return
-        request.stop_reason = stop
-        if request.is_finished:  # the same token also hit max_tokens: the stop string names the reason
-            request.status = RequestStatus.FINISHED_STOPPED
-        else:
-            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+        match = detokenizer.append(request.output_token_ids[-1])
+        status = check_stop(request, match)
+        if match is not None and request.stop_reason == match.stop:
+            detokenizer.stop_at(match)  # the text ends at the stop string
+        return status
 
     def _fail(self, request_ids: list[str], error: Exception) -> list[RequestOutput]:
         outputs = []

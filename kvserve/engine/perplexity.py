@@ -8,7 +8,7 @@ import torch
 
 from kvserve.engine.engine import Engine
 from kvserve.engine.request import Request
-from kvserve.engine.scheduler import ScheduledRequest
+from kvserve.runner.input_batch import CachedRequestState, StepBatch
 from kvserve.sampling_params import SamplingParams
 
 
@@ -20,6 +20,8 @@ def perplexity(engine: Engine, token_ids: list[int], chunk: int = 64) -> float:
         raise ValueError(f"perplexity needs at least 2 tokens, got {len(token_ids)}")
     manager, runner = engine.kv_manager, engine.runner
     request = Request("perplexity", list(token_ids), SamplingParams(max_tokens=1), max_tokens=1)
+    state = CachedRequestState(request.request_id, request.prompt_token_ids, [], request.all_token_ids,
+                               request.sampling_params, frozenset(), [], 0)
     nll = 0.0
     try:
         for start in range(0, len(token_ids) - 1, chunk):
@@ -27,9 +29,9 @@ def perplexity(engine: Engine, token_ids: list[int], chunk: int = 64) -> float:
             manager.evict_outside_window(request.request_id, start)
             if not manager.allocate_slots(request.request_id, end):
                 raise ValueError(f"the KV cache ({manager.num_blocks} blocks) cannot hold {end} tokens")
-            step = ScheduledRequest(request, start, end - start, manager.block_table(request.request_id),
-                                    is_sampling=False)
-            input_ids, positions, metadata = runner.prepare_inputs([step])
+            table = manager.block_table(request.request_id)
+            step = StepBatch([state], [start], [end - start], [table], token_ids[start:end], sampling=[])
+            input_ids, positions, metadata = runner.prepare_inputs(step)
             hidden = runner.model(input_ids, positions, runner.kv_caches, metadata)
             logprobs = torch.log_softmax(runner.model.compute_logits(hidden), dim=-1)  # [n, vocab]
             targets = torch.tensor(token_ids[start + 1:end + 1], device=logprobs.device)

@@ -31,7 +31,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    max_tokens: int  # sampling_params.max_tokens capped by the context window
+    max_tokens: int  # sampling_params.max_tokens, or the room its context leaves when that is None
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = 0.0
     output_token_ids: list[int] = field(default_factory=list)
@@ -78,18 +78,3 @@ class Request:
         """Record one generated token."""
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
-
-    def check_stop(self) -> RequestStatus | None:
-        """The finished state the last generated token puts the request in, if any."""
-        params = self.sampling_params
-        last = self.output_token_ids[-1]
-        if self.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and last in self.eos_token_ids:
-                self.stop_reason = None
-                return RequestStatus.FINISHED_STOPPED
-            if last in params.stop_token_ids:
-                self.stop_reason = last
-                return RequestStatus.FINISHED_STOPPED
-        if self.num_output_tokens >= self.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        return None

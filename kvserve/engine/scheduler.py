@@ -9,49 +9,27 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvserve.config import SchedulerConfig
 from kvserve.engine.request import Request, RequestStatus
+from kvserve.engine.sched_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    num_rejected_drafts,
+)
+from kvserve.engine.stop import StopCheck, check_stop
 from kvserve.kv.kv_manager import KVCacheManager
 
 
-@dataclass
-class ScheduledRequest:
-    """One request's share of a step."""
+@dataclass(slots=True)
+class _RunnerView:
+    """How much of a request the runner holds: the next diff starts there."""
 
-    request: Request
-    num_computed_tokens: int  # tokens already in the KV cache before this step
-    num_new_tokens: int  # tokens whose K/V this step computes
-    block_table: list[int]
-    is_sampling: bool  # the step reaches the end of the known tokens, so a new token is sampled
-
-
-@dataclass
-class SchedulerOutput:
-    """What the runner computes this step: the only thing that crosses from scheduler to runner."""
-
-    scheduled: list[ScheduledRequest]
-    preempted_request_ids: list[str] = field(default_factory=list)
-    finished_request_ids: list[str] = field(default_factory=list)  # since the last step
-
-    @property
-    def num_scheduled_tokens(self) -> int:
-        """Tokens computed this step across all requests."""
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        """True when there is nothing to run."""
-        return not self.scheduled
-
-
-@dataclass
-class SampledTokens:
-    """What the runner hands back: the new token of each sampling request, by request id."""
-
-    token_ids: dict[str, int]
-    logprobs: dict[str, dict[int, float] | None] = field(default_factory=dict)
+    num_token_ids: int
+    num_block_ids: int
 
 
 class Scheduler:
@@ -69,6 +47,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self._finished_since_last_step: list[str] = []
+        self._runner_views: dict[str, _RunnerView] = {}  # requests the runner holds
 
     @property
     def num_unfinished(self) -> int:
@@ -83,8 +62,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Choose this step's requests and token counts, allocating their KV blocks."""
         budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
-        preempted: list[str] = []
+        output = SchedulerOutput()
+        preempted = output.preempted_req_ids
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -95,7 +74,7 @@ class Scheduler:
             self.kv_manager.evict_outside_window(request.request_id, request.num_computed_tokens)
             if not self._allocate_or_preempt(request, num_new, preempted):
                 break  # the request preempted itself: nobody later in the list can run either
-            scheduled.append(self._schedule(request, num_new))
+            self._schedule(request, num_new, output)
             budget -= num_new
             index += 1
         # New work only when nobody had to be preempted: admitting it would just thrash.
@@ -117,10 +96,11 @@ class Scheduler:
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled.append(self._schedule(request, num_new))
+            self._schedule(request, num_new, output)
             budget -= num_new
-        finished, self._finished_since_last_step = self._finished_since_last_step, []
-        return SchedulerOutput(scheduled, preempted, finished)
+        output.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
+        output.finished_req_ids, self._finished_since_last_step = self._finished_since_last_step, []
+        return output
 
     def _num_new_tokens(self, request: Request, budget: int, num_computed: int | None = None) -> int:
         computed = request.num_computed_tokens if num_computed is None else num_computed
@@ -140,43 +120,62 @@ class Scheduler:
                 return False
         return True
 
-    def _schedule(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _schedule(self, request: Request, num_new: int, output: SchedulerOutput) -> None:
+        """Add the request to the step: all of it if the runner does not hold it, else what changed."""
         if request.first_scheduled_time is None:
             request.first_scheduled_time = time.monotonic()
-        computed = request.num_computed_tokens
-        return ScheduledRequest(request, computed, num_new,
-                                self.kv_manager.block_table(request.request_id),
-                                is_sampling=computed + num_new == request.num_tokens)
+        request_id = request.request_id
+        table = self.kv_manager.block_table(request_id)
+        view = self._runner_views.get(request_id)
+        if view is None:
+            self._runner_views[request_id] = _RunnerView(request.num_tokens, len(table))
+            output.scheduled_new_reqs.append(NewRequestData(
+                request_id, request.prompt_token_ids, list(request.output_token_ids), request.sampling_params,
+                request.eos_token_ids, list(table), request.num_computed_tokens))
+        else:
+            output.scheduled_cached_reqs.append(CachedRequestData(
+                request_id, request.all_token_ids[view.num_token_ids:], table[view.num_block_ids:],
+                request.num_computed_tokens))
+            view.num_token_ids, view.num_block_ids = request.num_tokens, len(table)
+        output.num_scheduled_tokens[request_id] = num_new
 
     def _preempt(self, request: Request) -> None:
         """Free the request's blocks and queue it first in line; it will recompute its tokens."""
         self.kv_manager.free(request.request_id)
+        self._runner_views.pop(request.request_id, None)  # the runner drops it too (preempted_req_ids)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update(self, output: SchedulerOutput, sampled: SampledTokens) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish requests; returns those with a new token."""
+    def update(self, output: SchedulerOutput, runner_output: ModelRunnerOutput,
+               stop: StopCheck = check_stop) -> list[Request]:
+        """Credit the accepted tokens, append the sampled ones until one finishes its request (as `stop` decides,
+        once per token); returns the requests with new tokens."""
+        sampled = dict(zip(runner_output.req_ids, runner_output.sampled_token_ids, strict=True))
+        drafts = output.scheduled_spec_decode_tokens
         updated: list[Request] = []
         now = time.monotonic()
-        for item in output.scheduled:
-            request = item.request
-            if request.is_finished:
+        for request_id, num_scheduled in output.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            request.num_computed_tokens += item.num_new_tokens
-            self.kv_manager.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
-            token = sampled.token_ids.get(request.request_id)
-            if token is None:
+            token_ids = sampled.get(request_id, [])
+            num_drafts = len(drafts[request_id]) if request_id in drafts else 0
+            request.num_computed_tokens += num_scheduled - num_rejected_drafts(num_drafts, len(token_ids))
+            self.kv_manager.cache_full_blocks(request_id, request.all_token_ids, request.num_computed_tokens)
+            if not token_ids:
                 continue  # a prompt chunk: no token yet
-            request.append_token(token)
             if request.first_token_time is None:
                 request.first_token_time = now
             request.last_token_time = now
-            stop = request.check_stop()
-            if stop is not None:
-                self.finish_request(request.request_id, stop)
+            for token_id in token_ids:
+                request.append_token(token_id)
+                status = stop(request)
+                if status is not None:
+                    self.finish_request(request_id, status)
+                    break
             updated.append(request)
         return updated
 
@@ -192,5 +191,6 @@ class Scheduler:
         request.status = status
         request.finished_time = time.monotonic()
         self.kv_manager.free(request_id)
+        self._runner_views.pop(request_id, None)
         self._finished_since_last_step.append(request_id)
         return request

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from kvserve.kv.block_pool import BlockPool
 from kvserve.kv.prefix_cache import CachedPrefix, hash_block
-
-EVICTED = -1  # a block-table entry whose block left the sliding window and went back to the pool
+from kvserve.kv.window_eviction import EVICTED, WindowEviction
 
 
 class KVCacheManager:
@@ -15,8 +14,7 @@ class KVCacheManager:
                  window: int | None = None, num_sinks: int = 0) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.window = window  # StreamingLLM: keep the first num_sinks tokens and the last `window` ones
-        self.num_sink_blocks = -(-num_sinks // block_size)
+        self.window = None if window is None else WindowEviction(window, num_sinks, block_size)
         self._num_evicted: dict[str, int] = {}  # blocks evicted per request (they follow the sink blocks)
         self.pool = BlockPool(num_blocks)
         self._block_tables: dict[str, list[int]] = {}
@@ -99,17 +97,11 @@ class KVCacheManager:
         """Free the blocks that no query from position `num_computed_tokens` on can see (sinks stay)."""
         if self.window is None:
             return
-        table = self._block_tables.get(request_id, [])
-        # Query q sees keys > q - window: a block is dead once its last position is <= first query - window.
-        first_live = (num_computed_tokens - self.window + 1) // self.block_size
-        start = self.num_sink_blocks + self._num_evicted.get(request_id, 0)
-        dead = list(range(start, min(first_live, len(table))))
-        if not dead:
-            return
-        self.pool.free([table[index] for index in reversed(dead)])
-        for index in dead:
-            table[index] = EVICTED
-        self._num_evicted[request_id] = self._num_evicted.get(request_id, 0) + len(dead)
+        num_evicted = self._num_evicted.get(request_id, 0)
+        dead = self.window.evict(self._block_tables.get(request_id, []), num_evicted, num_computed_tokens)
+        if dead:
+            self.pool.free(dead)
+            self._num_evicted[request_id] = num_evicted + len(dead)
 
     def num_held_blocks(self, request_id: str) -> int:
         """Blocks the request holds now (evicted ones excluded)."""

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from kvserve.attention.backend import AttentionMetadata, PrefillSeq, WindowMetadata
-from kvserve.engine.scheduler import SampledTokens, ScheduledRequest, SchedulerOutput
+from kvserve.engine.sched_output import ModelRunnerOutput, SchedulerOutput
 from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches
 from kvserve.kv.kv_spec import KVCacheSpec
+from kvserve.kv.window_eviction import WindowEviction
 from kvserve.layers.host_blas import host_blas_step
 from kvserve.layers.linear import Linear
 from kvserve.layers.norm import RMSNorm
@@ -26,11 +28,12 @@ from kvserve.runner.cache_plans import (
     prefill_tail,
     window_visible,
 )
+from kvserve.runner.input_batch import CachedRequestState, InputBatch, StepBatch
 from kvserve.sample.sampler import Sampler, SamplingMetadata
 
 
 class ModelRunner:
-    """Owns the model weights, the KV-cache tensors and the per-request sampling generators."""
+    """Owns the model weights, the KV-cache tensors, its copy of the running requests and their generators."""
 
     def __init__(self, model: nn.Module, device: torch.device, seed: int = 0) -> None:
         self.model = model
@@ -44,7 +47,9 @@ class ModelRunner:
         self.packed_weight_bytes = 0  # oneDNN copies of the Linear weights (float32 CPU)
         # Unseeded requests share one generator, seeded by the engine's seed.
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
+        # A seeded request's generator outlives a preemption: its random stream goes on where it stopped.
         self.generators: dict[str, torch.Generator] = {}
+        self.input_batch = InputBatch()
 
     def load_weights(self, source: ModelSource, dtype: torch.dtype, show_progress: bool) -> None:
         """Stream the checkpoint's tensors into the model, with a progress bar."""
@@ -104,67 +109,65 @@ class ModelRunner:
     def set_window(self, window: int | None, num_sinks: int) -> None:
         """Attend with sinks + a sliding window (the KV manager evicts the blocks in between)."""
         self.window, self.num_sinks = window, num_sinks
+        self.input_batch.window = None if window is None else WindowEviction(window, num_sinks, self.block_size)
 
     @property
     def kv_cache_bytes(self) -> int:
         """Bytes held by the KV-cache tensors."""
         return sum(cache.num_bytes for cache in self.kv_caches)
 
-    def release(self, request_ids: list[str]) -> None:
-        """Forget per-request state of finished requests."""
-        for request_id in request_ids:
+    def release(self, finished_req_ids: Sequence[str], preempted_req_ids: Sequence[str] = ()) -> None:
+        """Forget the generators of finished requests and the int4 residual slots of finished and preempted ones."""
+        for request_id in finished_req_ids:
             self.generators.pop(request_id, None)
-            if self.residual_slots is not None:
+        if self.residual_slots is not None:
+            for request_id in [*finished_req_ids, *preempted_req_ids]:
                 self.residual_slots.release(request_id)
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> SampledTokens:
-        """Run one step and sample a token for every request that reached the end of its tokens."""
-        self.release(output.finished_request_ids)
-        if self.residual_slots is not None:
-            for request_id in output.preempted_request_ids:
-                self.residual_slots.release(request_id)
-        # Single-token queries first: the attention batches them in one call.
-        items = sorted(output.scheduled, key=lambda s: s.num_new_tokens != 1)
-        num_tokens = sum(item.num_new_tokens for item in items)
-        with host_blas_step() if num_tokens <= self.cpu_blas_max_tokens else contextlib.nullcontext():
-            return self._run(items)
+    def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        """Apply the step's diffs, run it, and sample a token for every request that reached its last token."""
+        self.release(output.finished_req_ids, output.preempted_req_ids)
+        batch = self.input_batch.update(output)
+        if not batch.requests:
+            return ModelRunnerOutput([], [], [])
+        use_host_blas = output.total_num_scheduled_tokens <= self.cpu_blas_max_tokens
+        with host_blas_step() if use_host_blas else contextlib.nullcontext():
+            return self._run(batch)
 
-    def _run(self, items: list[ScheduledRequest]) -> SampledTokens:
+    def _run(self, batch: StepBatch) -> ModelRunnerOutput:
         """Forward the packed step, then sample the requests that reached the end of their tokens."""
-        input_ids, positions, metadata = self.prepare_inputs(items)
+        input_ids, positions, metadata = self.prepare_inputs(batch)
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)
-        sampling = [i for i, item in enumerate(items) if item.is_sampling]
-        if not sampling:
-            return SampledTokens({})
-        last_rows = torch.tensor(_last_rows(items, sampling), device=self.device)
-        logits = self.model.compute_logits(hidden[last_rows])  # [num_sampling, vocab]
-        requests = [items[i].request for i in sampling]
-        result = self.sampler(logits, self._sampling_metadata(requests))
-        return SampledTokens(
-            {r.request_id: t for r, t in zip(requests, result.token_ids, strict=True)},
-            {r.request_id: lp for r, lp in zip(requests, result.logprobs, strict=True)})
+        sampled: list[list[int]] = [[] for _ in batch.requests]
+        logprobs: list[list[dict[int, float]] | None] = [None] * len(batch.requests)
+        if batch.sampling:
+            last_rows = torch.tensor(_last_rows(batch.num_new_tokens, batch.sampling), device=self.device)
+            logits = self.model.compute_logits(hidden[last_rows])  # [num_sampling, vocab]
+            states = [batch.requests[i] for i in batch.sampling]
+            result = self.sampler(logits, self._sampling_metadata(states))
+            for index, token_id, token_logprobs in zip(batch.sampling, result.token_ids, result.logprobs,
+                                                       strict=True):
+                sampled[index] = [token_id]
+                logprobs[index] = None if token_logprobs is None else [token_logprobs]
+        return ModelRunnerOutput(batch.req_ids, sampled, logprobs)
 
-    def prepare_inputs(self, items: list[ScheduledRequest]
-                        ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Pack token ids and positions [T] and build the attention metadata."""
+    def prepare_inputs(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Token ids and positions [T] of the packed step, and the attention metadata."""
         block_size, device = self.block_size, self.device
-        token_ids: list[int] = []
         positions: list[int] = []
         spans: list[StepSpan] = []
         slots: list[int] = []
-        for item in items:
-            start, count = item.num_computed_tokens, item.num_new_tokens
-            slot = self.residual_slots.slot(item.request.request_id) if self.residual_slots else -1
-            spans.append(StepSpan(len(token_ids), start, count, item.block_table, slot))
-            token_ids.extend(item.request.all_token_ids[start:start + count])
+        for state, start, count, table in zip(batch.requests, batch.num_computed_tokens, batch.num_new_tokens,
+                                              batch.block_tables, strict=True):
+            slot = self.residual_slots.slot(state.req_id) if self.residual_slots else -1
+            spans.append(StepSpan(len(positions), start, count, table, slot))
             positions.extend(range(start, start + count))
             # Plain ints: a tensor per request would cost more than the arithmetic for decodes.
-            table = item.block_table
             slots.extend(table[pos // block_size] * block_size + pos % block_size
                          for pos in range(start, start + count))
-        num_decodes = sum(1 for item in items if item.num_new_tokens == 1)
-        held = [held_blocks(item.block_table) for item in items]
+        num_decodes = sum(1 for count in batch.num_new_tokens if count == 1)
+        held = [held_blocks(table) for table in batch.block_tables]
         position_tensor = torch.tensor(positions, dtype=torch.long, device=device)
         metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
@@ -178,7 +181,7 @@ class ModelRunner:
             metadata.int4 = int4_write_plan(spans, num_decodes, columns, block_size, device)
         if self.window is not None:
             metadata.window = self._window_metadata(position_tensor, metadata.num_decodes)
-        return torch.tensor(token_ids, device=device), position_tensor, metadata
+        return torch.tensor(batch.token_ids, device=device), position_tensor, metadata
 
     def _prefill_seq(self, span: StepSpan, blocks: list[int], indices: list[int]) -> PrefillSeq:
         """A multi-token request's attention inputs: its held blocks, int4 tail and window mask."""
@@ -220,14 +223,14 @@ class ModelRunner:
         cos, sin = self.model.model.rotary.rotation(delta, next(self.model.parameters()).dtype)
         return WindowMetadata(self.num_sinks, self.window, (cos, -sin), delta[:num_decodes] > 0)
 
-    def _sampling_metadata(self, requests: list) -> SamplingMetadata:
+    def _sampling_metadata(self, requests: list[CachedRequestState]) -> SamplingMetadata:
         generators = []
         for request in requests:
             seed = request.sampling_params.seed
-            if seed is not None and request.request_id not in self.generators:
-                self.generators[request.request_id] = torch.Generator(
+            if seed is not None and request.req_id not in self.generators:
+                self.generators[request.req_id] = torch.Generator(
                     device=self.device).manual_seed(seed)
-            generators.append(self.generators.get(request.request_id))
+            generators.append(self.generators.get(request.req_id))
         return SamplingMetadata(
             params=[r.sampling_params for r in requests],
             generators=generators,
@@ -237,10 +240,10 @@ class ModelRunner:
         )
 
 
-def _last_rows(items: list[ScheduledRequest], indices: list[int]) -> list[int]:
+def _last_rows(num_new_tokens: list[int], indices: list[int]) -> list[int]:
     """Row of each chosen request's last token in the packed batch."""
     ends, total = [], 0
-    for item in items:
-        total += item.num_new_tokens
+    for count in num_new_tokens:
+        total += count
         ends.append(total - 1)
     return [ends[i] for i in indices]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import pathlib
 import uuid
-from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -15,13 +14,11 @@ from kvserve.config import EngineConfig
 from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, GenerateRequest
 from kvserve.engine.engine import Engine
 from kvserve.loader.weights import resolve_model_path
-from kvserve.sampling_params import SamplingParams
 from kvserve.server.auth import ApiKeyMiddleware
 from kvserve.server.config import ServerConfig
 from kvserve.server.errors import OpenAIError, install_error_handlers, invalid_request, overloaded
 from kvserve.server.logprobs import TokenText
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
-from kvserve.server.prompts import encode_chat, encode_prompt
 from kvserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -41,16 +38,16 @@ def model_name_of(model: str | None) -> str:
 
 
 class _Server:
-    """What the routes share: the engine, metrics, options, and the request checks."""
+    """What the routes share: the engine, its input processor, metrics and options."""
 
     def __init__(self, async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig) -> None:
         self.async_engine = async_engine
         self.metrics = metrics
         self.config = config
         self.model_name = config.served_model_name or model_name_of(async_engine.engine.config.load.model)
-        self.tokenizer = async_engine.engine.tokenizer
+        self.input_processor = async_engine.engine.input_processor  # the prompt and length rules
         self.max_model_len: int = async_engine.engine.max_model_len
-        self.token_text = TokenText(self.tokenizer)
+        self.token_text = TokenText(async_engine.engine.tokenizer)
 
     def check_model(self, name: str | None) -> str:
         """The served name; 404 for any other model."""
@@ -59,20 +56,6 @@ class _Server:
             raise OpenAIError(404, f"model {name!r} does not exist; this server serves {served!r}",
                               param="model", code="model_not_found")
         return served
-
-    def check_length(self, num_prompt_tokens: int, params: SamplingParams, prompt_field: str,
-                     max_tokens_field: str) -> None:
-        """400 if the prompt, or the prompt plus max_tokens, does not fit in the context window."""
-        limit = self.max_model_len
-        if num_prompt_tokens >= limit:
-            raise OpenAIError(400, f"{prompt_field} has {num_prompt_tokens} tokens; the context window "
-                              f"(max_model_len) is {limit}, prompt plus at least one generated token",
-                              param=prompt_field, code="context_length_exceeded")
-        if params.max_tokens is not None and num_prompt_tokens + params.max_tokens > limit:
-            raise OpenAIError(400, f"{max_tokens_field} is {params.max_tokens}, but the prompt's "
-                              f"{num_prompt_tokens} tokens leave room for {limit - num_prompt_tokens} in "
-                              f"the context window (max_model_len {limit})",
-                              param=max_tokens_field, code="context_length_exceeded")
 
     def admit(self) -> None:
         """503 with Retry-After while the waiting queue is full; the running requests go on."""
@@ -139,16 +122,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     try:
         params = body.sampling_params()
         messages = [message.for_template() for message in body.messages]
-        prompt_ids = await run_in_threadpool(encode_chat, server.tokenizer, messages)
+        prompt_ids = await run_in_threadpool(server.input_processor.apply_chat_template, messages)
     except ValueError as error:
         raise invalid_request(error) from None
-    server.check_length(len(prompt_ids), params, "messages", body.max_tokens_field)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     formatter = ChatFormatter(response_id, model, {response_id: 0}, server.token_text,
                               params.logprobs, body.include_usage)
     requests = [GenerateRequest(response_id, {"prompt_token_ids": prompt_ids}, params)]
     return await server.run(request, requests, formatter, body.stream, params.n,
-                            {"prompt": "messages", "prompt_token_ids": "messages"})
+                            {"prompt": "messages", "prompt_token_ids": "messages", "max_tokens": body.max_tokens_field})
 
 
 @router.post("/v1/completions")
@@ -160,24 +142,18 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     try:
         params = body.sampling_params()
         prompts = body.prompts()
-        prompt_ids = await run_in_threadpool(lambda: [encode_prompt(server.tokenizer, p) for p in prompts])
+        # Tokenized off the engine thread; the engine validates the ids (InputProcessor.process).
+        encoded = await run_in_threadpool(lambda: [server.input_processor.tokenize(p) for p in prompts])
     except ValueError as error:
         raise invalid_request(error) from None
-    for ids in prompt_ids:
-        server.check_length(len(ids), params, "prompt", body.max_tokens_field)
     response_id = f"cmpl-{uuid.uuid4().hex}"
     request_ids = [response_id if len(prompts) == 1 else f"{response_id}-{i}" for i in range(len(prompts))]
     formatter = CompletionFormatter(response_id, model, {rid: i * params.n for i, rid in enumerate(request_ids)},
                                     server.token_text, params.logprobs, body.include_usage)
-    requests = [GenerateRequest(rid, _completion_prompt(p, ids), params)
-                for rid, p, ids in zip(request_ids, prompts, prompt_ids, strict=True)]
+    requests = [GenerateRequest(rid, {"prompt": text, "prompt_token_ids": ids}, params)
+                for rid, (text, ids) in zip(request_ids, encoded, strict=True)]
     return await server.run(request, requests, formatter, body.stream, len(prompts) * params.n,
                             {"prompt_token_ids": "prompt"})
-
-
-def _completion_prompt(prompt: str | list[int], ids: list[int]) -> dict[str, Any]:
-    """The engine prompt: ids as encoded here, and the text where there was one."""
-    return {"prompt": prompt if isinstance(prompt, str) else None, "prompt_token_ids": ids}
 
 
 def build_app(async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig) -> FastAPI:

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from kvserve.inputs import ContextLengthExceededError
 from kvserve.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -38,14 +39,15 @@ class OpenAIError(Exception):
 
 
 def invalid_request(error: ValueError, renames: dict[str, str] | None = None) -> OpenAIError:
-    """A 400 from a ValueError whose message starts with the field name (SamplingParams, Engine)."""
+    """A 400 from a ValueError whose message starts with the field name (SamplingParams, InputProcessor)."""
     message = str(error)
     match = _LEADING_FIELD.match(message)
     param = match.group(1) if match else None
     if param is not None and renames and param in renames:
         message = renames[param] + message[len(param):]
         param = renames[param]
-    return OpenAIError(400, message, param=param)
+    code = "context_length_exceeded" if isinstance(error, ContextLengthExceededError) else None
+    return OpenAIError(400, message, param=param, code=code)
 
 
 def overloaded(retry_after_s: int) -> OpenAIError:

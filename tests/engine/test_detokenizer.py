@@ -1,4 +1,5 @@
-"""IncrementalDetokenizer against the bundled SmolLM2 tokenizer: UTF-8, specials, stops."""
+"""IncrementalDetokenizer against the bundled SmolLM2 tokenizer: UTF-8, specials, stop-string matches and the
+text after a stop."""
 
 from __future__ import annotations
 
@@ -18,15 +19,24 @@ TEXTS = [
 ]
 
 
+def append(detok: IncrementalDetokenizer, token_id: int) -> str | None:
+    """Add a token and, as the engine does when a match stops the request, end the text at the stop string."""
+    match = detok.append(token_id)
+    if match is None:
+        return None
+    detok.stop_at(match)
+    return match.stop
+
+
 def stream(
     tokenizer: Any, ids: list[int], params: SamplingParams, prompt: str = PROMPT
 ) -> tuple[IncrementalDetokenizer, list[str], list[str | None]]:
-    """Feed ids one at a time; return the detokenizer, every delta and each append result."""
+    """Feed ids one at a time; return the detokenizer, every delta and each stop string matched."""
     detok = IncrementalDetokenizer(tokenizer, tokenizer.encode(prompt), params)
     deltas: list[str] = []
     stops: list[str | None] = []
     for token_id in ids:
-        stops.append(detok.append(token_id))
+        stops.append(append(detok, token_id))
         deltas.append(detok.next_delta(is_finished=False))
     deltas.append(detok.next_delta(is_finished=True))
     return detok, deltas, stops
@@ -119,7 +129,7 @@ def test_stop_string_truncates(tokenizer: Any, stop: str, include: bool, expecte
     assert detok.output_text == expected
     assert "".join(deltas) == expected
     assert [s for s in stops if s is not None] == [stop]
-    assert detok.stop_reason == stop
+    assert detok.is_stopped
     if not include:
         # The hold-back must not let any piece of the stop string out before it completed.
         streamed = ""
@@ -134,7 +144,7 @@ def test_hold_back_never_leaks_stop_prefix(tokenizer: Any) -> None:
     detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop=stop))
     streamed = ""
     for token_id in ids:
-        if detok.append(token_id) is not None:
+        if append(detok, token_id) is not None:
             break
         streamed += detok.next_delta(is_finished=False)
         # Whatever is out may not end in a started stop string: it could not be taken back.
@@ -159,23 +169,24 @@ def test_held_text_is_released_when_stop_does_not_complete(tokenizer: Any) -> No
 def test_earliest_of_several_stops_wins(tokenizer: Any) -> None:
     ids = tokenizer.encode(STOP_TEXT)
     params = SamplingParams(stop=["thanks", "42", "Goodbye"])
-    detok, _, _ = stream(tokenizer, ids, params)
+    detok, _, stops = stream(tokenizer, ids, params)
     assert detok.output_text == "The answer is "
-    assert detok.stop_reason == "42"
+    assert [s for s in stops if s is not None] == ["42"]
 
 
 def test_tokens_after_stop_are_ignored(tokenizer: Any) -> None:
     ids = tokenizer.encode(STOP_TEXT)
     detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop="42"))
-    results = [detok.append(token_id) for token_id in ids]
+    results = [append(detok, token_id) for token_id in ids]
     assert results.count("42") == 1
     assert detok.output_text == "The answer is "
 
 
-def test_stop_strings_wait_for_min_tokens(tokenizer: Any) -> None:
+def test_a_match_that_does_not_stop_leaves_the_text_whole(tokenizer: Any) -> None:
+    # The detokenizer reports the match; without stop_at (engine/stop.py said go on) the text carries on.
     ids = tokenizer.encode(STOP_TEXT)
-    # "answer" lies in the first few tokens, before min_tokens is reached, so it does not count.
-    params = SamplingParams(stop="answer", min_tokens=len(ids) - 1, max_tokens=None)
-    detok, deltas, stops = stream(tokenizer, ids, params)
-    assert stops == [None] * len(ids)
-    assert "".join(deltas) == detok.output_text == STOP_TEXT
+    detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop="answer"))
+    matches = [detok.append(token_id) for token_id in ids]
+    [match] = [m for m in matches if m is not None]
+    assert (match.index, match.stop) == (4, "answer")
+    assert detok.next_delta(is_finished=True) == detok.output_text == STOP_TEXT

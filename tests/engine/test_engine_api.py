@@ -84,6 +84,16 @@ def test_prompt_longer_than_max_model_len_rejected(llm, paris):
     assert_serving(llm, paris)
 
 
+def test_max_tokens_past_the_context_rejected_not_capped(llm, paris):
+    # The same rule as the server's 400 (kvserve/inputs.py): prompt + max_tokens must fit in max_model_len.
+    max_len = llm.engine.max_model_len
+    num_prompt = len(paris.prompt_token_ids)
+    with pytest.raises(ValueError, match=rf"^max_tokens is {max_len}, but the prompt's {num_prompt} tokens leave "
+                                         rf"room for {max_len - num_prompt} .*\(max_model_len {max_len}\)"):
+        llm.generate(PARIS, SamplingParams(max_tokens=max_len), use_tqdm=False)
+    assert_serving(llm, paris)
+
+
 @pytest.mark.parametrize("bad_id", [49152, 49152 + 5, -1])
 def test_out_of_vocab_prompt_token_rejected(llm, paris, bad_id):
     vocab = llm.engine.model_config.vocab_size
@@ -197,7 +207,7 @@ def test_no_leaked_blocks_after_length_stop_abort_and_failure(llm, paris, monkey
     calls = []
 
     def fail_once(scheduled):
-        calls.append(sorted(s.request.request_id for s in scheduled.scheduled))
+        calls.append(sorted(scheduled.num_scheduled_tokens))
         if len(calls) == 1:
             raise RuntimeError("boom")
         return original(scheduled)

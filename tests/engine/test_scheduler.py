@@ -1,8 +1,12 @@
-"""Scheduler with fake runner outputs: budgets, chunking, preemption order, block accounting."""
+"""Scheduler with fake runner outputs: budgets, chunking, preemption order, block accounting, the diffs it sends
+and how it credits what the runner sampled."""
+
+import pickle
 
 from kvserve.config import SchedulerConfig
 from kvserve.engine.request import Request, RequestStatus
-from kvserve.engine.scheduler import SampledTokens, Scheduler, SchedulerOutput
+from kvserve.engine.sched_output import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from kvserve.engine.scheduler import Scheduler
 from kvserve.kv.kv_manager import KVCacheManager
 from kvserve.sampling_params import SamplingParams
 
@@ -22,16 +26,28 @@ def make_request(request_id: str, prompt_len: int, max_tokens: int = 4) -> Reque
                    frozenset({EOS}))
 
 
+def sampling(scheduler: Scheduler, output: SchedulerOutput) -> list[str]:
+    """Requests whose step reaches the end of their known tokens (call before update)."""
+    requests = scheduler.requests
+    return [request_id for request_id, count in output.num_scheduled_tokens.items()
+            if requests[request_id].num_computed_tokens + count == requests[request_id].num_tokens]
+
+
+def runner_output(output: SchedulerOutput, sampled: dict[str, list[int]]) -> ModelRunnerOutput:
+    """What a runner returns: a token list for every scheduled request (empty where it sampled nothing)."""
+    req_ids = list(output.num_scheduled_tokens)
+    return ModelRunnerOutput(req_ids, [sampled.get(r, []) for r in req_ids], [None] * len(req_ids))
+
+
 def fake_step(scheduler: Scheduler, token: int = 7) -> SchedulerOutput:
     """Schedule, then pretend the runner sampled `token` for every request that reached its end."""
     output = scheduler.schedule()
-    sampled = {s.request.request_id: token for s in output.scheduled if s.is_sampling}
-    scheduler.update(output, SampledTokens(sampled))
+    scheduler.update(output, runner_output(output, {r: [token] for r in sampling(scheduler, output)}))
     return output
 
 
 def counts(output: SchedulerOutput) -> dict[str, int]:
-    return {s.request.request_id: s.num_new_tokens for s in output.scheduled}
+    return dict(output.num_scheduled_tokens)
 
 
 def test_token_budget_chunks_long_prompt_and_shares_step_with_decodes():
@@ -42,9 +58,10 @@ def test_token_budget_chunks_long_prompt_and_shares_step_with_decodes():
     # The decode goes first (1 token), the long prompt takes the rest of the budget.
     assert counts(fake_step(scheduler)) == {"short": 1, "long": 7}
     assert counts(fake_step(scheduler)) == {"short": 1, "long": 7}
-    step = fake_step(scheduler)
-    assert counts(step) == {"short": 1, "long": 6}
-    assert [s.is_sampling for s in step.scheduled] == [True, True]
+    step = scheduler.schedule()
+    assert counts(step) == {"short": 1, "long": 6} and step.total_num_scheduled_tokens == 7
+    assert sampling(scheduler, step) == ["short", "long"]
+    scheduler.update(step, runner_output(step, {"short": [7], "long": [7]}))
     long = scheduler.requests["long"]
     assert long.num_computed_tokens == 20 and long.output_token_ids == [7]
 
@@ -53,10 +70,11 @@ def test_prompt_chunks_do_not_sample():
     scheduler = make_scheduler(budget=5)
     scheduler.add_request(make_request("a", 12))
     for expected in (5, 5):
-        step = fake_step(scheduler)
-        assert counts(step) == {"a": expected} and not step.scheduled[0].is_sampling
-    step = fake_step(scheduler)
-    assert counts(step) == {"a": 2} and step.scheduled[0].is_sampling
+        step = scheduler.schedule()
+        assert counts(step) == {"a": expected} and sampling(scheduler, step) == []
+        scheduler.update(step, runner_output(step, {}))
+    step = scheduler.schedule()
+    assert counts(step) == {"a": 2} and sampling(scheduler, step) == ["a"]
 
 
 def test_without_chunking_a_prompt_waits_for_a_whole_budget():
@@ -80,10 +98,10 @@ def test_finishes_on_max_tokens_and_eos_and_frees_blocks():
     scheduler.add_request(make_request("len", 3, max_tokens=2))
     scheduler.add_request(make_request("eos", 3, max_tokens=10))
     output = scheduler.schedule()
-    scheduler.update(output, SampledTokens({"len": 5, "eos": EOS}))
+    scheduler.update(output, runner_output(output, {"len": [5], "eos": [EOS]}))
     assert scheduler.requests.keys() == {"len"}
     output = scheduler.schedule()
-    scheduler.update(output, SampledTokens({"len": 5}))
+    scheduler.update(output, runner_output(output, {"len": [5]}))
     assert not scheduler.requests
     assert scheduler.kv_manager.pool.num_free_blocks == scheduler.kv_manager.num_blocks
 
@@ -99,7 +117,7 @@ def test_preempts_newest_and_recomputes_it_later():
     output = fake_step(scheduler)  # decode 8th token: fits exactly in 2 blocks
     assert counts(output) == {"old": 1, "new": 1}
     output = fake_step(scheduler)  # 9th token of "old" needs a 3rd block: "new" is preempted
-    assert output.preempted_request_ids == ["new"]
+    assert output.preempted_req_ids == ["new"]
     assert counts(output) == {"old": 1}
     new = scheduler.requests["new"]
     assert new.status == RequestStatus.WAITING and new.num_computed_tokens == 0
@@ -130,7 +148,7 @@ def test_abort_frees_blocks_of_waiting_and_running():
     assert scheduler.finish_request("gone", RequestStatus.FINISHED_ABORTED) is None
     assert scheduler.num_unfinished == 0
     assert scheduler.kv_manager.pool.num_free_blocks == scheduler.kv_manager.num_blocks
-    assert scheduler.schedule().finished_request_ids == ["run", "wait"]
+    assert scheduler.schedule().finished_req_ids == ["run", "wait"]
 
 
 def test_request_aborted_during_a_step_is_not_updated():
@@ -138,7 +156,7 @@ def test_request_aborted_during_a_step_is_not_updated():
     scheduler.add_request(make_request("a", 3))
     output = scheduler.schedule()
     request = scheduler.finish_request("a", RequestStatus.FINISHED_ABORTED)
-    scheduler.update(output, SampledTokens({"a": 9}))
+    scheduler.update(output, runner_output(output, {"a": [9]}))
     assert request.output_token_ids == []
 
 
@@ -178,3 +196,90 @@ def test_preempted_request_reuses_its_own_freed_blocks():
         fake_step(scheduler)
     assert new.output_token_ids == [7] * 8
     assert scheduler.kv_manager.pool.num_free_blocks == 4
+
+
+# ---- the contract: what is sent, what is credited ---------------------------------------------
+
+
+def test_new_request_data_once_then_diffs():
+    scheduler = make_scheduler(block_size=4)
+    scheduler.add_request(make_request("a", 6, max_tokens=10))
+    first = fake_step(scheduler)
+    [new] = first.scheduled_new_reqs
+    assert not first.scheduled_cached_reqs
+    assert (new.req_id, new.prompt_token_ids, new.output_token_ids, new.num_computed_tokens) == \
+        ("a", [1, 2, 3, 4, 5, 6], [], 0)
+    assert new.block_ids == scheduler.kv_manager.block_table("a") and len(new.block_ids) == 2
+    second = fake_step(scheduler, token=8)  # computes token 7 (position 6): no new block
+    assert not second.scheduled_new_reqs
+    assert second.scheduled_cached_reqs == [CachedRequestData("a", [7], [], 6)]
+    third = fake_step(scheduler)  # position 7 fills the second block
+    assert third.scheduled_cached_reqs == [CachedRequestData("a", [8], [], 7)]
+    fourth = fake_step(scheduler)  # position 8 needs a third block
+    table = scheduler.kv_manager.block_table("a")
+    assert fourth.scheduled_cached_reqs == [CachedRequestData("a", [7], table[2:], 8)] and len(table) == 3
+
+
+def test_preempted_request_is_sent_whole_again_with_its_output_so_far():
+    scheduler = make_scheduler(num_blocks=4, block_size=4)
+    scheduler.add_request(make_request("old", 6, max_tokens=8))
+    scheduler.add_request(make_request("new", 6, max_tokens=8))
+    while not scheduler.num_preemptions:
+        fake_step(scheduler)
+    new = scheduler.requests["new"]
+    output_before = list(new.output_token_ids)
+    resent: list[NewRequestData] = []
+    while not resent:
+        resent = [data for data in fake_step(scheduler).scheduled_new_reqs if data.req_id == "new"]
+    [data] = resent
+    assert data.output_token_ids == output_before and data.num_computed_tokens == 0
+    assert data.prompt_token_ids == new.prompt_token_ids
+
+
+def verify_step(scheduler: Scheduler, drafts: list[int], sampled: list[int]) -> None:
+    """A speculative step for request "a": its last token plus `drafts`, answered with `sampled`."""
+    output = scheduler.schedule()
+    output.num_scheduled_tokens["a"] = 1 + len(drafts)
+    output.scheduled_spec_decode_tokens["a"] = drafts
+    scheduler.update(output, runner_output(output, {"a": sampled}))
+
+
+def test_several_sampled_tokens_are_credited_and_rejected_drafts_are_not():
+    scheduler = make_scheduler(block_size=16)
+    scheduler.add_request(make_request("a", 3, max_tokens=10))
+    fake_step(scheduler)  # prefill: token 7 sampled, 3 computed
+    request = scheduler.requests["a"]
+    verify_step(scheduler, [11, 12], [11, 12, 13])  # both drafts accepted, plus a bonus token
+    assert request.output_token_ids == [7, 11, 12, 13]
+    assert request.num_computed_tokens == 6 == request.num_tokens - 1
+    verify_step(scheduler, [21, 22], [21, 99])  # the second draft rejected, replaced by the runner's token
+    assert request.output_token_ids == [7, 11, 12, 13, 21, 99]
+    assert request.num_computed_tokens == 8 == request.num_tokens - 1  # the rejected draft is not credited
+
+
+def test_tokens_after_the_one_that_stops_a_request_are_dropped():
+    scheduler = make_scheduler(block_size=16)
+    scheduler.add_request(make_request("a", 3, max_tokens=10))
+    fake_step(scheduler)
+    request = scheduler.requests["a"]
+    verify_step(scheduler, [5, EOS], [5, EOS, 6])
+    assert request.output_token_ids == [7, 5, EOS]
+    assert request.status == RequestStatus.FINISHED_STOPPED
+    assert scheduler.kv_manager.pool.num_free_blocks == scheduler.kv_manager.num_blocks
+
+
+def test_scheduler_and_runner_outputs_pickle():
+    scheduler = make_scheduler(block_size=4)
+    scheduler.add_request(make_request("a", 6))
+    scheduler.add_request(make_request("b", 3))
+    fake_step(scheduler)
+    scheduler.finish_request("b", RequestStatus.FINISHED_ABORTED)
+    scheduler.add_request(make_request("c", 5))
+    output = scheduler.schedule()
+    assert [type(d) for d in output.scheduled_cached_reqs + output.scheduled_new_reqs] == \
+        [CachedRequestData, NewRequestData]
+    assert output.finished_req_ids == ["b"]
+    assert pickle.loads(pickle.dumps(output)) == output
+    sampled = runner_output(output, {"a": [7], "c": [8]})
+    sampled.logprobs = [[{7: -0.5}], None]
+    assert pickle.loads(pickle.dumps(sampled)) == sampled

@@ -15,6 +15,7 @@ import uvicorn
 
 from kvserve.config import EngineConfig
 from kvserve.engine.engine import EngineStats
+from kvserve.inputs import InputProcessor
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
 
@@ -112,6 +113,7 @@ class FakeEngine:
         self.tokenizer = None
         self.max_model_len = 64
         self.config = EngineConfig()  # the bundled model (model=None)
+        self.input_processor = InputProcessor(None, vocab_size=1000, max_model_len=self.max_model_len)
         self.num_waiting = 0  # what stats() reports: lets a test fill the waiting queue
         self.raise_in_step: Exception | None = None
         self.num_to_fail = 0  # the next requests added fail (their first output carries an error)

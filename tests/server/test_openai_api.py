@@ -5,8 +5,6 @@ from __future__ import annotations
 import httpx
 from serve_harness import CHAT_MESSAGES, GREEDY_MAX_TOKENS, GREEDY_PROMPTS, MODEL
 
-from kvserve.server.prompts import encode_chat
-
 GREEDY = {"temperature": 0, "max_tokens": GREEDY_MAX_TOKENS, "extra_body": {"ignore_eos": True}}
 
 
@@ -52,7 +50,7 @@ def test_chat_equals_llm_chat_and_counts_usage(live) -> None:
     assert choice.message.role == "assistant"
     assert choice.message.content == live.expected_chat.text
     assert choice.finish_reason == live.expected_chat.finish_reason
-    assert response.usage.prompt_tokens == len(encode_chat(live.tokenizer, CHAT_MESSAGES))
+    assert response.usage.prompt_tokens == len(live.llm.apply_chat_template(CHAT_MESSAGES))
     assert response.usage.completion_tokens == len(live.expected_chat.token_ids)
     assert response.object == "chat.completion" and response.id.startswith("chatcmpl-")
 
