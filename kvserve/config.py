@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 KV_CACHE_DTYPES = ("auto", "int8", "int4", "fp8")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_INT4_GROUP = 64  # tokens per int4 key-scale group (and block): 3.5x smaller than float16 at d_h = 64
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -124,12 +125,19 @@ class EngineConfig:
     cpu_packed_weights: bool = field(default=True, metadata={
         "help": "CPU float32: also keep every linear weight in oneDNN's packed layout, for steps of several "
                 "tokens (batched decode, prefill); costs a second copy of the weights"})
+    attention_backend: str = field(default="auto", metadata={
+        "help": "paged attention: torch (pure torch, any device and cache), cpu (torch with float32 decodes on a "
+                "compiled kernel), triton (CUDA kernels; no int4, kv_window or MLA), or auto (triton on CUDA, cpu "
+                "on the CPU, where they build and serve the cache; else torch)"})
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
         for name in ("block_size", "kv_residual_tokens", "kv_window"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name))

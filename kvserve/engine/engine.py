@@ -11,17 +11,21 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvserve.attention.backend import AttentionRequirements
+from kvserve.attention.selector import create_attention_backend
 from kvserve.config import EngineConfig, ModelConfig, SchedulerConfig
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.request import Request, RequestStatus
 from kvserve.engine.scheduler import Scheduler
-from kvserve.kv.kv_cache import available_memory_bytes, residual_bytes_per_slot
+from kvserve.kv.int4_residual import num_residual_slots, residual_bytes
+from kvserve.kv.kv_cache import available_memory_bytes
 from kvserve.kv.kv_manager import KVCacheManager
 from kvserve.kv.kv_spec import KVCacheSpec, bytes_per_block, bytes_per_token
+from kvserve.kv.sinks_window import SinksWindow, max_blocks_per_request
 from kvserve.layers import native_ops, onednn
 from kvserve.layers.host_blas import set_blas_threads
 from kvserve.loader.weights import open_model
-from kvserve.models.registry import build_model
+from kvserve.models.registry import build_model, model_class
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvserve.runner.host_malloc import keep_freed_memory
 from kvserve.runner.memory_profile import GIB, kv_budget, read_gpu_memory
@@ -89,22 +93,28 @@ class Engine:
         self.model_config = ModelConfig.from_hf_config(source.hf_config)
         self.tokenizer = source.load_tokenizer()
         max_model_len = config.max_model_len or min(self.model_config.max_position_embeddings, 8192)
-        model = build_model(self.model_config, max_model_len).to(self.device, config.torch_dtype)
-        self.runner = ModelRunner(model, self.device, config.seed)
+        architecture = model_class(self.model_config)
+        if config.kv_window and not architecture.supports_kv_window:
+            raise ValueError(f"kv_window is not supported for {self.model_config.architecture}")
+        self.attention_backend = create_attention_backend(config.attention_backend, AttentionRequirements(
+            self.device, config.cache_storage_dtype, use_window=bool(config.kv_window),
+            use_mla=architecture.uses_mla))
+        model = build_model(self.model_config, max_model_len, self.attention_backend).to(self.device,
+                                                                                         config.torch_dtype)
+        self.runner = ModelRunner(model, self.device, self.attention_backend, config.seed)
         self.runner.load_weights(source, config.torch_dtype, show_progress)
         if self.device.type == "cpu" and config.torch_dtype == torch.float32:
             self._tune_cpu_layers(config)
-        if config.kv_window and not model.supports_kv_window:
-            raise ValueError(f"kv_window is not supported for {self.model_config.architecture}")
         block_size = config.cache_block_size
         specs = model.kv_cache_specs(config.cache_storage_dtype)
         if config.kv_cache_dtype == "int4":  # keys share a per-channel scale across one block
             specs = [dataclasses.replace(spec, group_size=block_size) for spec in specs]
+        self.kv_window = SinksWindow(config.kv_window, config.kv_sinks, block_size) if config.kv_window else None
         # int4: every running request keeps its newest, incomplete block in full precision.
-        num_residual_slots = config.max_num_seqs if config.kv_cache_dtype == "int4" else 0
-        self.kv_residual_bytes = num_residual_slots * residual_bytes_per_slot(specs, block_size, config.torch_dtype)
+        num_slots = num_residual_slots(specs, config.max_num_seqs)
+        self.kv_residual_bytes = residual_bytes(specs, block_size, config.torch_dtype, num_slots)
         num_blocks = self._num_kv_blocks(specs, max_model_len)
-        self.runner.allocate_kv_cache(specs, num_blocks, block_size, num_residual_slots)
+        self.runner.allocate_kv_cache(specs, num_blocks, block_size, num_slots)
         logger.info("KV cache: %d blocks of %d tokens, %.2f GiB (%s); model %.2f GiB", num_blocks, block_size,
                     self.runner.kv_cache_bytes / GIB, config.cache_storage_dtype, self.runner.model_bytes / GIB)
         # A single request must always fit in the cache, or preemption could never make room; with a window
@@ -114,7 +124,7 @@ class Engine:
         self.kv_bytes_per_token = int(bytes_per) if bytes_per.denominator == 1 else float(bytes_per)
         self.kv_manager = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching,
                                          config.kv_window, config.kv_sinks)
-        self.runner.set_window(config.kv_window, config.kv_sinks)
+        self.runner.set_window(self.kv_window)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -136,7 +146,8 @@ class Engine:
         budget = self._kv_budget(specs, max_model_len)
         block_size = config.cache_block_size
         per_block = bytes_per_block(specs, block_size)
-        per_request = self._max_blocks_per_request(max_model_len)
+        per_request = max_blocks_per_request(self.kv_window, config.max_num_batched_tokens, max_model_len,
+                                             block_size)
         num_blocks = min((budget - self.kv_residual_bytes) // per_block, config.max_num_seqs * per_request)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory of {budget} bytes is less than one block ({per_block} bytes)"
@@ -175,14 +186,6 @@ class Engine:
                     "KV cache budget %.2f GiB (gpu_memory_utilization=%s)", (memory.peak_torch - scratch) / GIB,
                     memory.outside_torch / GIB, budget / GIB, config.gpu_memory_utilization)
         return budget
-
-    def _max_blocks_per_request(self, max_model_len: int) -> int:
-        """Blocks one request can hold at once: its whole context, or with a window its sinks + window + chunk."""
-        config, size = self.config, self.config.cache_block_size
-        if not config.kv_window:
-            return -(-max_model_len // size)
-        chunk = min(config.max_num_batched_tokens, max_model_len)
-        return -(-config.kv_sinks // size) + -(-(config.kv_window - 1 + chunk) // size) + 1
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from kvserve.kv.block_pool import BlockPool
 from kvserve.kv.prefix_cache import CachedPrefix, hash_block
-
-EVICTED = -1  # a block-table entry whose block left the sliding window and went back to the pool
+from kvserve.kv.sinks_window import EVICTED, SinksWindow
 
 
 class KVCacheManager:
@@ -15,8 +14,8 @@ class KVCacheManager:
                  window: int | None = None, num_sinks: int = 0) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.window = window  # StreamingLLM: keep the first num_sinks tokens and the last `window` ones
-        self.num_sink_blocks = -(-num_sinks // block_size)
+        # StreamingLLM: keep the first num_sinks tokens and the last `window` ones.
+        self.window = SinksWindow(window, num_sinks, block_size) if window is not None else None
         self._num_evicted: dict[str, int] = {}  # blocks evicted per request (they follow the sink blocks)
         self.pool = BlockPool(num_blocks)
         self._block_tables: dict[str, list[int]] = {}
@@ -100,9 +99,8 @@ class KVCacheManager:
         if self.window is None:
             return
         table = self._block_tables.get(request_id, [])
-        # Query q sees keys > q - window: a block is dead once its last position is <= first query - window.
-        first_live = (num_computed_tokens - self.window + 1) // self.block_size
-        start = self.num_sink_blocks + self._num_evicted.get(request_id, 0)
+        first_live = self.window.first_live_block(num_computed_tokens)
+        start = self.window.num_sink_blocks + self._num_evicted.get(request_id, 0)
         dead = list(range(start, min(first_live, len(table))))
         if not dead:
             return
