@@ -226,8 +226,9 @@ class PlatformConfig:
         "help": "CPU float32: also keep every linear weight in oneDNN's packed layout, for steps of several "
                 "tokens (batched decode, prefill); costs a second copy of the weights"})
     attention_backend: str = field(default="auto", metadata={
-        "help": "attention implementation: auto (the fastest that serves the model's KV cache on this device), "
-                "torch (the pure-torch reference), cpu (compiled CPU decode kernel) or triton"})
+        "help": "paged attention: torch (pure torch, any device and cache), cpu (torch with float32 decodes on a "
+                "compiled kernel), triton (CUDA kernels; no int4, kv_window or MLA), or auto (triton on CUDA, cpu "
+                "on the CPU, where they build and serve the cache; else torch)"})
 
     def __post_init__(self) -> None:
         if self.cpu_blas_max_tokens < 0:

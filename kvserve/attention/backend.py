@@ -1,88 +1,117 @@
-"""Attention metadata: everything a paged-attention kernel needs about one step, built once per step."""
+"""The attention seam: one common metadata per step, and the interface every attention backend implements."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, ClassVar
 
 import torch
 
+from kvserve.kv.int4_residual import Int4WritePlan
+from kvserve.kv.kv_cache import LayerKVCache
+from kvserve.kv.window_layout import WindowMetadata
 
-@dataclass
-class ResidualTails:
-    """int4 caches: which gathered blocks are a request's incomplete tail, read from its full-precision residual."""
-
-    rows: torch.Tensor  # [k] long: request row in the gathered batch
-    blocks: torch.Tensor  # [k] long: column of the tail block in that row's block table
-    slots: torch.Tensor  # [k] long: the request's residual slot
+# A backend's own per-step metadata, as its `build_metadata` returns it; models pass it through untouched.
+AttentionMetadata = Any
 
 
 @dataclass
-class Int4WritePlan:
-    """int4 caches: how this step's K/V reach the cache (shared by every layer).
+class CommonAttentionMetadata:
+    """Per-step attention inputs every backend starts from, built once per step by the runner.
 
-    Blocks that become full this step are assembled from the residual (their earlier tokens) and the step's
-    rows, quantized per channel and stored; the tokens of still-incomplete blocks go to the residual.
+    The packed batch holds `num_decode_tokens` single-token requests first, then the multi-token ones
+    (prompts, prompt chunks, recomputes). Device tensors are long; the host lists carry the same numbers as
+    plain ints so that builders never read a device tensor back.
     """
 
-    flush_blocks: torch.Tensor  # [C] long: blocks completed this step
-    flush_from_residual: tuple[torch.Tensor, torch.Tensor]  # (row in the [C * bs] assembly, residual flat slot)
-    flush_from_step: tuple[torch.Tensor, torch.Tensor]  # (row in the [C * bs] assembly, packed step row)
-    residual_rows: torch.Tensor  # [t] long: packed step rows kept in full precision
-    residual_slots: torch.Tensor  # [t] long: their slot * block_size + offset in the residual
-    decode_tails: ResidualTails
+    positions: torch.Tensor  # [T] long: each token's position in its sequence
+    slot_mapping: torch.Tensor  # [T] long: cache slot (block * block_size + offset) per token
+    query_start_loc: torch.Tensor  # [B + 1] long: first row of each request in the packed batch, then T
+    seq_lens: torch.Tensor  # [B] long: tokens in the cache after this step (cached + new)
+    num_computed_tokens: torch.Tensor  # [B] long: tokens already cached before this step
+    block_table: torch.Tensor  # [B, max_blocks] long, padded with 0 (with a window: the held blocks only)
+    num_reqs: int
+    num_decode_tokens: int  # decodes are the first rows (and requests), one token each
+    block_size: int
+    query_start_loc_host: list[int]  # [B + 1]
+    seq_lens_host: list[int]  # [B]
+    num_blocks_host: list[int]  # [B]: the filled columns of each block_table row
+    max_query_len: int
+    window: WindowMetadata | None = None  # sinks + sliding window layout
+    int4: Int4WritePlan | None = None  # int4 residual layout
+
+    @property
+    def num_tokens(self) -> int:
+        """Rows of the packed batch."""
+        return self.query_start_loc_host[-1]
 
 
-@dataclass
-class WindowMetadata:
-    """Attention sinks + sliding window (StreamingLLM): query q sees keys k < num_sinks and q - W < k <= q.
+@dataclass(frozen=True)
+class AttentionRequirements:
+    """What a model's KV cache asks of an attention backend, known from the config before the model is built."""
 
-    Keys are cached rotated at their true positions, so a query and its window keep true relative distances.
-    A sink must instead look as far away as in a compacted cache (sinks at 0..S-1, the window right after them,
-    the query at S + W - 1): the sink scores use the query rotated back by delta = max(0, q - (S + W - 1)),
-    i.e. placed at position S + W - 1. Sinks sit in the first columns of every gathered table.
+    device: torch.device
+    kv_cache_dtype: str  # the cache's storage dtype: float32 / float16 / bfloat16 (plain), int8, fp8, int4
+    use_window: bool  # attention sinks + sliding window (kv_window)
+    use_mla: bool  # Multi-head Latent Attention: one latent "head", no separate value
+
+
+class AttentionBackend(ABC):
+    """Writes a step's K/V into the paged cache and attends over it; one instance serves every layer.
+
+    A backend declares what it serves in the class attributes below; `check_supported` turns them into the
+    error a user sees. Each backend derives its own per-step metadata from the common one in `build_metadata`
+    (once per step, shared by every layer): never in a global, never per call.
     """
 
-    num_sinks: int
-    window: int
-    sink_rotation: tuple[torch.Tensor, torch.Tensor]  # (cos, sin) [T, 1, D] of the angle -delta per query
-    decode_in_window: torch.Tensor  # [num_decodes] bool: delta > 0, the sinks are shifted for this query
+    name: ClassVar[str]
+    devices: ClassVar[tuple[str, ...]]  # torch device types it runs on; () = any
+    kv_cache_dtypes: ClassVar[frozenset[str]]
+    supports_window: ClassVar[bool]
+    supports_mla: ClassVar[bool]
+
+    @classmethod
+    def check_supported(cls, needs: AttentionRequirements) -> None:
+        """Raise a ValueError naming the first thing this backend cannot serve."""
+        prefix = f"attention_backend={cls.name!r} cannot serve this model"
+        if cls.devices and needs.device.type not in cls.devices:
+            raise ValueError(f"{prefix}: it runs on {' / '.join(cls.devices)} only, not {needs.device.type}")
+        if needs.kv_cache_dtype not in cls.kv_cache_dtypes:
+            raise ValueError(f"{prefix}: kv_cache_dtype {needs.kv_cache_dtype!r} is not supported "
+                             f"(supported: {sorted(cls.kv_cache_dtypes)})")
+        if needs.use_window and not cls.supports_window:
+            raise ValueError(f"{prefix}: it has no attention sinks + sliding window (kv_window)")
+        if needs.use_mla and not cls.supports_mla:
+            raise ValueError(f"{prefix}: it has no Multi-head Latent Attention (MLA)")
+
+    @abstractmethod
+    def build_metadata(self, common: CommonAttentionMetadata) -> AttentionMetadata:
+        """This backend's metadata for one step, derived from the common one (passed to every layer)."""
+
+    @abstractmethod
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
+                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Write key/value [T, Hkv, D] to the cache, then attend: query [T, Hq, D] -> output [T, Hq, D]."""
 
 
-@dataclass
-class PrefillSeq:
-    """One request computing several tokens this step (a prompt, a prompt chunk, or a recompute)."""
+class MLABackend(ABC):
+    """The cache side of Multi-head Latent Attention, for backends with `supports_mla`.
 
-    query_start: int  # offset of its first query token in the packed batch
-    query_len: int  # tokens computed this step
-    seq_len: int  # tokens in the cache after this step (cached prefix + query_len)
-    block_table: torch.Tensor  # [num_blocks] long (with a window: only the blocks still held, in order)
-    residual: ResidualTails | None = None  # int4: its tail block, if incomplete
-    key_mask: torch.Tensor | None = None  # with a window: [query_len, num_blocks * bs] bool, True = visible
-
-
-@dataclass
-class AttentionMetadata:
-    """Per-step attention inputs, shared by every layer.
-
-    The packed batch holds `num_decodes` single-token queries first, then the prefill tokens.
+    The latent cache holds one row [d_c + d_rope] per token (see attention/mla.py); the model's weights stay in
+    the model (up-projection, absorption).
     """
 
-    slot_mapping: torch.Tensor  # [num_tokens] long: cache slot (block * block_size + offset) per token
-    num_decodes: int
-    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] long, padded with 0
-    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] bool: key position < seq_len
-    prefills: list[PrefillSeq]
-    int4: Int4WritePlan | None = None  # set when the cache is int4
-    window: WindowMetadata | None = None  # set when the engine runs with sinks + a sliding window
-    decode_seq_lens: torch.Tensor | None = None  # [num_decodes] long: each decode's position + 1 (set by the runner)
+    @abstractmethod
+    def write_latent(self, latent: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata) -> None:
+        """Store this step's latents [T, d_c + d_rope] at their slots."""
 
+    @abstractmethod
+    def prefill_latents(self, latent: torch.Tensor, cache: LayerKVCache,
+                        metadata: AttentionMetadata) -> list[tuple[slice, torch.Tensor]]:
+        """Per multi-token request: (its rows in the batch, all its latents [S, D]: cached prefix, then fresh)."""
 
-class AttentionBackend(Protocol):
-    """Writes this step's K/V into the paged cache and attends over it."""
-
-    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 key_cache: torch.Tensor, value_cache: torch.Tensor,
-                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-        """query [T, Hq, D], key/value [T, Hkv, D] -> output [T, Hq, D]."""
-        ...
+    @abstractmethod
+    def absorbed_decode(self, query: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, kv_lora_rank: int,
+                        scale: float) -> torch.Tensor:
+        """Latent-space queries [B, H, d_c + d_rope] of the decodes -> attention-weighted latents [B, H, d_c]."""

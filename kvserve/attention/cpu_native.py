@@ -13,7 +13,9 @@ import torch
 
 from kvserve import native
 from kvserve.attention import torch_ref
-from kvserve.attention.backend import AttentionMetadata
+from kvserve.attention.backend import AttentionRequirements, CommonAttentionMetadata
+from kvserve.attention.torch_backend import TorchAttentionBackend
+from kvserve.attention.torch_metadata import TorchAttentionMetadata, build_torch_metadata
 from kvserve.kv.kv_cache import LayerKVCache
 
 
@@ -22,27 +24,50 @@ def available() -> bool:
     return native.load("paged_decode") is not None
 
 
-def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
-                    metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-    """torch_ref.paged_attention, with the decode rows of plain float32 caches on the compiled kernel."""
-    plain = (query.dtype == torch.float32 and cache.key.dtype == torch.float32 and metadata.window is None
-             and cache.key.shape[-1] == cache.value.shape[-1])
-    return torch_ref.paged_attention(query, key, value, cache, metadata, scale, decode=decode if plain else None)
+class CpuAttentionBackend(TorchAttentionBackend):
+    """The torch backend with the decode rows of plain float32 caches on the compiled kernel.
+
+    Whether the kernel runs is decided once, here, from the cache: it reads float32 keys and values of one
+    width without a window. int8 / fp8 / int4 / bfloat16 caches, windows and MLA run torch_ref's decode (the
+    fastest CPU path for them today).
+    """
+
+    name = "cpu"
+    devices = ("cpu",)
+
+    def __init__(self, needs: AttentionRequirements) -> None:
+        super().__init__(needs)
+        self.use_kernel = needs.kv_cache_dtype == "float32" and not needs.use_window and not needs.use_mla
+
+    @classmethod
+    def check_supported(cls, needs: AttentionRequirements) -> None:
+        """The torch backend's checks on the CPU, and a kernel that builds."""
+        super().check_supported(needs)
+        if not available():
+            raise ValueError("attention_backend='cpu' needs a C compiler with OpenMP (cc, or $CC) to build "
+                             "kvserve/native/paged_decode.c")
+
+    def build_metadata(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
+        """torch_ref's metadata; the kernel reads seq_lens, so no dense decode mask is built for it."""
+        return build_torch_metadata(common, with_decode_mask=not self.use_kernel)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
+                metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
+        """torch_ref.paged_attention, with the decodes on the kernel where it serves this cache."""
+        return torch_ref.paged_attention(query, key, value, cache, metadata, scale,
+                                         decode=decode if self.use_kernel else None)
 
 
-def decode(query: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One query token per sequence: query [B, Hq, D] -> [B, Hq, D]."""
+def decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
+    """One query token per sequence: query [B, Hq, D] -> [B, Hq, D].
+
+    The kernel trusts the block tables: the runner's metadata builder has checked once per step that every
+    sequence fits its table.
+    """
     batch, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = cache.key.shape
     query = query.contiguous()
-    tables = metadata.decode_block_tables.contiguous()
-    seq_lens = metadata.decode_seq_lens
-    if seq_lens is None:  # metadata built by hand (tests): the key mask tells each length
-        seq_lens = metadata.decode_mask.view(batch, -1).sum(dim=-1)
-    seq_lens = seq_lens.to(torch.int64).contiguous()
-    if batch and int(seq_lens.max()) > tables.shape[1] * block_size:  # the kernel trusts the tables: check
-        raise ValueError(f"a decode attends {int(seq_lens.max())} tokens but its block table holds "
-                         f"{tables.shape[1] * block_size}")
+    tables, seq_lens = metadata.decode_block_tables, metadata.decode_seq_lens  # contiguous long [B, nb], [B]
     out = torch.empty_like(query)
     status = native.load("paged_decode").paged_decode_f32(
         query.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr(), tables.data_ptr(), seq_lens.data_ptr(),

@@ -9,6 +9,7 @@ Two ways to attend, picked per step by the model (see `kvserve.models.deepseek.M
 - prefill: up-project the latents to per-head K/V and run ordinary causal attention (`causal_attention`);
 - decode: absorb the up-projections into query and output and attend straight over the latents, MQA-style
   (`absorbed_decode`), so the history is never expanded to per-head K/V.
+The cache-facing functions here are what the torch backend's MLA entry points run (attention/torch_backend.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvserve.attention.backend import AttentionMetadata, PrefillSeq
+from kvserve.attention.torch_metadata import PrefillSeq, TorchAttentionMetadata
 from kvserve.attention.torch_ref import gather_kv, write_kv
 from kvserve.kv.kv_cache import LayerKVCache
 
@@ -55,7 +56,7 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out[0].transpose(0, 1)  # [n, H, Dv]
 
 
-def absorbed_decode(query: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, kv_lora_rank: int,
+def absorbed_decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata, kv_lora_rank: int,
                     scale: float) -> torch.Tensor:
     """Latent-space queries [B, H, d_c + d_rope] of the decodes -> attention-weighted latents [B, H, d_c].
 

@@ -1,58 +1,43 @@
-"""Picks the paged-attention backend for a device: Triton on CUDA; on CPU the compiled decode kernel when it
-builds, else the pure-torch reference."""
+"""Chooses the attention backend once, at engine construction, from the `attention_backend` option.
+
+auto: on CUDA the Triton kernels where triton imports (else torch); on the CPU the compiled decode kernel
+where it builds (else torch); each only if it serves the model's cache (int4, a window and MLA take torch).
+"""
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Callable
+from kvserve.attention.backend import AttentionBackend, AttentionRequirements
+from kvserve.attention.torch_backend import TorchAttentionBackend
+from kvserve.config import ATTENTION_BACKENDS
 
-import torch
-
-from kvserve.attention import torch_ref
-
-# Same call shape as torch_ref.paged_attention: (query, key, value, cache, metadata, scale) -> output.
-PagedAttention = Callable[..., torch.Tensor]
-_CHOICES = ("auto", "triton", "cpu", "torch")
+# Preference of `auto` per device type; torch serves everything, so it always ends the list.
+_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 
 
-@functools.cache
-def select_attention(device: torch.device) -> PagedAttention:
-    """The backend for `device`; KVSERVE_ATTENTION=triton|cpu|torch forces one (read once per device).
-
-    Cached: models call this every forward, so the environment is looked at only the first time
-    (tests that flip the variable call `select_attention.cache_clear()`).
-    """
-    choice = os.environ.get("KVSERVE_ATTENTION", "auto").strip().lower() or "auto"
-    if choice not in _CHOICES:
-        raise ValueError(f"KVSERVE_ATTENTION must be one of {list(_CHOICES)}, got {choice!r}")
-    if choice == "torch":
-        return torch_ref.paged_attention
-    if choice == "cpu" and device.type != "cpu":
-        raise ValueError(f"KVSERVE_ATTENTION=cpu runs on the CPU only, not {device.type}")
-    if choice == "cpu" or (choice == "auto" and device.type == "cpu"):
-        return _cpu_backend(required=choice == "cpu")
-    if choice == "auto" and device.type != "cuda":
-        return torch_ref.paged_attention
-    try:
-        from kvserve.attention import triton_attention
-    except ImportError as error:
-        if choice == "auto":  # CUDA without a usable triton: the reference still runs there
-            return torch_ref.paged_attention
-        raise ValueError(f"KVSERVE_ATTENTION=triton needs the triton package: {error}") from error
-    if device.type != "cuda" and not triton_attention.IS_INTERPRETED:
-        raise ValueError(f"KVSERVE_ATTENTION=triton on {device.type} needs TRITON_INTERPRET=1 "
-                         "(Triton's CPU interpreter) set before triton is first imported")
-    return triton_attention.triton_paged_attention
+def create_attention_backend(name: str, needs: AttentionRequirements) -> AttentionBackend:
+    """The backend `name` (or auto's pick) for a cache with these needs; ValueError if it cannot serve them."""
+    if name != "auto":
+        return backend_class(name)(needs)
+    for candidate in _AUTO_ORDER.get(needs.device.type, ("torch",)):
+        try:
+            return backend_class(candidate)(needs)
+        except ValueError:  # not built, not installed, or not for this cache: the next one
+            continue
+    raise AssertionError("unreachable: the torch backend serves every cache")
 
 
-def _cpu_backend(required: bool) -> PagedAttention:
-    """The compiled CPU decode kernel, or (auto) the torch reference where it cannot be built."""
-    from kvserve.attention import cpu_native
+def backend_class(name: str) -> type[AttentionBackend]:
+    """The class registered under `name` (imported on demand: triton is heavy and optional)."""
+    if name == "torch":
+        return TorchAttentionBackend
+    if name == "cpu":
+        from kvserve.attention.cpu_native import CpuAttentionBackend
 
-    if cpu_native.available():
-        return cpu_native.paged_attention
-    if required:
-        raise ValueError("KVSERVE_ATTENTION=cpu needs a C compiler with OpenMP (cc, or $CC) to build "
-                         "kvserve/native/paged_decode.c")
-    return torch_ref.paged_attention
+        return CpuAttentionBackend
+    if name == "triton":
+        try:
+            from kvserve.attention.triton_attention import TritonAttentionBackend
+        except ImportError as error:
+            raise ValueError(f"attention_backend='triton' needs the triton package: {error}") from error
+        return TritonAttentionBackend
+    raise ValueError(f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, got {name!r}")

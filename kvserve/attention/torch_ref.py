@@ -7,12 +7,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kvserve.attention.backend import AttentionMetadata, Int4WritePlan, PrefillSeq, ResidualTails, WindowMetadata
+from kvserve.attention.torch_metadata import PrefillSeq, TorchAttentionMetadata
+from kvserve.kv.int4_residual import Int4WritePlan, ResidualTails
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_quant import codes_as, dequantize, dequantize_int4, quantize, quantize_int4
+from kvserve.kv.window_layout import WindowMetadata
 
 # (query [B, Hq, D], cache, metadata, scale) -> [B, Hq, D]: attention of the step's single-token queries.
-DecodeAttention = Callable[[torch.Tensor, LayerKVCache, AttentionMetadata, float], torch.Tensor]
+DecodeAttention = Callable[[torch.Tensor, LayerKVCache, TorchAttentionMetadata, float], torch.Tensor]
 
 # Quantized caches are attended this many tokens at a time, so only one segment is ever dequantized
 # (fewer, larger segments: each one costs a few small ops per layer).
@@ -111,7 +113,8 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
 
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
-                    metadata: AttentionMetadata, scale: float, decode: DecodeAttention | None = None) -> torch.Tensor:
+                    metadata: TorchAttentionMetadata, scale: float,
+                    decode: DecodeAttention | None = None) -> torch.Tensor:
     """Write K/V to the cache, then attend: query [T, Hq, D] -> output [T, Hq, D].
 
     `decode` replaces this module's batched single-token attention (a compiled backend's kernel).
@@ -141,7 +144,7 @@ def _rotate(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor],
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _decode(query: torch.Tensor, cache: LayerKVCache, metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
     """One query token per request, all requests in one batched call."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads = cache.key.shape[2]

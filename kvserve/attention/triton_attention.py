@@ -8,19 +8,18 @@ when TRITON_INTERPRET=1 was set before this module was imported (how the tests r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import weakref
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from kvserve.attention import torch_ref
-from kvserve.attention.backend import AttentionMetadata
+from kvserve.attention.backend import AttentionBackend, AttentionRequirements, CommonAttentionMetadata
 from kvserve.kv.kv_cache import LayerKVCache
 
-# kv_cache_dtype -> the QUANT constexpr of the kernels; other layouts (int4, ...) take torch_ref.
+# kv_cache_dtype -> the QUANT constexpr of the kernels (int4 has no kernel: the backend declares it unsupported).
 _QUANT_MODES = {"auto": 0, "int8": 1, "fp8": 2}
 _LOG2E = 1.4426950408889634
 DEFAULT_PARTITION_SIZE = 512  # keys per split-KV partition of the decode kernel
@@ -342,18 +341,6 @@ _PREFILL_ROWS = 256 if IS_INTERPRETED else 64  # (query token, query head) rows 
 _WRITE_ELEMENTS = 16384 if IS_INTERPRETED else 4096  # rows * head_dim per write_kv program
 
 
-def is_supported(cache: LayerKVCache, metadata: AttentionMetadata) -> bool:
-    """Whether these kernels handle this cache layout and step (else the caller falls back to torch_ref).
-
-    Not handled: int4 (KIVI) caches, MLA's value-less caches, attention sinks + sliding window.
-    """
-    if getattr(cache, "kv_cache_dtype", "auto") not in _QUANT_MODES:
-        return False
-    if getattr(metadata, "window", None) is not None:
-        return False
-    return cache.key.dim() == 4 and cache.key.shape == cache.value.shape
-
-
 @functools.cache
 def _use_native_fp8(device: torch.device) -> bool:
     """Hardware e4m3 decode needs sm_89+; the interpreter and older GPUs decode on the bits."""
@@ -488,57 +475,70 @@ def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc:
 
 
 @dataclass
-class _StepTensors:
-    """What the kernels need beyond AttentionMetadata, derived once per step and shared by every layer."""
+class TritonAttentionMetadata:
+    """What the kernels read, derived once per step from the common metadata and shared by every layer."""
 
+    slot_mapping: torch.Tensor  # [T] long
+    num_decodes: int
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] long (a view: row stride = the common table's)
     decode_seq_lens: torch.Tensor  # [num_decodes] int32
     query_start_loc: torch.Tensor  # [num_prefills + 1] int32, absolute rows in the packed batch
     prefill_seq_lens: torch.Tensor  # [num_prefills] int32
-    prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] long, padded with 0
-    max_query_len: int
+    prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] long (a view)
+    max_query_len: int  # of the prefills; 0 when there are none
 
 
-# The metadata of the step in flight and its derived tensors: one step at a time per process.
-_step_cache: tuple[weakref.ref[AttentionMetadata], _StepTensors] | None = None
+class TritonAttentionBackend(AttentionBackend):
+    """Split-KV decode and varlen prefill kernels over plain, int8 and fp8 caches (no int4, window or MLA)."""
 
+    name = "triton"
+    devices = ("cuda",)
+    kv_cache_dtypes = frozenset({"float32", "float16", "bfloat16", *_QUANT_MODES} - {"auto"})
+    supports_window = False
+    supports_mla = False
 
-def _step_tensors(metadata: AttentionMetadata, device: torch.device) -> _StepTensors:
-    """Derive (or reuse for the next layers) seq_lens / query_start_loc / padded tables."""
-    global _step_cache
-    if _step_cache is not None and _step_cache[0]() is metadata:
-        return _step_cache[1]
-    mask = metadata.decode_mask
-    decode_seq_lens = mask.reshape(mask.shape[0], mask.shape[-1]).sum(-1, dtype=torch.int32)  # [B, 1, 1, L] -> [B]
-    prefills = metadata.prefills
-    starts = [seq.query_start for seq in prefills]
-    ends = [seq.query_start + seq.query_len for seq in prefills]
-    if starts[1:] != ends[:-1]:
-        raise ValueError("prefill queries must be packed back to back in the batch")
-    query_start_loc = torch.tensor(starts[:1] + ends, dtype=torch.int32, device=device)
-    seq_lens = torch.tensor([seq.seq_len for seq in prefills], dtype=torch.int32, device=device)
-    if prefills:
-        tables = torch.nn.utils.rnn.pad_sequence([seq.block_table for seq in prefills], batch_first=True)
-    else:
-        tables = torch.zeros(0, 1, dtype=torch.long, device=device)
-    tensors = _StepTensors(decode_seq_lens, query_start_loc, seq_lens, tables,
-                           max((seq.query_len for seq in prefills), default=0))
-    _step_cache = (weakref.ref(metadata), tensors)
-    return tensors
+    def __init__(self, needs: AttentionRequirements) -> None:
+        self.check_supported(needs)
 
+    @classmethod
+    def check_supported(cls, needs: AttentionRequirements) -> None:
+        """The declared support; on the CPU only under Triton's interpreter (the tests)."""
+        if needs.device.type == "cpu" and IS_INTERPRETED:
+            needs = dataclasses.replace(needs, device=torch.device("cuda"))
+        elif needs.device.type != "cuda":
+            raise ValueError(f"attention_backend='triton' on {needs.device.type} needs TRITON_INTERPRET=1 "
+                             "(Triton's CPU interpreter) set before triton is first imported")
+        super().check_supported(needs)
 
-def triton_paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
-                           metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Drop-in for torch_ref.paged_attention: write K/V, then decode + prefill kernels -> [T, Hq, D]."""
-    if not is_supported(cache, metadata):
-        return torch_ref.paged_attention(query, key, value, cache, metadata, scale)
-    write_kv(key, value, cache, metadata.slot_mapping)
-    step = _step_tensors(metadata, query.device)
-    output = torch.empty_like(query)
-    num_decodes = metadata.num_decodes
-    if num_decodes:
-        decode_attention(query[:num_decodes], cache, metadata.decode_block_tables, step.decode_seq_lens, scale,
-                         out=output[:num_decodes])
-    if metadata.prefills:
-        prefill_attention(query, cache, step.query_start_loc, step.prefill_seq_lens, step.prefill_block_tables,
-                          step.max_query_len, scale, out=output, key=key, value=value)
-    return output
+    def build_metadata(self, common: CommonAttentionMetadata) -> TritonAttentionMetadata:
+        """int32 lengths and offsets, and views of the padded table cut to the decodes' and prefills' widths."""
+        num_decodes = common.num_decode_tokens
+        seq_lens = common.seq_lens.to(torch.int32)
+        num_blocks = common.num_blocks_host
+        # The kernels take the row stride, so column slices of the common table are read in place.
+        decode_width = max(num_blocks[:num_decodes], default=0)
+        prefill_width = max(num_blocks[num_decodes:], default=1)
+        has_prefills = common.num_reqs > num_decodes
+        return TritonAttentionMetadata(
+            slot_mapping=common.slot_mapping, num_decodes=num_decodes,
+            decode_block_tables=common.block_table[:num_decodes, :decode_width],
+            decode_seq_lens=seq_lens[:num_decodes],
+            query_start_loc=common.query_start_loc[num_decodes:].to(torch.int32),
+            prefill_seq_lens=seq_lens[num_decodes:],
+            prefill_block_tables=common.block_table[num_decodes:, :prefill_width],
+            max_query_len=common.max_query_len if has_prefills else 0)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
+                metadata: TritonAttentionMetadata, scale: float) -> torch.Tensor:
+        """Write K/V, then the decode and prefill kernels: query [T, Hq, D] -> [T, Hq, D]."""
+        write_kv(key, value, cache, metadata.slot_mapping)
+        output = torch.empty_like(query)
+        num_decodes = metadata.num_decodes
+        if num_decodes:
+            decode_attention(query[:num_decodes], cache, metadata.decode_block_tables, metadata.decode_seq_lens,
+                             scale, out=output[:num_decodes])
+        if metadata.max_query_len:
+            prefill_attention(query, cache, metadata.query_start_loc, metadata.prefill_seq_lens,
+                              metadata.prefill_block_tables, metadata.max_query_len, scale, out=output, key=key,
+                              value=value)
+        return output

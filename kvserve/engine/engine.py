@@ -11,19 +11,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvserve.attention.backend import AttentionRequirements
+from kvserve.attention.selector import create_attention_backend
 from kvserve.config import EngineConfig, ModelConfig
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.request import Request, RequestStatus
 from kvserve.engine.scheduler import Scheduler
 from kvserve.engine.stop import check_stop
 from kvserve.inputs import InputProcessor, PromptInput
-from kvserve.kv.kv_cache import available_memory_bytes, residual_bytes_per_slot
+from kvserve.kv.int4_residual import num_residual_slots, residual_bytes
+from kvserve.kv.kv_cache import available_memory_bytes
 from kvserve.kv.kv_manager import KVCacheManager
 from kvserve.kv.kv_spec import KVCacheSpec, bytes_per_block, bytes_per_token
+from kvserve.kv.sinks_window import SinksWindow, max_blocks_per_request
 from kvserve.layers import native_ops, onednn
 from kvserve.layers.host_blas import set_blas_threads
 from kvserve.loader.weights import open_model
-from kvserve.models.registry import build_model
+from kvserve.models.registry import build_model, model_class
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvserve.runner.host_malloc import keep_freed_memory
 from kvserve.runner.memory_profile import GIB, kv_budget, read_gpu_memory
@@ -89,25 +93,31 @@ class Engine:
         self.model_config = ModelConfig.from_hf_config(source.hf_config)
         self.tokenizer = source.load_tokenizer()
         max_model_len = config.scheduler.max_model_len or min(self.model_config.max_position_embeddings, 8192)
-        model = build_model(self.model_config, max_model_len).to(self.device, config.load.torch_dtype)
-        self.runner = ModelRunner(model, self.device, config.load.seed)
+        architecture = model_class(self.model_config)
+        if config.cache.kv_window and not architecture.supports_kv_window:
+            raise ValueError(f"kv_window is not supported for {self.model_config.architecture}")
+        storage_dtype = config.cache.storage_dtype(config.load.dtype)
+        self.attention_backend = create_attention_backend(config.platform.attention_backend, AttentionRequirements(
+            self.device, storage_dtype, use_window=bool(config.cache.kv_window), use_mla=architecture.uses_mla))
+        model = build_model(self.model_config, max_model_len, self.attention_backend).to(self.device,
+                                                                                         config.load.torch_dtype)
+        self.runner = ModelRunner(model, self.device, self.attention_backend, config.load.seed)
         self.runner.load_weights(source, config.load.torch_dtype, show_progress)
         if self.device.type == "cpu" and config.load.torch_dtype == torch.float32:
             self._tune_cpu_layers(config)
-        if config.cache.kv_window and not model.supports_kv_window:
-            raise ValueError(f"kv_window is not supported for {self.model_config.architecture}")
         block_size = config.cache.resolved_block_size
-        specs = model.kv_cache_specs(config.cache.storage_dtype(config.load.dtype))
+        specs = model.kv_cache_specs(storage_dtype)
         if config.cache.kv_cache_dtype == "int4":  # keys share a per-channel scale across one block
             specs = [dataclasses.replace(spec, group_size=block_size) for spec in specs]
+        self.kv_window = (SinksWindow(config.cache.kv_window, config.cache.kv_sinks, block_size)
+                          if config.cache.kv_window else None)
         # int4: every running request keeps its newest, incomplete block in full precision.
-        num_residual_slots = config.scheduler.max_num_seqs if config.cache.kv_cache_dtype == "int4" else 0
-        self.kv_residual_bytes = num_residual_slots * residual_bytes_per_slot(specs, block_size,
-                                                                              config.load.torch_dtype)
+        num_slots = num_residual_slots(specs, config.scheduler.max_num_seqs)
+        self.kv_residual_bytes = residual_bytes(specs, block_size, config.load.torch_dtype, num_slots)
         num_blocks = self._num_kv_blocks(specs, max_model_len)
-        self.runner.allocate_kv_cache(specs, num_blocks, block_size, num_residual_slots)
+        self.runner.allocate_kv_cache(specs, num_blocks, block_size, num_slots)
         logger.info("KV cache: %d blocks of %d tokens, %.2f GiB (%s); model %.2f GiB", num_blocks, block_size,
-                    self.runner.kv_cache_bytes / GIB, config.cache.storage_dtype(config.load.dtype),
+                    self.runner.kv_cache_bytes / GIB, storage_dtype,
                     self.runner.model_bytes / GIB)
         # A single request must always fit in the cache, or preemption could never make room; with a window
         # it only ever holds its sinks and window (checked in _num_kv_blocks), so the context is not capped.
@@ -117,7 +127,7 @@ class Engine:
         self.kv_bytes_per_token = int(bytes_per) if bytes_per.denominator == 1 else float(bytes_per)
         self.kv_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching,
                                          config.cache.kv_window, config.cache.kv_sinks)
-        self.runner.set_window(config.cache.kv_window, config.cache.kv_sinks)
+        self.runner.set_window(self.kv_window)
         self.scheduler = Scheduler(dataclasses.replace(config.scheduler, max_model_len=self.max_model_len),
                                    self.kv_manager)
         eos = set(self.model_config.eos_token_ids)
@@ -137,7 +147,8 @@ class Engine:
         budget = self._kv_budget(specs, max_model_len)
         block_size = config.cache.resolved_block_size
         per_block = bytes_per_block(specs, block_size)
-        per_request = self._max_blocks_per_request(max_model_len)
+        per_request = max_blocks_per_request(self.kv_window, config.scheduler.max_num_batched_tokens, max_model_len,
+                                             block_size)
         num_blocks = min((budget - self.kv_residual_bytes) // per_block,
                          config.scheduler.max_num_seqs * per_request)
         if num_blocks < 1:
@@ -178,14 +189,6 @@ class Engine:
                     "KV cache budget %.2f GiB (gpu_memory_utilization=%s)", (memory.peak_torch - scratch) / GIB,
                     memory.outside_torch / GIB, budget / GIB, config.cache.gpu_memory_utilization)
         return budget
-
-    def _max_blocks_per_request(self, max_model_len: int) -> int:
-        """Blocks one request can hold at once: its whole context, or with a window its sinks + window + chunk."""
-        config, size = self.config, self.config.cache.resolved_block_size
-        if not config.cache.kv_window:
-            return -(-max_model_len // size)
-        chunk = min(config.scheduler.max_num_batched_tokens, max_model_len)
-        return -(-config.cache.kv_sinks // size) + -(-(config.cache.kv_window - 1 + chunk) // size) + 1
 
     # ---- requests -------------------------------------------------------------------------
 

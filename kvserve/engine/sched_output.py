@@ -10,7 +10,7 @@ The runner answers with a `ModelRunnerOutput`: the tokens it sampled per request
 are accepted), and the scheduler credits only the accepted ones.
 
 Sinks + sliding window: the KV manager replaces evicted block-table entries with EVICTED, but a diff only
-appends block ids. The runner applies the same pure-Python rule to its copy (kv/window_eviction.py), driven by
+appends block ids. The runner applies the same pure-Python rule to its copy (kv/sinks_window.py), driven by
 `num_computed_tokens`, so both tables agree without evictions crossing the contract.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvserve.kv.block_pool import BlockPool
 from kvserve.kv.prefix_cache import CachedPrefix, hash_block
-from kvserve.kv.window_eviction import EVICTED, WindowEviction
+from kvserve.kv.sinks_window import EVICTED, SinksWindow
 
 
 class KVCacheManager:
@@ -14,7 +14,7 @@ class KVCacheManager:
                  window: int | None = None, num_sinks: int = 0) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.window = None if window is None else WindowEviction(window, num_sinks, block_size)
+        self.window = None if window is None else SinksWindow(window, num_sinks, block_size)
         self._num_evicted: dict[str, int] = {}  # blocks evicted per request (they follow the sink blocks)
         self.pool = BlockPool(num_blocks)
         self._block_tables: dict[str, list[int]] = {}

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvserve.attention.backend import AttentionMetadata
-from kvserve.attention.mla import absorbed_decode, causal_attention, prefill_latents, write_latent
+from kvserve.attention.backend import AttentionMetadata, MLABackend
+from kvserve.attention.mla import causal_attention
 from kvserve.config import ModelConfig
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_spec import KVCacheSpec
@@ -175,9 +175,10 @@ def _deinterleave(x: torch.Tensor) -> torch.Tensor:
 class MLAAttention(nn.Module):
     """Multi-head Latent Attention: LoRA query, compressed KV latent cached, up-projected or absorbed attention."""
 
-    def __init__(self, cfg: DeepseekConfig) -> None:
+    def __init__(self, cfg: DeepseekConfig, attention_backend: MLABackend) -> None:
         super().__init__()
         self.cfg = cfg
+        self.backend = attention_backend  # its MLA entry points read and write the latent cache
         heads, qk_dim = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         if cfg.q_lora_rank is None:
             self.q_proj = Linear(cfg.hidden_size, heads * qk_dim)
@@ -210,14 +211,12 @@ class MLAAttention(nn.Module):
         """hidden [T, hidden_size] -> [T, hidden_size]; caches this step's latents first."""
         num_tokens = hidden.shape[0]
         q_nope, q_rope, latent = self.project(cos_sin, hidden)
-        write_latent(latent, kv_cache, metadata.slot_mapping)
+        self.backend.write_latent(latent, kv_cache, metadata)
         out = hidden.new_empty(num_tokens, self.cfg.num_heads, self.cfg.v_head_dim)  # [T, H, d_v]
         num_decodes = metadata.num_decodes
         if num_decodes:
             out[:num_decodes] = self.attend_absorbed(q_nope[:num_decodes], q_rope[:num_decodes], kv_cache, metadata)
-        for seq in metadata.prefills:
-            rows = slice(seq.query_start, seq.query_start + seq.query_len)
-            latents = prefill_latents(latent[rows], kv_cache, seq)  # [S, d_c + d_r]
+        for rows, latents in self.backend.prefill_latents(latent, kv_cache, metadata):  # latents [S, d_c + d_r]
             out[rows] = self.attend_expanded(q_nope[rows], q_rope[rows], latents)
         return self.o_proj(out.view(num_tokens, -1))  # [T, H * d_v] -> [T, hidden_size]
 
@@ -257,8 +256,8 @@ class MLAAttention(nn.Module):
         # Fold W_UK into the query: [H, B, d_n] @ [H, d_n, d_c] -> [H, B, d_c] -> [B, H, d_c]
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)
         query = torch.cat([q_latent, q_rope], dim=-1)  # [B, H, d_c + d_r]
-        out_latent = absorbed_decode(query, kv_cache, metadata, self.cfg.kv_lora_rank,
-                                     self.cfg.softmax_scale)  # [B, H, d_c]
+        out_latent = self.backend.absorbed_decode(query, kv_cache, metadata, self.cfg.kv_lora_rank,
+                                                  self.cfg.softmax_scale)  # [B, H, d_c]
         # Fold W_UV into the output: [H, B, d_c] @ [H, d_c, d_v] -> [H, B, d_v] -> [B, H, d_v]
         return torch.bmm(out_latent.transpose(0, 1), self.w_uv).transpose(0, 1)
 
@@ -350,9 +349,9 @@ class DeepseekMoE(nn.Module):
 class DeepseekDecoderLayer(nn.Module):
     """Pre-norm MLA and (dense or MoE) feed-forward blocks with residual connections."""
 
-    def __init__(self, cfg: DeepseekConfig, index: int) -> None:
+    def __init__(self, cfg: DeepseekConfig, index: int, attention_backend: MLABackend) -> None:
         super().__init__()
-        self.self_attn = MLAAttention(cfg)
+        self.self_attn = MLAAttention(cfg, attention_backend)
         self.mlp: nn.Module = (DeepseekMoE(cfg) if cfg.is_moe_layer(index)
                                else DeepseekMLP(cfg.hidden_size, cfg.intermediate_size))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -368,13 +367,13 @@ class DeepseekDecoderLayer(nn.Module):
 class DeepseekModel(nn.Module):
     """Embedding, decoder layers and final norm."""
 
-    def __init__(self, cfg: DeepseekConfig, max_position: int) -> None:
+    def __init__(self, cfg: DeepseekConfig, max_position: int, attention_backend: MLABackend) -> None:
         super().__init__()
         if not cfg.tie_word_embeddings:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         # RoPE covers only the decoupled d_r part of queries and keys.
         self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(DeepseekDecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DeepseekDecoderLayer(cfg, i, attention_backend) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -382,12 +381,13 @@ class DeepseekForCausalLM(DecoderForCausalLM):
     """DeepSeek-V2/V3 causal LM with a latent KV cache; same interface as LlamaForCausalLM."""
 
     supports_kv_window = False  # the MLA attention path has no sinks + sliding window
+    uses_mla = True
 
-    def __init__(self, config: ModelConfig, max_position: int) -> None:
+    def __init__(self, config: ModelConfig, max_position: int, attention_backend: MLABackend) -> None:
         super().__init__()
         self.config = config
         self.cfg = DeepseekConfig.from_model_config(config)
-        self.model = DeepseekModel(self.cfg, max_position)
+        self.model = DeepseekModel(self.cfg, max_position, attention_backend)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
     def kv_cache_specs(self, dtype: str) -> list[KVCacheSpec]:

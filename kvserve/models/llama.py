@@ -12,8 +12,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from kvserve.attention.backend import AttentionMetadata
-from kvserve.attention.selector import select_attention
+from kvserve.attention.backend import AttentionBackend, AttentionMetadata
+from kvserve.attention.layer import Attention
 from kvserve.config import ModelConfig
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_spec import KVCacheSpec
@@ -29,7 +29,7 @@ CosSin = tuple[torch.Tensor, torch.Tensor]  # [T, 1, D] each
 class LlamaAttention(nn.Module):
     """Self-attention with fused QKV, RoPE and the paged KV cache."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
@@ -42,7 +42,8 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.use_qk_norm = config.use_qk_norm
-        self.scale = self.head_dim ** -0.5
+        self.attn = Attention(attention_backend, self.num_heads, self.num_kv_heads, self.head_dim,
+                              self.head_dim ** -0.5)
 
     def forward(self, cos_sin: CosSin, hidden: torch.Tensor, kv_cache: LayerKVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -56,8 +57,7 @@ class LlamaAttention(nn.Module):
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         q, k = apply_rotary(qk, cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        # Triton on CUDA, torch_ref elsewhere; chosen once per device (select_attention is cached).
-        out = select_attention(q.device)(q, k, v, kv_cache, metadata, self.scale)
+        out = self.attn(q, k, v, kv_cache, metadata)  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -77,9 +77,9 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks with residual connections."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, attention_backend)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -94,13 +94,13 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm."""
 
-    def __init__(self, config: ModelConfig, max_position: int) -> None:
+    def __init__(self, config: ModelConfig, max_position: int, attention_backend: AttentionBackend) -> None:
         super().__init__()
         # Tied models read their embeddings from the LM head's [hidden, vocab] weight instead.
         if not config.tie_word_embeddings:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config.head_dim, max_position, config.rope_theta, config.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attention_backend) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -108,11 +108,12 @@ class LlamaForCausalLM(DecoderForCausalLM):
     """The causal LM: `forward` gives hidden states, `compute_logits` the vocabulary scores."""
 
     supports_kv_window = True  # attention sinks + sliding window (torch_ref's window path)
+    uses_mla = False
 
-    def __init__(self, config: ModelConfig, max_position: int) -> None:
+    def __init__(self, config: ModelConfig, max_position: int, attention_backend: AttentionBackend) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_position)
+        self.model = LlamaModel(config, max_position, attention_backend)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
     def kv_cache_specs(self, dtype: str) -> list[KVCacheSpec]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from kvserve.attention.backend import AttentionBackend
 from kvserve.config import ModelConfig
 from kvserve.models.deepseek import DeepseekForCausalLM
 from kvserve.models.llama import LlamaForCausalLM
@@ -23,10 +24,16 @@ def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
-def build_model(config: ModelConfig, max_position: int) -> nn.Module:
-    """Instantiate the model class registered for `config.architecture` (weights uninitialised)."""
-    model_class = _MODELS.get(config.architecture)
-    if model_class is None:
+def model_class(config: ModelConfig) -> type[nn.Module]:
+    """The model class registered for `config.architecture`."""
+    cls = _MODELS.get(config.architecture)
+    if cls is None:
         raise ValueError(f"architecture {config.architecture!r} is not supported; "
                          f"supported: {supported_architectures()}")
-    return model_class(config, max_position)
+    return cls
+
+
+def build_model(config: ModelConfig, max_position: int, attention_backend: AttentionBackend) -> nn.Module:
+    """Instantiate the model class registered for `config.architecture` (weights uninitialised), its attention
+    layers on `attention_backend`."""
+    return model_class(config)(config, max_position, attention_backend)

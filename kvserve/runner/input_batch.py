@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvserve.engine.sched_output import SchedulerOutput
-from kvserve.kv.window_eviction import WindowEviction
+from kvserve.kv.sinks_window import SinksWindow
 from kvserve.sampling_params import SamplingParams
 
 
@@ -53,7 +53,7 @@ class StepBatch:
 class InputBatch:
     """Every request the runner holds, by id; `update` applies a SchedulerOutput and returns the step's batch."""
 
-    def __init__(self, window: WindowEviction | None = None) -> None:
+    def __init__(self, window: SinksWindow | None = None) -> None:
         self.window = window  # sinks + sliding window: evict the same columns as the KV manager
         self.requests: dict[str, CachedRequestState] = {}
 

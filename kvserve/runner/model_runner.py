@@ -4,30 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from kvserve.attention.backend import AttentionMetadata, PrefillSeq, WindowMetadata
+from kvserve.attention.backend import AttentionBackend, AttentionMetadata
 from kvserve.engine.sched_output import ModelRunnerOutput, SchedulerOutput
+from kvserve.kv.int4_residual import Int4ResidualLayout
 from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches
 from kvserve.kv.kv_spec import KVCacheSpec
-from kvserve.kv.window_eviction import WindowEviction
+from kvserve.kv.sinks_window import SinksWindow
+from kvserve.kv.window_layout import SinksWindowLayout
 from kvserve.layers.host_blas import host_blas_step
 from kvserve.layers.linear import Linear
 from kvserve.layers.norm import RMSNorm
 from kvserve.loader.weights import ModelSource
-from kvserve.runner.cache_plans import (
-    ResidualSlots,
-    StepSpan,
-    held_blocks,
-    int4_write_plan,
-    key_positions,
-    prefill_tail,
-    window_visible,
-)
+from kvserve.runner.attention_inputs import build_common_metadata
 from kvserve.runner.input_batch import CachedRequestState, InputBatch, StepBatch
 from kvserve.sample.sampler import Sampler, SamplingMetadata
 
@@ -35,14 +30,15 @@ from kvserve.sample.sampler import Sampler, SamplingMetadata
 class ModelRunner:
     """Owns the model weights, the KV-cache tensors, its copy of the running requests and their generators."""
 
-    def __init__(self, model: nn.Module, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, attention_backend: AttentionBackend,
+                 seed: int = 0) -> None:
         self.model = model
         self.device = device
+        self.attention_backend = attention_backend  # the one the model's attention layers run on
         self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
-        self.residual_slots: ResidualSlots | None = None  # int4 caches only
-        self.window: int | None = None  # sinks + sliding window (StreamingLLM)
-        self.num_sinks = 0
+        self.int4: Int4ResidualLayout | None = None  # int4 caches only
+        self.window: SinksWindowLayout | None = None  # sinks + sliding window (StreamingLLM)
         self.cpu_blas_max_tokens = 0  # steps of up to this many tokens use host_blas (0: never)
         self.packed_weight_bytes = 0  # oneDNN copies of the Linear weights (float32 CPU)
         # Unseeded requests share one generator, seeded by the engine's seed.
@@ -84,7 +80,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(specs, num_blocks, block_size, self.device, dtype, num_residual_slots)
         self.block_size = block_size
         if any(cache.is_int4 for cache in self.kv_caches):
-            self.residual_slots = ResidualSlots(num_residual_slots)
+            self.int4 = Int4ResidualLayout(num_residual_slots, block_size)
 
     @torch.inference_mode()
     def profile_step(self, specs: list[KVCacheSpec], num_tokens: int, num_rows: int, block_size: int) -> int:
@@ -95,21 +91,23 @@ class ModelRunner:
                  for spec in specs]  # activations are what is measured; a plain cache needs no int4 plan
         num_blocks = -(-num_tokens // block_size)
         scratch = allocate_kv_caches(plain, num_blocks, block_size, self.device, dtype)
-        tokens = torch.arange(num_tokens, device=self.device)
-        metadata = AttentionMetadata(
-            slot_mapping=tokens, num_decodes=0,
-            decode_block_tables=torch.zeros(0, 0, dtype=torch.long, device=self.device),
-            decode_mask=torch.zeros(0, 1, 1, 0, dtype=torch.bool, device=self.device),
-            prefills=[PrefillSeq(0, num_tokens, num_tokens, torch.arange(num_blocks, device=self.device))])
-        hidden = self.model(torch.zeros_like(tokens), tokens, scratch, metadata)
+        common = build_common_metadata(["profile"], [0], [num_tokens], [list(range(num_blocks))], block_size,
+                                       self.device)
+        tokens = common.positions
+        hidden = self.model(torch.zeros_like(tokens), tokens, scratch, self.attention_backend.build_metadata(common))
         rows = hidden[torch.arange(num_rows, device=self.device) % num_tokens]
         torch.softmax(self.model.compute_logits(rows), dim=-1)
         return sum(cache.num_bytes for cache in scratch)
 
-    def set_window(self, window: int | None, num_sinks: int) -> None:
-        """Attend with sinks + a sliding window (the KV manager evicts the blocks in between)."""
-        self.window, self.num_sinks = window, num_sinks
-        self.input_batch.window = None if window is None else WindowEviction(window, num_sinks, self.block_size)
+    def set_window(self, window: SinksWindow | None) -> None:
+        """Attend with sinks + a sliding window (the KV manager evicts the blocks in between; the runner's copy of
+        each block table follows the same rule)."""
+        self.input_batch.window = window
+        if window is None:
+            self.window = None
+            return
+        rotation = functools.partial(self.model.model.rotary.rotation, dtype=next(self.model.parameters()).dtype)
+        self.window = SinksWindowLayout(window, rotation)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -120,9 +118,9 @@ class ModelRunner:
         """Forget the generators of finished requests and the int4 residual slots of finished and preempted ones."""
         for request_id in finished_req_ids:
             self.generators.pop(request_id, None)
-        if self.residual_slots is not None:
+        if self.int4 is not None:
             for request_id in [*finished_req_ids, *preempted_req_ids]:
-                self.residual_slots.release(request_id)
+                self.int4.release(request_id)
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
@@ -153,75 +151,12 @@ class ModelRunner:
         return ModelRunnerOutput(batch.req_ids, sampled, logprobs)
 
     def prepare_inputs(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Token ids and positions [T] of the packed step, and the attention metadata."""
-        block_size, device = self.block_size, self.device
-        positions: list[int] = []
-        spans: list[StepSpan] = []
-        slots: list[int] = []
-        for state, start, count, table in zip(batch.requests, batch.num_computed_tokens, batch.num_new_tokens,
-                                              batch.block_tables, strict=True):
-            slot = self.residual_slots.slot(state.req_id) if self.residual_slots else -1
-            spans.append(StepSpan(len(positions), start, count, table, slot))
-            positions.extend(range(start, start + count))
-            # Plain ints: a tensor per request would cost more than the arithmetic for decodes.
-            slots.extend(table[pos // block_size] * block_size + pos % block_size
-                         for pos in range(start, start + count))
-        num_decodes = sum(1 for count in batch.num_new_tokens if count == 1)
-        held = [held_blocks(table) for table in batch.block_tables]
-        position_tensor = torch.tensor(positions, dtype=torch.long, device=device)
-        metadata = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            num_decodes=num_decodes,
-            prefills=[self._prefill_seq(span, *blocks) for span, blocks in zip(spans[num_decodes:], held[num_decodes:],
-                                                                                  strict=True)],
-            **self._decode_tables(spans[:num_decodes], held[:num_decodes]),
-        )
-        if self.residual_slots is not None:
-            columns = [len(blocks) - 1 for blocks, _ in held[:num_decodes]]
-            metadata.int4 = int4_write_plan(spans, num_decodes, columns, block_size, device)
-        if self.window is not None:
-            metadata.window = self._window_metadata(position_tensor, metadata.num_decodes)
-        return torch.tensor(batch.token_ids, device=device), position_tensor, metadata
-
-    def _prefill_seq(self, span: StepSpan, blocks: list[int], indices: list[int]) -> PrefillSeq:
-        """A multi-token request's attention inputs: its held blocks, int4 tail and window mask."""
-        device = self.device
-        seq_len = span.start + span.count
-        seq = PrefillSeq(span.first_row, span.count, seq_len, torch.tensor(blocks, dtype=torch.long, device=device))
-        if self.residual_slots is not None:
-            seq.residual = prefill_tail(span, len(blocks), self.block_size, device)
-        if self.window is not None:
-            query_pos = torch.arange(span.start, seq_len, device=device)
-            seq.key_mask = window_visible(key_positions(indices, self.block_size, device), query_pos,
-                                          self.window, self.num_sinks)
-        return seq
-
-    def _decode_tables(self, spans: list[StepSpan], held: list[tuple[list[int], list[int]]]
-                       ) -> dict[str, torch.Tensor]:
-        """Padded block tables [B, max_blocks] and the key mask [B, 1, 1, max_blocks * block_size]."""
-        device, size = self.device, self.block_size
-        max_blocks = max((len(blocks) for blocks, _ in held), default=0)
-        padded = [blocks + [0] * (max_blocks - len(blocks)) for blocks, _ in held]
-        block_tables = torch.tensor(padded, dtype=torch.long, device=device).view(len(held), max_blocks)
-        query_pos = torch.tensor([span.start for span in spans], dtype=torch.long, device=device)
-        if self.window is None:
-            key_pos = torch.arange(max_blocks * size, device=device)
-            mask = key_pos[None, :] <= query_pos[:, None]
-        else:
-            # Padding columns get a position past every query: never visible.
-            far = max((span.start for span in spans), default=0) + 1
-            key_pos = torch.stack([torch.cat([key_positions(indices, size, device),
-                                              torch.full(((max_blocks - len(indices)) * size,), far, device=device)])
-                                   for _, indices in held]) if held else torch.zeros(0, 0, dtype=torch.long)
-            mask = window_visible(key_pos, query_pos[:, None], self.window, self.num_sinks)[:, 0]
-        return {"decode_block_tables": block_tables, "decode_mask": mask[:, None, None, :],
-                "decode_seq_lens": query_pos + 1}
-
-    def _window_metadata(self, positions: torch.Tensor, num_decodes: int) -> WindowMetadata:
-        """Each query's rotation back to the sink-query position S + W - 1 (see WindowMetadata)."""
-        delta = (positions - (self.num_sinks + self.window - 1)).clamp_min(0)
-        cos, sin = self.model.model.rotary.rotation(delta, next(self.model.parameters()).dtype)
-        return WindowMetadata(self.num_sinks, self.window, (cos, -sin), delta[:num_decodes] > 0)
+        """Token ids and positions [T] of the packed step, and the backend's attention metadata (once for every
+        layer)."""
+        common = build_common_metadata(batch.req_ids, batch.num_computed_tokens, batch.num_new_tokens,
+                                       batch.block_tables, self.block_size, self.device, self.window, self.int4)
+        metadata = self.attention_backend.build_metadata(common)
+        return torch.tensor(batch.token_ids, device=self.device), common.positions, metadata
 
     def _sampling_metadata(self, requests: list[CachedRequestState]) -> SamplingMetadata:
         generators = []

@@ -1,4 +1,4 @@
-"""Random paged-attention steps for comparing a backend against torch_ref (shared by the Triton tests)."""
+"""Random paged-attention steps for comparing a backend against torch_ref (shared by the backend tests)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,30 @@ from dataclasses import dataclass
 
 import torch
 
-from kvserve.attention.backend import AttentionMetadata, PrefillSeq
+from kvserve.attention.backend import AttentionBackend, AttentionRequirements, CommonAttentionMetadata
+from kvserve.attention.selector import create_attention_backend
+from kvserve.attention.torch_metadata import TorchAttentionMetadata, build_torch_metadata
 from kvserve.attention.torch_ref import write_kv
 from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches
 from kvserve.kv.kv_spec import KVCacheSpec
+from kvserve.runner.attention_inputs import build_common_metadata
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @dataclass
 class Step:
-    """One step's inputs: packed q [T, Hq, D], new k/v [T, Hkv, D], a cache holding the history, metadata."""
+    """One step's inputs: packed q [T, Hq, D], new k/v [T, Hkv, D], a cache holding the history, the common
+    metadata and torch_ref's metadata derived from it."""
 
     query: torch.Tensor
     key: torch.Tensor
     value: torch.Tensor
     cache: LayerKVCache
-    metadata: AttentionMetadata
+    common: CommonAttentionMetadata
+    metadata: TorchAttentionMetadata
     scale: float
+    kv_cache_dtype: str  # the cache's storage dtype (a KVCacheSpec dtype)
 
 
 def make_step(requests: list[tuple[int, int]], *, num_kv_heads: int, group: int, head_dim: int, block_size: int,
@@ -70,20 +76,24 @@ def make_step(requests: list[tuple[int, int]], *, num_kv_heads: int, group: int,
     key, value = kv[:, :num_kv_heads], kv[:, 2 * num_kv_heads:]
     query = randn(num_tokens, num_kv_heads * group, head_dim)
 
-    decode_tables = tables[:num_decodes]
-    max_blocks = max((len(t) for t in decode_tables), default=0)
-    block_tables = torch.zeros(num_decodes, max_blocks, dtype=torch.long, device=device)
-    for row, table in enumerate(decode_tables):
-        block_tables[row, :len(table)] = table
-    decode_lens = torch.tensor([s for s, _ in requests[:num_decodes]], device=device)
-    key_pos = torch.arange(max_blocks * block_size, device=device)
-    decode_mask = (key_pos[None, :] < decode_lens[:, None])[:, None, None, :]
-    prefills, start = [], num_decodes
-    for table, (seq_len, query_len) in zip(tables[num_decodes:], requests[num_decodes:], strict=True):
-        prefills.append(PrefillSeq(start, query_len, seq_len, table))
-        start += query_len
-    metadata = AttentionMetadata(slot_mapping, num_decodes, block_tables, decode_mask, prefills)
-    return Step(query, key, value, cache, metadata, head_dim ** -0.5)
+    common = build_common_metadata([f"request-{i}" for i in range(len(requests))], [s - q for s, q in requests],
+                                   [q for _, q in requests], [t.tolist() for t in tables], block_size,
+                                   torch.device(device))
+    assert torch.equal(common.slot_mapping, slot_mapping)  # the runner's builder agrees with the tensor math
+    return Step(query, key, value, cache, common, build_torch_metadata(common), head_dim ** -0.5, storage)
+
+
+def backend_for(name: str, step: Step) -> AttentionBackend:
+    """The backend `name` as the engine would create it for this step's cache."""
+    needs = AttentionRequirements(torch.device(step.query.device.type), step.kv_cache_dtype, use_window=False,
+                                  use_mla=False)
+    return create_attention_backend(name, needs)
+
+
+def run_backend(backend: AttentionBackend, step: Step, cache: LayerKVCache | None = None) -> torch.Tensor:
+    """One layer's forward on `backend` (its metadata built from the step's common metadata) -> [T, Hq, D]."""
+    return backend.forward(step.query, step.key, step.value, step.cache if cache is None else cache,
+                           backend.build_metadata(step.common), step.scale)
 
 
 def clone_cache(cache: LayerKVCache) -> LayerKVCache:

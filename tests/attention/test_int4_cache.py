@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from kvserve.attention import torch_ref
-from kvserve.attention.backend import ResidualTails
 from kvserve.attention.torch_ref import _attend_quantized, gather_kv, write_kv, write_kv_int4
+from kvserve.kv.int4_residual import ResidualSlots, ResidualTails, StepSpan, int4_write_plan, prefill_tail
 from kvserve.kv.kv_cache import allocate_kv_caches
 from kvserve.kv.kv_quant import dequantize_int4, quantize_int4
 from kvserve.kv.kv_spec import KVCacheSpec
-from kvserve.runner.cache_plans import ResidualSlots, StepSpan, int4_write_plan, prefill_tail
 
 BLOCK, HEADS, DIM = 8, 2, 16
 

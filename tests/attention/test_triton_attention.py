@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,12 +23,14 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from paged_cases import Step, assert_same_cache, clone_cache, make_step  # noqa: E402
+from paged_cases import Step, assert_same_cache, backend_for, clone_cache, make_step, run_backend  # noqa: E402
 
 from kvserve.attention import torch_ref  # noqa: E402
 from kvserve.attention import triton_attention as ta  # noqa: E402
-from kvserve.attention.backend import AttentionMetadata  # noqa: E402
-from kvserve.attention.selector import select_attention  # noqa: E402
+from kvserve.attention.backend import AttentionRequirements  # noqa: E402
+from kvserve.attention.selector import create_attention_backend  # noqa: E402
+from kvserve.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from kvserve.config import EngineConfig  # noqa: E402
 from kvserve.kv.kv_cache import LayerKVCache  # noqa: E402
 
 if not ta.IS_INTERPRETED and not torch.cuda.is_available():
@@ -148,7 +149,7 @@ def test_decode_native_fp8_path(monkeypatch: pytest.MonkeyPatch) -> None:
     step = make_step([(600, 1), (33, 1)], num_kv_heads=2, group=3, head_dim=64, block_size=16,
                      kv_cache_dtype="fp8", device=DEVICE)
     expected, _ = run_reference(step)
-    out = ta.triton_paged_attention(step.query, step.key, step.value, step.cache, step.metadata, step.scale)
+    out = run_backend(backend_for("triton", step), step)
     torch.testing.assert_close(out, expected, **TOL)
 
 
@@ -191,70 +192,52 @@ def test_mixed_batch_through_backend(kv_cache_dtype: str) -> None:
     step = make_step(requests, num_kv_heads=2, group=3, head_dim=64, block_size=16,
                      kv_cache_dtype=kv_cache_dtype, device=DEVICE)
     expected, expected_cache = run_reference(step)
-    out = ta.triton_paged_attention(step.query, step.key, step.value, step.cache, step.metadata, step.scale)
+    out = run_backend(backend_for("triton", step), step)
     assert_same_cache(step.cache, expected_cache)
     torch.testing.assert_close(out, expected, **TOL)
 
 
-@pytest.mark.parametrize("unsupported", ["int4 cache", "sinks + window"])
-def test_unsupported_steps_fall_back_to_torch_ref(unsupported: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    step = make_step([(20, 1)], num_kv_heads=2, group=1, head_dim=64, block_size=16, device=DEVICE)
-    if unsupported == "int4 cache":
-        step.cache.kv_cache_dtype = "int4"  # a layout the kernels do not read
-    else:
-        step.metadata.window = object()  # any WindowMetadata: the kernels have no sinks / window
-    calls = []
-
-    def fake_reference(*args: object) -> torch.Tensor:
-        calls.append(args)
-        return step.query
-
-    monkeypatch.setattr(torch_ref, "paged_attention", fake_reference)
-    assert ta.triton_paged_attention(step.query, step.key, step.value, step.cache, step.metadata,
-                                     step.scale) is step.query
-    assert len(calls) == 1
+@pytest.mark.parametrize(("kv_cache_dtype", "use_window", "use_mla", "message"), [
+    ("int4", False, False, "kv_cache_dtype 'int4' is not supported"),
+    ("float32", True, False, "it has no attention sinks \\+ sliding window"),
+    ("float32", False, True, "it has no Multi-head Latent Attention"),
+])
+def test_what_the_kernels_cannot_serve_is_refused(kv_cache_dtype: str, use_window: bool, use_mla: bool,
+                                                  message: str) -> None:
+    """Asked for by name, triton refuses such a cache at construction; auto takes the torch backend instead."""
+    needs = AttentionRequirements(torch.device(DEVICE), kv_cache_dtype, use_window, use_mla)
+    with pytest.raises(ValueError, match=f"attention_backend='triton' cannot serve this model: {message}"):
+        create_attention_backend("triton", needs)
+    if DEVICE == "cuda":
+        assert type(create_attention_backend("auto", needs)) is TorchAttentionBackend
 
 
-def test_step_tensors_are_shared_by_layers() -> None:
+def test_metadata_is_derived_from_the_common_metadata() -> None:
     step = make_step([(30, 1), (40, 10)], num_kv_heads=2, group=1, head_dim=64, block_size=16, device=DEVICE)
-    device = torch.device(DEVICE)
-    first = ta._step_tensors(step.metadata, device)
-    assert ta._step_tensors(step.metadata, device) is first
-    assert first.decode_seq_lens.tolist() == [30]
-    assert first.query_start_loc.tolist() == [1, 11]
-    other = AttentionMetadata(**vars(step.metadata))
-    assert ta._step_tensors(other, device) is not first
+    metadata = backend_for("triton", step).build_metadata(step.common)
+    assert metadata.decode_seq_lens.tolist() == [30] and metadata.decode_seq_lens.dtype == torch.int32
+    assert metadata.query_start_loc.tolist() == [1, 11] and metadata.prefill_seq_lens.tolist() == [40]
+    assert metadata.decode_block_tables.tolist() == step.common.block_table[:1, :2].tolist()
+    assert metadata.prefill_block_tables.tolist() == step.common.block_table[1:, :3].tolist()
+    assert metadata.max_query_len == 10
 
 
 # ---------------------------------------------------------------------------- selection
 
 
-@pytest.fixture
-def fresh_selection() -> Iterator[None]:
-    select_attention.cache_clear()
-    yield
-    select_attention.cache_clear()
-
-
-@pytest.mark.usefixtures("fresh_selection")
-def test_selector_honours_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    cpu = torch.device("cpu")
-    monkeypatch.delenv("KVSERVE_ATTENTION", raising=False)
+def test_attention_backend_option() -> None:
     from kvserve.attention import cpu_native  # auto on CPU: the compiled decode kernel where it builds
 
-    assert select_attention(cpu) is (cpu_native.paged_attention if cpu_native.available() else
-                                     torch_ref.paged_attention)
-    select_attention.cache_clear()
-    monkeypatch.setenv("KVSERVE_ATTENTION", "torch")
-    assert select_attention(cpu) is torch_ref.paged_attention
-    select_attention.cache_clear()
-    monkeypatch.setenv("KVSERVE_ATTENTION", "cuda-please")
-    with pytest.raises(ValueError, match="KVSERVE_ATTENTION"):
-        select_attention(cpu)
+    needs = AttentionRequirements(torch.device("cpu"), "float32", use_window=False, use_mla=False)
+    expected = cpu_native.CpuAttentionBackend if cpu_native.available() else TorchAttentionBackend
+    assert type(create_attention_backend("auto", needs)) is expected
+    assert type(create_attention_backend("torch", needs)) is TorchAttentionBackend
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        create_attention_backend("cuda-please", needs)
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        EngineConfig.from_kwargs(attention_backend="cuda-please")
     if ta.IS_INTERPRETED:
-        select_attention.cache_clear()
-        monkeypatch.setenv("KVSERVE_ATTENTION", "triton")
-        assert select_attention(cpu) is ta.triton_paged_attention
+        assert type(create_attention_backend("triton", needs)) is ta.TritonAttentionBackend
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -280,10 +263,8 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> str:
     return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
-@pytest.mark.usefixtures("fresh_selection")
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-def test_tiny_llama_greedy_tokens_match_torch_path(tiny_llama: str, kv_cache_dtype: str,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_llama_greedy_tokens_match_torch_path(tiny_llama: str, kv_cache_dtype: str) -> None:
     from kvserve import LLM, SamplingParams
 
     # A 70-token prompt in 32-token chunks: prefills over a cached prefix, mixed with decodes.
@@ -292,12 +273,9 @@ def test_tiny_llama_greedy_tokens_match_torch_path(tiny_llama: str, kv_cache_dty
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     tokens = {}
     for backend in ("torch", "triton"):
-        monkeypatch.setenv("KVSERVE_ATTENTION", backend)
-        select_attention.cache_clear()
         llm = LLM(model=tiny_llama, device=DEVICE, kv_cache_memory=4 * 2**20, max_num_batched_tokens=32,
-                  kv_cache_dtype=kv_cache_dtype, show_progress=False)
-        expected_backend = ta.triton_paged_attention if backend == "triton" else torch_ref.paged_attention
-        assert select_attention(torch.device(DEVICE)) is expected_backend
+                  kv_cache_dtype=kv_cache_dtype, attention_backend=backend, show_progress=False)
+        assert llm.engine.attention_backend.name == backend
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert tokens["triton"] == tokens["torch"]
     assert all(len(t) == 8 for t in tokens["triton"])

@@ -11,7 +11,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from paged_cases import Step, assert_same_cache, clone_cache, make_step
+from paged_cases import Step, assert_same_cache, backend_for, clone_cache, make_step, run_backend
 
 from kvserve.attention import torch_ref
 
@@ -41,7 +41,7 @@ def _check(ta: ModuleType, step: Step, dtype: torch.dtype) -> None:
     expected_cache = clone_cache(step.cache)
     expected = torch_ref.paged_attention(step.query, step.key, step.value, expected_cache, step.metadata,
                                          step.scale)
-    out = ta.triton_paged_attention(step.query, step.key, step.value, step.cache, step.metadata, step.scale)
+    out = run_backend(backend_for("triton", step), step)
     torch.cuda.synchronize()
     assert_same_cache(step.cache, expected_cache)
     torch.testing.assert_close(out.float(), expected.float(), **TOLERANCES[dtype])
@@ -81,12 +81,9 @@ def test_mixed_batch(ta: ModuleType, dtype: torch.dtype, kv_cache_dtype: str) ->
     _check(ta, step, dtype)
 
 
-def test_selector_picks_triton_on_cuda(ta: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvserve.attention.selector import select_attention
+def test_auto_picks_triton_on_cuda(ta: ModuleType) -> None:
+    from kvserve.attention.backend import AttentionRequirements
+    from kvserve.attention.selector import create_attention_backend
 
-    monkeypatch.delenv("KVSERVE_ATTENTION", raising=False)
-    select_attention.cache_clear()
-    try:
-        assert select_attention(torch.device("cuda")) is ta.triton_paged_attention
-    finally:
-        select_attention.cache_clear()
+    needs = AttentionRequirements(torch.device("cuda"), "bfloat16", use_window=False, use_mla=False)
+    assert type(create_attention_backend("auto", needs)) is ta.TritonAttentionBackend

@@ -5,16 +5,20 @@ compacted cache (sinks at 0..S-1, the window right after). Our cache keeps keys 
 drops whole blocks, and shifts only the sink scores; both must give the same attention.
 """
 
+import functools
+
 import pytest
 import torch
 
-from kvserve.attention.backend import AttentionMetadata, PrefillSeq, WindowMetadata
-from kvserve.attention.torch_ref import paged_attention
+from kvserve.attention.backend import AttentionRequirements
+from kvserve.attention.torch_backend import TorchAttentionBackend
 from kvserve.kv.kv_cache import allocate_kv_caches
 from kvserve.kv.kv_manager import KVCacheManager
 from kvserve.kv.kv_spec import KVCacheSpec
+from kvserve.kv.sinks_window import SinksWindow, held_blocks
+from kvserve.kv.window_layout import SinksWindowLayout
 from kvserve.layers.rotary import RotaryEmbedding, apply_rotary
-from kvserve.runner.cache_plans import held_blocks, key_positions, window_visible
+from kvserve.runner.attention_inputs import build_common_metadata
 
 BLOCK, HEADS, KV_HEADS, DIM = 4, 4, 2, 16
 ROTARY = RotaryEmbedding(DIM, 512, 10000.0)
@@ -44,31 +48,22 @@ def test_paged_window_matches_streaming_reference(window, sinks, chunk):
     v = torch.randn(length, KV_HEADS, DIM)
     cache = allocate_kv_caches([KVCacheSpec(KV_HEADS, DIM, DIM, "float32")], 40, BLOCK, "cpu")[0]
     manager = KVCacheManager(40, BLOCK, enable_prefix_caching=False, window=window, num_sinks=sinks)
+    rotation = functools.partial(ROTARY.rotation, dtype=torch.float32)
+    layout = SinksWindowLayout(SinksWindow(window, sinks, BLOCK), rotation)
+    backend = TorchAttentionBackend(AttentionRequirements(torch.device("cpu"), "float32", use_window=True,
+                                                          use_mla=False))
     max_held = 0
     for start in range(0, length, chunk):
         count = min(chunk, length - start)
         manager.evict_outside_window("r", start)
         assert manager.allocate_slots("r", start + count)
         table = manager.block_table("r")
-        blocks, indices = held_blocks(table)
-        max_held = max(max_held, len(blocks))
-        positions = torch.arange(start, start + count)
-        slots = torch.tensor(table)[positions // BLOCK] * BLOCK + positions % BLOCK
-        delta = (positions - (sinks + window - 1)).clamp_min(0)
-        cos, sin = ROTARY.rotation(delta, torch.float32)
-        key_mask = window_visible(key_positions(indices, BLOCK, torch.device("cpu")), positions, window, sinks)
-        seq = PrefillSeq(0, count, start + count, torch.tensor(blocks), key_mask=key_mask)
-        is_decode = count == 1
-        decode_tables = torch.tensor([blocks] if is_decode else [], dtype=torch.long)
-        metadata = AttentionMetadata(
-            slot_mapping=slots, num_decodes=int(is_decode),
-            decode_block_tables=decode_tables.view(int(is_decode), len(blocks) if is_decode else 0),
-            decode_mask=key_mask[None, None] if is_decode else torch.zeros(0, 1, 1, 0, dtype=torch.bool),
-            prefills=[] if is_decode else [seq],
-            window=WindowMetadata(sinks, window, (cos, -sin), delta[:int(is_decode)] > 0))
+        max_held = max(max_held, len(held_blocks(table)[0]))
+        common = build_common_metadata(["r"], [start], [count], [table], BLOCK, torch.device("cpu"), window=layout)
+        positions = common.positions
         # Our cache holds keys rotated at their true positions; queries too.
-        out = paged_attention(rotate(q_raw[positions], positions), rotate(k_raw[positions], positions),
-                              v[positions], cache, metadata, DIM ** -0.5)
+        out = backend.forward(rotate(q_raw[positions], positions), rotate(k_raw[positions], positions),
+                              v[positions], cache, backend.build_metadata(common), DIM ** -0.5)
         for row, position in enumerate(positions.tolist()):
             expected = streaming_reference(q_raw[position], k_raw, v, position, window, sinks)
             torch.testing.assert_close(out[row], expected, atol=2e-5, rtol=1e-4)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.attention.backend import AttentionMetadata, PrefillSeq
 from kvserve.loader.weights import resolve_model_path
+from kvserve.runner.attention_inputs import build_common_metadata
 
 NUM_NEW_TOKENS = 32
 GREEDY = SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
@@ -66,12 +66,10 @@ def greedy_without_cache(llm: LLM, prompt: list[int], num_new: int) -> list[int]
     with torch.inference_mode():
         for _ in range(num_new):
             n = len(ids)
-            table = torch.arange(-(-n // block_size))
-            metadata = AttentionMetadata(
-                slot_mapping=torch.arange(n), num_decodes=0,
-                decode_block_tables=torch.zeros(0, 0, dtype=torch.long),
-                decode_mask=torch.zeros(0, 1, 1, 0, dtype=torch.bool),
-                prefills=[PrefillSeq(0, n, n, table)])
+            # The whole sequence as one prefill over blocks 0, 1, ... (never a decode: the prompts are longer)
+            common = build_common_metadata(["recompute"], [0], [n], [list(range(-(-n // block_size)))], block_size,
+                                           runner.device)
+            metadata = runner.attention_backend.build_metadata(common)
             hidden = runner.model(torch.tensor(ids), torch.arange(n), runner.kv_caches, metadata)
             ids.append(int(runner.model.compute_logits(hidden[-1:]).argmax()))
     return ids[len(prompt):]
@@ -117,7 +115,6 @@ def test_plain_torch_path_matches(prompts, expected, monkeypatch):
     weights for steps of several rows) and torch_ref's attention instead of the compiled decode kernel: the
     default's tokens, for the prompts batched together."""
     from kvserve.attention import cpu_native
-    from kvserve.attention.selector import select_attention
     from kvserve.layers import host_blas, native_ops, onednn
 
     calls = []  # the stand-ins would break the run if called
@@ -126,40 +123,29 @@ def test_plain_torch_path_matches(prompts, expected, monkeypatch):
     monkeypatch.setattr(native_ops, "gemv", lambda *args: calls.append("gemv"))
     monkeypatch.setattr(native_ops, "rms_norm", lambda *args: calls.append("rms_norm"))
     monkeypatch.setattr(cpu_native, "decode", lambda *args: calls.append("cpu_native"))
-    monkeypatch.setenv("KVSERVE_ATTENTION", "torch")
-    select_attention.cache_clear()
-    try:
-        plain = LLM(kv_cache_memory=64 * 2**20, cpu_native_kernels=False, cpu_blas_max_tokens=0,
-                    cpu_packed_weights=False, show_progress=False)
-        assert generate_ids(plain, prompts) == expected
-    finally:
-        select_attention.cache_clear()
+    plain = LLM(kv_cache_memory=64 * 2**20, cpu_native_kernels=False, cpu_blas_max_tokens=0,
+                cpu_packed_weights=False, attention_backend="torch", show_progress=False)
+    assert generate_ids(plain, prompts) == expected
     assert not calls
 
 
-@pytest.mark.parametrize("flag", ["cpu_packed_weights", "cpu_native_kernels", "KVSERVE_ATTENTION=torch"])
-def test_each_cpu_fast_path_off_alone_matches(flag, prompts, expected, monkeypatch):
+@pytest.mark.parametrize("option", [{"cpu_packed_weights": False}, {"cpu_native_kernels": False},
+                                    {"attention_backend": "torch"}],
+                         ids=["cpu_packed_weights", "cpu_native_kernels", "attention_backend=torch"])
+def test_each_cpu_fast_path_off_alone_matches(option, prompts, expected):
     """One fast path off at a time: the default's tokens, each prompt alone (batch-1 steps) and all batched."""
-    from kvserve.attention import torch_ref
-    from kvserve.attention.selector import select_attention
+    from kvserve.attention.torch_backend import TorchAttentionBackend
 
-    if flag.startswith("KVSERVE_ATTENTION"):
-        monkeypatch.setenv("KVSERVE_ATTENTION", "torch")
-    select_attention.cache_clear()
-    try:
-        llm = LLM(kv_cache_memory=64 * 2**20, show_progress=False,
-                  **({} if flag.startswith("KVSERVE_ATTENTION") else {flag: False}))
-        linear = llm.engine.runner.model.lm_head
-        if flag == "cpu_packed_weights":
-            assert linear.packed is None
-        elif flag == "cpu_native_kernels":  # batch-1 matmuls fall back to OpenBLAS
-            assert not linear.use_native_gemv and llm.engine.runner.cpu_blas_max_tokens == 1
-        else:
-            assert select_attention(torch.device("cpu")) is torch_ref.paged_attention
-        assert [generate_ids(llm, [p])[0] for p in prompts] == expected
-        assert generate_ids(llm, prompts) == expected
-    finally:
-        select_attention.cache_clear()
+    llm = LLM(kv_cache_memory=64 * 2**20, show_progress=False, **option)
+    linear = llm.engine.runner.model.lm_head
+    if "cpu_packed_weights" in option:
+        assert linear.packed is None
+    elif "cpu_native_kernels" in option:  # batch-1 matmuls fall back to OpenBLAS
+        assert not linear.use_native_gemv and llm.engine.runner.cpu_blas_max_tokens == 1
+    else:
+        assert type(llm.engine.attention_backend) is TorchAttentionBackend
+    assert [generate_ids(llm, [p])[0] for p in prompts] == expected
+    assert generate_ids(llm, prompts) == expected
 
 
 def test_default_decodes_run_on_the_compiled_kernel(llm, prompts, monkeypatch):

@@ -78,7 +78,7 @@ def test_int4_batched_equals_alone_and_frees_everything(wikitext_ids):
     engine = llm.engine
     assert engine.kv_manager.pool.num_free_blocks == engine.kv_manager.num_blocks
     # Finished requests hand their residual slot back at the next step: at most the last one still holds it.
-    assert engine.runner.residual_slots.num_free >= 3
+    assert engine.runner.int4.slots.num_free >= 3
 
 
 def test_unknown_kv_cache_dtype_is_rejected():

@@ -15,14 +15,17 @@ import torch
 import transformers
 
 from kvserve import LLM, SamplingParams
-from kvserve.attention.backend import AttentionMetadata, PrefillSeq
+from kvserve.attention.backend import AttentionRequirements
 from kvserve.attention.mla import write_latent
+from kvserve.attention.torch_backend import TorchAttentionBackend
+from kvserve.attention.torch_metadata import TorchAttentionMetadata
 from kvserve.attention.torch_ref import gather_kv
 from kvserve.config import ModelConfig
 from kvserve.kv.kv_cache import allocate_kv_caches
 from kvserve.kv.kv_memory import kv_memory_report, load_shape
 from kvserve.models.deepseek import DeepseekForCausalLM
 from kvserve.models.registry import build_model
+from kvserve.runner.attention_inputs import build_common_metadata
 
 NUM_NEW_TOKENS = 32
 PROMPTS = [[1, 520, 3000, 45, 8800, 17, 99, 250], [5, 42], list(range(300, 341))]
@@ -70,6 +73,15 @@ def make_hf_model(config_name: str, overrides: dict[str, Any], vocab_size: int) 
 
 
 _REFERENCES: dict[str, tuple[pathlib.Path, Any, list[list[int]]]] = {}
+BACKEND = TorchAttentionBackend(AttentionRequirements(torch.device("cpu"), "float32", use_window=False, use_mla=True))
+
+
+def step_metadata(num_computed_tokens: list[int], num_new_tokens: list[int], block_tables: list[list[int]],
+                  block_size: int) -> TorchAttentionMetadata:
+    """The torch backend's metadata of one step, built as the runner builds it."""
+    common = build_common_metadata([f"request-{i}" for i in range(len(block_tables))], num_computed_tokens,
+                                   num_new_tokens, block_tables, block_size, torch.device("cpu"))
+    return BACKEND.build_metadata(common)
 
 
 def reference(case: str, tmp_path_factory: pytest.TempPathFactory,
@@ -142,21 +154,17 @@ def _decode_logits(model: DeepseekForCausalLM, prompt: list[int], kv_cache_dtype
     block_size, tokens = 4, torch.tensor(prompt + [7])
     num_blocks = -(-len(tokens) // block_size)
     caches = allocate_kv_caches(model.kv_cache_specs(kv_cache_dtype), num_blocks, block_size, device="cpu")
-    table, positions = torch.arange(num_blocks), torch.arange(len(tokens))
-    prefill = AttentionMetadata(positions[:-1], 0, torch.zeros(0, 0, dtype=torch.long),
-                                torch.zeros(0, 1, 1, 0, dtype=torch.bool),
-                                [PrefillSeq(0, len(prompt), len(prompt), table)])
+    table, positions = list(range(num_blocks)), torch.arange(len(tokens))
+    prefill = step_metadata([0], [len(prompt)], [table], block_size)
     model(tokens[:-1], positions[:-1], caches, prefill)
-    mask = torch.ones(1, 1, 1, num_blocks * block_size, dtype=torch.bool)
-    mask[..., len(tokens):] = False
-    decode = AttentionMetadata(positions[-1:], 1, table[None], mask, [])
+    decode = step_metadata([len(prompt)], [1], [table], block_size)
     return model.compute_logits(model(tokens[-1:], positions[-1:], caches, decode))[0]
 
 
 def _model_from_hf(hf_model: Any) -> DeepseekForCausalLM:
     """Our model with the HF model's in-memory weights (transformers' stacked 3-D expert tensors)."""
     config = ModelConfig.from_hf_config(hf_model.config.to_dict())
-    model = build_model(config, max_position=128)
+    model = build_model(config, max_position=128, attention_backend=BACKEND)
     assert isinstance(model, DeepseekForCausalLM)
     with torch.no_grad():
         model.load_weights(hf_model.state_dict().items())
@@ -187,9 +195,7 @@ def test_absorbed_decode_matches_up_projection(tmp_path_factory: pytest.TempPath
     slots = tables[torch.arange(2), positions // block_size] * block_size + positions % block_size
     q_nope, q_rope, latent = attn.project(model.model.rotary.lookup(positions, torch.float32), torch.randn(2, 64))
     write_latent(latent, cache, slots)
-    key_pos = torch.arange(tables.shape[1] * block_size)
-    mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]
-    metadata = AttentionMetadata(slots, 2, tables, mask, [])
+    metadata = step_metadata(lengths, [1, 1], tables.tolist(), block_size)
     absorbed = attn.attend_absorbed(q_nope, q_rope, cache, metadata)  # [2, H, d_v]
     # ... equals up-projecting each request's latents to per-head K/V and attending over them.
     latents, _ = gather_kv(cache, tables, torch.float32)  # [2, 1, L, d_c + d_rope]
@@ -206,14 +212,10 @@ def test_prefill_with_cached_prefix_matches_fresh_prefill(tmp_path_factory: pyte
     model = _model_from_hf(hf_model)
     caches = allocate_kv_caches(model.kv_cache_specs("float32"), num_blocks=4, block_size=4, device="cpu")
     tokens = torch.tensor(PROMPTS[0] + [7, 8, 9])  # 11 tokens in blocks 0-2
-    table = torch.tensor([0, 1, 2])
 
     def run(start: int, stop: int) -> torch.Tensor:
-        positions = torch.arange(start, stop)
-        metadata = AttentionMetadata(positions, 0, torch.zeros(0, 0, dtype=torch.long),
-                                     torch.zeros(0, 1, 1, 0, dtype=torch.bool),
-                                     [PrefillSeq(0, stop - start, stop, table)])
-        return model(tokens[start:stop], positions, caches, metadata)
+        metadata = step_metadata([start], [stop - start], [[0, 1, 2]], block_size=4)
+        return model(tokens[start:stop], torch.arange(start, stop), caches, metadata)
 
     whole = run(0, 11)
     run(0, 5)  # a 5-token chunk first, then the rest attends over the cached prefix
@@ -225,7 +227,8 @@ def test_int4_and_kv_window_rejected(tmp_path_factory: pytest.TempPathFactory, t
     path, hf_model, _ = reference("v3-dense-plain-rope", tmp_path_factory, tokenizer)
     with pytest.raises(ValueError, match="int4.*not supported for MLA"):
         LLM(model=str(path), kv_cache_dtype="int4", kv_cache_memory=2**20, show_progress=False)
-    model = build_model(ModelConfig.from_hf_config(hf_model.config.to_dict()), max_position=64)
+    model = build_model(ModelConfig.from_hf_config(hf_model.config.to_dict()), max_position=64,
+                        attention_backend=BACKEND)
     with pytest.raises(ValueError, match="int4.*not supported for MLA"):
         model.kv_cache_specs("int4")
     with pytest.raises(ValueError, match="kv_window is not supported for DeepseekV3ForCausalLM"):

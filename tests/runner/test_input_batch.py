@@ -8,7 +8,7 @@ from kvserve.engine.request import Request, RequestStatus
 from kvserve.engine.sched_output import ModelRunnerOutput, SchedulerOutput
 from kvserve.engine.scheduler import Scheduler
 from kvserve.kv.kv_manager import EVICTED, KVCacheManager
-from kvserve.kv.window_eviction import WindowEviction
+from kvserve.kv.sinks_window import SinksWindow
 from kvserve.runner.input_batch import InputBatch, StepBatch
 from kvserve.sampling_params import SamplingParams
 
@@ -18,7 +18,7 @@ def make(num_blocks: int = 64, block_size: int = 4, budget: int = 16, window: in
     config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=256,
                              enable_chunked_prefill=True)
     scheduler = Scheduler(config, KVCacheManager(num_blocks, block_size, False, window, num_sinks))
-    return scheduler, InputBatch(None if window is None else WindowEviction(window, num_sinks, block_size))
+    return scheduler, InputBatch(None if window is None else SinksWindow(window, num_sinks, block_size))
 
 
 def add(scheduler: Scheduler, request_id: str, prompt_len: int, max_tokens: int = 4) -> None:

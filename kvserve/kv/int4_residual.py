@@ -1,4 +1,6 @@
-"""Per-step index plans for the int4 residual and the sinks + window cache, built once and shared by every layer."""
+"""The KIVI int4 KV layout: blocks are quantized once full; each running request's newest, incomplete block
+waits in a full-precision residual slot. This object hands out the slots and builds, once per step, the plan
+every layer follows to write its K/V (which blocks complete and where their tokens come from)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,34 @@ from dataclasses import dataclass
 
 import torch
 
-from kvserve.attention.backend import Int4WritePlan, ResidualTails
-from kvserve.kv.kv_manager import EVICTED
+from kvserve.kv.kv_cache import residual_bytes_per_slot
+from kvserve.kv.kv_spec import KVCacheSpec
+
+
+@dataclass
+class ResidualTails:
+    """int4 caches: which gathered blocks are a request's incomplete tail, read from its full-precision residual."""
+
+    rows: torch.Tensor  # [k] long: request row in the gathered batch
+    blocks: torch.Tensor  # [k] long: column of the tail block in that row's block table
+    slots: torch.Tensor  # [k] long: the request's residual slot
+
+
+@dataclass
+class Int4WritePlan:
+    """int4 caches: how this step's K/V reach the cache (shared by every layer).
+
+    Blocks that become full this step are assembled from the residual (their earlier tokens) and the step's
+    rows, quantized per channel and stored; the tokens of still-incomplete blocks go to the residual.
+    """
+
+    flush_blocks: torch.Tensor  # [C] long: blocks completed this step
+    flush_from_residual: tuple[torch.Tensor, torch.Tensor]  # (row in the [C * bs] assembly, residual flat slot)
+    flush_from_step: tuple[torch.Tensor, torch.Tensor]  # (row in the [C * bs] assembly, packed step row)
+    residual_rows: torch.Tensor  # [t] long: packed step rows kept in full precision
+    residual_slots: torch.Tensor  # [t] long: their slot * block_size + offset in the residual
+    decode_tails: ResidualTails
+    prefill_tails: list[ResidualTails | None]  # per multi-token request: its tail block, if incomplete
 
 
 class ResidualSlots:
@@ -46,6 +74,40 @@ class StepSpan:
     count: int  # new tokens
     block_table: list[int]
     slot: int  # its residual slot
+
+
+def num_residual_slots(specs: list[KVCacheSpec], max_num_seqs: int) -> int:
+    """Residual slots the cache needs: one per running request when any layer is int4, else none."""
+    return max_num_seqs if any(spec.dtype == "int4" for spec in specs) else 0
+
+
+def residual_bytes(specs: list[KVCacheSpec], block_size: int, model_dtype: torch.dtype, num_slots: int) -> int:
+    """Bytes the residual slots take beside the blocks (what the engine's budget sets aside)."""
+    return num_slots * residual_bytes_per_slot(specs, block_size, model_dtype)
+
+
+class Int4ResidualLayout:
+    """The int4 layout's runner side: the residual slots and each step's write plan."""
+
+    def __init__(self, num_slots: int, block_size: int) -> None:
+        self.slots = ResidualSlots(num_slots)
+        self.block_size = block_size
+
+    def release(self, request_id: str) -> None:
+        """A finished or preempted request gives its slot back."""
+        self.slots.release(request_id)
+
+    def step_plan(self, req_ids: list[str], query_start_loc: list[int], num_computed_tokens: list[int],
+                  block_tables: list[list[int]], num_held_blocks: list[int], num_decodes: int,
+                  device: torch.device) -> Int4WritePlan:
+        """The step's write plan; `num_held_blocks[i]`: blocks in request i's (held) gathered table."""
+        spans = [StepSpan(query_start_loc[i], num_computed_tokens[i], query_start_loc[i + 1] - query_start_loc[i],
+                          block_tables[i], self.slots.slot(request_id)) for i, request_id in enumerate(req_ids)]
+        decode_columns = [count - 1 for count in num_held_blocks[:num_decodes]]
+        plan = int4_write_plan(spans, num_decodes, decode_columns, self.block_size, device)
+        plan.prefill_tails = [prefill_tail(span, count, self.block_size, device)
+                              for span, count in zip(spans[num_decodes:], num_held_blocks[num_decodes:], strict=True)]
+        return plan
 
 
 def int4_write_plan(spans: list[StepSpan], num_decodes: int, decode_columns: list[int], block_size: int,
@@ -91,6 +153,7 @@ def int4_write_plan(spans: list[StepSpan], num_decodes: int, decode_columns: lis
         residual_rows=tensor(keep_rows),
         residual_slots=tensor(keep_slots),
         decode_tails=ResidualTails(*(tensor(values) for values in tails)),
+        prefill_tails=[],
     )
 
 
@@ -101,21 +164,3 @@ def prefill_tail(span: StepSpan, num_held_blocks: int, block_size: int,
         return None
     return ResidualTails(*(torch.tensor([value], dtype=torch.long, device=device)
                            for value in (0, num_held_blocks - 1, span.slot)))
-
-
-def held_blocks(block_table: list[int]) -> tuple[list[int], list[int]]:
-    """(blocks still held, their indices in the table): a window's evicted blocks are left out."""
-    held = [(block, index) for index, block in enumerate(block_table) if block != EVICTED]
-    return [block for block, _ in held], [index for _, index in held]
-
-
-def key_positions(block_indices: list[int], block_size: int, device: torch.device) -> torch.Tensor:
-    """Token positions of the held blocks' slots, in gathered order: [len(block_indices) * block_size]."""
-    indices = torch.tensor(block_indices, dtype=torch.long, device=device)
-    return (indices[:, None] * block_size + torch.arange(block_size, device=device)).flatten()
-
-
-def window_visible(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int, num_sinks: int) -> torch.Tensor:
-    """key_pos [..., L], query_pos [..., n] -> [..., n, L] bool: a sink, or one of the query's last `window` tokens."""
-    keys, queries = key_pos[..., None, :], query_pos[..., :, None]
-    return (keys <= queries) & ((keys < num_sinks) | (keys > queries - window))
