@@ -151,9 +151,9 @@ def test_each_cpu_fast_path_off_alone_matches(flag, prompts, expected, monkeypat
                   **({} if flag.startswith("KVSERVE_ATTENTION") else {flag: False}))
         linear = llm.engine.runner.model.lm_head
         if flag == "cpu_packed_weights":
-            assert linear.packed is None
+            assert linear.packed_weight is None
         elif flag == "cpu_native_kernels":  # batch-1 matmuls fall back to OpenBLAS
-            assert not linear.use_native_gemv and llm.engine.runner.cpu_blas_max_tokens == 1
+            assert not linear.method.use_gemv and llm.engine.platform.blas_step.max_tokens == 1
         else:
             assert select_attention(torch.device("cpu")) is torch_ref.paged_attention
         assert [generate_ids(llm, [p])[0] for p in prompts] == expected
