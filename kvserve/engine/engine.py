@@ -9,7 +9,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-
 from kvserve.config import EngineConfig, ModelConfig, SchedulerConfig
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.request import Request, RequestStatus

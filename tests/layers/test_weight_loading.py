@@ -53,7 +53,7 @@ def test_packed_shards_land_in_output_order() -> None:
     expected_qkv = torch.cat([checkpoint[prefix + f"self_attn.{p}_proj.weight"] for p in "qkv"])
     assert torch.equal(attn.qkv_proj.weight, expected_qkv)
     assert torch.equal(attn.qkv_proj.bias, torch.cat([checkpoint[prefix + f"self_attn.{p}_proj.bias"] for p in "qkv"]))
-    expected_gate_up = torch.cat([checkpoint[prefix + "mlp.gate_proj.weight"], checkpoint[prefix + "mlp.up_proj.weight"]])
+    expected_gate_up = torch.cat([checkpoint[prefix + f"mlp.{p}_proj.weight"] for p in ("gate", "up")])
     assert torch.equal(mlp.gate_up_proj.weight, expected_gate_up)
     assert torch.equal(model.lm_head.weight, checkpoint["lm_head.weight"])
 
