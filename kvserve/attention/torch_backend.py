@@ -8,8 +8,8 @@ import torch
 from kvserve.attention import mla, torch_ref
 from kvserve.attention.backend import AttentionBackend, AttentionRequirements, CommonAttentionMetadata, MLABackend
 from kvserve.attention.torch_metadata import TorchAttentionMetadata, build_torch_metadata
-from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.dtypes import STORAGE_DTYPES
+from kvserve.kv.kv_cache import LayerKVCache
 
 
 class TorchAttentionBackend(AttentionBackend, MLABackend):

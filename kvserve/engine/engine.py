@@ -9,8 +9,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from kvserve.attention.backend import AttentionRequirements
 from kvserve.attention.selector import create_attention_backend
 from kvserve.config import EngineConfig, ModelConfig
@@ -20,17 +18,14 @@ from kvserve.engine.scheduler import Scheduler
 from kvserve.engine.stop import check_stop
 from kvserve.inputs import InputProcessor, PromptInput
 from kvserve.kv.int4_residual import num_residual_slots, residual_bytes
-from kvserve.kv.kv_cache import available_memory_bytes
 from kvserve.kv.kv_manager import KVCacheManager
 from kvserve.kv.kv_spec import KVCacheSpec, bytes_per_block, bytes_per_token
 from kvserve.kv.sinks_window import SinksWindow, max_blocks_per_request
-from kvserve.layers import native_ops, onednn
-from kvserve.layers.host_blas import set_blas_threads
 from kvserve.loader.weights import open_model
-from kvserve.models.registry import build_model, model_class
+from kvserve.models.registry import model_class
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from kvserve.runner.host_malloc import keep_freed_memory
-from kvserve.runner.memory_profile import GIB, kv_budget, read_gpu_memory
+from kvserve.platforms import get_platform
+from kvserve.platforms.cuda_memory import GIB
 from kvserve.runner.model_runner import ModelRunner
 from kvserve.sampling_params import SamplingParams
 
@@ -82,13 +77,10 @@ class Engine:
     """Loads the model, owns scheduler, KV manager and runner, and steps them."""
 
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
-        if config.platform.num_threads:
-            torch.set_num_threads(config.platform.num_threads)
         self.config = config
-        self.device = torch.device(config.load.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()
-            set_blas_threads(torch.get_num_threads())
+        self.platform = get_platform(config)
+        self.platform.configure()  # process-wide settings, undone by shutdown() where they can be
+        self.device = self.platform.device
         source = open_model(config.load.model)
         self.model_config = ModelConfig.from_hf_config(source.hf_config)
         self.tokenizer = source.load_tokenizer()
@@ -99,12 +91,9 @@ class Engine:
         storage_dtype = config.cache.storage_dtype(config.load.dtype)
         self.attention_backend = create_attention_backend(config.platform.attention_backend, AttentionRequirements(
             self.device, storage_dtype, use_window=bool(config.cache.kv_window), use_mla=architecture.uses_mla))
-        model = build_model(self.model_config, max_model_len, self.attention_backend).to(self.device,
-                                                                                         config.load.torch_dtype)
-        self.runner = ModelRunner(model, self.device, self.attention_backend, config.load.seed)
-        self.runner.load_weights(source, config.load.torch_dtype, show_progress)
-        if self.device.type == "cpu" and config.load.torch_dtype == torch.float32:
-            self._tune_cpu_layers(config)
+        self.runner = ModelRunner(config, self.platform, self.model_config, source, max_model_len,
+                                  self.attention_backend, show_progress)
+        model = self.runner.model
         block_size = config.cache.resolved_block_size
         specs = model.kv_cache_specs(storage_dtype)
         if config.cache.kv_cache_dtype == "int4":  # keys share a per-channel scale across one block
@@ -162,33 +151,16 @@ class Engine:
                              "blocks per request")
         return num_blocks
 
-    def _tune_cpu_layers(self, config: EngineConfig) -> None:
-        """Float32 CPU: oneDNN-packed weights for steps of several rows; batch-1 decode matmuls and RMSNorm on the
-        compiled kernels, or the matmuls on numpy's OpenBLAS (steps of up to cpu_blas_max_tokens) where no C
-        compiler can build them."""
-        use_native_ops = config.platform.cpu_native_kernels and native_ops.available()
-        self.runner.prepare_cpu_layers(config.platform.cpu_packed_weights and onednn.available(), use_native_ops)
-        self.runner.cpu_blas_max_tokens = 0 if use_native_ops else config.platform.cpu_blas_max_tokens
-
     def _kv_budget(self, specs: list[KVCacheSpec], max_model_len: int) -> int:
-        """KV-cache bytes: kv_cache_memory if set; on CUDA what gpu_memory_utilization leaves after a
-        profiling step (see runner/memory_profile.py); else a fraction of the free memory."""
-        config = self.config
-        if config.cache.kv_cache_memory:
-            return config.cache.kv_cache_memory
-        if self.device.type != "cuda":
-            return int(available_memory_bytes(self.device) * config.cache.kv_cache_memory_fraction)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        scratch = self.runner.profile_step(specs, min(config.scheduler.max_num_batched_tokens, max_model_len),
-                                           config.scheduler.max_num_seqs, config.cache.resolved_block_size)
-        memory = read_gpu_memory(self.device)
-        torch.cuda.empty_cache()
-        budget = kv_budget(memory, config.cache.gpu_memory_utilization, scratch)
-        logger.info("profiling step: peak %.2f GiB without its scratch cache, %.2f GiB outside torch; "
-                    "KV cache budget %.2f GiB (gpu_memory_utilization=%s)", (memory.peak_torch - scratch) / GIB,
-                    memory.outside_torch / GIB, budget / GIB, config.cache.gpu_memory_utilization)
-        return budget
+        """KV-cache bytes: kv_cache_memory if set, else what the platform allows (a fraction of the free memory;
+        on CUDA what gpu_memory_utilization leaves after a profiling step)."""
+        if self.config.cache.kv_cache_memory:
+            return self.config.cache.kv_cache_memory
+        return self.platform.kv_cache_budget(self.runner, specs, max_model_len)
+
+    def shutdown(self) -> None:
+        """Undo the platform's process-wide settings that can be undone (torch and BLAS thread counts)."""
+        self.platform.restore()
 
     # ---- requests -------------------------------------------------------------------------
 

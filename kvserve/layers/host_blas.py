@@ -11,40 +11,34 @@ when kvserve's compiled GEMV (layers/native_ops.py, ~20% faster) cannot be built
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
-
-_state = threading.local()  # .active: a host-BLAS step is running on this thread
 
 
-def set_blas_threads(num_threads: int) -> None:
-    """Give OpenBLAS (numpy's BLAS) the engine's thread count."""
-    threadpool_limits(limits=num_threads, user_api="blas")
+class HostBlasStep:
+    """Whether the running step's float32 matmuls go to OpenBLAS; one per engine, shared by its CPU linear
+    methods, entered by the runner for each step of up to `max_tokens` tokens (0: never)."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.active = False
+
+    @contextmanager
+    def run(self) -> Iterator[None]:
+        """Within: the CPU linear methods use OpenBLAS and torch runs single-threaded (restored after)."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+            torch.set_num_threads(previous)
 
 
-@contextmanager
-def host_blas_step() -> Iterator[None]:
-    """Within: float32 CPU `Linear`s use OpenBLAS and torch runs single-threaded (restored after)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    _state.active = True
-    try:
-        yield
-    finally:
-        _state.active = False
-        torch.set_num_threads(previous)
-
-
-def takes(x: torch.Tensor) -> bool:
-    """Whether x @ W goes to OpenBLAS: inside a host-BLAS step, for float32 on the CPU."""
-    return getattr(_state, "active", False) and x.dtype == torch.float32 and x.device.type == "cpu"
-
-
-def matmul(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """x [T, in] @ weight_t [in, out] -> [T, out], through numpy (both share memory with the tensors)."""
-    return torch.from_numpy(np.matmul(x.numpy(), weight_t.numpy()))
+def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, in] @ weight [out, in]^T -> [T, out], through numpy (both share memory with the tensors)."""
+    return torch.from_numpy(np.matmul(x.numpy(), weight.numpy().T))

@@ -1,71 +1,50 @@
-"""Linear layers that store their weight transposed, for fast decode on CPU."""
+"""The linear layer: checkpoint-layout weights, computed by the linear method chosen at load."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from kvserve.layers import host_blas, native_ops, onednn
-
-# Row counts for which the transposed product wins (measured on the 2-core CPU, 30 SmolLM2-sized layers).
-_SKINNY_ROWS = (8, 64)
+from kvserve.layers.quantization.base import LinearMethod
+from kvserve.layers.quantization.unquantized import UnquantizedLinearMethod
+from kvserve.loader.model_loader import check_shape
 
 
 class Linear(nn.Module):
-    """y = x @ W^T + b, with W kept as `weight_t` [in, out].
+    """y = x @ W^T + b with W [out, in] as in the checkpoint; `method` holds and applies the weights.
 
-    With one token per request the matmul is a matrix-vector product bound by reading W. Streaming
-    the rows of W^T (an axpy per input feature) ran about 1.45x faster than F.linear's dot products
-    over the rows of W on the 2-core CPU (a microbenchmark of 30 SmolLM2-sized layers, cold cache).
-    On a float32 CPU model, `pack_for_onednn` adds a second copy of W in oneDNN's layout for steps of
-    several rows (see layers/onednn.py); single rows read the plain weight, on kvserve's compiled GEMV when
-    `use_native_gemv` is set (layers/native_ops.py).
+    `output_sizes` splits the output of a fused projection (QKV, gate/up) into the checkpoint's shards, in
+    order: shard i fills output rows sum(output_sizes[:i]) onwards. The method is UnquantizedLinearMethod until
+    the platform sets the one for its device and dtype (`set_method`), before the weights are loaded.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 output_sizes: list[int] | None = None) -> None:
         super().__init__()
-        self.weight_t = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.packed: torch.Tensor | None = None  # W in oneDNN's blocked layout, float32 CPU only
-        self.use_native_gemv = False  # float32 CPU only: one-row inputs go to native_ops.gemv
+        self.in_features, self.out_features = in_features, out_features
+        self.output_sizes = output_sizes or [out_features]
+        if sum(self.output_sizes) != out_features:
+            raise ValueError(f"output_sizes {self.output_sizes} do not add up to out_features={out_features}")
+        self.method: LinearMethod = UnquantizedLinearMethod()
+        self.method.create_weights(self, in_features, out_features, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out]."""
-        if self.use_native_gemv and x.shape[0] == 1 and x.dim() == 2:
-            y = native_ops.gemv(x, self.weight_t)
-        elif host_blas.takes(x):
-            y = host_blas.matmul(x, self.weight_t)
-        elif self.packed is not None and x.shape[0] > 1:
-            return onednn.linear(x, self.packed, self.bias)
-        elif _SKINNY_ROWS[0] < x.shape[0] <= _SKINNY_ROWS[1]:
-            # A batch of decodes: MKL runs W @ x^T (out features as the long side) about 1.4x faster
-            # than x @ W^T for 9-64 rows (slower from ~96 on); the transposes are views, the copy is [T, out].
-            y = (self.weight_t.t() @ x.t()).t().contiguous()
-        else:
-            y = x @ self.weight_t
-        return y if self.bias is None else y.add_(self.bias)
+        return self.method.apply(self, x)
 
-    def pack_for_onednn(self) -> int:
-        """Keep a oneDNN-packed copy of the weight (call after loading); returns its bytes."""
-        self.packed = onednn.pack(self.weight_t)
-        return self.packed.numel() * self.packed.element_size()
+    def set_method(self, method: LinearMethod) -> None:
+        """Compute with `method` (one that keeps the unquantized parameters; the platform calls this at load)."""
+        self.method = method
 
-    def load_weight(self, weight: torch.Tensor, rows: slice | None = None) -> None:
-        """Copy a checkpoint weight [out, in] (or the `rows` of a fused output) into place."""
-        target = self.weight_t if rows is None else self.weight_t[:, rows]
-        _check_shape(target.t(), weight)
-        target.copy_(weight.t())
+    def process_weights_after_loading(self) -> None:
+        """Let the method derive its copies (packed layouts) from the loaded weights."""
+        self.method.process_weights_after_loading(self)
 
-    def load_bias(self, bias: torch.Tensor, rows: slice | None = None) -> None:
-        """Copy a checkpoint bias [out] (or the `rows` of a fused output) into place."""
-        if self.bias is None:
-            raise ValueError("checkpoint has a bias for a layer without one")
-        target = self.bias if rows is None else self.bias[rows]
-        _check_shape(target, bias)
-        target.copy_(bias)
-
-
-def _check_shape(target: torch.Tensor, tensor: torch.Tensor) -> None:
-    if target.shape != tensor.shape:
-        raise ValueError(f"checkpoint tensor has shape {tuple(tensor.shape)}, "
-                         f"expected {tuple(target.shape)}")
+    def weight_loader(self, param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None) -> None:
+        """Copy a checkpoint weight [out, in] or bias [out], or shard `shard_id` of a fused one, into place."""
+        target = param.data
+        if shard_id is not None:
+            start = sum(self.output_sizes[:shard_id])
+            target = target.narrow(0, start, self.output_sizes[shard_id])  # output rows of this shard
+        check_shape(target, tensor)
+        target.copy_(tensor)

@@ -17,14 +17,12 @@ def available() -> bool:
     return native.load("gemv") is not None and native.load("rms_norm") is not None
 
 
-def gemv(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """x [1, in] @ weight_t [in, out] -> [1, out]; float32, CPU, weight_t contiguous."""
-    kernel = native.load("gemv")
-    num_in, num_out = weight_t.shape
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [1, in] @ weight [out, in]^T -> [1, out]; float32, CPU, weight contiguous."""
+    num_out, num_in = weight.shape
     x = x.contiguous()
     y = x.new_empty(1, num_out)
-    partial = x.new_empty(kernel.gemv_threads() * num_out)  # each thread's partial sums
-    kernel.gemv_f32(x.data_ptr(), weight_t.data_ptr(), y.data_ptr(), partial.data_ptr(), num_in, num_out)
+    native.load("gemv").gemv_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), num_in, num_out)
     return y
 
 

@@ -5,7 +5,7 @@ weight on every call, so those steps ran near GEMV speed per row. A weight packe
 lets oneDNN's kernels stream it as is: 30 SmolLM2 layers (2-core CPU, cold cache) took 26 vs 45 ms at
 16 rows, 75-80 vs 98-107 ms at 64, and 538 vs 598-719 ms at 512 (the best of torch and numpy). At one
 row numpy's OpenBLAS GEMV stays faster (17 vs 21 ms), and the compiled GEMV faster still, which is why
-`Linear` keeps its plain weight too.
+the CPU linear method keeps the plain weight too.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ def available() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-def pack(weight_t: torch.Tensor) -> torch.Tensor:
-    """weight_t [in, out] -> an opaque oneDNN tensor holding W [out, in] in its blocked layout (a copy)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight_t.t().contiguous(), None)
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] -> an opaque oneDNN tensor holding it in its blocked layout (a copy)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -1,33 +1,49 @@
-"""What every decoder-only model here shares: embed, run the layers over the paged cache, project to logits."""
+"""What every decoder-only model here shares: embed, run the layers over the paged cache, project to logits,
+and load a checkpoint through the one weight path (loader/model_loader.py)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from kvserve.attention.backend import AttentionMetadata
 from kvserve.kv.kv_cache import LayerKVCache
+from kvserve.loader.model_loader import load_model_weights
 
 
 class DecoderForCausalLM(nn.Module):
-    """Base of the causal LMs: subclasses build `self.config`, `self.model` (rotary, layers, norm,
-    embed_tokens unless tied) and `self.lm_head`."""
+    """Base of the causal LMs: subclasses build `self.config`, `self.model` (embed_tokens, rotary, layers, norm)
+    and `self.lm_head`, call `tie_weights()`, and declare their fused modules in `packed_modules_mapping`."""
+
+    packed_modules_mapping: dict[str, list[str]] = {}
+
+    def tie_weights(self) -> None:
+        """With tie_word_embeddings the LM head's weight [vocab, hidden] is the embedding's (one parameter)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[LayerKVCache], metadata: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden_size]."""
-        hidden = self.embed(input_ids)
+        hidden = self.model.embed_tokens(input_ids)
         cos_sin = self.model.rotary.lookup(positions, hidden.dtype)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             hidden = layer(cos_sin, hidden, kv_cache, metadata)
         return self.model.norm(hidden)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[T] -> [T, hidden_size]."""
-        if self.config.tie_word_embeddings:  # read from the LM head's [hidden, vocab] weight
-            return self.lm_head.weight_t.index_select(1, input_ids).t()
-        return self.model.embed_tokens(input_ids)
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden_size] -> [N, vocab_size] in float32."""
         return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load Hugging Face-named tensors (see loader/model_loader.py)."""
+        load_model_weights(self, weights)
+
+    def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
+        """The (our name, tensor) pairs a checkpoint tensor fills: rotary buffers are skipped, and a tied model's
+        LM head, if stored, is the embedding already."""
+        if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+            return ()
+        return ((name, tensor),)

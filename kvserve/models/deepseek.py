@@ -191,20 +191,20 @@ class MLAAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
         self.o_proj = Linear(heads * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
-        # kv_b_proj split per head for the absorbed decode, built by `absorb_weights` after loading
+        # kv_b_proj split per head for the absorbed decode, built by `process_weights_after_loading`
         # (buffers, so that `.to()` moves them; not persistent: derived from kv_b_proj).
         self.w_uk: torch.Tensor | None  # [H, d_n, d_c]
         self.w_uv: torch.Tensor | None  # [H, d_c, d_v]
         self.register_buffer("w_uk", None, persistent=False)
         self.register_buffer("w_uv", None, persistent=False)
 
-    def absorb_weights(self) -> None:
+    def process_weights_after_loading(self) -> None:
         """Split kv_b_proj into per-head W_UK [H, d_n, d_c] and W_UV^T [H, d_c, d_v] for the absorbed decode."""
         cfg = self.cfg
-        # weight_t [d_c, H * (d_n + d_v)] -> [d_c, H, d_n + d_v]
-        w = self.kv_b_proj.weight_t.view(cfg.kv_lora_rank, cfg.num_heads, -1)
-        self.w_uk = w[:, :, :cfg.qk_nope_head_dim].permute(1, 2, 0).contiguous()  # [H, d_n, d_c]
-        self.w_uv = w[:, :, cfg.qk_nope_head_dim:].permute(1, 0, 2).contiguous()  # [H, d_c, d_v]
+        # weight [H * (d_n + d_v), d_c] -> [H, d_n + d_v, d_c]
+        w = self.kv_b_proj.weight.view(cfg.num_heads, -1, cfg.kv_lora_rank)
+        self.w_uk = w[:, :cfg.qk_nope_head_dim].contiguous()  # [H, d_n, d_c]
+        self.w_uv = w[:, cfg.qk_nope_head_dim:].transpose(1, 2).contiguous()  # [H, d_c, d_v]
 
     def forward(self, cos_sin: CosSin, hidden: torch.Tensor, kv_cache: LayerKVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -250,9 +250,7 @@ class MLAAttention(nn.Module):
     def attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_cache: LayerKVCache,
                         metadata: AttentionMetadata) -> torch.Tensor:
         """Decode path: one query per request [B, H, *] against the cached latents -> [B, H, d_v]."""
-        if self.w_uk is None or self.w_uv is None:
-            self.absorb_weights()
-        assert self.w_uk is not None and self.w_uv is not None
+        assert self.w_uk is not None and self.w_uv is not None, "absorbed decode before the weights were loaded"
         # Fold W_UK into the query: [H, B, d_n] @ [H, d_n, d_c] -> [H, B, d_c] -> [B, H, d_c]
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)
         query = torch.cat([q_latent, q_rope], dim=-1)  # [B, H, d_c + d_r]
@@ -267,7 +265,7 @@ class DeepseekMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, output_sizes=[intermediate_size] * 2)
         self.down_proj = Linear(intermediate_size, hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -369,8 +367,7 @@ class DeepseekModel(nn.Module):
 
     def __init__(self, cfg: DeepseekConfig, max_position: int, attention_backend: MLABackend) -> None:
         super().__init__()
-        if not cfg.tie_word_embeddings:
-            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         # RoPE covers only the decoupled d_r part of queries and keys.
         self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(DeepseekDecoderLayer(cfg, i, attention_backend) for i in range(cfg.num_layers))
@@ -382,6 +379,7 @@ class DeepseekForCausalLM(DecoderForCausalLM):
 
     supports_kv_window = False  # the MLA attention path has no sinks + sliding window
     uses_mla = True
+    packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"]}
 
     def __init__(self, config: ModelConfig, max_position: int, attention_backend: MLABackend) -> None:
         super().__init__()
@@ -389,6 +387,7 @@ class DeepseekForCausalLM(DecoderForCausalLM):
         self.cfg = DeepseekConfig.from_model_config(config)
         self.model = DeepseekModel(self.cfg, max_position, attention_backend)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.tie_weights()
 
     def kv_cache_specs(self, dtype: str) -> list[KVCacheSpec]:
         """One latent "head" per layer: d_c + d_r key elements, no value (the value is read from the latent)."""
@@ -398,77 +397,21 @@ class DeepseekForCausalLM(DecoderForCausalLM):
         spec = KVCacheSpec(1, self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim, 0, dtype)
         return [spec] * self.cfg.num_layers
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors in, then split kv_b_proj for the absorbed decode."""
-        modules = dict(self.named_modules())
-        params = dict(self.named_parameters())
-        loaded: set[tuple[str, str]] = set()
-        for hf_name, tensor in weights:
-            if self._is_skipped(hf_name):
-                continue
-            try:
-                loaded |= self._load_one(hf_name, tensor, modules, params)
-            except (ValueError, IndexError) as error:
-                raise ValueError(f"checkpoint tensor {hf_name!r}: {error}") from None
-        missing = sorted(self._expected_parts() - loaded)
-        if missing:
-            names = [f"{name} ({part})" if part else name for name, part in missing[:5]]
-            raise ValueError(f"checkpoint lacks {len(missing)} tensor(s) {self.config.architecture} needs, "
-                             f"e.g. {names}")
-        for layer in self.model.layers:
-            layer.self_attn.absorb_weights()
-
-    def _is_skipped(self, hf_name: str) -> bool:
-        """Rotary buffers and the layers past num_layers (V3's multi-token-prediction module) are not loaded."""
-        match = _LAYER_INDEX.match(hf_name)
-        return "rotary_emb" in hf_name or (match is not None and int(match.group(1)) >= self.cfg.num_layers)
-
-    def _load_one(self, hf_name: str, tensor: torch.Tensor, modules: dict[str, nn.Module],
-                  params: dict[str, nn.Parameter]) -> set[tuple[str, str]]:
-        """Load one HF tensor; returns the (our parameter, part) pairs it filled."""
-        name = hf_name
-        if name == "model.embed_tokens.weight" and self.cfg.tie_word_embeddings:
-            name = "lm_head.weight"
+    def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
+        """Skip the layers past num_layers (V3's multi-token-prediction module); split transformers' stacked
+        3-D expert tensors into one tensor per expert (gate rows then up rows, like our fused gate_up_proj)."""
+        match = _LAYER_INDEX.match(name)
+        if match is not None and int(match.group(1)) >= self.cfg.num_layers:
+            return ()
         if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
-            return self._load_stacked_experts(name, tensor, modules)
-        module_path, _, kind = name.rpartition(".")
-        part = ""
-        for hf_part in ("gate_proj", "up_proj"):  # the halves of our fused gate_up_proj
-            if module_path.endswith("." + hf_part):
-                module_path, part = module_path[:-len(hf_part)] + "gate_up_proj", hf_part[:-len("_proj")]
-        module = modules.get(module_path)
-        if isinstance(module, Linear):
-            rows = None
-            if part:
-                half = module.weight_t.shape[1] // 2
-                rows = slice(0, half) if part == "gate" else slice(half, 2 * half)
-            (module.load_weight if kind == "weight" else module.load_bias)(tensor, rows)
-            return {(f"{module_path}.{'weight_t' if kind == 'weight' else kind}", part)}
-        if name in params and params[name].shape == tensor.shape:
-            params[name].data.copy_(tensor)
-            return {(name, "")}
-        raise ValueError("no parameter of that name and shape")
+            return self._split_stacked_experts(name, tensor)
+        return super().checkpoint_tensors(name, tensor)
 
-    @staticmethod
-    def _load_stacked_experts(name: str, tensor: torch.Tensor,
-                              modules: dict[str, nn.Module]) -> set[tuple[str, str]]:
-        """transformers' 3-D expert tensors: gate_up_proj [E, 2I, hidden] or down_proj [E, hidden, I]."""
-        experts = modules[name.rpartition(".")[0]]
-        assert isinstance(experts, nn.ModuleList)
-        if tensor.shape[0] != len(experts):
-            raise ValueError(f"has {tensor.shape[0]} experts, the config says {len(experts)}")
-        prefix, kind = name.rpartition(".")[0], name.rpartition(".")[2]
-        filled = set()
-        for index, expert in enumerate(experts):
-            getattr(expert, kind).load_weight(tensor[index])  # gate rows then up rows, like our fused layout
-            parts = ("gate", "up") if kind == "gate_up_proj" else ("",)
-            filled |= {(f"{prefix}.{index}.{kind}.weight_t", part) for part in parts}
-        return filled
-
-    def _expected_parts(self) -> set[tuple[str, str]]:
-        """Every (parameter, part) a complete checkpoint fills; fused gate/up count as two parts."""
-        expected = set()
-        for name, _ in self.named_parameters():
-            parts = ("gate", "up") if name.endswith("gate_up_proj.weight_t") else ("",)
-            expected |= {(name, part) for part in parts}
-        return expected
+    def _split_stacked_experts(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """gate_up_proj [E, 2I, hidden] or down_proj [E, hidden, I] -> E tensors named per expert."""
+        prefix, _, kind = name.rpartition(".")
+        num_experts = self.cfg.num_routed_experts
+        if tensor.shape[0] != num_experts:
+            raise ValueError(f"checkpoint tensor {name!r}: has {tensor.shape[0]} experts, the config says "
+                             f"{num_experts}")
+        return [(f"{prefix}.{index}.{kind}.weight", tensor[index]) for index in range(num_experts)]

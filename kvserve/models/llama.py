@@ -7,8 +7,6 @@ gate/up are fused into one projection each (fewer, larger matmuls per step).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
@@ -35,8 +33,8 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
-                               bias=config.attention_bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias,
+                               output_sizes=[self.q_size, self.kv_size, self.kv_size])
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         if config.use_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -66,7 +64,8 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size,
+                                   output_sizes=[config.intermediate_size] * 2)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -96,9 +95,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config: ModelConfig, max_position: int, attention_backend: AttentionBackend) -> None:
         super().__init__()
-        # Tied models read their embeddings from the LM head's [hidden, vocab] weight instead.
-        if not config.tie_word_embeddings:
-            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config.head_dim, max_position, config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, attention_backend) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -109,68 +106,17 @@ class LlamaForCausalLM(DecoderForCausalLM):
 
     supports_kv_window = True  # attention sinks + sliding window (torch_ref's window path)
     uses_mla = False
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
     def __init__(self, config: ModelConfig, max_position: int, attention_backend: AttentionBackend) -> None:
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, max_position, attention_backend)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.tie_weights()
 
     def kv_cache_specs(self, dtype: str) -> list[KVCacheSpec]:
         """One cache spec per layer: Hkv heads of head_dim keys and values."""
         spec = KVCacheSpec(self.config.num_kv_heads, self.config.head_dim, self.config.head_dim,
                            dtype)
         return [spec] * self.config.num_layers
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors in, filling the fused projections slice by slice."""
-        modules = dict(self.named_modules())
-        params = dict(self.named_parameters())
-        loaded: set[tuple[str, str]] = set()
-        for hf_name, tensor in weights:
-            if "rotary_emb" in hf_name:
-                continue
-            name = hf_name
-            if name == "model.embed_tokens.weight" and self.config.tie_word_embeddings:
-                name = "lm_head.weight"
-            module_path, _, kind = name.rpartition(".")
-            module_path, rows = self._fused_target(module_path)
-            module = modules.get(module_path)
-            try:
-                if isinstance(module, Linear):
-                    loader = module.load_weight if kind == "weight" else module.load_bias
-                    loader(tensor, rows)
-                elif name in params and params[name].shape == tensor.shape:
-                    params[name].data.copy_(tensor)
-                else:
-                    raise ValueError("no parameter of that name and shape")
-            except ValueError as error:
-                raise ValueError(f"checkpoint tensor {hf_name!r}: {error}") from None
-            loaded.add((f"{module_path}.{kind}", str(rows)))
-        self._check_complete(len(loaded))
-
-    def _fused_target(self, module_path: str) -> tuple[str, slice | None]:
-        """Map an HF module to (our module, its output rows) for the fused QKV and gate/up."""
-        cfg = self.config
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        inter = cfg.intermediate_size
-        fused = {
-            "self_attn.q_proj": ("self_attn.qkv_proj", slice(0, q)),
-            "self_attn.k_proj": ("self_attn.qkv_proj", slice(q, q + kv)),
-            "self_attn.v_proj": ("self_attn.qkv_proj", slice(q + kv, q + 2 * kv)),
-            "mlp.gate_proj": ("mlp.gate_up_proj", slice(0, inter)),
-            "mlp.up_proj": ("mlp.gate_up_proj", slice(inter, 2 * inter)),
-        }
-        for hf_part, (ours, rows) in fused.items():
-            if module_path.endswith(hf_part):
-                return module_path.replace(hf_part, ours), rows
-        return module_path, None
-
-    def _check_complete(self, num_loaded: int) -> None:
-        cfg = self.config
-        expected = 2 + 9 * cfg.num_layers + (0 if cfg.tie_word_embeddings else 1)
-        expected += cfg.num_layers * (3 * cfg.attention_bias + cfg.o_proj_bias)
-        expected += 2 * cfg.num_layers * cfg.use_qk_norm
-        if num_loaded != expected:
-            raise ValueError(f"checkpoint has {num_loaded} of the {expected} tensors "
-                             f"{cfg.architecture} needs")

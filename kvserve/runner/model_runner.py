@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -12,16 +11,17 @@ from torch import nn
 from tqdm import tqdm
 
 from kvserve.attention.backend import AttentionBackend, AttentionMetadata
+from kvserve.config import EngineConfig, ModelConfig
 from kvserve.engine.sched_output import ModelRunnerOutput, SchedulerOutput
 from kvserve.kv.int4_residual import Int4ResidualLayout
 from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.kv.sinks_window import SinksWindow
 from kvserve.kv.window_layout import SinksWindowLayout
-from kvserve.layers.host_blas import host_blas_step
 from kvserve.layers.linear import Linear
-from kvserve.layers.norm import RMSNorm
 from kvserve.loader.weights import ModelSource
+from kvserve.models.registry import build_model
+from kvserve.platforms import Platform
 from kvserve.runner.attention_inputs import build_common_metadata
 from kvserve.runner.input_batch import CachedRequestState, InputBatch, StepBatch
 from kvserve.sample.sampler import Sampler, SamplingMetadata
@@ -30,42 +30,40 @@ from kvserve.sample.sampler import Sampler, SamplingMetadata
 class ModelRunner:
     """Owns the model weights, the KV-cache tensors, its copy of the running requests and their generators."""
 
-    def __init__(self, model: nn.Module, device: torch.device, attention_backend: AttentionBackend,
-                 seed: int = 0) -> None:
-        self.model = model
-        self.device = device
+    def __init__(self, config: EngineConfig, platform: Platform, model_config: ModelConfig, source: ModelSource,
+                 max_model_len: int, attention_backend: AttentionBackend, show_progress: bool = True) -> None:
+        self.platform = platform
+        self.device = platform.device
         self.attention_backend = attention_backend  # the one the model's attention layers run on
+        self.model = self._load_model(config.load.torch_dtype, model_config, source, max_model_len, show_progress)
         self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
         self.int4: Int4ResidualLayout | None = None  # int4 caches only
         self.window: SinksWindowLayout | None = None  # sinks + sliding window (StreamingLLM)
-        self.cpu_blas_max_tokens = 0  # steps of up to this many tokens use host_blas (0: never)
-        self.packed_weight_bytes = 0  # oneDNN copies of the Linear weights (float32 CPU)
         # Unseeded requests share one generator, seeded by the engine's seed.
-        self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(config.load.seed))
         # A seeded request's generator outlives a preemption: its random stream goes on where it stopped.
         self.generators: dict[str, torch.Generator] = {}
         self.input_batch = InputBatch()
 
-    def load_weights(self, source: ModelSource, dtype: torch.dtype, show_progress: bool) -> None:
-        """Stream the checkpoint's tensors into the model, with a progress bar."""
+    def _load_model(self, dtype: torch.dtype, model_config: ModelConfig, source: ModelSource, max_model_len: int,
+                    show_progress: bool) -> nn.Module:
+        """Build the model on the device, give its layers the platform's kernels, stream the checkpoint in
+        (with a progress bar) and let the layers process their weights."""
+        model = build_model(model_config, max_model_len, self.attention_backend).to(self.device, dtype)
+        self.platform.prepare_model(model, dtype)
         weights = tqdm(source.iter_weights(dtype), total=source.num_weight_tensors,
                        desc="Loading weights", unit="tensor", disable=not show_progress,
                        leave=False)
         with torch.no_grad():
-            self.model.load_weights((name, t.to(self.device)) for name, t in weights)
+            model.load_weights((name, t.to(self.device)) for name, t in weights)
+        return model
 
-    def prepare_cpu_layers(self, pack_for_onednn: bool, use_native_ops: bool) -> None:
-        """Float32 CPU: give every Linear a oneDNN-packed copy of its weight (faster steps of several rows) and/or
-        route one-row matmuls and every RMSNorm to the compiled kernels (layers/native_ops.py)."""
-        linears = [module for module in self.model.modules() if isinstance(module, Linear)]
-        if pack_for_onednn:
-            self.packed_weight_bytes = sum(module.pack_for_onednn() for module in linears)
-        for module in linears:
-            module.use_native_gemv = use_native_ops
-        for module in self.model.modules():
-            if isinstance(module, RMSNorm):
-                module.use_native = use_native_ops
+    @property
+    def packed_weight_bytes(self) -> int:
+        """Bytes the linear methods hold beside the parameters (oneDNN-packed copies on a float32 CPU)."""
+        return sum(module.method.derived_bytes(module) for module in self.model.modules()
+                   if isinstance(module, Linear))
 
     @property
     def model_bytes(self) -> int:
@@ -129,8 +127,7 @@ class ModelRunner:
         batch = self.input_batch.update(output)
         if not batch.requests:
             return ModelRunnerOutput([], [], [])
-        use_host_blas = output.total_num_scheduled_tokens <= self.cpu_blas_max_tokens
-        with host_blas_step() if use_host_blas else contextlib.nullcontext():
+        with self.platform.step_context(output.total_num_scheduled_tokens):
             return self._run(batch)
 
     def _run(self, batch: StepBatch) -> ModelRunnerOutput:

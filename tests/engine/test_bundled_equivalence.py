@@ -139,9 +139,9 @@ def test_each_cpu_fast_path_off_alone_matches(option, prompts, expected):
     llm = LLM(kv_cache_memory=64 * 2**20, show_progress=False, **option)
     linear = llm.engine.runner.model.lm_head
     if "cpu_packed_weights" in option:
-        assert linear.packed is None
+        assert linear.packed_weight is None
     elif "cpu_native_kernels" in option:  # batch-1 matmuls fall back to OpenBLAS
-        assert not linear.use_native_gemv and llm.engine.runner.cpu_blas_max_tokens == 1
+        assert not linear.method.use_gemv and llm.engine.platform.blas_step.max_tokens == 1
     else:
         assert type(llm.engine.attention_backend) is TorchAttentionBackend
     assert [generate_ids(llm, [p])[0] for p in prompts] == expected

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.runner.memory_profile import GIB, GpuMemory, kv_budget
+from kvserve.platforms.cuda_memory import GIB, GpuMemory, kv_budget
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 

@@ -1,0 +1,60 @@
+"""The platform seam and its plain-torch default (any device torch runs on)."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from kvserve.config import EngineConfig
+from kvserve.kv.kv_cache import available_memory_bytes
+from kvserve.kv.kv_spec import KVCacheSpec
+from kvserve.layers.linear import Linear
+from kvserve.layers.norm import NormKernel, RMSNorm, rms_norm
+from kvserve.layers.quantization import LinearMethod, UnquantizedLinearMethod
+
+if TYPE_CHECKING:
+    from kvserve.runner.model_runner import ModelRunner
+
+
+class Platform:
+    """Device-specific choices, made once: plain torch everywhere, a KV budget from free memory."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.load.device)
+
+    def configure(self) -> None:
+        """Apply the process-wide settings this platform needs (see kvserve/platforms/__init__.py)."""
+
+    def restore(self) -> None:
+        """Undo what `configure` changed, where it can be undone."""
+
+    def linear_method(self, dtype: torch.dtype, quantization: str | None = None) -> LinearMethod:
+        """The method every Linear of a `dtype` model computes with."""
+        if quantization is not None:
+            raise ValueError(f"quantization {quantization!r} is not supported")
+        return UnquantizedLinearMethod()
+
+    def norm_kernel(self, dtype: torch.dtype) -> NormKernel:
+        """The RMSNorm implementation for a `dtype` model."""
+        return rms_norm
+
+    def prepare_model(self, model: nn.Module, dtype: torch.dtype) -> None:
+        """Before loading: give every Linear this platform's method and every RMSNorm its kernel."""
+        method, kernel = self.linear_method(dtype), self.norm_kernel(dtype)
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.set_method(method)
+            elif isinstance(module, RMSNorm):
+                module.kernel = kernel
+
+    def step_context(self, num_tokens: int) -> AbstractContextManager[None]:
+        """What the runner enters around a step of `num_tokens` tokens."""
+        return nullcontext()
+
+    def kv_cache_budget(self, runner: ModelRunner, specs: list[KVCacheSpec], max_model_len: int) -> int:
+        """KV-cache bytes when kv_cache_memory is unset: kv_cache_memory_fraction of the free memory."""
+        return int(available_memory_bytes(self.device) * self.config.cache.kv_cache_memory_fraction)

@@ -1,0 +1,67 @@
+"""The CPU: torch and OpenBLAS thread counts, glibc malloc, and the float32 fast paths (compiled kernels,
+oneDNN-packed weights, the OpenBLAS fallback), each behind its engine option."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from threadpoolctl import threadpool_limits
+
+from kvserve.config import EngineConfig
+from kvserve.layers import native_ops, onednn
+from kvserve.layers.host_blas import HostBlasStep
+from kvserve.layers.norm import NormKernel
+from kvserve.layers.quantization import LinearMethod
+from kvserve.layers.quantization.cpu import CpuLinearMethod
+from kvserve.platforms.base import Platform
+from kvserve.platforms.host_malloc import keep_freed_memory
+
+
+class CpuPlatform(Platform):
+    """Host tuning for a few cores; float32 models get CpuLinearMethod and the compiled RMSNorm."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        is_float32 = config.load.torch_dtype == torch.float32
+        # Batch-1 matmuls and RMSNorm on the compiled kernels: float32, option on, a C compiler found.
+        self.use_native_kernels = is_float32 and config.platform.cpu_native_kernels and native_ops.available()
+        # Without the GEMV, small float32 steps run on OpenBLAS (the GEMV is faster and needs no step context).
+        self.blas_step = HostBlasStep(config.platform.cpu_blas_max_tokens if is_float32 and not self.use_native_kernels
+                                      else 0)
+        self._previous_threads: int | None = None
+        self._blas_limits: threadpool_limits | None = None
+
+    def configure(self) -> None:
+        """Torch threads (num_threads), OpenBLAS threads to match, glibc keeping freed memory."""
+        self._previous_threads = torch.get_num_threads()
+        if self.config.platform.num_threads:
+            torch.set_num_threads(self.config.platform.num_threads)
+        keep_freed_memory()
+        self._blas_limits = threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+
+    def restore(self) -> None:
+        """Torch's and OpenBLAS's previous thread counts (the malloc settings stay)."""
+        if self._blas_limits is not None:
+            self._blas_limits.restore_original_limits()
+            self._blas_limits = None
+        if self._previous_threads is not None:
+            torch.set_num_threads(self._previous_threads)
+            self._previous_threads = None
+
+    def linear_method(self, dtype: torch.dtype, quantization: str | None = None) -> LinearMethod:
+        """Float32: CpuLinearMethod with the fast paths the options allow; else the plain method."""
+        if dtype != torch.float32 or quantization is not None:
+            return super().linear_method(dtype, quantization)
+        return CpuLinearMethod(self.use_native_kernels, self.config.platform.cpu_packed_weights and onednn.available(),
+                               self.blas_step)
+
+    def norm_kernel(self, dtype: torch.dtype) -> NormKernel:
+        """The compiled RMSNorm (one pass instead of ~6 torch ops) where the native kernels run."""
+        if dtype == torch.float32 and self.use_native_kernels:
+            return native_ops.rms_norm
+        return super().norm_kernel(dtype)
+
+    def step_context(self, num_tokens: int) -> AbstractContextManager[None]:
+        """A host-BLAS step (torch on one thread) for steps of up to cpu_blas_max_tokens without the GEMV."""
+        return self.blas_step.run() if num_tokens <= self.blas_step.max_tokens else nullcontext()

@@ -1,0 +1,36 @@
+"""NVIDIA GPUs: the KV cache gets what gpu_memory_utilization leaves after a profiled worst-case step."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvserve.kv.kv_spec import KVCacheSpec
+from kvserve.platforms.base import Platform
+from kvserve.platforms.cuda_memory import GIB, kv_budget, read_gpu_memory
+
+if TYPE_CHECKING:
+    from kvserve.runner.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class CudaPlatform(Platform):
+    """Plain torch layers (Triton attention is chosen by the attention seam); a profiled KV budget."""
+
+    def kv_cache_budget(self, runner: ModelRunner, specs: list[KVCacheSpec], max_model_len: int) -> int:
+        """What gpu_memory_utilization leaves after the largest step (see platforms/cuda_memory.py)."""
+        config, device = self.config, self.device
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        scratch = runner.profile_step(specs, min(config.scheduler.max_num_batched_tokens, max_model_len),
+                                      config.scheduler.max_num_seqs, config.cache.resolved_block_size)
+        memory = read_gpu_memory(device)
+        torch.cuda.empty_cache()
+        budget = kv_budget(memory, config.cache.gpu_memory_utilization, scratch)
+        logger.info("profiling step: peak %.2f GiB without its scratch cache, %.2f GiB outside torch; "
+                    "KV cache budget %.2f GiB (gpu_memory_utilization=%s)", (memory.peak_torch - scratch) / GIB,
+                    memory.outside_torch / GIB, budget / GIB, config.cache.gpu_memory_utilization)
+        return budget
