@@ -149,3 +149,8 @@ def test_failed_and_aborted_requests_are_not_stored(cached: Cached) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert cached.post(greedy([8, 8], max_tokens=60))["usage"]["response_cache_hit"] is False
+
+
+def test_negative_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="response_cache_size"):
+        ServerConfig(response_cache_size=-1)
