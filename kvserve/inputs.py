@@ -48,13 +48,14 @@ class InputProcessor:
             return prompt, self.tokenizer.encode(prompt) if prompt else []
         return None, list(prompt)
 
-    def apply_chat_template(self, messages: Messages) -> list[int]:
+    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template, ready for the reply."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("messages cannot be rendered: this model has no chat template; "
                              "use a plain prompt (/v1/completions, LLM.generate)")
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
         except Exception as error:  # templates reject conversations they cannot render (raise_exception)
             raise ValueError(f"messages cannot be rendered with the model's chat template: {error}") from error
         # The template already wrote the special tokens it wants; a BOS added here would be a second one.

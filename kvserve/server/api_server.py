@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import pathlib
 import uuid
+from dataclasses import dataclass
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -25,8 +26,11 @@ from kvserve.server.protocol import (
     ModelCard,
     ModelList,
 )
-from kvserve.server.serving import ChatFormatter, CompletionFormatter, Formatter, collect
+from kvserve.server.response_cache import ResponseCache
+from kvserve.server.serving import ChatFormatter, CompletionFormatter, Formatter, OutputStream, collect
 from kvserve.server.streaming import ClosingStreamingResponse, unless_disconnected
+from kvserve.server.tokenize import router as tokenize_router
+from kvserve.server.websocket import SocketEndpoint, socket_router
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ class _Server:
         self.input_processor = async_engine.engine.input_processor  # the prompt and length rules
         self.max_model_len: int = async_engine.engine.max_model_len
         self.token_text = TokenText(async_engine.engine.tokenizer)
+        self.response_cache = ResponseCache(config.response_cache_size, metrics)
 
     def check_model(self, name: str | None) -> str:
         """The served name; 404 for any other model."""
@@ -62,27 +67,47 @@ class _Server:
         if self.async_engine.num_waiting >= self.config.max_waiting_requests:
             raise overloaded(self.config.retry_after_s)
 
-    async def run(self, request: Request, requests: list[GenerateRequest], formatter: Formatter,
-                  stream: bool, num_choices: int, renames: dict[str, str]) -> Response:
-        """Submit the requests, then answer with a whole response or an SSE stream."""
+    async def open(self, job: Job) -> OutputStream:
+        """The job's outputs: replayed from the response cache, or from the engine (and recorded for it)."""
+        cached = self.response_cache.lookup(job.cache_key, [r.request_id for r in job.requests])
+        if cached is not None:
+            job.formatter.response_cache_hit = True
+            return cached
         try:
-            engine_stream = await self.async_engine.generate(requests)
+            engine_stream = await self.async_engine.generate(job.requests)
         except ValueError as error:
-            raise invalid_request(error, renames) from None
+            raise invalid_request(error, job.renames) from None
         except EngineDeadError as error:
             raise OpenAIError(503, str(error), type="server_error", code="engine_dead") from None
+        return self.response_cache.recording(job.cache_key, engine_stream)
+
+    async def run(self, request: Request, job: Job, stream: bool) -> Response:
+        """Submit the job, then answer with a whole response or an SSE stream."""
+        formatter = job.formatter
+        outputs_stream = await self.open(job)
         if stream:
-            return ClosingStreamingResponse(formatter.stream(engine_stream, num_choices),
-                                            on_close=engine_stream.abort, media_type="text/event-stream",
+            return ClosingStreamingResponse(formatter.stream(outputs_stream, job.num_choices),
+                                            on_close=outputs_stream.abort, media_type="text/event-stream",
                                             headers={"Cache-Control": "no-cache"})
         try:
-            finished, outputs = await unless_disconnected(request, collect(engine_stream))
+            finished, outputs = await unless_disconnected(request, collect(outputs_stream))
         finally:
-            engine_stream.abort()  # a no-op once finished; covers a collect cancelled before it began
+            outputs_stream.abort()  # a no-op once finished; covers a collect cancelled before it began
         if not finished:
             # Nobody is listening; 499 is the conventional "client closed request" status for logs.
             return Response(status_code=499)
         return JSONResponse(formatter.response(outputs).model_dump())
+
+
+@dataclass
+class Job:
+    """One API request made ready for the engine, whatever carries it (HTTP, SSE or a WebSocket)."""
+
+    requests: list[GenerateRequest]
+    formatter: Formatter
+    num_choices: int
+    renames: dict[str, str]  # engine field names -> the API's, for error messages
+    cache_key: str | None = None  # the response cache's key; None: not cacheable
 
 
 def _server(request: Request) -> _Server:
@@ -90,6 +115,8 @@ def _server(request: Request) -> _Server:
 
 
 router = APIRouter()
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
 
 
 @router.get("/health")
@@ -113,10 +140,8 @@ async def models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=server.model_name, max_model_len=server.max_model_len)])
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+async def chat_job(server: _Server, body: ChatCompletionRequest) -> Job:
     """Chat: the conversation through the model's chat template, one answer per `n`."""
-    server = _server(request)
     model = server.check_model(body.model)
     server.admit()  # before any work: an overloaded server should shed load cheaply
     try:
@@ -129,14 +154,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     formatter = ChatFormatter(response_id, model, {response_id: 0}, server.token_text,
                               params.logprobs, body.include_usage)
     requests = [GenerateRequest(response_id, {"prompt_token_ids": prompt_ids}, params)]
-    return await server.run(request, requests, formatter, body.stream, params.n,
-                            {"prompt": "messages", "prompt_token_ids": "messages", "max_tokens": body.max_tokens_field})
+    return Job(requests, formatter, params.n,
+               {"prompt": "messages", "prompt_token_ids": "messages", "max_tokens": body.max_tokens_field},
+               server.response_cache.key(CHAT_PATH, body, params))
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request) -> Response:
-    """Completions: a prompt, a list of prompts, or token ids; choices are numbered prompt by prompt."""
+@router.post(CHAT_PATH)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    """Chat: the conversation through the model's chat template, one answer per `n`."""
     server = _server(request)
+    return await server.run(request, await chat_job(server, body), body.stream)
+
+
+async def completion_job(server: _Server, body: CompletionRequest) -> Job:
+    """Completions: a prompt, a list of prompts, or token ids; choices are numbered prompt by prompt."""
     model = server.check_model(body.model)
     server.admit()
     try:
@@ -152,8 +183,15 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                                     server.token_text, params.logprobs, body.include_usage)
     requests = [GenerateRequest(rid, {"prompt": text, "prompt_token_ids": ids}, params)
                 for rid, (text, ids) in zip(request_ids, encoded, strict=True)]
-    return await server.run(request, requests, formatter, body.stream, len(prompts) * params.n,
-                            {"prompt_token_ids": "prompt"})
+    return Job(requests, formatter, len(prompts) * params.n, {"prompt_token_ids": "prompt"},
+               server.response_cache.key(COMPLETIONS_PATH, body, params))
+
+
+@router.post(COMPLETIONS_PATH)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    """Completions: a prompt, a list of prompts, or token ids; choices are numbered prompt by prompt."""
+    server = _server(request)
+    return await server.run(request, await completion_job(server, body), body.stream)
 
 
 def build_app(async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig) -> FastAPI:
@@ -162,6 +200,10 @@ def build_app(async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerC
     app.state.server = _Server(async_engine, metrics, config)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(tokenize_router)
+    # The same requests over a WebSocket: /v1/chat/completions/ws and /v1/completions/ws.
+    app.include_router(socket_router({CHAT_PATH: SocketEndpoint(ChatCompletionRequest, chat_job),
+                                      COMPLETIONS_PATH: SocketEndpoint(CompletionRequest, completion_job)}))
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     return app

@@ -20,6 +20,9 @@ class ServerConfig:
         "help": "sequences that may wait for a slot; past it, new requests get 503 + Retry-After"})
     retry_after_s: int = field(default=1, metadata={"help": "Retry-After seconds sent with a 503"})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level"})
+    response_cache_size: int = field(default=0, metadata={
+        "help": "whole responses of deterministic requests (temperature 0, or a seed) to keep and replay; "
+                "least recently used out first; 0 disables"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -28,5 +31,7 @@ class ServerConfig:
             raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+        if self.response_cache_size < 0:
+            raise ValueError(f"response_cache_size must be >= 0, got {self.response_cache_size}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -62,8 +64,13 @@ def internal_error(message: str) -> OpenAIError:
 
 
 def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    return validation_error(error.errors()).response()
+
+
+def validation_error(problems: Sequence[dict[str, Any]]) -> OpenAIError:
+    """A 400 naming the field of pydantic's (or FastAPI's) most specific validation problem."""
     # Report the most specific problem: in a union, the deepest location is the member that almost fit.
-    problem = max(error.errors(), key=lambda e: len(e.get("loc", ())))
+    problem = max(problems, key=lambda e: len(e.get("loc", ())))
     location = [p for p in problem.get("loc", ()) if p != "body"]
     # The message names the exact spot; `param` stops at the field whose type is a union.
     tag = next((i for i, p in enumerate(location) if _is_union_tag(p)), len(location))
@@ -75,7 +82,7 @@ def _validation_error(request: Request, error: RequestValidationError) -> JSONRe
         message = f"the body is invalid: {problem.get('msg')}"
     else:
         message = f"{where}: {problem.get('msg')}"
-    return OpenAIError(400, message, param=param).response()
+    return OpenAIError(400, message, param=param)
 
 
 def _path(parts: list[str | int]) -> str | None:

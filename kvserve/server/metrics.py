@@ -50,6 +50,11 @@ class ServerMetrics:
                                registry=r)
         self.preemptions = Counter(PREFIX + "preemptions", "Sequences preempted to free KV blocks.",
                                    registry=r)
+        # Response cache (server/response_cache.py): lookups of deterministic requests, and those answered.
+        self.response_cache_queries = Counter(PREFIX + "response_cache_queries",
+                                              "Deterministic requests looked up in the response cache.", registry=r)
+        self.response_cache_hits = Counter(PREFIX + "response_cache_hits",
+                                           "Requests answered from the response cache.", registry=r)
         # Engine totals at the last on_stats call, so that counters advance by the difference.
         self._last_totals = (0, 0, 0)
         self._last_token_time: dict[tuple[str, int], float] = {}  # (request id, sample index) -> time

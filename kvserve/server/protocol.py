@@ -186,6 +186,8 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    # True when the whole answer came from the response cache (--response-cache-size): no token was computed.
+    response_cache_hit: bool = False
 
 
 class TopLogprob(BaseModel):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pydantic import BaseModel
 
-from kvserve.engine.async_engine import RequestStream
 from kvserve.outputs import CompletionOutput, RequestOutput
 from kvserve.server.errors import OpenAIError, internal_error
 from kvserve.server.logprobs import TokenText, chat_logprobs, completion_logprobs
@@ -51,7 +52,19 @@ def _check(output: RequestOutput) -> None:
         raise internal_error(f"the request failed in the engine: {output.error or 'unknown error'}")
 
 
-async def collect(stream: RequestStream) -> list[RequestOutput]:
+class OutputStream(Protocol):
+    """A request group's outputs as a transport reads them, from the engine (RequestStream) or a cache."""
+
+    request_ids: list[str]
+
+    def abort(self) -> None:
+        """Stop the unfinished requests and free their KV blocks; safe to call twice."""
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        """Outputs as they come, until every request has finished."""
+
+
+async def collect(stream: OutputStream) -> list[RequestOutput]:
     """Final outputs of a stream's requests, in the order the requests were added."""
     final: dict[str, RequestOutput] = {}
     async for output in stream:
@@ -69,6 +82,7 @@ class Formatter:
     token_text: TokenText
     num_top_logprobs: int | None = None  # None: the client did not ask for logprobs
     include_usage: bool = False
+    response_cache_hit: bool = False  # the outputs are replayed from the response cache
     _text_offset: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -107,35 +121,56 @@ class Formatter:
         start = len(completion.token_ids) - len(completion.delta_token_ids)
         return completion.delta_token_ids, (completion.logprobs or [])[start:]
 
-    async def stream(self, stream: RequestStream, num_choices: int) -> AsyncIterator[str]:
-        """The SSE body: opening chunks, deltas, a finish chunk per choice, usage, then [DONE]."""
-        exclude = self._chunk_exclude()
+    def _usage(self, outputs: Iterable[RequestOutput]) -> Usage:
+        usage = usage_of(outputs)
+        usage.response_cache_hit = self.response_cache_hit
+        return usage
+
+    async def chunks(self, stream: AsyncIterable[RequestOutput], num_choices: int) -> AsyncIterator[BaseModel]:
+        """The chunk objects of a stream: openings, deltas, a finish chunk per choice, then usage if asked.
+
+        Raises what the engine raised; each transport (SSE, WebSocket) decides how to carry the error.
+        """
         last: dict[str, RequestOutput] = {}
         finished: set[int] = set()
+        for chunk in self._opening(list(range(num_choices))):
+            yield chunk
+        async for output in stream:
+            _check(output)
+            last[output.request_id] = output
+            base = self.choice_base[output.request_id]
+            for completion in output.outputs:
+                index = base + completion.index
+                if index in finished:
+                    continue
+                delta = self._delta(index, completion)
+                if delta is not None:
+                    yield delta
+                if completion.finish_reason is not None:
+                    finished.add(index)
+                    yield self._finish(index, completion.finish_reason)
+        if self.include_usage:
+            yield self._usage_chunk(self._usage(last.values()))
+
+    def chunk_json(self, chunk: BaseModel) -> str:
+        """A chunk as the wire carries it (SSE data or a WebSocket text frame)."""
+        return chunk.model_dump_json(exclude=self._chunk_exclude())
+
+    def stream_error(self, error: Exception) -> OpenAIError:
+        """What a stream reports for a failure after it began; logs the unexpected ones."""
+        if isinstance(error, OpenAIError):
+            return error
+        logger.error("stream %s failed", self.response_id, exc_info=error)
+        return internal_error(f"internal error: {type(error).__name__}")
+
+    async def stream(self, stream: AsyncIterable[RequestOutput], num_choices: int) -> AsyncIterator[str]:
+        """The SSE body: each chunk as an event, an error event if it fails midway, then [DONE]."""
         try:
-            for chunk in self._opening(list(range(num_choices))):
-                yield sse(chunk, exclude)
-            async for output in stream:
-                _check(output)
-                last[output.request_id] = output
-                base = self.choice_base[output.request_id]
-                for completion in output.outputs:
-                    index = base + completion.index
-                    if index in finished:
-                        continue
-                    delta = self._delta(index, completion)
-                    if delta is not None:
-                        yield sse(delta, exclude)
-                    if completion.finish_reason is not None:
-                        finished.add(index)
-                        yield sse(self._finish(index, completion.finish_reason), exclude)
-            if self.include_usage:
-                yield sse(self._usage_chunk(usage_of(last.values())))
-        except OpenAIError as error:
-            yield sse(ErrorResponse(error=error.info))
+            async with aclosing(self.chunks(stream, num_choices)) as chunks:
+                async for chunk in chunks:
+                    yield f"data: {self.chunk_json(chunk)}\n\n"
         except Exception as error:  # headers are sent: the error can only travel as an event
-            logger.exception("stream %s failed", self.response_id)
-            yield sse(ErrorResponse(error=internal_error(f"internal error: {type(error).__name__}").info))
+            yield sse(ErrorResponse(error=self.stream_error(error).info))
         yield DONE
 
 
@@ -153,7 +188,7 @@ class ChatFormatter(Formatter):
             choices.append(ChatChoice(index=index, message=AssistantMessage(content=completion.text),
                                       logprobs=logprobs, finish_reason=completion.finish_reason))
         return ChatCompletionResponse(id=self.response_id, model=self.model, choices=choices,
-                                      usage=usage_of(outputs))
+                                      usage=self._usage(outputs))
 
     def _chunk(self, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.response_id, model=self.model, choices=choices)
@@ -200,7 +235,7 @@ class CompletionFormatter(Formatter):
                                             finish_reason=completion.finish_reason))
         choices.sort(key=lambda choice: choice.index)
         return CompletionResponse(id=self.response_id, model=self.model, choices=choices,
-                                  usage=usage_of(outputs))
+                                  usage=self._usage(outputs))
 
     def _chunk(self, choices: list[CompletionChoice]) -> CompletionResponse:
         return CompletionResponse(id=self.response_id, model=self.model, choices=choices)
