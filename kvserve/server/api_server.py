@@ -127,7 +127,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         raise invalid_request(error) from None
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     formatter = ChatFormatter(response_id, model, {response_id: 0}, server.token_text,
-                              params.logprobs, body.include_usage)
+                              params.logprobs, body.include_usage, num_prompt_logprobs=body.prompt_logprobs)
     requests = [GenerateRequest(response_id, {"prompt_token_ids": prompt_ids}, params)]
     return await server.run(request, requests, formatter, body.stream, params.n,
                             {"prompt": "messages", "prompt_token_ids": "messages", "max_tokens": body.max_tokens_field})
@@ -149,7 +149,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     response_id = f"cmpl-{uuid.uuid4().hex}"
     request_ids = [response_id if len(prompts) == 1 else f"{response_id}-{i}" for i in range(len(prompts))]
     formatter = CompletionFormatter(response_id, model, {rid: i * params.n for i, rid in enumerate(request_ids)},
-                                    server.token_text, params.logprobs, body.include_usage)
+                                    server.token_text, params.logprobs, body.include_usage,
+                                    num_prompt_logprobs=body.prompt_logprobs, echo=body.echo,
+                                    echo_only=body.echo_only)
     requests = [GenerateRequest(rid, {"prompt": text, "prompt_token_ids": ids}, params)
                 for rid, (text, ids) in zip(request_ids, encoded, strict=True)]
     return await server.run(request, requests, formatter, body.stream, len(prompts) * params.n,
