@@ -78,3 +78,6 @@ class RequestOutput:
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     error: str | None = None  # set when the request failed inside the engine
+    # With SamplingParams.prompt_logprobs: per prompt token, {token id: logprob} holding the token itself and the
+    # top alternatives; None for the first token, which nothing predicts (vLLM's shape).
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Below this temperature a request is treated as greedy: dividing logits by such a small
 # number only overflows and the argmax is what the user meant anyway.
 _GREEDY_TEMPERATURE = 1e-5
 _MAX_LOGPROBS = 20
+# OpenAI's range for a logit bias, and a cap on entries: each is one (row, column) write per step.
+_MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 300
+# SGLang's upper bound (vLLM only asks for a finite, positive value); a penalty so small that float32
+# rounds it to 0 still passes, and the sampler's non-finite guard keeps such rows sane.
+_MAX_REPETITION_PENALTY = 2.0
 
 
 @dataclass
@@ -29,6 +36,10 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None
+    # Top alternatives per prompt token (0: only the prompt token's own logprob); None: no prompt logprobs.
+    prompt_logprobs: int | None = None
+    # {token id: bias in [-100, 100]} added to the logits before sampling (OpenAI's logit_bias).
+    logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -59,8 +70,9 @@ class SamplingParams:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2 <= self.frequency_penalty <= 2:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty <= _MAX_REPETITION_PENALTY:  # NaN fails this too
+            raise ValueError(f"repetition_penalty must be in (0, {_MAX_REPETITION_PENALTY:g}], "
+                             f"got {self.repetition_penalty}")
         # bool is an int subclass, but seed=True is surely a mistake.
         if self.seed is not None and (
             not isinstance(self.seed, int) or isinstance(self.seed, bool)
@@ -76,19 +88,31 @@ class SamplingParams:
             )
         if self.logprobs is not None and not 0 <= self.logprobs <= _MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {_MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= _MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {_MAX_LOGPROBS}], got {self.prompt_logprobs}")
         if any(not s for s in self.stop):
             raise ValueError("stop must not contain empty strings")
+        if self.logit_bias is not None:
+            _check_logit_bias(self.logit_bias)
 
     def verify(self, vocab_size: int) -> None:
         """Check the fields that depend on the model's vocabulary."""
         for token_id in self.stop_token_ids:
             if not 0 <= token_id < vocab_size:
                 raise ValueError(f"stop_token_ids must be in [0, {vocab_size}), got {token_id}")
+        for token_id in self.logit_bias or ():
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(f"logit_bias token ids must be in [0, {vocab_size}), got {token_id}")
 
     @property
     def is_greedy(self) -> bool:
         """Whether this request takes the argmax instead of sampling."""
         return self.temperature < _GREEDY_TEMPERATURE
+
+    @property
+    def has_logit_bias(self) -> bool:
+        """Whether a logit bias is set (an empty map is none)."""
+        return bool(self.logit_bias)
 
     @property
     def has_penalties(self) -> bool:
@@ -98,3 +122,16 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+
+def _check_logit_bias(logit_bias: dict[int, float]) -> None:
+    """Integer token ids (the vocabulary is checked in `verify`) to finite biases in [-100, 100]."""
+    if len(logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"logit_bias must have at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(logit_bias)}")
+    for token_id, bias in logit_bias.items():
+        if not isinstance(token_id, int) or isinstance(token_id, bool):
+            raise ValueError(f"logit_bias keys must be token ids (int), got {token_id!r}")
+        if isinstance(bias, bool) or not isinstance(bias, int | float):
+            raise ValueError(f"logit_bias values must be numbers, got {bias!r} for token {token_id}")
+        if not (math.isfinite(bias) and -_MAX_LOGIT_BIAS <= bias <= _MAX_LOGIT_BIAS):
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}")

@@ -30,7 +30,18 @@ def test_defaults_and_normalization() -> None:
         ({"presence_penalty": -3}, "presence_penalty must be in [-2, 2], got -3"),
         ({"frequency_penalty": -2.1}, "frequency_penalty must be in [-2, 2], got -2.1"),
         ({"frequency_penalty": 3}, "frequency_penalty must be in [-2, 2], got 3"),
-        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0, got 0.0"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be in (0, 2], got 0.0"),
+        ({"repetition_penalty": 2.5}, "repetition_penalty must be in (0, 2], got 2.5"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty must be in (0, 2], got inf"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty must be in (0, 2], got nan"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs must be in [0, 20], got -1"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs must be in [0, 20], got 21"),
+        ({"logit_bias": {5: 101}}, "logit_bias values must be in [-100, 100], got 101 for token 5"),
+        ({"logit_bias": {5: -100.5}}, "logit_bias values must be in [-100, 100], got -100.5 for token 5"),
+        ({"logit_bias": {5: float("nan")}}, "logit_bias values must be in [-100, 100], got nan for token 5"),
+        ({"logit_bias": {5: "1"}}, "logit_bias values must be numbers, got '1' for token 5"),
+        ({"logit_bias": {"5": 1}}, "logit_bias keys must be token ids (int), got '5'"),
+        ({"logit_bias": {i: 1 for i in range(301)}}, "logit_bias must have at most 300 entries, got 301"),
         ({"seed": 1.5}, "seed must be an int or None, got 1.5"),
         ({"seed": "7"}, "seed must be an int or None, got '7'"),
         ({"max_tokens": 0}, "max_tokens must be >= 1, got 0"),
@@ -61,6 +72,11 @@ def test_invalid_values_name_field_and_limit(kwargs: dict, message: str) -> None
         {"logprobs": 20},
         {"seed": 0},
         {"temperature": 0},
+        {"repetition_penalty": 2.0},
+        {"repetition_penalty": 1e-300},  # accepted like vLLM; the sampler's guard keeps it sane
+        {"prompt_logprobs": 0},
+        {"prompt_logprobs": 20},
+        {"logit_bias": {0: -100, 7: 100.0, 8: 0.5}},
     ],
 )
 def test_boundary_values_are_accepted(kwargs: dict) -> None:
@@ -74,6 +90,13 @@ def test_verify_stop_token_ids_against_vocab() -> None:
         SamplingParams(stop_token_ids=[5, 100]).verify(vocab_size=100)
     with pytest.raises(ValueError, match=r"stop_token_ids must be in \[0, 100\), got -1"):
         SamplingParams(stop_token_ids=[-1]).verify(vocab_size=100)
+
+
+def test_verify_logit_bias_token_ids_against_vocab() -> None:
+    SamplingParams(logit_bias={0: 1, 99: -1}).verify(vocab_size=100)
+    for bad in (100, -1):
+        with pytest.raises(ValueError, match=rf"logit_bias token ids must be in \[0, 100\), got {bad}"):
+            SamplingParams(logit_bias={5: 1, bad: 1}).verify(vocab_size=100)
 
 
 def test_is_greedy() -> None:

@@ -71,6 +71,8 @@ class _Group:
     prompt_token_ids: list[int]
     arrival_time: float
     sequences: list[_Sequence] = field(default_factory=list)
+    # With prompt_logprobs: filled by the first sequence's prompt steps; the first prompt token has none.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class Engine:
@@ -175,10 +177,15 @@ class Engine:
         token_ids = processed.prompt_token_ids
         arrival = time.monotonic() if arrival_time is None else arrival_time
         group = _Group(processed.prompt, token_ids, arrival)
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
         for index, child_id in enumerate(child_ids):
             child_params = params
             if params.n > 1 and params.seed is not None:
                 child_params = dataclasses.replace(params, seed=params.seed + index)
+            if index > 0 and params.prompt_logprobs is not None:
+                # The samples share a prompt: the first one scores it, the others may use the prefix cache.
+                child_params = dataclasses.replace(child_params, prompt_logprobs=None)
             request = Request(child_id, token_ids, child_params, processed.max_tokens, self.eos_token_ids,
                               arrival)
             detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, child_params)
@@ -220,6 +227,7 @@ class Engine:
         num_prefill = sum(n for n in scheduled.num_scheduled_tokens.values() if n > 1)
         self._throughput.record(num_prefill, sum(len(token_ids) for token_ids in sampled.sampled_token_ids))
         logprobs = dict(zip(sampled.req_ids, sampled.logprobs, strict=True))
+        self._record_prompt_logprobs(sampled.prompt_logprobs)
         for request in self.scheduler.update(scheduled, sampled, self._check_stop):
             group_id, index = self._sequence_of[request.request_id]
             sequence = self._groups[group_id].sequences[index]
@@ -229,6 +237,16 @@ class Engine:
                 sequence.logprobs.extend(step_logprobs[:request.num_output_tokens - len(sequence.logprobs)])
             changed[group_id] = self._groups[group_id]
         return [self._make_output(group_id, group) for group_id, group in changed.items()]
+
+    def _record_prompt_logprobs(self, chunks: dict[str, tuple[int, list[dict[int, float]]]]) -> None:
+        """Store the prompt logprobs a step computed at their place in the group's list (a prompt recomputed
+        after a preemption overwrites the same places)."""
+        for request_id, (first_index, entries) in chunks.items():
+            group_id, _ = self._sequence_of.get(request_id, (None, 0))
+            group = self._groups.get(group_id)
+            if group is None or group.prompt_logprobs is None:
+                continue  # aborted while the step ran
+            group.prompt_logprobs[first_index:first_index + len(entries)] = entries
 
     def _check_stop(self, request: Request) -> RequestStatus | None:
         """Called once per appended token: its text first, then the stop decision (engine/stop.py)."""
@@ -264,7 +282,8 @@ class Engine:
             for sequence in group.sequences:
                 self._sequence_of.pop(sequence.request.request_id, None)
         return RequestOutput(group_id, group.prompt, group.prompt_token_ids, completions, finished,
-                             self._metrics(group), num_cached_tokens=group.sequences[0].request.num_cached_tokens)
+                             self._metrics(group), num_cached_tokens=group.sequences[0].request.num_cached_tokens,
+                             prompt_logprobs=group.prompt_logprobs)
 
     def _completion(self, index: int, sequence: _Sequence) -> CompletionOutput:
         request = sequence.request

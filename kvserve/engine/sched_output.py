@@ -73,6 +73,9 @@ class ModelRunnerOutput:
     sampled_token_ids: list[list[int]]
     # Per request, one {token id: logprob} per sampled token; None when the request asked for none.
     logprobs: list[list[dict[int, float]] | None]
+    # Requests with prompt_logprobs whose prompt rows ran this step: {req id: (index in the prompt of the first
+    # token scored, one {token id: logprob} per scored prompt token)}.
+    prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]] = field(default_factory=dict)
 
 
 def num_rejected_drafts(num_drafts: int, num_sampled: int) -> int:

@@ -22,6 +22,7 @@ from kvserve.engine.sched_output import (
 )
 from kvserve.engine.stop import StopCheck, check_stop
 from kvserve.kv.kv_manager import KVCacheManager
+from kvserve.kv.prefix_cache import CachedPrefix
 
 
 @dataclass(slots=True)
@@ -82,7 +83,7 @@ class Scheduler:
                and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
             # A new or preempted request starts from whatever prefix of it is cached.
-            prefix = self.kv_manager.find_cached_prefix(request.all_token_ids)
+            prefix = self._cached_prefix(request)
             num_cached = len(prefix.blocks) * self.kv_manager.block_size
             num_new = self._num_new_tokens(request, budget, num_cached)
             if num_new == 0:
@@ -101,6 +102,13 @@ class Scheduler:
         output.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         output.finished_req_ids, self._finished_since_last_step = self._finished_since_last_step, []
         return output
+
+    def _cached_prefix(self, request: Request) -> CachedPrefix:
+        """The cached prefix a request may start from: none while its prompt logprobs are still to be computed
+        (every prompt position must run through the model, as in vLLM)."""
+        if request.sampling_params.prompt_logprobs is not None and not request.output_token_ids:
+            return CachedPrefix()
+        return self.kv_manager.find_cached_prefix(request.all_token_ids)
 
     def _num_new_tokens(self, request: Request, budget: int, num_computed: int | None = None) -> int:
         computed = request.num_computed_tokens if num_computed is None else num_computed

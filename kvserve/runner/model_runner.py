@@ -24,6 +24,7 @@ from kvserve.models.registry import build_model
 from kvserve.platforms import Platform
 from kvserve.runner.attention_inputs import build_common_metadata
 from kvserve.runner.input_batch import CachedRequestState, InputBatch, StepBatch
+from kvserve.runner.prompt_logprobs import compute_prompt_logprobs
 from kvserve.sample.sampler import Sampler, SamplingMetadata
 
 
@@ -145,7 +146,8 @@ class ModelRunner:
                                                        strict=True):
                 sampled[index] = [token_id]
                 logprobs[index] = None if token_logprobs is None else [token_logprobs]
-        return ModelRunnerOutput(batch.req_ids, sampled, logprobs)
+        prompt_logprobs = compute_prompt_logprobs(self.model, hidden, batch)  # {} unless a request asked
+        return ModelRunnerOutput(batch.req_ids, sampled, logprobs, prompt_logprobs)
 
     def prepare_inputs(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Token ids and positions [T] of the packed step, and the backend's attention metadata (once for every

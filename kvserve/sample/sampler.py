@@ -32,6 +32,7 @@ class SamplingMetadata:
     is_all_greedy: bool = field(init=False)
     has_penalties: bool = field(init=False)
     has_min_tokens: bool = field(init=False)
+    has_logit_bias: bool = field(init=False)
     # Largest `logprobs` over rows, None when no row asked for logprobs.
     max_num_logprobs: int | None = field(init=False)
 
@@ -46,6 +47,7 @@ class SamplingMetadata:
             len(out) < p.min_tokens
             for p, out in zip(self.params, self.output_token_ids, strict=True)
         )
+        self.has_logit_bias = any(p.has_logit_bias for p in self.params)
         requested = [p.logprobs for p in self.params if p.logprobs is not None]
         self.max_num_logprobs = max(requested) if requested else None
 
@@ -56,6 +58,7 @@ class SamplingMetadata:
             self.is_all_greedy
             and not self.has_penalties
             and not self.has_min_tokens
+            and not self.has_logit_bias
             and self.max_num_logprobs is None
         )
 
@@ -89,11 +92,15 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
 
         # Private float32 copy: the steps below modify it in place.
+        raw_logits = logits
         logits = logits.to(torch.float32, copy=True)
         if metadata.has_penalties:
             apply_penalties(logits, metadata)
+        if metadata.has_logit_bias:
+            apply_logit_bias(logits, metadata)
         if metadata.has_min_tokens:
             apply_min_tokens(logits, metadata)
+        repair_non_finite_rows(logits, raw_logits)
 
         if metadata.is_all_greedy:
             token_ids = logits.argmax(dim=-1)
@@ -193,6 +200,43 @@ def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.devi
     cols = torch.tensor(list(chain.from_iterable(token_ids)), dtype=torch.long, device=device)
     counts.index_put_((rows, cols), torch.ones_like(cols, dtype=counts.dtype), accumulate=True)
     return counts
+
+
+def apply_logit_bias(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
+    """Add each row's logit_bias, in place, to `logits` [rows, vocab]: the batch's (row, token, bias) triples are
+    gathered once and written by one scatter."""
+    vocab_size = logits.shape[1]
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    for row, p in enumerate(metadata.params):
+        for token_id, bias in (p.logit_bias or {}).items():
+            if 0 <= token_id < vocab_size:  # ids were checked against the model's vocabulary already
+                rows.append(row)
+                cols.append(token_id)
+                values.append(bias)
+    if not rows:
+        return
+    device = logits.device
+    index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+    logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
+
+
+# Stands in for +inf: beats any real logit, and stays finite after division by the smallest temperature (1e-5).
+_POSINF_STANDIN = 1e30
+
+
+def repair_non_finite_rows(logits: torch.Tensor, raw_logits: torch.Tensor) -> None:
+    """Make processed `logits` [rows, vocab] safe to sample, in place, without reading anything back.
+
+    A processor can break a row: a tiny repetition penalty divides by a float32 zero (+inf, then NaN in the
+    softmax), a mask can forbid every token. NaN becomes a forbidden token, +inf a huge finite logit (an
+    infinitely preferred token stays preferred, the softmax stays finite), and a row left with no allowed token
+    falls back to its raw model logits, so no row ever samples from NaN.
+    """
+    logits.nan_to_num_(nan=float("-inf"), posinf=_POSINF_STANDIN, neginf=float("-inf"))
+    is_empty = logits.amax(dim=-1, keepdim=True) == float("-inf")  # [rows, 1]
+    torch.where(is_empty, raw_logits.to(logits.dtype), logits, out=logits)
 
 
 def apply_min_tokens(logits: torch.Tensor, metadata: SamplingMetadata) -> None:

@@ -152,7 +152,7 @@ async def chat_job(server: _Server, body: ChatCompletionRequest) -> Job:
         raise invalid_request(error) from None
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     formatter = ChatFormatter(response_id, model, {response_id: 0}, server.token_text,
-                              params.logprobs, body.include_usage)
+                              params.logprobs, body.include_usage, num_prompt_logprobs=body.prompt_logprobs)
     requests = [GenerateRequest(response_id, {"prompt_token_ids": prompt_ids}, params)]
     return Job(requests, formatter, params.n,
                {"prompt": "messages", "prompt_token_ids": "messages", "max_tokens": body.max_tokens_field},
@@ -180,7 +180,9 @@ async def completion_job(server: _Server, body: CompletionRequest) -> Job:
     response_id = f"cmpl-{uuid.uuid4().hex}"
     request_ids = [response_id if len(prompts) == 1 else f"{response_id}-{i}" for i in range(len(prompts))]
     formatter = CompletionFormatter(response_id, model, {rid: i * params.n for i, rid in enumerate(request_ids)},
-                                    server.token_text, params.logprobs, body.include_usage)
+                                    server.token_text, params.logprobs, body.include_usage,
+                                    num_prompt_logprobs=body.prompt_logprobs, echo=body.echo,
+                                    echo_only=body.echo_only)
     requests = [GenerateRequest(rid, {"prompt": text, "prompt_token_ids": ids}, params)
                 for rid, (text, ids) in zip(request_ids, encoded, strict=True)]
     return Job(requests, formatter, len(prompts) * params.n, {"prompt_token_ids": "prompt"},

@@ -5,7 +5,14 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from kvserve.server.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+from kvserve.server.protocol import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
+    TokenLogprob,
+    TopLogprob,
+)
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -76,4 +83,45 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], 
         result.top_logprobs.append({token_text.token(i)[0]: lp for i, lp in _ranked(entry, num_top)})
         result.text_offset.append(text_offset)
         text_offset += len(text)
+    return result
+
+
+def echoed_prompt_logprobs(token_ids: list[int], prompt_logprobs: list[dict[int, float] | None], num_top: int,
+                           token_text: TokenText, text_offset: int = 0) -> CompletionLogprobs:
+    """The legacy logprobs of an echoed prompt: its first token, which nothing predicts, has null ones."""
+    result = CompletionLogprobs()
+    for token_id, entry in zip(token_ids, prompt_logprobs, strict=True):
+        text, _ = token_text.token(token_id)
+        result.tokens.append(text)
+        result.token_logprobs.append(None if entry is None else entry[token_id])
+        result.top_logprobs.append(
+            None if entry is None else {token_text.token(i)[0]: lp for i, lp in _ranked(entry, num_top)})
+        result.text_offset.append(text_offset)
+        text_offset += len(text)
+    return result
+
+
+def joined(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
+    """Two runs of legacy logprobs as one (echoed prompt, then generated tokens)."""
+    return CompletionLogprobs(tokens=first.tokens + second.tokens,
+                              token_logprobs=first.token_logprobs + second.token_logprobs,
+                              top_logprobs=first.top_logprobs + second.top_logprobs,
+                              text_offset=first.text_offset + second.text_offset)
+
+
+def vllm_prompt_logprobs(token_ids: list[int], prompt_logprobs: list[dict[int, float] | None], num_top: int,
+                         token_text: TokenText) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs`: per prompt token null (the first) or {token id: {logprob, rank, decoded_token}}
+    holding the token itself and the `num_top` most likely ones."""
+    result: PromptLogprobs = []
+    for token_id, entry in zip(token_ids, prompt_logprobs, strict=True):
+        if entry is None:
+            result.append(None)
+            continue
+        # The engine's entry holds the true top alternatives, so their rank is known; the prompt token's only
+        # when it is one of them.
+        shown = {top_id: (logprob, rank) for rank, (top_id, logprob) in enumerate(_ranked(entry, num_top), 1)}
+        shown.setdefault(token_id, (entry[token_id], None))
+        result.append({str(i): PromptLogprob(logprob=lp, rank=rank, decoded_token=token_text.token(i)[0])
+                       for i, (lp, rank) in shown.items()})
     return result

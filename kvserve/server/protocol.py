@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from kvserve.sampling_params import SamplingParams
+from kvserve.sampling_params import MAX_LOGIT_BIAS_ENTRIES, SamplingParams
 
 MAX_N = 16  # samples per prompt: each is a sequence in the batch, so this bounds one request's share
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -51,14 +52,26 @@ class _SamplingFields(_Request):
     min_tokens: int = Field(0, lt=_INT64)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # {token id (a JSON string): bias in [-100, 100]}, added to the logits (OpenAI).
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS_ENTRIES)
+    # vLLM V1 dropped best_of: accepted only when it asks for nothing more than `n`.
+    best_of: int | None = Field(None, lt=_INT64)
+    # vLLM's extra: the prompt tokens' logprobs with this many alternatives, as `prompt_logprobs`.
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @property
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk."""
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         prompt_logprobs: int | None = None) -> SamplingParams:
         """SamplingParams of this request; raises ValueError naming the field out of range."""
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of is not supported (vLLM V1 dropped it): leave it out or set it equal to n "
+                             f"({self.n}), got {self.best_of}; ask for n samples instead")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not available when stream is true")
         return SamplingParams(
             n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -75,9 +88,24 @@ class _SamplingFields(_Request):
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+            logit_bias=logit_bias_token_ids(self.logit_bias),
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
         )
+
+
+_TOKEN_ID = re.compile(r"[0-9]+")
+
+
+def logit_bias_token_ids(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias keys are token ids written as JSON strings; SamplingParams checks the rest."""
+    if logit_bias is None:
+        return None
+    for key in logit_bias:
+        if not _TOKEN_ID.fullmatch(key):
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+    return {int(key): bias for key, bias in logit_bias.items()}
 
 
 class TextPart(_Request):
@@ -114,6 +142,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, lt=_INT64)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False  # vLLM's extra (echo the last message); not supported here
 
     @property
     def max_tokens_field(self) -> str:
@@ -122,6 +151,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     def sampling_params(self) -> SamplingParams:
         """SamplingParams; no length limit means the rest of the context window."""
+        if self.echo:
+            raise ValueError("echo is not supported on chat completions (use /v1/completions)")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -161,13 +192,21 @@ class CompletionRequest(_SamplingFields):
             raise ValueError(f"prompt must hold at most {MAX_PROMPTS} prompts, got {len(prompts)}")
         return prompts
 
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the answer is the prompt alone (what lm-evaluation-harness sends to score it)."""
+        return self.echo and self.max_tokens == 0
+
     def sampling_params(self) -> SamplingParams:
         """SamplingParams of this request; raises ValueError naming the field."""
-        if self.echo:
-            raise ValueError("echo is not supported")
         if self.suffix:
             raise ValueError("suffix is not supported")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        # As vLLM: an echo-only request generates one token, which the answer leaves out.
+        max_tokens = 1 if self.echo_only else self.max_tokens
+        prompt_logprobs = None
+        if self.echo and self.logprobs is not None:  # echoed tokens carry logprobs like generated ones
+            prompt_logprobs = max(self.logprobs, self.prompt_logprobs or 0)
+        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
 
 
 # ---- responses -----------------------------------------------------------------------------
@@ -211,12 +250,24 @@ class ChatLogprobs(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """`logprobs` of a completion choice (the legacy shape)."""
+    """`logprobs` of a completion choice (the legacy shape); with echo the prompt's first token has null ones."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """One token of a `prompt_logprobs` position (vLLM's shape); rank is null when not known (outside the top)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+# Per prompt token: null for the first, else {token id: PromptLogprob} (the token itself and the top alternatives).
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class AssistantMessage(BaseModel):
@@ -247,6 +298,7 @@ class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class DeltaMessage(BaseModel):
@@ -285,6 +337,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class CompletionResponse(_Response):

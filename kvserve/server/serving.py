@@ -12,7 +12,14 @@ from pydantic import BaseModel
 
 from kvserve.outputs import CompletionOutput, RequestOutput
 from kvserve.server.errors import OpenAIError, internal_error
-from kvserve.server.logprobs import TokenText, chat_logprobs, completion_logprobs
+from kvserve.server.logprobs import (
+    TokenText,
+    chat_logprobs,
+    completion_logprobs,
+    echoed_prompt_logprobs,
+    joined,
+    vllm_prompt_logprobs,
+)
 from kvserve.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -20,9 +27,11 @@ from kvserve.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionResponse,
     DeltaMessage,
     ErrorResponse,
+    PromptLogprobs,
     PromptTokensDetails,
     Usage,
 )
@@ -83,6 +92,7 @@ class Formatter:
     num_top_logprobs: int | None = None  # None: the client did not ask for logprobs
     include_usage: bool = False
     response_cache_hit: bool = False  # the outputs are replayed from the response cache
+    num_prompt_logprobs: int | None = None  # vLLM's prompt_logprobs extra; None: not asked for
     _text_offset: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -103,6 +113,16 @@ class Formatter:
 
     def _opening(self, indices: list[int]) -> list[BaseModel]:
         return []
+
+    def _on_output(self, output: RequestOutput) -> None:
+        """Called with each streamed output before its choices' deltas."""
+
+    def _prompt_logprobs(self, output: RequestOutput) -> PromptLogprobs | None:
+        """vLLM's `prompt_logprobs` of an output, when the client asked for them."""
+        if self.num_prompt_logprobs is None or output.prompt_logprobs is None:
+            return None
+        return vllm_prompt_logprobs(output.prompt_token_ids, output.prompt_logprobs, self.num_prompt_logprobs,
+                                    self.token_text)
 
     def _delta(self, index: int, completion: CompletionOutput) -> BaseModel | None:
         raise NotImplementedError
@@ -138,6 +158,7 @@ class Formatter:
         async for output in stream:
             _check(output)
             last[output.request_id] = output
+            self._on_output(output)
             base = self.choice_base[output.request_id]
             for completion in output.outputs:
                 index = base + completion.index
@@ -188,7 +209,7 @@ class ChatFormatter(Formatter):
             choices.append(ChatChoice(index=index, message=AssistantMessage(content=completion.text),
                                       logprobs=logprobs, finish_reason=completion.finish_reason))
         return ChatCompletionResponse(id=self.response_id, model=self.model, choices=choices,
-                                      usage=self._usage(outputs))
+                                      usage=self._usage(outputs), prompt_logprobs=self._prompt_logprobs(outputs[0]))
 
     def _chunk(self, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.response_id, model=self.model, choices=choices)
@@ -220,38 +241,89 @@ class ChatFormatter(Formatter):
         return None if self.include_usage else {"usage"}
 
 
+@dataclass
 class CompletionFormatter(Formatter):
-    """text_completion objects, whole and as stream chunks."""
+    """text_completion objects, whole and as stream chunks; with `echo` each choice starts with the prompt."""
+
+    echo: bool = False
+    echo_only: bool = False  # echo with max_tokens 0: the one token generated is left out
+    _output: RequestOutput | None = None  # the streamed output whose deltas are being shaped
+    _echoed: set[int] = field(default_factory=set)  # choices whose prompt went out
 
     def response(self, outputs: list[RequestOutput]) -> CompletionResponse:
         """A text_completion of the finished outputs, choices ordered by index."""
         choices = []
-        for index, completion in self._completions(outputs):
-            logprobs = None
-            if self.wants_logprobs:
-                logprobs = completion_logprobs(completion.token_ids, completion.logprobs or [],
-                                               self.num_top_logprobs, self.token_text)
-            choices.append(CompletionChoice(index=index, text=completion.text, logprobs=logprobs,
-                                            finish_reason=completion.finish_reason))
+        for output in outputs:
+            _check(output)
+            for completion in output.outputs:
+                index = self.choice_base[output.request_id] + completion.index
+                text, logprobs = self._echo(index, output)
+                if not self.echo_only:
+                    text += completion.text
+                    logprobs = self._join(logprobs, self._logprobs(index, completion.token_ids,
+                                                                   completion.logprobs or []))
+                choices.append(CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                                finish_reason=completion.finish_reason,
+                                                prompt_logprobs=self._prompt_logprobs(output)))
         choices.sort(key=lambda choice: choice.index)
         return CompletionResponse(id=self.response_id, model=self.model, choices=choices,
                                   usage=self._usage(outputs))
+    def _echo(self, index: int, output: RequestOutput) -> tuple[str, CompletionLogprobs | None]:
+        """The prompt's text and logprobs at the start of a choice: once per choice, only with echo."""
+        if not self.echo or index in self._echoed:
+            return "", None
+        self._echoed.add(index)
+        text = output.prompt
+        if text is None:  # the prompt came as token ids
+            text = self.token_text.tokenizer.decode(output.prompt_token_ids)
+        if not self.wants_logprobs:
+            return text, None
+        offset = self._text_offset.get(index, 0)
+        logprobs = echoed_prompt_logprobs(output.prompt_token_ids, output.prompt_logprobs or [],
+                                          self.num_top_logprobs, self.token_text, offset)
+        self._text_offset[index] = offset + sum(len(token) for token in logprobs.tokens)
+        return text, logprobs
+
+    def _logprobs(self, index: int, token_ids: list[int], logprobs: list[dict[int, float]]
+                  ) -> CompletionLogprobs | None:
+        """Legacy logprobs of generated tokens; offsets continue across chunks, as if the tokens were one list."""
+        if not self.wants_logprobs:
+            return None
+        offset = self._text_offset.get(index, 0)
+        result = completion_logprobs(token_ids, logprobs, self.num_top_logprobs, self.token_text, offset)
+        self._text_offset[index] = offset + sum(len(token) for token in result.tokens)
+        return result
+
+    @staticmethod
+    def _join(first: CompletionLogprobs | None, second: CompletionLogprobs | None) -> CompletionLogprobs | None:
+        return second if first is None else first if second is None else joined(first, second)
+
+    def _usage(self, outputs: Iterable[RequestOutput]) -> Usage:
+        """Usage; an echo-only answer counts no completion tokens (the one generated is not returned)."""
+        usage = super()._usage(outputs)
+        if self.echo_only:
+            usage.total_tokens -= usage.completion_tokens
+            usage.completion_tokens = 0
+        return usage
 
     def _chunk(self, choices: list[CompletionChoice]) -> CompletionResponse:
         return CompletionResponse(id=self.response_id, model=self.model, choices=choices)
 
+    def _on_output(self, output: RequestOutput) -> None:
+        self._output = output
+
     def _delta(self, index: int, completion: CompletionOutput) -> BaseModel | None:
-        token_ids, logprobs = self._new_logprobs(completion)
-        if not completion.delta_text and not (self.wants_logprobs and token_ids):
+        # The first chunk of an echoed choice carries the prompt.
+        text, logprobs = self._echo(index, self._output)
+        if not self.echo_only:
+            token_ids, new_logprobs = self._new_logprobs(completion)
+            if not text and not completion.delta_text and not (self.wants_logprobs and token_ids):
+                return None
+            text += completion.delta_text
+            logprobs = self._join(logprobs, self._logprobs(index, token_ids, new_logprobs))
+        elif not text:
             return None
-        choice = CompletionChoice(index=index, text=completion.delta_text)
-        if self.wants_logprobs:
-            offset = self._text_offset.get(index, 0)
-            choice.logprobs = completion_logprobs(token_ids, logprobs, self.num_top_logprobs,
-                                                  self.token_text, offset)
-            # Offsets continue across chunks, as if the tokens were one list.
-            self._text_offset[index] = offset + sum(len(token) for token in choice.logprobs.tokens)
-        return self._chunk([choice])
+        return self._chunk([CompletionChoice(index=index, text=text, logprobs=logprobs)])
 
     def _finish(self, index: int, reason: str) -> BaseModel:
         return self._chunk([CompletionChoice(index=index, text="", finish_reason=reason)])

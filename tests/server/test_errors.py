@@ -49,7 +49,7 @@ def post(url: str, path: str, body: object, **kwargs: object) -> httpx.Response:
     (COMPLETIONS, {"prompt": [1, "a"]}, "prompt"),
     (COMPLETIONS, {"prompt": LONG_PROMPT}, "prompt"),
     (COMPLETIONS, {"prompt": "Hi", "logprobs": 100}, "logprobs"),
-    (COMPLETIONS, {"prompt": "Hi", "echo": True}, "echo"),
+    (CHAT, {"messages": MESSAGES, "echo": True}, "echo"),  # echo is for /v1/completions
     (COMPLETIONS, {"prompt": "Hi", "min_tokens": 20, "max_tokens": 4}, "min_tokens"),
 ])
 def test_invalid_request_is_400_naming_the_field(live, path: str, body: dict, param: str) -> None:
