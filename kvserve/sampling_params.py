@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvserve.structured.params import StructuredOutputsParams
+
 # Below this temperature a request is treated as greedy: dividing logits by such a small
 # number only overflows and the argmax is what the user meant anyway.
 _GREEDY_TEMPERATURE = 1e-5
@@ -31,6 +33,8 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrain the output to a JSON schema, regex, choice or grammar (kvserve/structured).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # Normalize so that consumers never branch on None / str.
@@ -78,6 +82,9 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, {_MAX_LOGPROBS}], got {self.logprobs}")
         if any(not s for s in self.stop):
             raise ValueError("stop must not contain empty strings")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams, "
+                             f"got {type(self.structured_outputs).__name__}")
 
     def verify(self, vocab_size: int) -> None:
         """Check the fields that depend on the model's vocabulary."""

@@ -130,7 +130,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                               params.logprobs, body.include_usage)
     requests = [GenerateRequest(response_id, {"prompt_token_ids": prompt_ids}, params)]
     return await server.run(request, requests, formatter, body.stream, params.n,
-                            {"prompt": "messages", "prompt_token_ids": "messages", "max_tokens": body.max_tokens_field})
+                            {"prompt": "messages", "prompt_token_ids": "messages", "max_tokens": body.max_tokens_field,
+                             "structured_outputs": body.structured_outputs_field})
 
 
 @router.post("/v1/completions")

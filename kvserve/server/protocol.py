@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from kvserve.sampling_params import SamplingParams
+from kvserve.server.response_format import ResponseFormat, StructuredOutputsRequest, structured_outputs_of
+from kvserve.structured.params import StructuredOutputsParams
 
 MAX_N = 16  # samples per prompt: each is a sequence in the batch, so this bounds one request's share
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -51,6 +53,7 @@ class _SamplingFields(_Request):
     min_tokens: int = Field(0, lt=_INT64)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsRequest | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -77,7 +80,17 @@ class _SamplingFields(_Request):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=self.structured_outputs_params(),
         )
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The request's output constraint (server/response_format.py), None for free text."""
+        return structured_outputs_of(self.structured_outputs)
+
+    @property
+    def structured_outputs_field(self) -> str:
+        """The field that carried the output constraint, for error messages."""
+        return "structured_outputs"
 
 
 class TextPart(_Request):
@@ -114,11 +127,21 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, lt=_INT64)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
 
     @property
     def max_tokens_field(self) -> str:
         """The name of the length limit the client used, for error messages."""
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The constraint of `response_format` or of the `structured_outputs` extra (not both)."""
+        return structured_outputs_of(self.structured_outputs, self.response_format)
+
+    @property
+    def structured_outputs_field(self) -> str:
+        """The field that carried the output constraint, for error messages."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
 
     def sampling_params(self) -> SamplingParams:
         """SamplingParams; no length limit means the rest of the context window."""
