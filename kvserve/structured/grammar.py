@@ -13,11 +13,14 @@ _ANY_OBJECT = {"type": "object"}
 
 
 def _json_options(params: StructuredOutputsParams) -> dict[str, Any]:
+    # oneOf is read as anyOf (as vLLM does): llguidance refuses oneOf otherwise, and generated schemas (pydantic's
+    # unions) use it where the branches rarely overlap. A schema's own "x-guidance" key overrides these defaults.
+    options: dict[str, Any] = {"coerce_one_of": True}
     # Compact JSON (`{"a":1,"b":[2]}`) unless the client asked for flexible whitespace: without this a sampled
     # small model spends its budget on runs of newlines and spaces that the grammar allows.
     if params.disable_any_whitespace:
-        return {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
-    return {"whitespace_flexible": True}
+        return {**options, "whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+    return {**options, "whitespace_flexible": True}
 
 
 def grammar_text(params: StructuredOutputsParams) -> str:

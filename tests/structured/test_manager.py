@@ -96,3 +96,11 @@ def test_whitespace_mode(manager: StructuredOutputManager, llm: LLM, disable_any
     texts = {tokenizer.decode([t]) for t in allowed_tokens(output.grammar_bitmask[0])}
     has_whitespace = any(text.isspace() for text in texts)
     assert has_whitespace is not disable_any_whitespace  # compact by default; vLLM's flexible whitespace on request
+
+
+def test_one_of_compiles_as_any_of(manager: StructuredOutputManager) -> None:
+    # pydantic writes unions as oneOf; llguidance alone refuses it.
+    schema = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},
+                        {"type": "object", "properties": {"b": {"type": "string"}}}]}  # branches that overlap
+    manager.add_requests(StructuredOutputsParams(json=schema), ["union"])
+    assert "union" in manager
