@@ -39,6 +39,10 @@ class StructuredOutputsParams:
 
     def _validate(self, kind: str) -> None:
         """Raise ValueError naming the field when the constraint's value has the wrong shape."""
+        value = getattr(self, kind)
+        if isinstance(value, str | list) and not _is_utf8(value):
+            # A lone surrogate (JSON "\ud800") cannot reach the grammar compiler, which reads UTF-8.
+            raise ValueError(f"structured_outputs {kind} must be valid Unicode (it holds a lone surrogate)")
         if kind == "json":
             schema = self.json
             if isinstance(schema, str):
@@ -46,8 +50,8 @@ class StructuredOutputsParams:
                     schema = json.loads(schema)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"structured_outputs json is not valid JSON: {error}") from None
-            if not isinstance(schema, dict | bool):
-                raise ValueError("structured_outputs json must be a JSON schema (an object), "
+            if not isinstance(schema, dict):
+                raise ValueError("structured_outputs json must be a JSON schema object, "
                                  f"got {type(schema).__name__}")
         elif kind == "choice":
             if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
@@ -75,3 +79,14 @@ class StructuredOutputsParams:
             value = json.loads(value)  # the same schema, however it was spelled
         text = json.dumps(value, sort_keys=True, ensure_ascii=False)
         return f"{self.kind}:{int(self.disable_any_whitespace)}:{text}"
+
+
+def _is_utf8(value: str | list[str]) -> bool:
+    texts = [value] if isinstance(value, str) else value
+    try:
+        for text in texts:
+            if isinstance(text, str):
+                text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

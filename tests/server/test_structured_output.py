@@ -26,7 +26,9 @@ RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "city", "schem
 
 
 def post(url: str, path: str, body: object) -> httpx.Response:
-    return httpx.post(f"{url}{path}", json=body, timeout=120)
+    # json.dumps escapes a lone surrogate as \ud800 (httpx's own encoder would refuse it).
+    return httpx.post(f"{url}{path}", content=json.dumps(body), headers={"Content-Type": "application/json"},
+                      timeout=120)
 
 
 def test_openai_client_response_format_json_schema(live) -> None:
@@ -103,6 +105,10 @@ def test_structured_outputs_extra_on_both_endpoints(live) -> None:
     (COMPLETIONS, {"structured_outputs": {"grammar": "start: nothing_defined"}}, "structured_outputs"),
     (COMPLETIONS, {"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag"),
     (COMPLETIONS, {"structured_outputs": {"regex": 5}}, "structured_outputs.regex"),
+    (COMPLETIONS, {"structured_outputs": {"regex": "a\ud800"}}, "structured_outputs"),  # a lone surrogate
+    (CHAT, {"response_format": {"type": "json_schema",
+                                "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "\ud800"}}}},
+     "response_format"),
 ])
 def test_bad_constraints_are_400_naming_the_field(live, path: str, extra: dict, param: str) -> None:
     base = {"messages": MESSAGES} if path == CHAT else {"prompt": "Hi"}

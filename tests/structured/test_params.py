@@ -33,6 +33,10 @@ def test_one_constraint_is_accepted(kwargs: dict) -> None:
     ({"choice": ["x"] * 1025}, "at most 1024"),
     ({"regex": ""}, "non-empty string"),
     ({"grammar": 7}, "non-empty string"),
+    ({"json": "true"}, "JSON schema object"),  # llguidance compiles objects only; {} is "any value"
+    ({"regex": "a\ud800"}, "lone surrogate"),
+    ({"choice": ["ok", "\udfff"]}, "lone surrogate"),
+    ({"json": '{"pattern": "\ud800"}'}, "lone surrogate"),
 ])
 def test_bad_constraints_name_the_field(kwargs: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words) as error:
