@@ -154,7 +154,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     requests = [GenerateRequest(rid, {"prompt": text, "prompt_token_ids": ids}, params)
                 for rid, (text, ids) in zip(request_ids, encoded, strict=True)]
     return await server.run(request, requests, formatter, body.stream, len(prompts) * params.n,
-                            {"prompt_token_ids": "prompt"})
+                            {"prompt_token_ids": "prompt", "structured_outputs": body.structured_outputs_field})
 
 
 def build_app(async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig) -> FastAPI:

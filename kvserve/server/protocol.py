@@ -54,6 +54,7 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsRequest | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's on chat; accepted on completions too, as vLLM does
 
     @property
     def include_usage(self) -> bool:
@@ -84,13 +85,14 @@ class _SamplingFields(_Request):
         )
 
     def structured_outputs_params(self) -> StructuredOutputsParams | None:
-        """The request's output constraint (server/response_format.py), None for free text."""
-        return structured_outputs_of(self.structured_outputs)
+        """The constraint of `response_format` or of the `structured_outputs` extra (not both); None for free
+        text (server/response_format.py)."""
+        return structured_outputs_of(self.structured_outputs, self.response_format)
 
     @property
     def structured_outputs_field(self) -> str:
         """The field that carried the output constraint, for error messages."""
-        return "structured_outputs"
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
 
 
 class TextPart(_Request):
@@ -127,21 +129,11 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, lt=_INT64)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
 
     @property
     def max_tokens_field(self) -> str:
         """The name of the length limit the client used, for error messages."""
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
-
-    def structured_outputs_params(self) -> StructuredOutputsParams | None:
-        """The constraint of `response_format` or of the `structured_outputs` extra (not both)."""
-        return structured_outputs_of(self.structured_outputs, self.response_format)
-
-    @property
-    def structured_outputs_field(self) -> str:
-        """The field that carried the output constraint, for error messages."""
-        return "structured_outputs" if self.structured_outputs is not None else "response_format"
 
     def sampling_params(self) -> SamplingParams:
         """SamplingParams; no length limit means the rest of the context window."""

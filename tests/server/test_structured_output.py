@@ -82,6 +82,10 @@ def test_structured_outputs_extra_on_both_endpoints(live) -> None:
     completion = client.completions.create(model=MODEL, prompt="List:", temperature=1.0, seed=9, max_tokens=32,
                                            extra_body={"structured_outputs": {"json": json.dumps(schema)}})
     jsonschema.validate(json.loads(completion.choices[0].text), schema)
+    # response_format on completions too, as vLLM accepts it.
+    completion = client.completions.create(model=MODEL, prompt="A city:", temperature=1.0, seed=3, max_tokens=96,
+                                           extra_body={"response_format": RESPONSE_FORMAT})
+    jsonschema.validate(json.loads(completion.choices[0].text), CITY)
 
 
 @pytest.mark.parametrize(("path", "extra", "param"), [
@@ -96,6 +100,9 @@ def test_structured_outputs_extra_on_both_endpoints(live) -> None:
     (CHAT, {"response_format": {"type": "json_object", "extra": 1}}, "response_format.extra"),
     (CHAT, {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "response_format"),
     (CHAT, {"structured_outputs": {"regex": "[a-"}}, "structured_outputs"),
+    (COMPLETIONS, {"response_format": {"type": "yaml"}}, "response_format.type"),
+    (COMPLETIONS, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 1}}}},
+     "response_format"),
     (COMPLETIONS, {"structured_outputs": {"regex": "[a-"}}, "structured_outputs"),
     (COMPLETIONS, {"structured_outputs": {}}, "structured_outputs"),
     (COMPLETIONS, {"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
