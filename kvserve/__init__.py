@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
+from kvserve.structured import StructuredOutputsParams
 
 if TYPE_CHECKING:
     from kvserve.llm import LLM
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "RequestMetrics"]
 __version__ = "0.1.0"
 
 

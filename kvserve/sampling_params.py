@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kvserve.structured.params import StructuredOutputsParams
+
 # Below this temperature a request is treated as greedy: dividing logits by such a small
 # number only overflows and the argmax is what the user meant anyway.
 _GREEDY_TEMPERATURE = 1e-5
@@ -42,6 +44,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrain the output to a JSON schema, regex, choice or grammar (kvserve/structured).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # Normalize so that consumers never branch on None / str.
@@ -94,6 +98,9 @@ class SamplingParams:
             raise ValueError("stop must not contain empty strings")
         if self.logit_bias is not None:
             _check_logit_bias(self.logit_bias)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams, "
+                             f"got {type(self.structured_outputs).__name__}")
 
     def verify(self, vocab_size: int) -> None:
         """Check the fields that depend on the model's vocabulary."""

@@ -14,6 +14,7 @@ TORCH_FREE_MODULES = [
     "kvserve.config",
     "kvserve.kv.dtypes",
     "kvserve.kv.kv_spec",
+    "kvserve.structured.params",
 ]
 
 # A meta-path finder that makes `import torch` (and any torch submodule) fail, as if torch were not installed.

@@ -28,6 +28,7 @@ from kvserve.platforms import get_platform
 from kvserve.platforms.cuda_memory import GIB
 from kvserve.runner.model_runner import ModelRunner
 from kvserve.sampling_params import SamplingParams
+from kvserve.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.input_processor = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len)
+        self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self._groups: dict[str, _Group] = {}
         self._sequence_of: dict[str, tuple[str, int]] = {}  # child request id -> (group id, index)
         self.num_prompt_tokens = 0
@@ -176,6 +178,8 @@ class Engine:
         processed = self.input_processor.process(prompt, params)
         token_ids = processed.prompt_token_ids
         arrival = time.monotonic() if arrival_time is None else arrival_time
+        if params.structured_outputs is not None:  # compiles the grammar: an invalid one is a ValueError here
+            self.structured.add_requests(params.structured_outputs, child_ids)
         group = _Group(processed.prompt, token_ids, arrival)
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
@@ -206,6 +210,7 @@ class Engine:
             self.scheduler.finish_request(sequence.request.request_id,
                                           RequestStatus.FINISHED_ABORTED)
             self._sequence_of.pop(sequence.request.request_id, None)
+            self.structured.free(sequence.request.request_id)
 
     def has_unfinished_requests(self) -> bool:
         """Whether any request is waiting or running."""
@@ -217,6 +222,8 @@ class Engine:
         """Run one scheduler/runner step; returns an output for every request that changed."""
         scheduled = self.scheduler.schedule()
         try:
+            if self.structured.num_active:  # unconstrained steps build no mask
+                self.structured.fill_bitmask(scheduled, self.scheduler.requests)
             sampled = self.runner.execute(scheduled)  # an empty step still tells the runner who finished
         except Exception as error:  # a failing step fails its requests, never the engine
             logger.exception("step failed")
@@ -257,6 +264,18 @@ class Engine:
         status = check_stop(request, match)
         if match is not None and request.stop_reason == match.stop:
             detokenizer.stop_at(match)  # the text ends at the stop string
+        if request.request_id in self.structured:
+            status = self._check_grammar(request, status)
+        return status
+
+    def _check_grammar(self, request: Request, status: RequestStatus | None) -> RequestStatus | None:
+        """Advance the request's grammar by its newest token: a complete grammar ends it with "stop"; a token
+        the grammar rejects (the mask should make that impossible) fails it rather than return invalid output."""
+        if not self.structured.accept_token(request.request_id, request.output_token_ids[-1]):
+            return RequestStatus.FINISHED_ERROR
+        if status is None and self.structured.is_terminated(request.request_id):
+            request.stop_reason = None
+            return RequestStatus.FINISHED_STOPPED
         return status
 
     def _fail(self, request_ids: list[str], error: Exception) -> list[RequestOutput]:
@@ -281,6 +300,7 @@ class Engine:
             self._groups.pop(group_id, None)
             for sequence in group.sequences:
                 self._sequence_of.pop(sequence.request.request_id, None)
+                self.structured.free(sequence.request.request_id)
         return RequestOutput(group_id, group.prompt, group.prompt_token_ids, completions, finished,
                              self._metrics(group), num_cached_tokens=group.sequences[0].request.num_cached_tokens,
                              prompt_logprobs=group.prompt_logprobs)

@@ -17,8 +17,12 @@ appends block ids. The runner applies the same pure-Python rule to its copy (kv/
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -57,6 +61,11 @@ class SchedulerOutput:
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
     preempted_req_ids: list[str] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)  # since the last step
+    # Structured output (kvserve/structured): the grammar-constrained requests that sample this step, and their
+    # allowed tokens, row i for structured_output_req_ids[i]: [rows, ceil(vocab / 32)] int32, bit j of word w set
+    # when token 32 * w + j is allowed. None (and no list) when no scheduled request is constrained.
+    structured_output_req_ids: list[str] = field(default_factory=list)
+    grammar_bitmask: np.ndarray | None = None
 
     @property
     def is_empty(self) -> bool:

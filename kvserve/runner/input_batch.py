@@ -6,11 +6,15 @@ tables) that the runner turns into tensors once per step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvserve.engine.sched_output import SchedulerOutput
 from kvserve.kv.sinks_window import SinksWindow
 from kvserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(slots=True)
@@ -43,6 +47,9 @@ class StepBatch:
     block_tables: list[list[int]]
     token_ids: list[int]  # the step's input tokens, packed request after request [T]
     sampling: list[int]  # indices of the requests whose step reaches their last known token: they sample
+    # Structured output, as the scheduler sent it (engine/sched_output.py): request ids and their bitmask rows.
+    structured_output_req_ids: list[str] = field(default_factory=list)
+    grammar_bitmask: np.ndarray | None = None
 
     @property
     def req_ids(self) -> list[str]:
@@ -77,7 +84,10 @@ class InputBatch:
             state.block_table.extend(diff.new_block_ids)
             state.num_computed_tokens = diff.num_computed_tokens
             self._evict(state)
-        return self._batch(output.num_scheduled_tokens)
+        batch = self._batch(output.num_scheduled_tokens)
+        batch.structured_output_req_ids = output.structured_output_req_ids
+        batch.grammar_bitmask = output.grammar_bitmask
+        return batch
 
     def _evict(self, state: CachedRequestState) -> None:
         if self.window is not None:

@@ -141,7 +141,7 @@ class ModelRunner:
             last_rows = torch.tensor(_last_rows(batch.num_new_tokens, batch.sampling), device=self.device)
             logits = self.model.compute_logits(hidden[last_rows])  # [num_sampling, vocab]
             states = [batch.requests[i] for i in batch.sampling]
-            result = self.sampler(logits, self._sampling_metadata(states))
+            result = self.sampler(logits, self._with_grammar(self._sampling_metadata(states), batch))
             for index, token_id, token_logprobs in zip(batch.sampling, result.token_ids, result.logprobs,
                                                        strict=True):
                 sampled[index] = [token_id]
@@ -172,6 +172,14 @@ class ModelRunner:
             output_token_ids=[r.output_token_ids for r in requests],
             eos_token_ids=requests[0].eos_token_ids,
         )
+
+    def _with_grammar(self, metadata: SamplingMetadata, batch: StepBatch) -> SamplingMetadata:
+        """Add the step's grammar bitmask (structured output), its rows mapped from request ids to sampling rows."""
+        if batch.grammar_bitmask is not None:
+            sampling_row = {batch.requests[index].req_id: row for row, index in enumerate(batch.sampling)}
+            metadata.grammar_rows = [sampling_row[req_id] for req_id in batch.structured_output_req_ids]
+            metadata.grammar_bitmask = torch.from_numpy(batch.grammar_bitmask).to(self.device)
+        return metadata
 
 
 def _last_rows(num_new_tokens: list[int], indices: list[int]) -> list[int]:

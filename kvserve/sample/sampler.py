@@ -8,6 +8,7 @@ from itertools import chain
 
 import torch
 
+from kvserve.sample.bitmask import apply_token_bitmask
 from kvserve.sampling_params import SamplingParams
 
 
@@ -28,6 +29,10 @@ class SamplingMetadata:
     prompt_token_ids: list[list[int]]
     output_token_ids: list[list[int]]
     eos_token_ids: Collection[int] = ()
+    # Structured output: the rows under a grammar and their allowed tokens [len(grammar_rows), ceil(vocab / 32)]
+    # int32 (sample/bitmask.py); None when no row is constrained, and then nothing is built or applied.
+    grammar_rows: list[int] = field(default_factory=list)
+    grammar_bitmask: torch.Tensor | None = None
 
     is_all_greedy: bool = field(init=False)
     has_penalties: bool = field(init=False)
@@ -60,6 +65,7 @@ class SamplingMetadata:
             and not self.has_min_tokens
             and not self.has_logit_bias
             and self.max_num_logprobs is None
+            and self.grammar_bitmask is None
         )
 
 
@@ -94,6 +100,10 @@ class Sampler:
         # Private float32 copy: the steps below modify it in place.
         raw_logits = logits
         logits = logits.to(torch.float32, copy=True)
+        # The grammar first: every later step (penalties, temperature, top-k/p, min-p, argmax) sees only the
+        # tokens it allows.
+        if metadata.grammar_bitmask is not None:
+            apply_token_bitmask(logits, metadata.grammar_rows, metadata.grammar_bitmask)
         if metadata.has_penalties:
             apply_penalties(logits, metadata)
         if metadata.has_logit_bias:

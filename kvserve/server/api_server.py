@@ -155,7 +155,8 @@ async def chat_job(server: _Server, body: ChatCompletionRequest) -> Job:
                               params.logprobs, body.include_usage, num_prompt_logprobs=body.prompt_logprobs)
     requests = [GenerateRequest(response_id, {"prompt_token_ids": prompt_ids}, params)]
     return Job(requests, formatter, params.n,
-               {"prompt": "messages", "prompt_token_ids": "messages", "max_tokens": body.max_tokens_field},
+               {"prompt": "messages", "prompt_token_ids": "messages", "max_tokens": body.max_tokens_field,
+                "structured_outputs": body.structured_outputs_field},
                server.response_cache.key(CHAT_PATH, body, params))
 
 
@@ -185,7 +186,8 @@ async def completion_job(server: _Server, body: CompletionRequest) -> Job:
                                     echo_only=body.echo_only)
     requests = [GenerateRequest(rid, {"prompt": text, "prompt_token_ids": ids}, params)
                 for rid, (text, ids) in zip(request_ids, encoded, strict=True)]
-    return Job(requests, formatter, len(prompts) * params.n, {"prompt_token_ids": "prompt"},
+    return Job(requests, formatter, len(prompts) * params.n,
+               {"prompt_token_ids": "prompt", "structured_outputs": body.structured_outputs_field},
                server.response_cache.key(COMPLETIONS_PATH, body, params))
 
 

@@ -9,6 +9,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from kvserve.sampling_params import MAX_LOGIT_BIAS_ENTRIES, SamplingParams
+from kvserve.server.response_format import ResponseFormat, StructuredOutputsRequest, structured_outputs_of
+from kvserve.structured.params import StructuredOutputsParams
 
 MAX_N = 16  # samples per prompt: each is a sequence in the batch, so this bounds one request's share
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
@@ -58,6 +60,8 @@ class _SamplingFields(_Request):
     best_of: int | None = Field(None, lt=_INT64)
     # vLLM's extra: the prompt tokens' logprobs with this many alternatives, as `prompt_logprobs`.
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    structured_outputs: StructuredOutputsRequest | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's on chat; accepted on completions too, as vLLM does
 
     @property
     def include_usage(self) -> bool:
@@ -92,7 +96,18 @@ class _SamplingFields(_Request):
             logit_bias=logit_bias_token_ids(self.logit_bias),
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=self.structured_outputs_params(),
         )
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The constraint of `response_format` or of the `structured_outputs` extra (not both); None for free
+        text (server/response_format.py)."""
+        return structured_outputs_of(self.structured_outputs, self.response_format)
+
+    @property
+    def structured_outputs_field(self) -> str:
+        """The field that carried the output constraint, for error messages."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
 
 
 _TOKEN_ID = re.compile(r"[0-9]+")
