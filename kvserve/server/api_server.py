@@ -25,8 +25,9 @@ from kvserve.server.protocol import (
     ModelCard,
     ModelList,
 )
-from kvserve.server.serving import ChatFormatter, CompletionFormatter, Formatter, collect
+from kvserve.server.serving import CompletionFormatter, Formatter, collect
 from kvserve.server.streaming import ClosingStreamingResponse, unless_disconnected
+from kvserve.server.tools import chat_formatter, constrain, tool_plan
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +122,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     server.admit()  # before any work: an overloaded server should shed load cheaply
     try:
         params = body.sampling_params()
+        plan = tool_plan(body)
+        constrain(params, plan)
         messages = [message.for_template() for message in body.messages]
-        prompt_ids = await run_in_threadpool(server.input_processor.apply_chat_template, messages)
+        prompt_ids = await run_in_threadpool(server.input_processor.apply_chat_template, messages, plan.prompt_tools)
     except ValueError as error:
         raise invalid_request(error) from None
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    formatter = ChatFormatter(response_id, model, {response_id: 0}, server.token_text,
-                              params.logprobs, body.include_usage)
+    formatter = chat_formatter(plan, response_id, model, {response_id: 0}, server.token_text,
+                               params.logprobs, body.include_usage)
     requests = [GenerateRequest(response_id, {"prompt_token_ids": prompt_ids}, params)]
     return await server.run(request, requests, formatter, body.stream, params.n,
                             {"prompt": "messages", "prompt_token_ids": "messages", "max_tokens": body.max_tokens_field})
