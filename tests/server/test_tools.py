@@ -31,7 +31,8 @@ WEATHER_PARAMETERS = {"type": "object",
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The forecast for a city",
                                             "parameters": WEATHER_PARAMETERS}},
          {"type": "function", "function": {"name": "add", "parameters": {
-             "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+             "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+             "required": ["a", "b"], "additionalProperties": False}}}]
 ASK = [{"role": "user", "content": "What is the weather in Paris for 2 days, and 2 + 3?"}]
 TWO_CALLS = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n'
              '</tool_call>\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>')
@@ -173,6 +174,20 @@ def test_history_with_tool_calls_and_results_reaches_the_prompt(scripted) -> Non
             '<|im_start|>user\n<tool_response>\n{"name": "get_weather", "content": "sunny, 18 C"}\n</tool_response>\n'
             '<tool_response>\n{"name": "add", "content": "5"}\n</tool_response><|im_end|>\n'
             '<|im_start|>assistant\n') in prompt
+
+
+def test_a_reply_message_goes_back_into_the_history_as_clients_send_it(scripted) -> None:
+    engine, url = scripted
+    engine.script = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    client = client_of(url)
+    first = client.chat.completions.create(model="fake", messages=ASK, tools=TOOLS).choices[0].message
+    call = first.tool_calls[0]
+    engine.script = "5."
+    history = [*ASK, first, {"role": "tool", "tool_call_id": call.id, "content": "5"}]  # the SDK's own object
+    second = client.chat.completions.create(model="fake", messages=history, tools=TOOLS)
+    assert second.choices[0].message.content == "5."
+    assert ('<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>\n<|im_start|>user\n'
+            '<tool_response>\n{"name": "add", "content": "5"}\n</tool_response>') in engine.prompt_text(second.id)
 
 
 def test_named_function_is_constrained_to_its_schema_and_wrapped_as_a_call(scripted) -> None:
