@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvserve.sampling_params import SamplingParams
+from kvserve.tools.prompt import fallback_messages, has_tool_messages, template_supports_tools
 
 # A prompt: text, token ids, {"prompt_token_ids": [...]} (with an optional "prompt" text) or {"prompt": text}.
 PromptInput = str | list[int] | dict
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 
 
 class ContextLengthExceededError(ValueError):
@@ -48,14 +49,22 @@ class InputProcessor:
             return prompt, self.tokenizer.encode(prompt) if prompt else []
         return None, list(prompt)
 
-    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template, ready for the reply."""
-        if not getattr(self.tokenizer, "chat_template", None):
+    def apply_chat_template(self, messages: Messages, tools: list[dict[str, Any]] | None = None,
+                            add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation (and the tools it may call) rendered with the model's chat template,
+        ready for the reply unless `add_generation_prompt` is false."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
             raise ValueError("messages cannot be rendered: this model has no chat template; "
                              "use a plain prompt (/v1/completions, LLM.generate)")
+        extra: dict[str, Any] = {}
+        if template_supports_tools(template):
+            extra = {"tools": tools} if tools else {}
+        elif tools or has_tool_messages(messages):
+            messages = fallback_messages(messages, tools)  # the template cannot show tools, calls or results
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+                                                      add_generation_prompt=add_generation_prompt, **extra)
         except Exception as error:  # templates reject conversations they cannot render (raise_exception)
             raise ValueError(f"messages cannot be rendered with the model's chat template: {error}") from error
         # The template already wrote the special tokens it wants; a BOS added here would be a second one.

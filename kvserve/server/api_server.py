@@ -27,9 +27,10 @@ from kvserve.server.protocol import (
     ModelList,
 )
 from kvserve.server.response_cache import ResponseCache
-from kvserve.server.serving import ChatFormatter, CompletionFormatter, Formatter, OutputStream, collect
+from kvserve.server.serving import CompletionFormatter, Formatter, OutputStream, collect
 from kvserve.server.streaming import ClosingStreamingResponse, unless_disconnected
 from kvserve.server.tokenize import router as tokenize_router
+from kvserve.server.tools import chat_formatter, constrain, tool_plan
 from kvserve.server.websocket import SocketEndpoint, socket_router
 
 logger = logging.getLogger(__name__)
@@ -146,13 +147,15 @@ async def chat_job(server: _Server, body: ChatCompletionRequest) -> Job:
     server.admit()  # before any work: an overloaded server should shed load cheaply
     try:
         params = body.sampling_params()
+        plan = tool_plan(body)
+        constrain(params, plan)
         messages = [message.for_template() for message in body.messages]
-        prompt_ids = await run_in_threadpool(server.input_processor.apply_chat_template, messages)
+        prompt_ids = await run_in_threadpool(server.input_processor.apply_chat_template, messages, plan.prompt_tools)
     except ValueError as error:
         raise invalid_request(error) from None
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    formatter = ChatFormatter(response_id, model, {response_id: 0}, server.token_text,
-                              params.logprobs, body.include_usage, num_prompt_logprobs=body.prompt_logprobs)
+    formatter = chat_formatter(plan, response_id, model, {response_id: 0}, server.token_text,
+                               params.logprobs, body.include_usage, num_prompt_logprobs=body.prompt_logprobs)
     requests = [GenerateRequest(response_id, {"prompt_token_ids": prompt_ids}, params)]
     return Job(requests, formatter, params.n,
                {"prompt": "messages", "prompt_token_ids": "messages", "max_tokens": body.max_tokens_field,

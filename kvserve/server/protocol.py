@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
 from kvserve.sampling_params import MAX_LOGIT_BIAS_ENTRIES, SamplingParams
 from kvserve.server.response_format import ResponseFormat, StructuredOutputsRequest, structured_outputs_of
@@ -16,6 +17,8 @@ MAX_N = 16  # samples per prompt: each is a sequence in the batch, so this bound
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_STOP = 16  # stop strings are searched after every token
 MAX_TOP_LOGPROBS = 20
+MAX_TOOLS = 128  # each tool's schema is in the prompt (and, for `required`, in the grammar)
+_FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 _INT64 = 2**63
 
 
@@ -130,15 +133,56 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    """A call's function: its name and its arguments as a JSON string."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(_Request):
+    """A tool call, in an assistant message of the history or of a response."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def for_template(self) -> dict[str, Any]:
+        """The call as chat templates expect it: arguments parsed when they are a JSON object (as vLLM does)."""
+        try:
+            arguments: Any = json.loads(self.function.arguments)
+        except ValueError:
+            arguments = self.function.arguments
+        if not isinstance(arguments, dict):
+            arguments = self.function.arguments
+        return {"id": self.id, "type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+
+
 class ChatMessage(_Request):
     """One message of a conversation."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = Field(None, validate_default=True)  # tool messages: the call answered
 
-    def for_template(self) -> dict[str, str]:
-        """The message as chat templates expect it: a role and plain-text content."""
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_from_the_assistant(cls, value: list[ToolCall] | None, info: ValidationInfo) -> list[ToolCall] | None:
+        if value is not None and info.data.get("role") != "assistant":
+            raise ValueError("only assistant messages have tool_calls")
+        return value
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_results_name_their_call(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and info.data.get("role") == "tool":
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return value
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it: a role, plain-text content, and any tool calls / call id."""
         if self.content is None:
             text = ""
         elif isinstance(self.content, str):
@@ -146,7 +190,50 @@ class ChatMessage(_Request):
         else:
             text = "\n".join(part.text for part in self.content)
         # Templates know the older name of the developer role.
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = [call.for_template() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+            if self.name is not None:
+                message["name"] = self.name
+        return message
+
+
+class FunctionDefinition(_Request):
+    """A function the model may call."""
+
+    name: str = Field(pattern=_FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of type object; None: no parameters
+    strict: bool | None = None  # accepted: `required` and named calls always follow the schema
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError("must be a JSON schema of type object")
+        return value
+
+
+class ToolDefinition(_Request):
+    """An entry of `tools`."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    """The function a named `tool_choice` forces."""
+
+    name: str
+
+
+class NamedToolChoice(_Request):
+    """`tool_choice` naming one function of `tools`."""
+
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -158,6 +245,18 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False  # vLLM's extra (echo the last message); not supported here
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, value: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
+        names = [tool.function.name for tool in value or []]
+        repeated = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        if repeated is not None:
+            raise ValueError(f"function names must be distinct; {repeated!r} repeats")
+        return value
 
     @property
     def max_tokens_field(self) -> str:
@@ -286,10 +385,11 @@ PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class AssistantMessage(BaseModel):
-    """The message of a chat choice."""
+    """The message of a chat choice: content, and tool calls when the model made some."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda calls: calls is None)
 
 
 class ChatChoice(BaseModel):
@@ -316,11 +416,28 @@ class ChatCompletionResponse(_Response):
     prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda value: value is None)
 
 
+class DeltaFunctionCall(BaseModel):
+    """A piece of a streamed call's function: the name in the call's first chunk, then argument text."""
+
+    name: str | None = Field(None, exclude_if=lambda name: name is None)
+    arguments: str = ""
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of call `index`; its first chunk also carries the id and type."""
+
+    index: int
+    id: str | None = Field(None, exclude_if=lambda value: value is None)
+    type: Literal["function"] | None = Field(None, exclude_if=lambda value: value is None)
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
-    """What a chunk adds to a message: the role first, then content pieces."""
+    """What a chunk adds to a message: the role first, then content pieces or tool-call pieces."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: Any) -> dict[str, Any]:

@@ -56,7 +56,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
             raise ValueError("prompt or messages is required (exactly one of the two)")
         if body.messages is not None:
             messages = [message.for_template() for message in body.messages]
-            tokens = await run_in_threadpool(processor.apply_chat_template, messages, body.add_generation_prompt)
+            tokens = await run_in_threadpool(processor.apply_chat_template, messages,
+                                           add_generation_prompt=body.add_generation_prompt)
         else:
             _, tokens = await run_in_threadpool(processor.tokenize, body.prompt)
     except ValueError as error:
