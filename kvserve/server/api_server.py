@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from kvserve.config import EngineConfig
-from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, GenerateRequest
+from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, GenerateRequest, OverloadedError
 from kvserve.engine.engine import Engine
 from kvserve.loader.weights import resolve_model_path
 from kvserve.server.auth import ApiKeyMiddleware
@@ -57,16 +57,22 @@ class _Server:
                               param="model", code="model_not_found")
         return served
 
-    def admit(self) -> None:
-        """503 with Retry-After while the waiting queue is full; the running requests go on."""
-        if self.async_engine.num_waiting >= self.config.max_waiting_requests:
-            raise overloaded(self.config.retry_after_s)
+    def admit(self, num_seqs: int) -> None:
+        """A cheap early 503 (queue full) or 400 (never fits) before tokenizing; `run` checks again atomically."""
+        try:
+            self.async_engine.check_admission(num_seqs, self.config.max_waiting_requests)
+        except OverloadedError:
+            raise overloaded(self.config.retry_after_s) from None
+        except ValueError as error:
+            raise invalid_request(error) from None
 
     async def run(self, request: Request, requests: list[GenerateRequest], formatter: Formatter,
                   stream: bool, num_choices: int, renames: dict[str, str]) -> Response:
         """Submit the requests, then answer with a whole response or an SSE stream."""
         try:
-            engine_stream = await self.async_engine.generate(requests)
+            engine_stream = await self.async_engine.generate(requests, self.config.max_waiting_requests)
+        except OverloadedError:
+            raise overloaded(self.config.retry_after_s) from None
         except ValueError as error:
             raise invalid_request(error, renames) from None
         except EngineDeadError as error:
@@ -118,9 +124,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     """Chat: the conversation through the model's chat template, one answer per `n`."""
     server = _server(request)
     model = server.check_model(body.model)
-    server.admit()  # before any work: an overloaded server should shed load cheaply
     try:
         params = body.sampling_params()
+    except ValueError as error:
+        raise invalid_request(error) from None
+    server.admit(params.n)  # before tokenizing: an overloaded server should shed load cheaply
+    try:
         messages = [message.for_template() for message in body.messages]
         prompt_ids = await run_in_threadpool(server.input_processor.apply_chat_template, messages)
     except ValueError as error:
@@ -138,10 +147,13 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     """Completions: a prompt, a list of prompts, or token ids; choices are numbered prompt by prompt."""
     server = _server(request)
     model = server.check_model(body.model)
-    server.admit()
     try:
         params = body.sampling_params()
         prompts = body.prompts()
+    except ValueError as error:
+        raise invalid_request(error) from None
+    server.admit(len(prompts) * params.n)
+    try:
         # Tokenized off the engine thread; the engine validates the ids (InputProcessor.process).
         encoded = await run_in_threadpool(lambda: [server.input_processor.tokenize(p) for p in prompts])
     except ValueError as error:

@@ -103,16 +103,21 @@ class _FakeRequest:
 
 
 class FakeEngine:
-    """A model-free Engine stand-in: every request yields tokens 0, 1, 2, ... ('a', 'b', ...), one per step."""
+    """A model-free Engine stand-in: every request yields tokens 0, 1, 2, ... ('a', 'b', ...), one per step.
 
-    def __init__(self, step_s: float = 0.01) -> None:
+    The first `max_num_seqs` sequences (a request counts `n`) run, in arrival order; the rest wait.
+    """
+
+    def __init__(self, step_s: float = 0.01, max_num_seqs: int = 64) -> None:
         self.step_s = step_s
         self.requests: dict[str, _FakeRequest] = {}
         self.prompts: dict[str, list[int]] = {}
         self.aborted: list[str] = []
         self.tokenizer = None
         self.max_model_len = 64
-        self.config = EngineConfig()  # the bundled model (model=None)
+        self.config = EngineConfig.from_kwargs(max_num_seqs=max_num_seqs)  # the bundled model (model=None)
+        self.is_paused = False  # while True, steps produce nothing: requests stay where they are
+        self.peak_num_waiting = 0  # the most sequences ever waiting, seen right after an add
         self.input_processor = InputProcessor(None, vocab_size=1000, max_model_len=self.max_model_len)
         self.num_waiting = 0  # what stats() reports: lets a test fill the waiting queue
         self.raise_in_step: Exception | None = None
@@ -131,6 +136,20 @@ class FakeEngine:
             self.num_to_fail -= 1
             self._failing.add(request_id)
         self.requests[request_id] = _FakeRequest(params, arrival_time or time.monotonic())
+        self.peak_num_waiting = max(self.peak_num_waiting, self._num_seqs(waiting=True))
+
+    def _running_ids(self) -> list[str]:
+        running, num_seqs = [], 0
+        for request_id, request in self.requests.items():
+            if num_seqs + request.params.n > self.config.scheduler.max_num_seqs:
+                break
+            running.append(request_id)
+            num_seqs += request.params.n
+        return running
+
+    def _num_seqs(self, waiting: bool) -> int:
+        running = set(self._running_ids())
+        return sum(r.params.n for i, r in self.requests.items() if (i in running) != waiting)
 
     def abort_request(self, request_id: str) -> None:
         if self.requests.pop(request_id, None) is not None:
@@ -144,7 +163,9 @@ class FakeEngine:
         if self.raise_in_step is not None:
             error, self.raise_in_step = self.raise_in_step, None
             raise error
-        return [self._advance(request_id) for request_id in list(self.requests)]
+        if self.is_paused:
+            return []
+        return [self._advance(request_id) for request_id in self._running_ids()]
 
     def _advance(self, request_id: str) -> RequestOutput:
         request = self.requests[request_id]
@@ -171,6 +192,7 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         # Zero for every field, so that the fake keeps up as EngineStats grows.
         zeros = {f.name: 0 for f in dataclasses.fields(EngineStats)}
-        return EngineStats(**{**zeros, "num_running": len(self.requests), "num_waiting": self.num_waiting,
+        return EngineStats(**{**zeros, "num_running": self._num_seqs(waiting=False),
+                              "num_waiting": self._num_seqs(waiting=True) + self.num_waiting,
                               "kv_blocks_used": len(self.requests), "kv_blocks_total": 8,
                               "kv_cache_usage": len(self.requests) / 8})
