@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from kvserve.inputs import ContextLengthExceededError
-from kvserve.server.protocol import ErrorInfo, ErrorResponse
+from kvserve.server.protocol import ErrorInfo, ErrorResponse, FieldError
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ def _validation_error(request: Request, error: RequestValidationError) -> JSONRe
     tag = next((i for i, p in enumerate(location) if _is_union_tag(p)), len(location))
     param = _path(location[:tag])
     where = _path([p for p in location if not _is_union_tag(p)])
+    field_error = problem.get("ctx", {}).get("error")
+    if isinstance(field_error, FieldError):  # raised by a model about one of its fields: name that field
+        param = ".".join(p for p in (where, field_error.param) if p).replace(".[", "[")
+        message = str(field_error).removeprefix(field_error.param)
+        return OpenAIError(400, param + message, param=param).response()
     if problem.get("type") == "json_invalid":
         message, param = f"the body is not valid JSON: {problem.get('msg')}", None
     elif where is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic_core import PydanticSerializationError, to_json
 
 from kvserve.sampling_params import SamplingParams
 
@@ -16,10 +17,56 @@ MAX_TOP_LOGPROBS = 20
 _INT64 = 2**63
 
 
+class FieldError(ValueError):
+    """A request field is invalid; `param` is its path inside the model that raised (`content[0].text`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def has_lone_surrogate(value: object) -> bool:
+    """Whether a string under `value` cannot be encoded as UTF-8 (a lone surrogate such as "\\ud800").
+
+    One pass of pydantic-core's JSON encoder, which refuses such strings (tens of ms for a million ints).
+    """
+    try:
+        to_json(value)
+    except PydanticSerializationError as error:
+        return "surrogates not allowed" in str(error)
+    return False
+
+
+def lone_surrogate_path(value: object, path: str) -> str | None:
+    """The path of the first string under `value` that UTF-8 cannot encode; only called once one is known."""
+    if isinstance(value, str):
+        return path if not value.isascii() and has_lone_surrogate(value) else None
+    if isinstance(value, BaseModel):
+        items = [(f"{path}.{name}", getattr(value, name)) for name in type(value).model_fields]
+    elif isinstance(value, dict):  # free-form JSON (a schema, tool arguments): keys are strings too
+        items = [(f"{path} key", key) for key in value] + [(f"{path}.{key}", item) for key, item in value.items()]
+    elif isinstance(value, list | tuple):
+        items = [(f"{path}[{i}]", item) for i, item in enumerate(value) if not isinstance(item, int | float)]
+    else:
+        return None
+    return next((found for sub, item in items if (found := lone_surrogate_path(item, sub)) is not None), None)
+
+
 class _Request(BaseModel):
     # Strict: "0.5" is not a number and true is not 1, as with OpenAI; unknown fields are ignored
     # because clients send ones we have no use for (tools, response_format, ...).
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _encodable_as_utf8(self) -> _Request:
+        # JSON may escape a lone surrogate ("\ud800") that no tokenizer can encode: refuse it by name.
+        if not has_lone_surrogate(self):
+            return self
+        for name in type(self).model_fields:
+            path = lone_surrogate_path(getattr(self, name), name)
+            if path is not None:
+                raise FieldError(path, f"{path} is not valid Unicode: it holds a lone surrogate code point")
+        return self
 
 
 class StreamOptions(_Request):

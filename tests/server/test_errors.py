@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -13,8 +15,10 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 LONG_PROMPT = "hello " * 2000  # about 2,000 tokens: more than the 1,456-token context of the test engine
 
 
-def post(url: str, path: str, body: object, **kwargs: object) -> httpx.Response:
-    return httpx.post(f"{url}{path}", json=body, timeout=60, **kwargs)
+def post(url: str, path: str, body: object, headers: dict[str, str] | None = None) -> httpx.Response:
+    # json.dumps escapes non-ASCII, so that a lone surrogate travels as "\ud800" (httpx's json= cannot send it).
+    return httpx.post(f"{url}{path}", content=json.dumps(body), timeout=60,
+                      headers={"Content-Type": "application/json", **(headers or {})})
 
 
 @pytest.mark.parametrize(("path", "body", "param"), [
@@ -49,6 +53,15 @@ def post(url: str, path: str, body: object, **kwargs: object) -> httpx.Response:
     (COMPLETIONS, {"prompt": "Hi", "logprobs": 100}, "logprobs"),
     (COMPLETIONS, {"prompt": "Hi", "echo": True}, "echo"),
     (COMPLETIONS, {"prompt": "Hi", "min_tokens": 20, "max_tokens": 4}, "min_tokens"),
+    # Lone surrogates: valid JSON escapes that no tokenizer can encode (were a 500 from the tokenizer).
+    (COMPLETIONS, {"prompt": "a\ud800b"}, "prompt"),
+    (COMPLETIONS, {"prompt": ["ok", "a\udfffb"]}, "prompt[1]"),
+    (COMPLETIONS, {"prompt": "Hi", "stop": ["x", "\udc00"]}, "stop[1]"),
+    (CHAT, {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+     "messages[0].content[0].text"),
+    (CHAT, {"messages": [{"role": "user", "content": "Hi", "name": "\ud800"}]}, "messages[0].name"),
+    (CHAT, {"messages": MESSAGES, "stop": "a\ud800"}, "stop"),
 ])
 def test_invalid_request_is_400_naming_the_field(live, path: str, body: dict, param: str) -> None:
     for stream in (False, True):  # a streamed request is validated before the stream starts
@@ -58,7 +71,17 @@ def test_invalid_request_is_400_naming_the_field(live, path: str, body: dict, pa
         assert param.split("[")[0].split(".")[0] in error["message"]
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b"null"])
+def test_lone_surrogate_keeps_the_connection(live) -> None:
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        for _ in range(2):  # a 500 used to close the keep-alive connection; a 400 leaves it open
+            response = client.post(COMPLETIONS, content=json.dumps({"prompt": "a\ud800b", "max_tokens": 2}),
+                                   headers={"Content-Type": "application/json"})
+            assert_openai_error(response, 400, "prompt")
+            assert response.headers.get("connection") != "close"
+        assert client.post(COMPLETIONS, json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b"null", b'{"prompt": "\xff\xfe"}'])
 def test_invalid_json_is_400(live, raw: bytes) -> None:
     response = httpx.post(f"{live.url}{CHAT}", content=raw, headers={"Content-Type": "application/json"})
     assert_openai_error(response, 400)
