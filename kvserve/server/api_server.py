@@ -17,6 +17,7 @@ from kvserve.loader.weights import resolve_model_path
 from kvserve.server.auth import ApiKeyMiddleware
 from kvserve.server.config import ServerConfig
 from kvserve.server.errors import OpenAIError, install_error_handlers, invalid_request, overloaded
+from kvserve.server.limits import BodySizeLimitMiddleware, PromptLengthGuard
 from kvserve.server.logprobs import TokenText
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvserve.server.protocol import (
@@ -48,6 +49,7 @@ class _Server:
         self.input_processor = async_engine.engine.input_processor  # the prompt and length rules
         self.max_model_len: int = async_engine.engine.max_model_len
         self.token_text = TokenText(async_engine.engine.tokenizer)
+        self.length_guard = PromptLengthGuard(async_engine.engine.tokenizer, self.max_model_len)
 
     def check_model(self, name: str | None) -> str:
         """The served name; 404 for any other model."""
@@ -131,6 +133,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     server.admit(params.n)  # before tokenizing: an overloaded server should shed load cheaply
     try:
         messages = [message.for_template() for message in body.messages]
+        server.length_guard.check(sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)),
+                                  "messages")
         prompt_ids = await run_in_threadpool(server.input_processor.apply_chat_template, messages)
     except ValueError as error:
         raise invalid_request(error) from None
@@ -154,6 +158,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         raise invalid_request(error) from None
     server.admit(len(prompts) * params.n)
     try:
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                server.length_guard.check(len(prompt), "prompt")
         # Tokenized off the engine thread; the engine validates the ids (InputProcessor.process).
         encoded = await run_in_threadpool(lambda: [server.input_processor.tokenize(p) for p in prompts])
     except ValueError as error:
@@ -176,6 +183,7 @@ def build_app(async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerC
     app.include_router(router)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_body_bytes)
     return app
 
 
