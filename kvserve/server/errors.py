@@ -74,6 +74,9 @@ def _validation_error(request: Request, error: RequestValidationError) -> JSONRe
         param = ".".join(p for p in (where, field_error.param) if p).replace(".[", "[")
         message = str(field_error).removeprefix(field_error.param)
         return OpenAIError(400, param + message, param=param).response()
+    if problem.get("type") == "string_unicode":  # pydantic's own lone-surrogate check (constrained strings)
+        return OpenAIError(400, f"{where} is not valid Unicode: it holds a lone surrogate code point",
+                           param=param).response()
     if problem.get("type") == "json_invalid":
         message, param = f"the body is not valid JSON: {problem.get('msg')}", None
     elif where is None:
@@ -89,7 +92,8 @@ def _path(parts: list[str | int]) -> str | None:
 
 
 def _is_union_tag(part: object) -> bool:
-    return isinstance(part, str) and ("[" in part or part in _UNION_TAGS)
+    # "list[int]", "function-after[...]", "constrained-str": pydantic's names of union members, never field names.
+    return isinstance(part, str) and ("[" in part or "-" in part or part in _UNION_TAGS)
 
 
 def _http_error(request: Request, error: HTTPException) -> JSONResponse:

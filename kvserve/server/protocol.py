@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 from pydantic_core import PydanticSerializationError, to_json
@@ -13,6 +13,9 @@ from kvserve.sampling_params import SamplingParams
 MAX_N = 16  # samples per prompt: each is a sequence in the batch, so this bounds one request's share
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_STOP = 16  # stop strings are searched after every token
+# Characters of one stop string: the text is searched for it after every token, and a stream holds back up to
+# that many characters in case they begin a stop string.
+MAX_STOP_CHARS = 1024
 MAX_TOP_LOGPROBS = 20
 _INT64 = 2**63
 
@@ -52,6 +55,9 @@ def lone_surrogate_path(value: object, path: str) -> str | None:
     return next((found for sub, item in items if (found := lone_surrogate_path(item, sub)) is not None), None)
 
 
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
 class _Request(BaseModel):
     # Strict: "0.5" is not a number and true is not 1, as with OpenAI; unknown fields are ignored
     # because clients send ones we have no use for (tools, response_format, ...).
@@ -82,7 +88,7 @@ class _SamplingFields(_Request):
     temperature: float | None = None
     top_p: float | None = None
     n: int = Field(1, le=MAX_N)
-    stop: str | list[str] | None = Field(None, max_length=MAX_STOP)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=-_INT64, lt=_INT64)  # the range torch generators accept
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

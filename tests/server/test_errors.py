@@ -56,12 +56,15 @@ def post(url: str, path: str, body: object, headers: dict[str, str] | None = Non
     # Lone surrogates: valid JSON escapes that no tokenizer can encode (were a 500 from the tokenizer).
     (COMPLETIONS, {"prompt": "a\ud800b"}, "prompt"),
     (COMPLETIONS, {"prompt": ["ok", "a\udfffb"]}, "prompt[1]"),
-    (COMPLETIONS, {"prompt": "Hi", "stop": ["x", "\udc00"]}, "stop[1]"),
+    (COMPLETIONS, {"prompt": "Hi", "stop": ["x", "\udc00"]}, "stop"),  # refused by the constrained str
     (CHAT, {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
      "messages[0].content[0].text"),
     (CHAT, {"messages": [{"role": "user", "content": "Hi", "name": "\ud800"}]}, "messages[0].name"),
     (CHAT, {"messages": MESSAGES, "stop": "a\ud800"}, "stop"),
+    (CHAT, {"messages": MESSAGES, "stop": "a" * 1025}, "stop"),  # one stop string: at most 1,024 characters
+    (COMPLETIONS, {"prompt": "Hi", "stop": ["x", "a" * 1025]}, "stop"),
+    (COMPLETIONS, {"prompt": "Hi", "stop": ["a"] * 17}, "stop"),  # at most 16 of them
 ])
 def test_invalid_request_is_400_naming_the_field(live, path: str, body: dict, param: str) -> None:
     for stream in (False, True):  # a streamed request is validated before the stream starts
@@ -79,6 +82,14 @@ def test_lone_surrogate_keeps_the_connection(live) -> None:
             assert_openai_error(response, 400, "prompt")
             assert response.headers.get("connection") != "close"
         assert client.post(COMPLETIONS, json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_single_stop_string_longer_than_16_characters(live) -> None:
+    # The 16-item cap is for the list; it used to cap a single string's length as well.
+    for stop in ("Observation: done", ["Observation: done"] * 16, "a" * 1024):
+        for path, body in ((COMPLETIONS, {"prompt": "Hi"}), (CHAT, {"messages": MESSAGES})):
+            response = post(live.url, path, {**body, "stop": stop, "max_tokens": 2})
+            assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b"null", b'{"prompt": "\xff\xfe"}'])
