@@ -105,6 +105,12 @@ class _SamplingFields(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "stream_options is only allowed when stream is true")
+        return self
+
     @property
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk."""
@@ -159,8 +165,31 @@ class ChatMessage(_Request):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+# OpenAI chat fields that would change the answer and that this server does not implement: refused with a 400
+# rather than ignored. Harmless ones (user, store, metadata, service_tier, parallel_tool_calls) are ignored.
+UNSUPPORTED_CHAT_FIELDS = {
+    "functions": "use tools",
+    "function_call": "use tool_choice",
+    "audio": "this server answers with text only",
+    "prediction": "predicted outputs are not implemented",
+    "web_search_options": "this server does not search the web",
+}
+
+
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, hint in UNSUPPORTED_CHAT_FIELDS.items():
+                if data.get(name) is not None:
+                    raise FieldError(name, f"{name} is not supported: {hint}")
+            modalities = data.get("modalities")
+            if modalities is not None and modalities != ["text"]:
+                raise FieldError("modalities", 'modalities must be ["text"]: this server answers with text only')
+        return data
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, lt=_INT64)

@@ -65,6 +65,15 @@ def post(url: str, path: str, body: object, headers: dict[str, str] | None = Non
     (CHAT, {"messages": MESSAGES, "stop": "a" * 1025}, "stop"),  # one stop string: at most 1,024 characters
     (COMPLETIONS, {"prompt": "Hi", "stop": ["x", "a" * 1025]}, "stop"),
     (COMPLETIONS, {"prompt": "Hi", "stop": ["a"] * 17}, "stop"),  # at most 16 of them
+    (CHAT, {"messages": MESSAGES, "stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+    (COMPLETIONS, {"prompt": "Hi", "stream": False, "stream_options": {}}, "stream_options"),
+    # Fields that would change the answer and are not implemented: refused, not ignored.
+    (CHAT, {"messages": MESSAGES, "functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    (CHAT, {"messages": MESSAGES, "function_call": "auto"}, "function_call"),
+    (CHAT, {"messages": MESSAGES, "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    (CHAT, {"messages": MESSAGES, "modalities": ["text", "audio"]}, "modalities"),
+    (CHAT, {"messages": MESSAGES, "prediction": {"type": "content", "content": "x"}}, "prediction"),
+    (CHAT, {"messages": MESSAGES, "web_search_options": {}}, "web_search_options"),
 ])
 def test_invalid_request_is_400_naming_the_field(live, path: str, body: dict, param: str) -> None:
     for stream in (False, True):  # a streamed request is validated before the stream starts
