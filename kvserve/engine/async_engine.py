@@ -98,6 +98,13 @@ class RequestStream:
             self._engine.abort(sorted(self._unfinished))
             self._unfinished.clear()
 
+    def fail(self, error: BaseException) -> None:
+        """Abort the unfinished requests and end the stream with `error`, which its reader raises (drain timeout)."""
+        if self._unfinished:
+            self._engine.abort(sorted(self._unfinished))
+            # Unlike abort(), the requests stay unfinished: the reader goes on to the error and raises it.
+            self.deliver(error)
+
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._iterate()
 

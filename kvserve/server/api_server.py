@@ -16,6 +16,7 @@ from kvserve.engine.engine import Engine
 from kvserve.loader.weights import resolve_model_path
 from kvserve.server.auth import ApiKeyMiddleware
 from kvserve.server.config import ServerConfig
+from kvserve.server.drain import Drain, DrainingServer
 from kvserve.server.errors import OpenAIError, install_error_handlers, invalid_request, overloaded
 from kvserve.server.limits import BodySizeLimitMiddleware, PromptLengthGuard
 from kvserve.server.logprobs import TokenText
@@ -50,6 +51,7 @@ class _Server:
         self.max_model_len: int = async_engine.engine.max_model_len
         self.token_text = TokenText(async_engine.engine.tokenizer)
         self.length_guard = PromptLengthGuard(async_engine.engine.tokenizer, self.max_model_len)
+        self.drain = Drain(config.drain_timeout_s, config.retry_after_s)
 
     def check_model(self, name: str | None) -> str:
         """The served name; 404 for any other model."""
@@ -60,7 +62,8 @@ class _Server:
         return served
 
     def admit(self, num_seqs: int) -> None:
-        """A cheap early 503 (queue full) or 400 (never fits) before tokenizing; `run` checks again atomically."""
+        """A cheap early 503 (draining, queue full) or 400 (never fits) before tokenizing; `run` checks again."""
+        self.drain.check_open()
         try:
             self.async_engine.check_admission(num_seqs, self.config.max_waiting_requests)
         except OverloadedError:
@@ -71,6 +74,7 @@ class _Server:
     async def run(self, request: Request, requests: list[GenerateRequest], formatter: Formatter,
                   stream: bool, num_choices: int, renames: dict[str, str]) -> Response:
         """Submit the requests, then answer with a whole response or an SSE stream."""
+        self.drain.check_open()
         try:
             engine_stream = await self.async_engine.generate(requests, self.config.max_waiting_requests)
         except OverloadedError:
@@ -79,14 +83,19 @@ class _Server:
             raise invalid_request(error, renames) from None
         except EngineDeadError as error:
             raise OpenAIError(503, str(error), type="server_error", code="engine_dead") from None
+        self.drain.track(engine_stream)
+
+        def close() -> None:
+            engine_stream.abort()  # a no-op once finished; covers a collect cancelled before it began
+            self.drain.done(engine_stream)
+
         if stream:
-            return ClosingStreamingResponse(formatter.stream(engine_stream, num_choices),
-                                            on_close=engine_stream.abort, media_type="text/event-stream",
-                                            headers={"Cache-Control": "no-cache"})
+            return ClosingStreamingResponse(formatter.stream(engine_stream, num_choices), on_close=close,
+                                            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             finished, outputs = await unless_disconnected(request, collect(engine_stream))
         finally:
-            engine_stream.abort()  # a no-op once finished; covers a collect cancelled before it began
+            close()
         if not finished:
             # Nobody is listening; 499 is the conventional "client closed request" status for logs.
             return Response(status_code=499)
@@ -100,12 +109,16 @@ def _server(request: Request) -> _Server:
 router = APIRouter()
 
 
-@router.get("/health")
-async def health(request: Request) -> dict[str, str]:
-    """200 while the engine loop runs; open even with an API key."""
-    if not _server(request).async_engine.is_running:
+@router.api_route("/health", methods=["GET", "HEAD"])
+async def health(request: Request) -> Response:
+    """200 while the engine loop runs, 503 {"status": "draining"} while shutting down; open even with an API key."""
+    server = _server(request)
+    if not server.async_engine.is_running:
         raise OpenAIError(503, "the engine loop is not running", type="server_error", code="engine_dead")
-    return {"status": "ok"}
+    if server.drain.is_draining:
+        return JSONResponse({"status": "draining"}, status_code=503,
+                            headers={"Retry-After": str(server.config.retry_after_s)})
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/metrics")
@@ -195,8 +208,11 @@ def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
     metrics = ServerMetrics()
     async_engine = AsyncEngine(engine, metrics)
     async_engine.start()
+    app = build_app(async_engine, metrics, config)
+    # timeout_graceful_shutdown is the backstop after the drain's own aborts (a second signal skips the drain).
+    uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                    timeout_graceful_shutdown=10)
     try:
-        uvicorn.run(build_app(async_engine, metrics, config), host=config.host, port=config.port,
-                    log_level=config.log_level)
+        DrainingServer(uvicorn_config, app.state.server.drain).run()
     finally:
         async_engine.shutdown()
