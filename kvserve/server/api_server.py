@@ -21,6 +21,7 @@ from kvserve.server.errors import OpenAIError, install_error_handlers, invalid_r
 from kvserve.server.limits import BodySizeLimitMiddleware, PromptLengthGuard
 from kvserve.server.logprobs import TokenText
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from kvserve.server.paths import StripTrailingSlashMiddleware
 from kvserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -190,13 +191,15 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 def build_app(async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig) -> FastAPI:
     """A FastAPI app over a started AsyncEngine; several apps (say, with different keys) may share one."""
-    app = FastAPI(title="kvserve", summary="OpenAI-compatible LLM server", version="0.1.0")
+    app = FastAPI(title="kvserve", summary="OpenAI-compatible LLM server", version="0.1.0",
+                  redirect_slashes=False)
     app.state.server = _Server(async_engine, metrics, config)
     install_error_handlers(app)
     app.include_router(router)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_body_bytes)
+    app.add_middleware(StripTrailingSlashMiddleware)  # outermost: auth and routing see the normalized path
     return app
 
 

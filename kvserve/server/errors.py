@@ -105,7 +105,9 @@ def _http_error(request: Request, error: HTTPException) -> JSONResponse:
 
 
 def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
-    logger.exception("unhandled error in %s %s", request.method, request.url.path)
+    # Called by the app's error middleware, outside the `except` block: pass the error for its traceback
+    # (logger.exception here would log "NoneType: None").
+    logger.error("unhandled error in %s %s", request.method, request.url.path, exc_info=error)
     return internal_error(f"internal error: {type(error).__name__}").response()
 
 
