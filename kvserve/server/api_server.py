@@ -7,7 +7,7 @@ import pathlib
 import uuid
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from kvserve.config import EngineConfig
@@ -21,10 +21,15 @@ from kvserve.server.errors import OpenAIError, install_error_handlers, invalid_r
 from kvserve.server.limits import BodySizeLimitMiddleware, PromptLengthGuard
 from kvserve.server.logprobs import TokenText
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from kvserve.server.openapi import install_openapi, sse
 from kvserve.server.paths import StripTrailingSlashMiddleware
 from kvserve.server.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
+    HealthStatus,
     ModelCard,
     ModelList,
 )
@@ -110,7 +115,14 @@ def _server(request: Request) -> _Server:
 router = APIRouter()
 
 
-@router.api_route("/health", methods=["GET", "HEAD"])
+_HEALTH_503 = {"description": "Draining (shutting down), or the engine loop is not running", "content": {
+    "application/json": {"schema": {"anyOf": [{"$ref": "#/components/schemas/HealthStatus"},
+                                              {"$ref": "#/components/schemas/ErrorResponse"}]}}}}
+
+
+@router.get("/health", response_model=None, responses={200: {"model": HealthStatus}, 503: _HEALTH_503})
+@router.head("/health", response_model=None, operation_id="health_head",
+             responses={200: {"description": "Healthy (no body)"}, 503: {"description": "Draining or dead"}})
 async def health(request: Request) -> Response:
     """200 while the engine loop runs, 503 {"status": "draining"} while shutting down; open even with an API key."""
     server = _server(request)
@@ -122,7 +134,8 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     return Response(_server(request).metrics.render(), media_type=CONTENT_TYPE)
@@ -135,7 +148,9 @@ async def models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard(id=server.model_name, max_model_len=server.max_model_len)])
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", response_model=None,
+             responses={200: {"model": ChatCompletionResponse, "content": sse(ChatCompletionChunk),
+                              "description": "A chat.completion, or with `stream` chat.completion.chunk events"}})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     """Chat: the conversation through the model's chat template, one answer per `n`."""
     server = _server(request)
@@ -160,7 +175,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                             {"prompt": "messages", "prompt_token_ids": "messages", "max_tokens": body.max_tokens_field})
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", response_model=None,
+             responses={200: {"model": CompletionResponse, "content": sse(CompletionResponse),
+                              "description": "A text_completion, or with `stream` text_completion chunk events"}})
 async def completions(body: CompletionRequest, request: Request) -> Response:
     """Completions: a prompt, a list of prompts, or token ids; choices are numbered prompt by prompt."""
     server = _server(request)
@@ -195,6 +212,7 @@ def build_app(async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerC
                   redirect_slashes=False)
     app.state.server = _Server(async_engine, metrics, config)
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(router)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)

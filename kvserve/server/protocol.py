@@ -85,23 +85,24 @@ class _SamplingFields(_Request):
     """Fields shared by chat and completions; ranges are checked by SamplingParams, the one source."""
 
     model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = Field(1, le=MAX_N)
+    # Ranges in json_schema_extra only document what SamplingParams checks (its errors name the field).
+    temperature: float | None = Field(None, json_schema_extra={"minimum": 0})
+    top_p: float | None = Field(None, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
+    n: int = Field(1, le=MAX_N, json_schema_extra={"minimum": 1})
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=-_INT64, lt=_INT64)  # the range torch generators accept
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, json_schema_extra={"minimum": -2, "maximum": 2})
+    frequency_penalty: float = Field(0.0, json_schema_extra={"minimum": -2, "maximum": 2})
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extras, sent by clients through `extra_body`.
-    top_k: int = Field(-1, lt=_INT64)
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    top_k: int = Field(-1, lt=_INT64, json_schema_extra={"minimum": -1})
+    min_p: float = Field(0.0, json_schema_extra={"minimum": 0, "maximum": 1})
+    repetition_penalty: float = Field(1.0, json_schema_extra={"exclusiveMinimum": 0})
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(None, max_length=256)
-    min_tokens: int = Field(0, lt=_INT64)
+    min_tokens: int = Field(0, lt=_INT64, json_schema_extra={"minimum": 0})
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -179,6 +180,13 @@ UNSUPPORTED_CHAT_FIELDS = {
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "n": 2,
+         "max_completion_tokens": 4, "stream": True, "stream_options": {"include_usage": True}, "logprobs": True,
+         "top_logprobs": 2, "stop": ["\n\n"]},
+    ]})
+
     @model_validator(mode="before")
     @classmethod
     def _refuse_unsupported(cls, data: Any) -> Any:
@@ -192,8 +200,8 @@ class ChatCompletionRequest(_SamplingFields):
         return data
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, lt=_INT64)
-    max_completion_tokens: int | None = Field(None, lt=_INT64)
+    max_tokens: int | None = Field(None, lt=_INT64, json_schema_extra={"minimum": 1})
+    max_completion_tokens: int | None = Field(None, lt=_INT64, json_schema_extra={"minimum": 1})
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -217,8 +225,15 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "Say this is a test", "max_tokens": 7, "temperature": 0},
+        {"prompt": ["Once upon a time", "The capital of France is"], "n": 2, "max_tokens": 3, "logprobs": 2,
+         "stream": True, "stream_options": {"include_usage": True}, "seed": 1},
+        {"prompt": [1, 2, 3], "max_tokens": 2, "echo": False},
+    ]})
+
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, lt=_INT64)
+    max_tokens: int | None = Field(16, lt=_INT64, json_schema_extra={"minimum": 1})
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -373,6 +388,12 @@ class CompletionResponse(_Response):
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class HealthStatus(BaseModel):
+    """GET /health: "ok", or "draining" (with 503) while shutting down."""
+
+    status: Literal["ok", "draining"]
 
 
 class ModelCard(BaseModel):

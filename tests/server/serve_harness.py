@@ -103,23 +103,45 @@ class _FakeRequest:
     token_ids: list[int] = field(default_factory=list)
 
 
+class FakeTokenizer:
+    """A model-free tokenizer: one token per UTF-8 byte, and a chat template of role tags."""
+
+    chat_template = "fake"
+    vocab_size = 256
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, token_ids: list[int]) -> str:
+        return bytes(token_ids).decode(errors="replace")
+
+    def convert_ids_to_tokens(self, token_id: int) -> str:
+        return self.decode([token_id % 256])
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
+                            add_generation_prompt: bool = True) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
 class FakeEngine:
     """A model-free Engine stand-in: every request yields tokens 0, 1, 2, ... ('a', 'b', ...), one per step.
 
     The first `max_num_seqs` sequences (a request counts `n`) run, in arrival order; the rest wait.
     """
 
-    def __init__(self, step_s: float = 0.01, max_num_seqs: int = 64) -> None:
+    def __init__(self, step_s: float = 0.01, max_num_seqs: int = 64, strict: bool = False) -> None:
+        """`strict`: a FakeTokenizer, and prompts and lengths validated like the real engine's (InputProcessor)."""
         self.step_s = step_s
+        self.strict = strict
         self.requests: dict[str, _FakeRequest] = {}
         self.prompts: dict[str, list[int]] = {}
         self.aborted: list[str] = []
-        self.tokenizer = None
+        self.tokenizer = FakeTokenizer() if strict else None
         self.max_model_len = 64
         self.config = EngineConfig.from_kwargs(max_num_seqs=max_num_seqs)  # the bundled model (model=None)
         self.is_paused = False  # while True, steps produce nothing: requests stay where they are
         self.peak_num_waiting = 0  # the most sequences ever waiting, seen right after an add
-        self.input_processor = InputProcessor(None, vocab_size=1000, max_model_len=self.max_model_len)
+        self.input_processor = InputProcessor(self.tokenizer, vocab_size=1000, max_model_len=self.max_model_len)
         self.num_waiting = 0  # what stats() reports: lets a test fill the waiting queue
         self.raise_in_step: Exception | None = None
         self.num_to_fail = 0  # the next requests added fail (their first output carries an error)
@@ -132,6 +154,8 @@ class FakeEngine:
             raise ValueError("prompt must not be empty")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if self.strict:  # as Engine.add_request: ids in the vocabulary, the length rules, max_tokens resolved
+            params = dataclasses.replace(params, max_tokens=self.input_processor.process(prompt, params).max_tokens)
         self.prompts[request_id] = ids
         if self.num_to_fail > 0:
             self.num_to_fail -= 1
@@ -185,7 +209,10 @@ class FakeEngine:
                                  num_prompt_tokens=len(self.prompts[request_id]),
                                  num_generation_tokens=request.num_produced)
         text = "".join(chr(ord("a") + t % 26) for t in request.token_ids)
-        completion = CompletionOutput(0, text, list(request.token_ids), reason, None, None,
+        logprobs = None
+        if request.params.logprobs is not None:  # the token, and one less likely alternative
+            logprobs = [{t: -0.5, (t + 1) % 1000: -1.5} for t in request.token_ids]
+        completion = CompletionOutput(0, text, list(request.token_ids), reason, None, logprobs,
                                       delta_text=text[-1], delta_token_ids=[token])
         return RequestOutput(request_id, None, self.prompts[request_id], [completion], reason is not None,
                              metrics, error="RuntimeError: injected" if failed else None)
