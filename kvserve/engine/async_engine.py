@@ -39,6 +39,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop is not running, so no request can be served."""
 
 
+class OverloadedError(RuntimeError):
+    """Too many sequences wait for a slot: the request was not enqueued (the server answers 503)."""
+
+
 @dataclass
 class GenerateRequest:
     """One engine request: its id, prompt and sampling parameters."""
@@ -94,6 +98,13 @@ class RequestStream:
             self._engine.abort(sorted(self._unfinished))
             self._unfinished.clear()
 
+    def fail(self, error: BaseException) -> None:
+        """Abort the unfinished requests and end the stream with `error`, which its reader raises (drain timeout)."""
+        if self._unfinished:
+            self._engine.abort(sorted(self._unfinished))
+            # Unlike abort(), the requests stay unfinished: the reader goes on to the error and raises it.
+            self.deliver(error)
+
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._iterate()
 
@@ -121,7 +132,9 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}  # owned by the engine thread
         self._lock = threading.Lock()
         self._num_pending = 0  # requests handed to the thread but not yet added to the engine
-        self._num_waiting = 0  # the scheduler's waiting queue after the last step
+        self._num_waiting = 0  # the scheduler's waiting queue after the last step, plus adds since
+        self._num_running = 0  # the scheduler's running sequences after the last step
+        self.max_num_seqs: int = engine.config.scheduler.max_num_seqs
         self._thread: threading.Thread | None = None
         self._closed = False  # set by the engine thread as it exits; no command is accepted after
 
@@ -154,16 +167,43 @@ class AsyncEngine:
 
     # ---- caller side (any event loop) -----------------------------------------------------
 
-    async def generate(self, requests: Sequence[GenerateRequest]) -> RequestStream:
-        """Add requests as one group; raises ValueError (naming the field) if the engine rejects any."""
+    def check_admission(self, num_seqs: int, max_waiting: int) -> None:
+        """Raise unless `num_seqs` more sequences leave at most `max_waiting` waiting once free slots fill.
+
+        A sequence that can be scheduled at once is not waiting: the rule is
+        waiting + pending + new <= max_waiting + free slots (max_num_seqs - running). ValueError (a 400) when
+        the request could never fit, OverloadedError (a 503) when it does not fit now.
+        """
+        with self._lock:
+            self._check_room(num_seqs, max_waiting)
+
+    def _check_room(self, num_seqs: int, max_waiting: int) -> None:
+        # Caller holds self._lock.
+        if num_seqs > max_waiting + self.max_num_seqs:
+            raise ValueError(f"n times the number of prompts is {num_seqs} sequences; this server takes at most "
+                             f"{max_waiting + self.max_num_seqs} at once (max_num_seqs {self.max_num_seqs} + "
+                             f"max_waiting_requests {max_waiting})")
+        free_slots = max(0, self.max_num_seqs - self._num_running)
+        if self._num_waiting + self._num_pending + num_seqs > max_waiting + free_slots:
+            raise OverloadedError(f"{self._num_waiting + self._num_pending} sequences are waiting")
+
+    async def generate(self, requests: Sequence[GenerateRequest], max_waiting: int | None = None) -> RequestStream:
+        """Add requests as one group; raises ValueError (naming the field) if the engine rejects any.
+
+        With `max_waiting`, the group is admitted only if the queue has room (see `check_admission`), checked
+        under the same lock that counts it as pending, so that concurrent callers cannot overfill the queue.
+        """
         loop = asyncio.get_running_loop()
         stream = RequestStream([r.request_id for r in requests], loop, self)
         accepted = loop.create_future()
+        num_seqs = sum(r.params.n for r in requests)
         with self._lock:
             # Under the lock: a command queued before the thread closes is always answered by it.
             if self._closed or not self.is_running:
                 raise EngineDeadError("the engine loop is not running")
-            self._num_pending += sum(r.params.n for r in requests)
+            if max_waiting is not None:
+                self._check_room(num_seqs, max_waiting)
+            self._num_pending += num_seqs
             self._commands.put(_Add(list(requests), stream, accepted, time.monotonic()))
         try:
             await accepted
@@ -239,9 +279,13 @@ class AsyncEngine:
         else:
             for request_id in added:
                 self._streams[request_id] = command.stream
-        # Counted as waiting by the engine from here on; settle the count before the caller hears back.
+        # Waiting in the engine from here on: move the count from pending to waiting in one step, so that the
+        # sequences are never missing from the admission count before the next stats refresh.
+        num_seqs = sum(r.params.n for r in command.requests)
         with self._lock:
-            self._num_pending -= sum(r.params.n for r in command.requests)
+            self._num_pending -= num_seqs
+            if error is None:
+                self._num_waiting += num_seqs
         self._resolve(command, error)
 
     def _resolve(self, command: _Add, error: Exception | None) -> None:
@@ -295,5 +339,6 @@ class AsyncEngine:
         stats = self.engine.stats()
         with self._lock:
             self._num_waiting = stats.num_waiting
+            self._num_running = stats.num_running
         if self.observer is not None:
             self.observer.on_stats(stats)

@@ -8,21 +8,29 @@ import uuid
 from dataclasses import dataclass
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from kvserve.config import EngineConfig
-from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, GenerateRequest
+from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, GenerateRequest, OverloadedError
 from kvserve.engine.engine import Engine
 from kvserve.loader.weights import resolve_model_path
 from kvserve.server.auth import ApiKeyMiddleware
 from kvserve.server.config import ServerConfig
+from kvserve.server.drain import Drain, DrainingServer
 from kvserve.server.errors import OpenAIError, install_error_handlers, invalid_request, overloaded
+from kvserve.server.limits import BodySizeLimitMiddleware, PromptLengthGuard
 from kvserve.server.logprobs import TokenText
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from kvserve.server.openapi import install_openapi, sse
+from kvserve.server.paths import StripTrailingSlashMiddleware
 from kvserve.server.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
+    HealthStatus,
     ModelCard,
     ModelList,
 )
@@ -54,6 +62,8 @@ class _Server:
         self.max_model_len: int = async_engine.engine.max_model_len
         self.token_text = TokenText(async_engine.engine.tokenizer)
         self.response_cache = ResponseCache(config.response_cache_size, metrics)
+        self.length_guard = PromptLengthGuard(async_engine.engine.tokenizer, self.max_model_len)
+        self.drain = Drain(config.drain_timeout_s, config.retry_after_s)
 
     def check_model(self, name: str | None) -> str:
         """The served name; 404 for any other model."""
@@ -63,23 +73,32 @@ class _Server:
                               param="model", code="model_not_found")
         return served
 
-    def admit(self) -> None:
-        """503 with Retry-After while the waiting queue is full; the running requests go on."""
-        if self.async_engine.num_waiting >= self.config.max_waiting_requests:
-            raise overloaded(self.config.retry_after_s)
+    def admit(self, num_seqs: int) -> None:
+        """A cheap early 503 (draining, queue full) or 400 (never fits) before tokenizing; `open` checks again."""
+        self.drain.check_open()
+        try:
+            self.async_engine.check_admission(num_seqs, self.config.max_waiting_requests)
+        except OverloadedError:
+            raise overloaded(self.config.retry_after_s) from None
+        except ValueError as error:
+            raise invalid_request(error) from None
 
     async def open(self, job: Job) -> OutputStream:
         """The job's outputs: replayed from the response cache, or from the engine (and recorded for it)."""
+        self.drain.check_open()
         cached = self.response_cache.lookup(job.cache_key, [r.request_id for r in job.requests])
         if cached is not None:
             job.formatter.response_cache_hit = True
             return cached
         try:
-            engine_stream = await self.async_engine.generate(job.requests)
+            engine_stream = await self.async_engine.generate(job.requests, self.config.max_waiting_requests)
+        except OverloadedError:
+            raise overloaded(self.config.retry_after_s) from None
         except ValueError as error:
             raise invalid_request(error, job.renames) from None
         except EngineDeadError as error:
             raise OpenAIError(503, str(error), type="server_error", code="engine_dead") from None
+        self.drain.track(engine_stream)  # until it is read to the end or aborted
         return self.response_cache.recording(job.cache_key, engine_stream)
 
     async def run(self, request: Request, job: Job, stream: bool) -> Response:
@@ -119,16 +138,27 @@ router = APIRouter()
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 
+_HEALTH_503 = {"description": "Draining (shutting down), or the engine loop is not running", "content": {
+    "application/json": {"schema": {"anyOf": [{"$ref": "#/components/schemas/HealthStatus"},
+                                              {"$ref": "#/components/schemas/ErrorResponse"}]}}}}
 
-@router.get("/health")
-async def health(request: Request) -> dict[str, str]:
-    """200 while the engine loop runs; open even with an API key."""
-    if not _server(request).async_engine.is_running:
+
+@router.get("/health", response_model=None, responses={200: {"model": HealthStatus}, 503: _HEALTH_503})
+@router.head("/health", response_model=None, operation_id="health_head",
+             responses={200: {"description": "Healthy (no body)"}, 503: {"description": "Draining or dead"}})
+async def health(request: Request) -> Response:
+    """200 while the engine loop runs, 503 {"status": "draining"} while shutting down; open even with an API key."""
+    server = _server(request)
+    if not server.async_engine.is_running:
         raise OpenAIError(503, "the engine loop is not running", type="server_error", code="engine_dead")
-    return {"status": "ok"}
+    if server.drain.is_draining:
+        return JSONResponse({"status": "draining"}, status_code=503,
+                            headers={"Retry-After": str(server.config.retry_after_s)})
+    return JSONResponse({"status": "ok"})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     return Response(_server(request).metrics.render(), media_type=CONTENT_TYPE)
@@ -144,12 +174,17 @@ async def models(request: Request) -> ModelList:
 async def chat_job(server: _Server, body: ChatCompletionRequest) -> Job:
     """Chat: the conversation through the model's chat template, one answer per `n`."""
     model = server.check_model(body.model)
-    server.admit()  # before any work: an overloaded server should shed load cheaply
     try:
         params = body.sampling_params()
         plan = tool_plan(body)
         constrain(params, plan)
+    except ValueError as error:
+        raise invalid_request(error) from None
+    server.admit(params.n)  # before tokenizing: an overloaded server should shed load cheaply
+    try:
         messages = [message.for_template() for message in body.messages]
+        server.length_guard.check(sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)),
+                                  "messages")
         prompt_ids = await run_in_threadpool(server.input_processor.apply_chat_template, messages, plan.prompt_tools)
     except ValueError as error:
         raise invalid_request(error) from None
@@ -163,7 +198,9 @@ async def chat_job(server: _Server, body: ChatCompletionRequest) -> Job:
                server.response_cache.key(CHAT_PATH, body, params))
 
 
-@router.post(CHAT_PATH)
+@router.post(CHAT_PATH, response_model=None,
+             responses={200: {"model": ChatCompletionResponse, "content": sse(ChatCompletionChunk),
+                              "description": "A chat.completion, or with `stream` chat.completion.chunk events"}})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     """Chat: the conversation through the model's chat template, one answer per `n`."""
     server = _server(request)
@@ -173,10 +210,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def completion_job(server: _Server, body: CompletionRequest) -> Job:
     """Completions: a prompt, a list of prompts, or token ids; choices are numbered prompt by prompt."""
     model = server.check_model(body.model)
-    server.admit()
     try:
         params = body.sampling_params()
         prompts = body.prompts()
+    except ValueError as error:
+        raise invalid_request(error) from None
+    server.admit(len(prompts) * params.n)
+    try:
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                server.length_guard.check(len(prompt), "prompt")
         # Tokenized off the engine thread; the engine validates the ids (InputProcessor.process).
         encoded = await run_in_threadpool(lambda: [server.input_processor.tokenize(p) for p in prompts])
     except ValueError as error:
@@ -194,7 +237,9 @@ async def completion_job(server: _Server, body: CompletionRequest) -> Job:
                server.response_cache.key(COMPLETIONS_PATH, body, params))
 
 
-@router.post(COMPLETIONS_PATH)
+@router.post(COMPLETIONS_PATH, response_model=None,
+             responses={200: {"model": CompletionResponse, "content": sse(CompletionResponse),
+                              "description": "A text_completion, or with `stream` text_completion chunk events"}})
 async def completions(body: CompletionRequest, request: Request) -> Response:
     """Completions: a prompt, a list of prompts, or token ids; choices are numbered prompt by prompt."""
     server = _server(request)
@@ -203,9 +248,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 def build_app(async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig) -> FastAPI:
     """A FastAPI app over a started AsyncEngine; several apps (say, with different keys) may share one."""
-    app = FastAPI(title="kvserve", summary="OpenAI-compatible LLM server", version="0.1.0")
+    app = FastAPI(title="kvserve", summary="OpenAI-compatible LLM server", version="0.1.0",
+                  redirect_slashes=False)
     app.state.server = _Server(async_engine, metrics, config)
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(router)
     app.include_router(tokenize_router)
     # The same requests over a WebSocket: /v1/chat/completions/ws and /v1/completions/ws.
@@ -213,6 +260,8 @@ def build_app(async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerC
                                       COMPLETIONS_PATH: SocketEndpoint(CompletionRequest, completion_job)}))
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_body_bytes)
+    app.add_middleware(StripTrailingSlashMiddleware)  # outermost: auth and routing see the normalized path
     return app
 
 
@@ -224,8 +273,11 @@ def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
     metrics = ServerMetrics()
     async_engine = AsyncEngine(engine, metrics)
     async_engine.start()
+    app = build_app(async_engine, metrics, config)
+    # timeout_graceful_shutdown is the backstop after the drain's own aborts (a second signal skips the drain).
+    uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                    timeout_graceful_shutdown=10, ws_max_size=config.max_request_body_bytes)
     try:
-        uvicorn.run(build_app(async_engine, metrics, config), host=config.host, port=config.port,
-                    log_level=config.log_level)
+        DrainingServer(uvicorn_config, app.state.server.drain).run()
     finally:
         async_engine.shutdown()

@@ -19,6 +19,10 @@ class ServerConfig:
     max_waiting_requests: int = field(default=256, metadata={
         "help": "sequences that may wait for a slot; past it, new requests get 503 + Retry-After"})
     retry_after_s: int = field(default=1, metadata={"help": "Retry-After seconds sent with a 503"})
+    max_request_body_bytes: int = field(default=4 * 2**20, metadata={
+        "help": "largest request body accepted; a larger one gets 413 before it is read in full"})
+    drain_timeout_s: float = field(default=30.0, metadata={
+        "help": "on SIGTERM: seconds the requests in flight may go on (new ones get 503) before they are aborted"})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level"})
     response_cache_size: int = field(default=0, metadata={
         "help": "whole responses of deterministic requests (temperature 0, or a seed) to keep and replay; "
@@ -29,6 +33,10 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
+        if self.max_request_body_bytes <= 0:
+            raise ValueError(f"max_request_body_bytes must be > 0, got {self.max_request_body_bytes}")
+        if not self.drain_timeout_s >= 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
         if self.response_cache_size < 0:

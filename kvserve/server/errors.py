@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from kvserve.inputs import ContextLengthExceededError
-from kvserve.server.protocol import ErrorInfo, ErrorResponse
+from kvserve.server.protocol import ErrorInfo, ErrorResponse, FieldError
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,14 @@ def validation_error(problems: Sequence[dict[str, Any]]) -> OpenAIError:
     tag = next((i for i, p in enumerate(location) if _is_union_tag(p)), len(location))
     param = _path(location[:tag])
     where = _path([p for p in location if not _is_union_tag(p)])
+    field_error = problem.get("ctx", {}).get("error")
+    if isinstance(field_error, FieldError):  # raised by a model about one of its fields: name that field
+        param = ".".join(p for p in (where, field_error.param) if p).replace(".[", "[")
+        message = str(field_error).removeprefix(field_error.param)
+        return OpenAIError(400, param + message, param=param).response()
+    if problem.get("type") == "string_unicode":  # pydantic's own lone-surrogate check (constrained strings)
+        return OpenAIError(400, f"{where} is not valid Unicode: it holds a lone surrogate code point",
+                           param=param).response()
     if problem.get("type") == "json_invalid":
         message, param = f"the body is not valid JSON: {problem.get('msg')}", None
     elif where is None:
@@ -91,7 +99,8 @@ def _path(parts: list[str | int]) -> str | None:
 
 
 def _is_union_tag(part: object) -> bool:
-    return isinstance(part, str) and ("[" in part or part in _UNION_TAGS)
+    # "list[int]", "function-after[...]", "constrained-str": pydantic's names of union members, never field names.
+    return isinstance(part, str) and ("[" in part or "-" in part or part in _UNION_TAGS)
 
 
 def _http_error(request: Request, error: HTTPException) -> JSONResponse:
@@ -103,7 +112,9 @@ def _http_error(request: Request, error: HTTPException) -> JSONResponse:
 
 
 def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
-    logger.exception("unhandled error in %s %s", request.method, request.url.path)
+    # Called by the app's error middleware, outside the `except` block: pass the error for its traceback
+    # (logger.exception here would log "NoneType: None").
+    logger.error("unhandled error in %s %s", request.method, request.url.path, exc_info=error)
     return internal_error(f"internal error: {type(error).__name__}").response()
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+from pydantic_core import PydanticSerializationError, to_json
 
 from kvserve.sampling_params import MAX_LOGIT_BIAS_ENTRIES, SamplingParams
 from kvserve.server.response_format import ResponseFormat, StructuredOutputsRequest, structured_outputs_of
@@ -16,16 +17,69 @@ from kvserve.structured.params import StructuredOutputsParams
 MAX_N = 16  # samples per prompt: each is a sequence in the batch, so this bounds one request's share
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_STOP = 16  # stop strings are searched after every token
+# Characters of one stop string: the text is searched for it after every token, and a stream holds back up to
+# that many characters in case they begin a stop string.
+MAX_STOP_CHARS = 1024
 MAX_TOP_LOGPROBS = 20
 MAX_TOOLS = 128  # each tool's schema is in the prompt (and, for `required`, in the grammar)
 _FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 _INT64 = 2**63
 
 
+class FieldError(ValueError):
+    """A request field is invalid; `param` is its path inside the model that raised (`content[0].text`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def has_lone_surrogate(value: object) -> bool:
+    """Whether a string under `value` cannot be encoded as UTF-8 (a lone surrogate such as "\\ud800").
+
+    One pass of pydantic-core's JSON encoder, which refuses such strings (tens of ms for a million ints).
+    """
+    try:
+        to_json(value)
+    except PydanticSerializationError as error:
+        return "surrogates not allowed" in str(error)
+    return False
+
+
+def lone_surrogate_path(value: object, path: str) -> str | None:
+    """The path of the first string under `value` that UTF-8 cannot encode; only called once one is known."""
+    if isinstance(value, str):
+        return path if not value.isascii() and has_lone_surrogate(value) else None
+    if isinstance(value, BaseModel):
+        items = [(f"{path}.{name}", getattr(value, name)) for name in type(value).model_fields]
+    elif isinstance(value, dict):  # free-form JSON (a schema, tool arguments): keys are strings too
+        items = [(f"{path} key", key) for key in value] + [(f"{path}.{key}", item) for key, item in value.items()]
+    elif isinstance(value, list | tuple):
+        items = [(f"{path}[{i}]", item) for i, item in enumerate(value) if not isinstance(item, int | float)]
+    else:
+        return None
+    return next((found for sub, item in items if (found := lone_surrogate_path(item, sub)) is not None), None)
+
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
 class _Request(BaseModel):
-    # Strict: "0.5" is not a number and true is not 1, as with OpenAI; unknown fields are ignored
-    # because clients send ones we have no use for (tools, response_format, ...).
+    # Strict: "0.5" is not a number and true is not 1, as with OpenAI. Unknown fields are ignored because
+    # clients send harmless ones we have no use for (user, store, metadata); the ones that would change the
+    # answer are declared and honoured, or refused by name (_SamplingFields, ChatCompletionRequest).
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _encodable_as_utf8(self) -> _Request:
+        # JSON may escape a lone surrogate ("\ud800") that no tokenizer can encode: refuse it by name.
+        if not has_lone_surrogate(self):
+            return self
+        for name in type(self).model_fields:
+            path = lone_surrogate_path(getattr(self, name), name)
+            if path is not None:
+                raise FieldError(path, f"{path} is not valid Unicode: it holds a lone surrogate code point")
+        return self
 
 
 class StreamOptions(_Request):
@@ -38,23 +92,24 @@ class _SamplingFields(_Request):
     """Fields shared by chat and completions; ranges are checked by SamplingParams, the one source."""
 
     model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = Field(1, le=MAX_N)
-    stop: str | list[str] | None = Field(None, max_length=MAX_STOP)
+    # Ranges in json_schema_extra only document what SamplingParams checks (its errors name the field).
+    temperature: float | None = Field(None, json_schema_extra={"minimum": 0})
+    top_p: float | None = Field(None, json_schema_extra={"exclusiveMinimum": 0, "maximum": 1})
+    n: int = Field(1, le=MAX_N, json_schema_extra={"minimum": 1})
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=-_INT64, lt=_INT64)  # the range torch generators accept
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, json_schema_extra={"minimum": -2, "maximum": 2})
+    frequency_penalty: float = Field(0.0, json_schema_extra={"minimum": -2, "maximum": 2})
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extras, sent by clients through `extra_body`.
-    top_k: int = Field(-1, lt=_INT64)
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    top_k: int = Field(-1, lt=_INT64, json_schema_extra={"minimum": -1})
+    min_p: float = Field(0.0, json_schema_extra={"minimum": 0, "maximum": 1})
+    repetition_penalty: float = Field(1.0, json_schema_extra={"exclusiveMinimum": 0})
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(None, max_length=256)
-    min_tokens: int = Field(0, lt=_INT64)
+    min_tokens: int = Field(0, lt=_INT64, json_schema_extra={"minimum": 0})
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # {token id (a JSON string): bias in [-100, 100]}, added to the logits (OpenAI).
@@ -65,6 +120,12 @@ class _SamplingFields(_Request):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     structured_outputs: StructuredOutputsRequest | None = None
     response_format: ResponseFormat | None = None  # OpenAI's on chat; accepted on completions too, as vLLM does
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "stream_options is only allowed when stream is true")
+        return self
 
     @property
     def include_usage(self) -> bool:
@@ -236,12 +297,42 @@ class NamedToolChoice(_Request):
     function: FunctionName
 
 
+# OpenAI chat fields that would change the answer and that this server does not implement: refused with a 400
+# rather than ignored. Harmless ones (user, store, metadata, service_tier, parallel_tool_calls) are ignored.
+UNSUPPORTED_CHAT_FIELDS = {
+    "functions": "use tools",
+    "function_call": "use tool_choice",
+    "audio": "this server answers with text only",
+    "prediction": "predicted outputs are not implemented",
+    "web_search_options": "this server does not search the web",
+}
+
+
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "n": 2,
+         "max_completion_tokens": 4, "stream": True, "stream_options": {"include_usage": True}, "logprobs": True,
+         "top_logprobs": 2, "stop": ["\n\n"]},
+    ]})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, hint in UNSUPPORTED_CHAT_FIELDS.items():
+                if data.get(name) is not None:
+                    raise FieldError(name, f"{name} is not supported: {hint}")
+            modalities = data.get("modalities")
+            if modalities is not None and modalities != ["text"]:
+                raise FieldError("modalities", 'modalities must be ["text"]: this server answers with text only')
+        return data
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, lt=_INT64)
-    max_completion_tokens: int | None = Field(None, lt=_INT64)
+    max_tokens: int | None = Field(None, lt=_INT64, json_schema_extra={"minimum": 1})
+    max_completion_tokens: int | None = Field(None, lt=_INT64, json_schema_extra={"minimum": 1})
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False  # vLLM's extra (echo the last message); not supported here
@@ -280,8 +371,15 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "Say this is a test", "max_tokens": 7, "temperature": 0},
+        {"prompt": ["Once upon a time", "The capital of France is"], "n": 2, "max_tokens": 3, "logprobs": 2,
+         "stream": True, "stream_options": {"include_usage": True}, "seed": 1},
+        {"prompt": [1, 2, 3], "max_tokens": 2, "echo": False},
+    ]})
+
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, lt=_INT64)
+    max_tokens: int | None = Field(16, lt=_INT64, json_schema_extra={"minimum": 1})
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -478,6 +576,12 @@ class CompletionResponse(_Response):
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class HealthStatus(BaseModel):
+    """GET /health: "ok", or "draining" (with 503) while shutting down."""
+
+    status: Literal["ok", "draining"]
 
 
 class ModelCard(BaseModel):

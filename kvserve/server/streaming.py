@@ -26,9 +26,13 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> tuple[boo
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()  # cancelling the work aborts its engine requests
+        undone = [t for t in (watcher, task) if not t.done()]
+        for pending in undone:
+            pending.cancel()  # cancelling the work aborts its engine requests
+        if undone:
+            # cancel() only asks: a task is cancelled once it has run its handlers, so wait for that
+            # (asyncio.wait raises nothing of the tasks' own).
+            await asyncio.wait(undone)
     if task.cancelled():
         return False, None
     return True, task.result()

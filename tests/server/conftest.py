@@ -23,7 +23,7 @@ class Live:
 
     url: str  # no API key
     keyed_url: str  # requires API_KEY
-    full_url: str  # max_waiting_requests=0: every generation request is refused with 503
+    full_url: str  # max_waiting_requests=0: only free slots are served; a request that would wait is a 503
     llm: LLM
     expected: dict[str, Any]  # prompt -> LLM.generate's greedy CompletionOutput (EOS ignored)
     expected_chat: Any  # LLM.chat's greedy CompletionOutput for CHAT_MESSAGES

@@ -7,6 +7,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,14 +31,14 @@ CHAT_MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
 class ThreadedServer:
     """A real uvicorn server on a free 127.0.0.1 port, run in a daemon thread."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, make_server: Callable[[uvicorn.Config], uvicorn.Server] = uvicorn.Server) -> None:
         # Bind first and hand the socket over: no race for the port between choosing and binding.
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
-        self.server = uvicorn.Server(config)
+        self.server = make_server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> ThreadedServer:
@@ -102,18 +103,45 @@ class _FakeRequest:
     token_ids: list[int] = field(default_factory=list)
 
 
-class FakeEngine:
-    """A model-free Engine stand-in: every request yields tokens 0, 1, 2, ... ('a', 'b', ...), one per step."""
+class FakeTokenizer:
+    """A model-free tokenizer: one token per UTF-8 byte, and a chat template of role tags."""
 
-    def __init__(self, step_s: float = 0.01) -> None:
+    chat_template = "fake"
+    vocab_size = 256
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, token_ids: list[int]) -> str:
+        return bytes(token_ids).decode(errors="replace")
+
+    def convert_ids_to_tokens(self, token_id: int) -> str:
+        return self.decode([token_id % 256])
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
+                            add_generation_prompt: bool = True) -> str:
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+class FakeEngine:
+    """A model-free Engine stand-in: every request yields tokens 0, 1, 2, ... ('a', 'b', ...), one per step.
+
+    The first `max_num_seqs` sequences (a request counts `n`) run, in arrival order; the rest wait.
+    """
+
+    def __init__(self, step_s: float = 0.01, max_num_seqs: int = 64, strict: bool = False) -> None:
+        """`strict`: a FakeTokenizer, and prompts and lengths validated like the real engine's (InputProcessor)."""
         self.step_s = step_s
+        self.strict = strict
         self.requests: dict[str, _FakeRequest] = {}
         self.prompts: dict[str, list[int]] = {}
         self.aborted: list[str] = []
-        self.tokenizer = None
+        self.tokenizer = FakeTokenizer() if strict else None
         self.max_model_len = 64
-        self.config = EngineConfig()  # the bundled model (model=None)
-        self.input_processor = InputProcessor(None, vocab_size=1000, max_model_len=self.max_model_len)
+        self.config = EngineConfig.from_kwargs(max_num_seqs=max_num_seqs)  # the bundled model (model=None)
+        self.is_paused = False  # while True, steps produce nothing: requests stay where they are
+        self.peak_num_waiting = 0  # the most sequences ever waiting, seen right after an add
+        self.input_processor = InputProcessor(self.tokenizer, vocab_size=1000, max_model_len=self.max_model_len)
         self.num_waiting = 0  # what stats() reports: lets a test fill the waiting queue
         self.raise_in_step: Exception | None = None
         self.num_to_fail = 0  # the next requests added fail (their first output carries an error)
@@ -126,11 +154,27 @@ class FakeEngine:
             raise ValueError("prompt must not be empty")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if self.strict:  # as Engine.add_request: ids in the vocabulary, the length rules, max_tokens resolved
+            params = dataclasses.replace(params, max_tokens=self.input_processor.process(prompt, params).max_tokens)
         self.prompts[request_id] = ids
         if self.num_to_fail > 0:
             self.num_to_fail -= 1
             self._failing.add(request_id)
         self.requests[request_id] = _FakeRequest(params, arrival_time or time.monotonic())
+        self.peak_num_waiting = max(self.peak_num_waiting, self._num_seqs(waiting=True))
+
+    def _running_ids(self) -> list[str]:
+        running, num_seqs = [], 0
+        for request_id, request in self.requests.items():
+            if num_seqs + request.params.n > self.config.scheduler.max_num_seqs:
+                break
+            running.append(request_id)
+            num_seqs += request.params.n
+        return running
+
+    def _num_seqs(self, waiting: bool) -> int:
+        running = set(self._running_ids())
+        return sum(r.params.n for i, r in self.requests.items() if (i in running) != waiting)
 
     def abort_request(self, request_id: str) -> None:
         if self.requests.pop(request_id, None) is not None:
@@ -144,7 +188,9 @@ class FakeEngine:
         if self.raise_in_step is not None:
             error, self.raise_in_step = self.raise_in_step, None
             raise error
-        return [self._advance(request_id) for request_id in list(self.requests)]
+        if self.is_paused:
+            return []
+        return [self._advance(request_id) for request_id in self._running_ids()]
 
     def _advance(self, request_id: str) -> RequestOutput:
         request = self.requests[request_id]
@@ -163,7 +209,10 @@ class FakeEngine:
                                  num_prompt_tokens=len(self.prompts[request_id]),
                                  num_generation_tokens=request.num_produced)
         text = "".join(chr(ord("a") + t % 26) for t in request.token_ids)
-        completion = CompletionOutput(0, text, list(request.token_ids), reason, None, None,
+        logprobs = None
+        if request.params.logprobs is not None:  # the token, and one less likely alternative
+            logprobs = [{t: -0.5, (t + 1) % 1000: -1.5} for t in request.token_ids]
+        completion = CompletionOutput(0, text, list(request.token_ids), reason, None, logprobs,
                                       delta_text=text[-1], delta_token_ids=[token])
         return RequestOutput(request_id, None, self.prompts[request_id], [completion], reason is not None,
                              metrics, error="RuntimeError: injected" if failed else None)
@@ -171,6 +220,7 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         # Zero for every field, so that the fake keeps up as EngineStats grows.
         zeros = {f.name: 0 for f in dataclasses.fields(EngineStats)}
-        return EngineStats(**{**zeros, "num_running": len(self.requests), "num_waiting": self.num_waiting,
+        return EngineStats(**{**zeros, "num_running": self._num_seqs(waiting=False),
+                              "num_waiting": self._num_seqs(waiting=True) + self.num_waiting,
                               "kv_blocks_used": len(self.requests), "kv_blocks_total": 8,
                               "kv_cache_usage": len(self.requests) / 8})

@@ -41,7 +41,7 @@ def test_full_waiting_queue_is_503_while_running_requests_finish(fake_server) ->
     thread = threading.Thread(target=long_stream)
     thread.start()
     try:
-        engine.num_waiting = 4  # the scheduler reports a full queue from the next step on
+        engine.num_waiting = 100  # the scheduler reports a full queue (past the free slots) from the next step on
         for _ in range(200):
             response = httpx.post(f"{url}/v1/completions", json=BODY, timeout=60)
             if response.status_code == 503:

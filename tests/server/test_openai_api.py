@@ -201,6 +201,8 @@ def test_user_field_and_unknown_fields_accepted(live) -> None:
     response = httpx.post(f"{live.url}/v1/chat/completions", timeout=60, json={
         "model": MODEL, "messages": [{"role": "developer", "content": "Be brief."},
                                      {"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
-        "max_tokens": 2, "user": "someone", "response_format": {"type": "text"}})
+        "max_tokens": 2, "user": "someone", "response_format": {"type": "text"}, "store": False,
+        "metadata": {"k": "v"}, "service_tier": "auto", "parallel_tool_calls": True, "modalities": ["text"],
+        "stream_options": None})
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] is not None

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -22,11 +23,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_kvserve_serve_subprocess_with_key_from_environment() -> None:
+def _stream_lines(url: str, headers: dict[str, str], lines: list[str]) -> None:
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", headers=headers, json=body, timeout=120) as response:
+        lines.extend(line for line in response.iter_lines() if line)
+
+
+def test_kvserve_serve_subprocess_with_key_from_environment_and_sigterm_drain() -> None:
     port = _free_port()
     env = {**os.environ, "KVSERVE_API_KEY": "env-key"}
     command = [sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), "--kv-cache-memory",
-               str(64 * 2**20), "--served-model-name", "tiny", "--log-level", "warning"]
+               str(64 * 2**20), "--served-model-name", "tiny", "--log-level", "warning", "--drain-timeout-s", "2"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -46,6 +53,21 @@ def test_kvserve_serve_subprocess_with_key_from_environment() -> None:
                             json={"model": "tiny", "prompt": "The capital of France is", "max_tokens": 3,
                                   "temperature": 0}).json()
         assert answer["choices"][0]["text"].startswith(" Paris")
+
+        # SIGTERM with a long stream in flight: /health says draining, and after the 2 s drain timeout the
+        # stream ends with an error event and [DONE]; the process exits soon after (it used to wait for it).
+        lines: list[str] = []
+        client = threading.Thread(target=_stream_lines, args=(url, headers, lines))
+        client.start()
+        while len(lines) < 3:
+            assert client.is_alive() and process.poll() is None, lines
+            time.sleep(0.05)
+        process.terminate()
+        health = httpx.get(f"{url}/health", timeout=10)
+        assert (health.status_code, health.json()) == (503, {"status": "draining"})
+        client.join(60)
+        assert lines[-1] == "data: [DONE]" and '"shutting_down"' in lines[-2], lines[-2:]
+        process.wait(30)
     finally:
         process.terminate()
         process.wait(30)
