@@ -21,12 +21,12 @@ class ApiKeyMiddleware:
         self._key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and _is_api_path(scope["path"]) and not self._authorized(scope):
+        if scope["type"] == "http" and is_api_path(scope["path"]) and not self._authorized(scope):
             error = OpenAIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             await error.response()(scope, receive, send)
             return
-        if scope["type"] == "websocket" and _is_api_path(scope["path"]) and not (
+        if scope["type"] == "websocket" and is_api_path(scope["path"]) and not (
                 self._authorized(scope) or self._authorized_by_query(scope)):
             await _deny_socket(scope, receive, send)
             return
@@ -53,5 +53,5 @@ async def _deny_socket(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "websocket.close", "code": 1008})
 
 
-def _is_api_path(path: str) -> bool:
+def is_api_path(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize")

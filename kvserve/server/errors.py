@@ -80,10 +80,10 @@ def validation_error(problems: Sequence[dict[str, Any]]) -> OpenAIError:
     if isinstance(field_error, FieldError):  # raised by a model about one of its fields: name that field
         param = ".".join(p for p in (where, field_error.param) if p).replace(".[", "[")
         message = str(field_error).removeprefix(field_error.param)
-        return OpenAIError(400, param + message, param=param).response()
+        return OpenAIError(400, param + message, param=param)
     if problem.get("type") == "string_unicode":  # pydantic's own lone-surrogate check (constrained strings)
         return OpenAIError(400, f"{where} is not valid Unicode: it holds a lone surrogate code point",
-                           param=param).response()
+                           param=param)
     if problem.get("type") == "json_invalid":
         message, param = f"the body is not valid JSON: {problem.get('msg')}", None
     elif where is None:

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from kvserve.server.auth import is_api_path
 from kvserve.server.protocol import ErrorResponse
 
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
@@ -48,10 +49,12 @@ def _error_codes(path: str, method: str, operation: dict[str, Any]) -> list[str]
     has_body = "requestBody" in operation
     if has_body:
         codes += ["400", "413"]
-    if path.startswith("/v1"):
+    if is_api_path(path):
         codes.append("401")
+    if has_body and is_api_path(path):
+        codes.append("404")  # a model name
     if has_body and path.startswith("/v1"):
-        codes += ["404", "500", "503"]  # generation: a model name, the engine, admission
+        codes += ["500", "503"]  # generation: the engine, admission
     return codes
 
 

@@ -51,7 +51,9 @@ def lone_surrogate_path(value: object, path: str) -> str | None:
     if isinstance(value, str):
         return path if not value.isascii() and has_lone_surrogate(value) else None
     if isinstance(value, BaseModel):
-        items = [(f"{path}.{name}", getattr(value, name)) for name in type(value).model_fields]
+        # The wire name (an alias such as json_schema's "schema"), not the attribute's.
+        items = [(f"{path}.{info.alias or name}", getattr(value, name))
+                 for name, info in type(value).model_fields.items()]
     elif isinstance(value, dict):  # free-form JSON (a schema, tool arguments): keys are strings too
         items = [(f"{path} key", key) for key in value] + [(f"{path}.{key}", item) for key, item in value.items()]
     elif isinstance(value, list | tuple):

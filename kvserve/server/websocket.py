@@ -129,12 +129,12 @@ def _parse(request_model: type[BaseModel], text: str) -> BaseModel:
     except json.JSONDecodeError as error:
         raise validation_error([{"type": "json_invalid", "loc": (error.pos,), "msg": "JSON decode error"}]) \
             from None
+    if isinstance(data, dict):
+        data = {**data, "stream": True}  # implied, so that stream_options is valid here
     try:
-        body = request_model.model_validate(data)
+        return request_model.model_validate(data)
     except ValidationError as error:
         raise validation_error(error.errors()) from None
-    body.stream = True
-    return body
 
 
 async def _send_error(websocket: WebSocket, error: OpenAIError) -> None:

@@ -112,10 +112,10 @@ def test_structured_outputs_extra_on_both_endpoints(live) -> None:
     (COMPLETIONS, {"structured_outputs": {"grammar": "start: nothing_defined"}}, "structured_outputs"),
     (COMPLETIONS, {"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag"),
     (COMPLETIONS, {"structured_outputs": {"regex": 5}}, "structured_outputs.regex"),
-    (COMPLETIONS, {"structured_outputs": {"regex": "a\ud800"}}, "structured_outputs"),  # a lone surrogate
+    (COMPLETIONS, {"structured_outputs": {"regex": "a\ud800"}}, "structured_outputs.regex"),  # a lone surrogate
     (CHAT, {"response_format": {"type": "json_schema",
                                 "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "\ud800"}}}},
-     "response_format"),
+     "response_format.json_schema.schema.pattern"),
 ])
 def test_bad_constraints_are_400_naming_the_field(live, path: str, extra: dict, param: str) -> None:
     base = {"messages": MESSAGES} if path == CHAT else {"prompt": "Hi"}
