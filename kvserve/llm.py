@@ -52,15 +52,17 @@ class LLM:
 
     def chat(self, messages: Messages | list[Messages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
+             use_tqdm: bool = True, tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation (offering `tools`, OpenAI-shaped, as vLLM's
+        LLM.chat does: the reply's calls are text, parsed by the server only), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": self.apply_chat_template(c)} for c in conversations]
+        prompts = [{"prompt_token_ids": self.apply_chat_template(c, tools)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def apply_chat_template(self, messages: Messages) -> list[int]:
-        """Token ids of a conversation rendered with the model's template, ready for the reply."""
-        return self.engine.input_processor.apply_chat_template(messages)
+    def apply_chat_template(self, messages: Messages, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation (and the tools it may call) rendered with the model's template, ready for
+        the reply."""
+        return self.engine.input_processor.apply_chat_template(messages, tools)
 
     def stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None
                ) -> Iterator[RequestOutput]:

@@ -400,6 +400,16 @@ def test_stream_with_stop_string_never_sends_the_stop_string(llm, paris, stop_st
     assert final.finish_reason == "stop"
 
 
+def test_chat_offers_tools_in_the_prompt(llm):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    with_tools = llm.get_tokenizer().decode(llm.apply_chat_template(messages, tools))
+    assert "get_weather" in with_tools and "<tool_call>" in with_tools
+    assert "get_weather" not in llm.get_tokenizer().decode(llm.apply_chat_template(messages))
+    output = llm.chat(messages, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False, tools=tools)[0]
+    assert output.prompt_token_ids == llm.apply_chat_template(messages, tools)
+
+
 def test_stream_chinese_chat_has_no_partial_characters(llm):
     ids = llm.apply_chat_template([{"role": "user", "content": "请用中文写一句关于春天的话。"}])
     outputs = collect(llm.stream({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=32)))
