@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 DEFAULT_BLOCK_SIZE = 16
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
+QUANTIZATION_METHODS = ("none", "gguf")
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,17 @@ class LoadConfig:
     model: str | None = field(default=None, metadata={"help": "a .gguf file, an HF directory, "
                                                       "or nothing for the bundled SmolLM2-135M"})
     dtype: str = field(default="float32", metadata={"help": "weights and activations dtype"})
+    quantization: str | None = field(default=None, metadata={
+        "help": "how weights are held and computed: gguf (a .gguf file's own block formats, on kvserve's CPU "
+                "kernels; the default for .gguf files on a float32 CPU) or none (dequantized to dtype)"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     seed: int = field(default=0, metadata={"help": "seed of unseeded random sampling"})
 
     def __post_init__(self) -> None:
         if self.dtype not in MODEL_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(MODEL_DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in (None, *QUANTIZATION_METHODS):
+            raise ValueError(f"quantization must be one of {list(QUANTIZATION_METHODS)}, got {self.quantization!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -33,7 +33,12 @@ class Linear(nn.Module):
         return self.method.apply(self, x)
 
     def set_method(self, method: LinearMethod) -> None:
-        """Compute with `method` (one that keeps the unquantized parameters; the platform calls this at load)."""
+        """Compute with `method`; the platform calls this before loading. A method of another weight format
+        replaces the parameters with its own (created on the same device)."""
+        if method.weight_format != self.method.weight_format:
+            device = self.weight.device
+            method.create_weights(self, self.in_features, self.out_features, self.bias is not None)
+            self.to(device)
         self.method = method
 
     def process_weights_after_loading(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import re
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ _ROPE_SCALING_FLOATS: dict[str, str] = {
     "yarn_beta_slow": "beta_slow",
 }
 
+# Types kept as they are (float ones are always dequantized): the ones layers/gguf_ops.py computes on.
+_FLOAT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
+
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -81,6 +85,20 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 def _round_f32(value: float) -> float:
     """Shortest decimal that rounds to the same float32 (GGUF stores 1e-5 as 9.99999974e-06)."""
     return float(str(np.float32(value)))
+
+
+@dataclasses.dataclass(frozen=True)
+class GgufTensor:
+    """A weight kept in its file's block format: `data` [out, row_bytes] uint8 (Q/K rows already in Hugging
+    Face's order), `qtype` its ggml type, `shape` the logical (out, in)."""
+
+    data: torch.Tensor
+    qtype: GGMLQuantizationType
+    shape: tuple[int, int]
+
+    def to(self, device: torch.device | str) -> GgufTensor:
+        """The same tensor on `device`."""
+        return dataclasses.replace(self, data=self.data.to(device))
 
 
 class GgufSource:
@@ -203,10 +221,22 @@ class GgufSource:
                 scaling[hf_key] = _round_f32(value)
         return scaling
 
-    def iter_weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (HF name, tensor in `dtype`) for every tensor, dequantizing one at a time."""
+    def iter_weights(self, dtype: torch.dtype, keep_quantized: bool = False
+                     ) -> Iterator[tuple[str, torch.Tensor | GgufTensor]]:
+        """Yield (HF name, tensor in `dtype`) for every tensor, dequantizing one at a time; with
+        `keep_quantized`, block-quantized matrices come as GgufTensor instead (the file's bytes)."""
         for hf_name, tensor in self._tensors:
-            yield hf_name, torch.from_numpy(self._dequantize(hf_name, tensor)).to(dtype)
+            if keep_quantized and tensor.tensor_type not in _FLOAT_TYPES and len(tensor.shape) == 2:
+                yield hf_name, self._quantized(hf_name, tensor)
+            else:
+                yield hf_name, torch.from_numpy(self._dequantize(hf_name, tensor)).to(dtype)
+
+    def _quantized(self, hf_name: str, tensor: ReaderTensor) -> GgufTensor:
+        """One matrix as its rows of blocks, [out, row_bytes], Q/K rows unpermuted like the values would be."""
+        rows = np.array(tensor.data).reshape(int(tensor.shape[1]), -1)  # a copy: the memmap stays read-only
+        if self.architecture in _PERMUTED_ARCHITECTURES:
+            rows = np.ascontiguousarray(self._unpermute(hf_name, rows))
+        return GgufTensor(torch.from_numpy(rows), tensor.tensor_type, (int(tensor.shape[1]), int(tensor.shape[0])))
 
     def _dequantize(self, hf_name: str, tensor: ReaderTensor) -> np.ndarray:
         """Dequantize one tensor to float32 in HF shape, undoing the Q/K permutation."""

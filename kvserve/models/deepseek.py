@@ -32,6 +32,7 @@ from kvserve.config import ModelConfig
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.layers.activation import silu_and_mul
+from kvserve.layers.embedding import VocabEmbedding
 from kvserve.layers.linear import Linear
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding, apply_rotary
@@ -367,7 +368,7 @@ class DeepseekModel(nn.Module):
 
     def __init__(self, cfg: DeepseekConfig, max_position: int, attention_backend: MLABackend) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
         # RoPE covers only the decoupled d_r part of queries and keys.
         self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(DeepseekDecoderLayer(cfg, i, attention_backend) for i in range(cfg.num_layers))

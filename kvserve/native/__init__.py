@@ -27,12 +27,18 @@ SOURCE_DIR = pathlib.Path(__file__).parent
 # process to flush-to-zero.
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
          "-fno-trapping-math", "-shared", "-fPIC")
+# The GGUF block formats gguf_matmul.c computes on (ggml type names, lower case).
+GGUF_KERNEL_TYPES = ("f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
 _PTR, _INT64, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # Every exported C function: library -> {function: (return type, argument types)}, set once at load.
 SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
     "paged_decode": {"paged_decode_f32": (ctypes.c_int, [_PTR] * 6 + [_INT64] * 6 + [_FLOAT])},
     "gemv": {"gemv_f32": (None, [_PTR] * 3 + [_INT64] * 2)},
     "rms_norm": {"rms_norm_f32": (None, [_PTR] * 3 + [_INT64] * 2 + [_FLOAT])},
+    "gguf_matmul": {
+        **{f"gguf_matmul_{kind}": (None, [_PTR] * 3 + [_INT64] * 4) for kind in GGUF_KERNEL_TYPES},
+        **{f"gguf_dequantize_{kind}": (None, [_PTR] * 3 + [_INT64] * 2) for kind in GGUF_KERNEL_TYPES},
+    },
 }
 
 

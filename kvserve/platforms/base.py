@@ -14,6 +14,7 @@ from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.layers.linear import Linear
 from kvserve.layers.norm import NormKernel, RMSNorm, rms_norm
 from kvserve.layers.quantization import LinearMethod, UnquantizedLinearMethod
+from kvserve.loader.gguf import GgufSource
 
 if TYPE_CHECKING:
     from kvserve.runner.model_runner import ModelRunner
@@ -32,24 +33,42 @@ class Platform:
     def restore(self) -> None:
         """Undo what `configure` changed, where it can be undone."""
 
+    def resolve_quantization(self, requested: str | None, source: object, dtype: torch.dtype) -> str | None:
+        """The weight format a model loads in: `requested`, or by default gguf for a .gguf file where this
+        platform computes on it; None (dequantized) otherwise."""
+        if requested == "none":
+            return None
+        if requested == "gguf" and not isinstance(source, GgufSource):
+            raise ValueError("quantization='gguf' needs a .gguf model file")
+        if requested is None:
+            return "gguf" if isinstance(source, GgufSource) and self.computes_on_gguf(dtype) else None
+        return requested
+
+    def computes_on_gguf(self, dtype: torch.dtype) -> bool:
+        """Whether GGUF block formats can be computed on here (the CPU's compiled kernels)."""
+        return False
+
     def linear_method(self, dtype: torch.dtype, quantization: str | None = None) -> LinearMethod:
         """The method every Linear of a `dtype` model computes with."""
         if quantization is not None:
-            raise ValueError(f"quantization {quantization!r} is not supported")
+            raise ValueError(f"quantization {quantization!r} is not supported on {self.device.type} with {dtype}")
         return UnquantizedLinearMethod()
 
     def norm_kernel(self, dtype: torch.dtype) -> NormKernel:
         """The RMSNorm implementation for a `dtype` model."""
         return rms_norm
 
-    def prepare_model(self, model: nn.Module, dtype: torch.dtype) -> None:
-        """Before loading: give every Linear this platform's method and every RMSNorm its kernel."""
-        method, kernel = self.linear_method(dtype), self.norm_kernel(dtype)
+    def prepare_model(self, model: nn.Module, dtype: torch.dtype, quantization: str | None = None) -> None:
+        """Before loading: give every Linear (embeddings too) this platform's method for the weight format, and
+        every RMSNorm its kernel; a tied LM head then shares the embedding's new weight again."""
+        method, kernel = self.linear_method(dtype, quantization), self.norm_kernel(dtype)
         for module in model.modules():
             if isinstance(module, Linear):
                 module.set_method(method)
             elif isinstance(module, RMSNorm):
                 module.kernel = kernel
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
 
     def step_context(self, num_tokens: int) -> AbstractContextManager[None]:
         """What the runner enters around a step of `num_tokens` tokens."""

@@ -9,11 +9,12 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from kvserve.config import EngineConfig
-from kvserve.layers import native_ops, onednn
+from kvserve.layers import gguf_ops, native_ops, onednn
 from kvserve.layers.host_blas import HostBlasStep
 from kvserve.layers.norm import NormKernel
 from kvserve.layers.quantization import LinearMethod
 from kvserve.layers.quantization.cpu import CpuLinearMethod
+from kvserve.layers.quantization.gguf import GgufLinearMethod
 from kvserve.platforms.base import Platform
 from kvserve.platforms.host_malloc import keep_freed_memory
 
@@ -49,8 +50,15 @@ class CpuPlatform(Platform):
             torch.set_num_threads(self._previous_threads)
             self._previous_threads = None
 
+    def computes_on_gguf(self, dtype: torch.dtype) -> bool:
+        """float32 with the compiled kernels on (cpu_native_kernels) and built."""
+        return self.use_native_kernels and gguf_ops.available()
+
     def linear_method(self, dtype: torch.dtype, quantization: str | None = None) -> LinearMethod:
-        """Float32: CpuLinearMethod with the fast paths the options allow; else the plain method."""
+        """gguf: GgufLinearMethod; float32: CpuLinearMethod with the fast paths the options allow; else the plain
+        method."""
+        if quantization == "gguf" and self.computes_on_gguf(dtype):
+            return GgufLinearMethod()
         if dtype != torch.float32 or quantization is not None:
             return super().linear_method(dtype, quantization)
         return CpuLinearMethod(self.use_native_kernels, self.config.platform.cpu_packed_weights and onednn.available(),

@@ -36,6 +36,8 @@ class ModelRunner:
         self.platform = platform
         self.device = platform.device
         self.attention_backend = attention_backend  # the one the model's attention layers run on
+        # The weight format: gguf (the file's blocks, computed on) or None (dequantized to the model dtype).
+        self.quantization = platform.resolve_quantization(config.load.quantization, source, config.load.torch_dtype)
         self.model = self._load_model(config.load.torch_dtype, model_config, source, max_model_len, show_progress)
         self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
@@ -52,8 +54,10 @@ class ModelRunner:
         """Build the model on the device, give its layers the platform's kernels, stream the checkpoint in
         (with a progress bar) and let the layers process their weights."""
         model = build_model(model_config, max_model_len, self.attention_backend).to(self.device, dtype)
-        self.platform.prepare_model(model, dtype)
-        weights = tqdm(source.iter_weights(dtype), total=source.num_weight_tensors,
+        self.platform.prepare_model(model, dtype, self.quantization)
+        weights = source.iter_weights(dtype, keep_quantized=True) if self.quantization == "gguf" else \
+            source.iter_weights(dtype)
+        weights = tqdm(weights, total=source.num_weight_tensors,
                        desc="Loading weights", unit="tensor", disable=not show_progress,
                        leave=False)
         with torch.no_grad():

@@ -12,6 +12,7 @@ from threadpoolctl import threadpool_info
 from kvserve import LLM
 from kvserve.config import EngineConfig
 from kvserve.layers import native_ops, onednn
+from kvserve.layers.embedding import VocabEmbedding
 from kvserve.layers.linear import Linear
 from kvserve.layers.norm import rms_norm
 from kvserve.layers.quantization import UnquantizedLinearMethod
@@ -88,15 +89,16 @@ def test_configure_sets_threads_and_restore_undoes_it() -> None:
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(kv_cache_memory=16 * 2**20, max_num_batched_tokens=64, show_progress=False)
+    return LLM(quantization="none", kv_cache_memory=16 * 2**20, max_num_batched_tokens=64, show_progress=False)
 
 
 def test_engine_layers_get_the_platforms_kernels(llm: LLM) -> None:
     from kvserve.layers.norm import RMSNorm
 
     modules = list(llm.engine.runner.model.modules())
-    methods = {type(m.method) for m in modules if isinstance(m, Linear)}
+    methods = {type(m.method) for m in modules if isinstance(m, Linear) and not isinstance(m, VocabEmbedding)}
     assert methods == {CpuLinearMethod}
+    assert type(llm.engine.runner.model.model.embed_tokens.method) is UnquantizedLinearMethod  # lookups only
     kernels = {m.kernel for m in modules if isinstance(m, RMSNorm)}
     assert kernels == {native_ops.rms_norm if NATIVE else rms_norm}
 
@@ -105,7 +107,7 @@ def test_packed_copies_are_counted_in_model_memory(llm: LLM) -> None:
     if not onednn.available():
         pytest.skip("this torch build has no oneDNN packed linear")
     runner = llm.engine.runner
-    linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
+    linears = [m for m in runner.model.modules() if isinstance(m, Linear) and not isinstance(m, VocabEmbedding)]
     plain = sum(m.weight.numel() * 4 for m in linears)  # the tied LM head is the embedding: counted once below
     assert runner.packed_weight_bytes == plain
     params = {p.data_ptr(): p.numel() * 4 for p in runner.model.parameters()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -10,8 +11,11 @@ class LinearMethod:
     """Creates a layer's parameters, prepares them once after loading, and applies the layer.
 
     Chosen once per model at load (by the platform and the quantization config), never per call:
-    `Linear.forward` is one call to `apply`.
+    `Linear.forward` is one call to `apply`. Methods that share `weight_format` hold the same parameters, so a
+    layer switches between them without re-creating its weights.
     """
+
+    weight_format = "dense"  # weight [out, in] in the model dtype (+ bias [out])
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
         """Register the layer's parameters (with their weight loaders)."""
@@ -23,6 +27,14 @@ class LinearMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out]."""
         raise NotImplementedError
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` [T] of the weight -> [T, in] (a vocabulary embedding is an LM head's weight read by row)."""
+        return F.embedding(ids, layer.weight)
+
+    def embedding_method(self) -> LinearMethod:
+        """The method for an embedding of this format (which only looks rows up: no packed copies)."""
+        return self
 
     def derived_bytes(self, layer: nn.Module) -> int:
         """Bytes held beside the layer's parameters (packed copies); counted in the model's memory."""

@@ -49,6 +49,10 @@ class CpuLinearMethod(UnquantizedLinearMethod):
             return F.linear(x, layer.weight, layer.bias)
         return y if layer.bias is None else y.add_(layer.bias)
 
+    def embedding_method(self) -> UnquantizedLinearMethod:
+        """The plain method: an embedding needs no packed copy (a tied LM head packs its own)."""
+        return UnquantizedLinearMethod()
+
     def derived_bytes(self, layer: nn.Module) -> int:
         """Bytes of the oneDNN-packed copy."""
         packed = layer.packed_weight

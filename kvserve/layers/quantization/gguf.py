@@ -1,0 +1,83 @@
+"""GGUF weights computed on in their file's block formats (Q4_0 ... Q6_K): no float copy is ever made.
+
+A layer's `weight` is one uint8 parameter holding its checkpoint shards' bytes back to back (a fused QKV may
+mix formats: Q4_K_M files store V in Q6_K). `weight.segments` lists (ggml type, first output row, rows
+[n, row_bytes]) runs of one format; `apply` runs the compiled kernel once per run, into its columns of the
+output. Float matrices that reach such a layer (an F16 LM head) are kept as F32 rows of the same kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType
+from torch import nn
+
+from kvserve.layers import gguf_ops
+from kvserve.layers.quantization.base import LinearMethod
+from kvserve.loader.gguf import GgufTensor
+from kvserve.loader.model_loader import set_weight_loader
+
+
+class GgufLinearMethod(LinearMethod):
+    """float32 activations x [T, in] against GGUF-quantized W [out, in] (CPU, layers/gguf_ops.py)."""
+
+    weight_format = "gguf"
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
+        """An empty uint8 `weight` filled shard by shard at load, and a float `bias` [out] as usual."""
+        layer.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+        layer.weight.shards = {}  # shard id -> GgufTensor until process_weights_after_loading
+        layer.weight.segments = []
+        set_weight_loader(layer.weight, lambda param, tensor, shard_id: self._load(layer, param, tensor, shard_id),
+                          len(layer.output_sizes))
+        layer.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        if layer.bias is not None:
+            set_weight_loader(layer.bias, layer.weight_loader, len(layer.output_sizes))
+
+    @staticmethod
+    def _load(layer: nn.Module, param: nn.Parameter, tensor: GgufTensor | torch.Tensor, shard_id: int | None) -> None:
+        """Keep one checkpoint shard: a GgufTensor as it is, a float matrix as F32 rows."""
+        rows = layer.output_sizes[shard_id or 0]
+        if not isinstance(tensor, GgufTensor):
+            dense = tensor.to(torch.float32).contiguous()
+            tensor = GgufTensor(dense.view(torch.uint8).view(dense.shape[0], -1), GGMLQuantizationType.F32,
+                                tuple(dense.shape))
+        if tensor.shape != (rows, layer.in_features):
+            raise ValueError(f"has shape {tensor.shape}, expected {(rows, layer.in_features)}")
+        if not gguf_ops.supports(tensor.qtype, layer.in_features):
+            raise ValueError(f"is {tensor.qtype.name}, which kvserve cannot compute on (it can: "
+                             f"{', '.join(t.name for t in gguf_ops.KERNEL_NAMES)}); load with quantization='none'")
+        param.shards[shard_id or 0] = tensor
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Lay the shards' bytes end to end in `weight` and record the runs of one format (once: a tied LM head
+        shares the embedding's parameter)."""
+        param = layer.weight
+        if not param.shards:
+            return
+        shards = [param.shards[index] for index in sorted(param.shards)]
+        param.data = torch.cat([shard.data.reshape(-1) for shard in shards])
+        runs: list[list] = []  # [ggml type, first output row, first byte, rows]
+        first_row = offset = 0
+        for shard in shards:
+            if runs and runs[-1][0] == shard.qtype:
+                runs[-1][3] += shard.shape[0]
+            else:
+                runs.append([shard.qtype, first_row, offset, shard.shape[0]])
+            first_row, offset = first_row + shard.shape[0], offset + shard.data.numel()
+        row_bytes = {qtype: gguf_ops.row_bytes(qtype, layer.in_features) for qtype, *_ in runs}
+        param.segments = [(qtype, start, param.data[byte:byte + rows * row_bytes[qtype]].view(rows, -1))
+                          for qtype, start, byte, rows in runs]
+        param.shards = {}
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] -> [T, out]: one kernel call per run of one format, into its output columns."""
+        y = x.new_empty(x.shape[0], layer.out_features)
+        for qtype, start, weight in layer.weight.segments:
+            gguf_ops.matmul(x, weight, qtype, y[:, start:start + weight.shape[0]])
+        return y if layer.bias is None else y.add_(layer.bias)
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` [T] dequantized -> [T, in] float32."""
+        (qtype, _, weight), = layer.weight.segments
+        return gguf_ops.dequantize_rows(weight, qtype, ids, layer.in_features)

@@ -1,0 +1,68 @@
+"""The bundled model runs on its GGUF blocks by default: the file's bytes in memory, the dequantized model's
+greedy tokens, and `quantization` choosing between the two."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGUFReader
+
+from kvserve import LLM, SamplingParams
+from kvserve.config import EngineConfig
+from kvserve.layers import gguf_ops
+from kvserve.layers.quantization.gguf import GgufLinearMethod
+from kvserve.loader.weights import resolve_model_path
+from kvserve.platforms import get_platform
+
+pytestmark = pytest.mark.skipif(not gguf_ops.available(), reason="no C compiler: the GGUF kernels cannot build")
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "请用中文介绍一下长城。",
+           "Once upon a time, in a small village by the sea, there lived an old fisherman who"]
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def native() -> LLM:
+    return LLM(kv_cache_memory=32 * 2**20, show_progress=False)
+
+
+def _token_ids(llm: LLM) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def test_bundled_model_defaults_to_its_gguf_blocks_and_holds_only_the_files_bytes(native: LLM) -> None:
+    runner = native.engine.runner
+    assert runner.quantization == "gguf"
+    assert all(type(layer.method) is GgufLinearMethod for layer in runner.model.modules() if hasattr(layer, "method"))
+    file_tensor_bytes = sum(int(t.n_bytes) for t in GGUFReader(resolve_model_path(None)).tensors)
+    # The GGUF tensors (66 MB of Q4_1 layers, a 30 MB Q8_0 embedding that is also the LM head, F32 norms) plus
+    # the rotary tables: no float32 copy, no packed copy.
+    assert file_tensor_bytes <= native.stats().model_bytes < file_tensor_bytes + 2**20
+
+
+def test_greedy_tokens_equal_the_dequantized_models(native: LLM) -> None:
+    # The kernels compute with the dequantized values (float32 activations): the same model up to summation order.
+    dequantized = LLM(quantization="none", kv_cache_memory=32 * 2**20, show_progress=False)
+    try:
+        assert dequantized.engine.runner.quantization is None
+        assert dequantized.stats().model_bytes > 500e6
+        assert _token_ids(native) == _token_ids(dequantized)
+    finally:
+        dequantized.engine.shutdown()
+
+
+def test_quantization_option_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"quantization must be one of \['none', 'gguf'\], got 'int3'"):
+        LLM(quantization="int3", show_progress=False)
+    platform = get_platform(EngineConfig())
+    with pytest.raises(ValueError, match="quantization='gguf' needs a .gguf model file"):
+        platform.resolve_quantization("gguf", object(), torch.float32)  # a safetensors source
+    assert platform.resolve_quantization(None, object(), torch.float32) is None
+
+
+def test_without_the_compiled_kernels_the_file_is_dequantized() -> None:
+    llm = LLM(cpu_native_kernels=False, kv_cache_memory=16 * 2**20, show_progress=False)
+    try:
+        assert llm.engine.runner.quantization is None
+    finally:
+        llm.engine.shutdown()
