@@ -228,6 +228,9 @@ class PlatformConfig:
     cpu_blas_max_tokens: int = field(default=1, metadata={
         "help": "CPU float32 without the compiled GEMV: steps of up to this many tokens run their matmuls on "
                 "numpy's OpenBLAS with torch single-threaded (faster than MKL's GEMV for batch-1 decode); 0: off"})
+    cpu_fused_decode: bool = field(default=True, metadata={
+        "help": "CPU float32 Llama models with the compiled kernels: run the layers of decode-only steps in one "
+                "compiled call (the same kernels, without Python between them); dense weights only at batch 1"})
     cpu_packed_weights: bool = field(default=True, metadata={
         "help": "CPU float32: also keep every linear weight in oneDNN's packed layout, for steps of several "
                 "tokens (batched decode, prefill); costs a second copy of the weights"})

@@ -8,6 +8,8 @@ result is the dequantized model's up to summation order. `reference_matmul` is t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -42,14 +44,18 @@ def row_bytes(qtype: GGMLQuantizationType, in_features: int) -> int:
     return in_features // values_per_block * block_bytes
 
 
+def kernel(qtype: GGMLQuantizationType) -> Callable[..., None]:
+    """The compiled matmul for `qtype`: (x*, W*, y*, rows, in, n, ldy) -> None, y [rows, ldy] float32."""
+    return getattr(native.load("gguf_matmul"), f"gguf_matmul_{KERNEL_NAMES[qtype]}")
+
+
 def matmul(x: torch.Tensor, weight: torch.Tensor, qtype: GGMLQuantizationType, out: torch.Tensor) -> None:
     """out [T, n] (a view with unit column stride, e.g. a column slice) = x [T, in] @ W^T for weight
     [n, row_bytes] uint8 in `qtype`; float32, CPU."""
     rows, in_features = x.shape
     assert out.stride(1) == 1 and weight.is_contiguous() and x.dtype == torch.float32
     x = x.contiguous()
-    function = getattr(native.load("gguf_matmul"), f"gguf_matmul_{KERNEL_NAMES[qtype]}")
-    function(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, in_features, weight.shape[0], out.stride(0))
+    kernel(qtype)(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, in_features, weight.shape[0], out.stride(0))
 
 
 def dequantize_rows(weight: torch.Tensor, qtype: GGMLQuantizationType, ids: torch.Tensor,

@@ -18,6 +18,9 @@ class DecoderForCausalLM(nn.Module):
     and `self.lm_head`, call `tie_weights()`, and declare their fused modules in `packed_modules_mapping`."""
 
     packed_modules_mapping: dict[str, list[str]] = {}
+    # Set by the platform once the KV cache exists: runs whole decode steps in one compiled call where it can
+    # (models/llama_decode.py); None: every step runs the modules.
+    fused_decode = None
 
     def tie_weights(self) -> None:
         """With tie_word_embeddings the LM head's weight [vocab, hidden] is the embedding's (one parameter)."""
@@ -27,6 +30,10 @@ class DecoderForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[LayerKVCache], metadata: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden_size]."""
+        if self.fused_decode is not None:
+            hidden = self.fused_decode.forward(self, input_ids, positions, metadata)
+            if hidden is not None:
+                return hidden
         hidden = self.model.embed_tokens(input_ids)
         cos_sin = self.model.rotary.lookup(positions, hidden.dtype)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):

@@ -35,6 +35,7 @@ SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
     "paged_decode": {"paged_decode_f32": (ctypes.c_int, [_PTR] * 6 + [_INT64] * 6 + [_FLOAT])},
     "gemv": {"gemv_f32": (None, [_PTR] * 3 + [_INT64] * 2)},
     "rms_norm": {"rms_norm_f32": (None, [_PTR] * 3 + [_INT64] * 2 + [_FLOAT])},
+    "llama_decode": {"llama_decode_layers": (ctypes.c_int, [_PTR] * 3 + [_INT64] + [_PTR] * 5 + [_INT64])},
     "gguf_matmul": {
         **{f"gguf_matmul_{kind}": (None, [_PTR] * 3 + [_INT64] * 4) for kind in GGUF_KERNEL_TYPES},
         **{f"gguf_dequantize_{kind}": (None, [_PTR] * 3 + [_INT64] * 2) for kind in GGUF_KERNEL_TYPES},
@@ -55,7 +56,9 @@ def load(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler found: %s.c is not built, its callers stay on torch", name)
         return None
-    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + _cpu_features().encode())
+    # Every source here, not only this one: a file may #include another (llama_decode.c does).
+    sources = b"".join(path.read_bytes() for path in sorted(SOURCE_DIR.glob("*.c")))
+    digest = hashlib.sha256(source.read_bytes() + sources + " ".join(FLAGS).encode() + _cpu_features().encode())
     library = cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
     if not library.exists():
         try:

@@ -70,6 +70,10 @@ class Platform:
         if hasattr(model, "tie_weights"):
             model.tie_weights()
 
+    def fused_decode(self, model: nn.Module, attention_backend: object, kv_caches: list) -> object | None:
+        """What runs whole decode steps of `model` in one call over these caches, or None (the modules do)."""
+        return None
+
     def step_context(self, num_tokens: int) -> AbstractContextManager[None]:
         """What the runner enters around a step of `num_tokens` tokens."""
         return nullcontext()

@@ -7,6 +7,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from threadpoolctl import threadpool_limits
+from torch import nn
 
 from kvserve.config import EngineConfig
 from kvserve.layers import gguf_ops, native_ops, onednn
@@ -15,6 +16,7 @@ from kvserve.layers.norm import NormKernel
 from kvserve.layers.quantization import LinearMethod
 from kvserve.layers.quantization.cpu import CpuLinearMethod
 from kvserve.layers.quantization.gguf import GgufLinearMethod
+from kvserve.models.llama_decode import FusedLlamaDecode
 from kvserve.platforms.base import Platform
 from kvserve.platforms.host_malloc import keep_freed_memory
 
@@ -63,6 +65,14 @@ class CpuPlatform(Platform):
             return super().linear_method(dtype, quantization)
         return CpuLinearMethod(self.use_native_kernels, self.config.platform.cpu_packed_weights and onednn.available(),
                                self.blas_step)
+
+    def fused_decode(self, model: nn.Module, attention_backend: object, kv_caches: list) -> FusedLlamaDecode | None:
+        """The compiled Llama decode step (cpu_fused_decode) where the model, its weights and the caches allow."""
+        decode_kernel = getattr(attention_backend, "use_kernel", False)  # the cpu backend's paged decode
+        if not (self.config.platform.cpu_fused_decode and self.use_native_kernels
+                and FusedLlamaDecode.supports(model, kv_caches, decode_kernel)):
+            return None
+        return FusedLlamaDecode(model, kv_caches)
 
     def norm_kernel(self, dtype: torch.dtype) -> NormKernel:
         """The compiled RMSNorm (one pass instead of ~6 torch ops) where the native kernels run."""

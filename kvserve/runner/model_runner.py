@@ -82,6 +82,7 @@ class ModelRunner:
         dtype = next(self.model.parameters()).dtype
         self.kv_caches = allocate_kv_caches(specs, num_blocks, block_size, self.device, dtype, num_residual_slots)
         self.block_size = block_size
+        self.model.fused_decode = self.platform.fused_decode(self.model, self.attention_backend, self.kv_caches)
         if any(cache.is_int4 for cache in self.kv_caches):
             self.int4 = Int4ResidualLayout(num_residual_slots, block_size)
 

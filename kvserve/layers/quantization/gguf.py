@@ -68,13 +68,19 @@ class GgufLinearMethod(LinearMethod):
         row_bytes = {qtype: gguf_ops.row_bytes(qtype, layer.in_features) for qtype, *_ in runs}
         param.segments = [(qtype, start, param.data[byte:byte + rows * row_bytes[qtype]].view(rows, -1))
                           for qtype, start, byte, rows in runs]
+        # What `apply` calls, resolved once: a decode step makes ~120 of these calls (kernel, W*, rows, column).
+        param.plan = [(gguf_ops.kernel(qtype), weight.data_ptr(), weight.shape[0], start)
+                      for qtype, start, weight in param.segments]
         param.shards = {}
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """x [T, in] -> [T, out]: one kernel call per run of one format, into its output columns."""
-        y = x.new_empty(x.shape[0], layer.out_features)
-        for qtype, start, weight in layer.weight.segments:
-            gguf_ops.matmul(x, weight, qtype, y[:, start:start + weight.shape[0]])
+        """x [T, in] float32 -> [T, out]: one kernel call per run of one format, into its output columns."""
+        x = x.contiguous()
+        rows, num_out = x.shape[0], layer.out_features
+        y = x.new_empty(rows, num_out)
+        x_address, y_address = x.data_ptr(), y.data_ptr()
+        for kernel, weight_address, num_rows, start in layer.weight.plan:
+            kernel(x_address, weight_address, y_address + 4 * start, rows, layer.in_features, num_rows, num_out)
         return y if layer.bias is None else y.add_(layer.bias)
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:

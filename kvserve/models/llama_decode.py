@@ -1,0 +1,119 @@
+"""A Llama decode step's layers in one compiled call (native/llama_decode.c), where the step allows it.
+
+The module path pays Python and torch dispatch for ~20 ops per layer, more than the 4-bit matmuls themselves
+take at batch 1. `FusedLlamaDecode` describes the loaded model to the kernel once (weight pointers, norms, the
+KV-cache tensors) and then runs the layers of a step whose tokens are all single-token decodes on plain float32
+caches. Same kernels as the module path (GGUF blocks or float32 rows, RMSNorm, paged decode attention); RoPE and
+SiLU in C. Anything else (prefill chunks, int8 / int4 caches, windows, Qwen3's QK-norm) returns None and the
+caller runs the modules.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from kvserve import native
+from kvserve.attention.torch_metadata import TorchAttentionMetadata
+from kvserve.kv.kv_cache import LayerKVCache
+from kvserve.layers import gguf_ops
+from kvserve.layers.linear import Linear
+from kvserve.layers.quantization.gguf import GgufLinearMethod
+
+_MAX_SEGMENTS = 4  # llama_decode.c's MAX_SEGMENTS
+_F32 = native.GGUF_KERNEL_TYPES.index("f32")
+
+
+class _Segment(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int64), ("rows", ctypes.c_int64), ("first_row", ctypes.c_int64),
+                ("weight", ctypes.c_void_p)]
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("num_segments", ctypes.c_int64), ("segments", _Segment * _MAX_SEGMENTS), ("bias", ctypes.c_void_p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p), ("qkv", _Linear),
+                ("o", _Linear), ("gate_up", _Linear), ("down", _Linear), ("key_cache", ctypes.c_void_p),
+                ("value_cache", ctypes.c_void_p)]
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in ("hidden", "num_heads", "num_kv_heads", "head_dim",
+                                                     "intermediate", "block_size", "num_layers")] + \
+               [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+class FusedLlamaDecode:
+    """The kernel's description of one loaded Llama model and its KV caches."""
+
+    def __init__(self, model: nn.Module, kv_caches: list[LayerKVCache]) -> None:
+        config = model.config
+        layers = model.model.layers
+        self.dense = not isinstance(layers[0].mlp.down_proj.method, GgufLinearMethod)  # float32 [out, in] rows
+        self.layers = (_Layer * len(layers))(*(_layer(layer, cache) for layer, cache in zip(layers, kv_caches,
+                                                                                             strict=True)))
+        self.shape = _Shape(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+                            config.intermediate_size, kv_caches[0].key.shape[1], len(layers),
+                            layers[0].input_layernorm.eps, layers[0].self_attn.attn.scale)
+        self.kernel = native.load("llama_decode").llama_decode_layers
+
+    @staticmethod
+    def supports(model: nn.Module, kv_caches: list[LayerKVCache], decode_kernel: bool) -> bool:
+        """Whether the model and caches are what the kernel computes: a Llama without QK-norm, float32, every
+        Linear on GGUF blocks or float32 rows, plain float32 caches read by the paged decode kernel."""
+        if type(model).__name__ != "LlamaForCausalLM" or model.config.use_qk_norm or not decode_kernel:
+            return False
+        if native.load("llama_decode") is None or not kv_caches:
+            return False
+        if any(cache.key.dtype != torch.float32 or cache.is_quantized or cache.is_int4 for cache in kv_caches):
+            return False
+        linears = [m for m in model.model.layers.modules() if isinstance(m, Linear)]
+        return all(_segments(linear) is not None for linear in linears)
+
+    def forward(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+                metadata: TorchAttentionMetadata) -> torch.Tensor | None:
+        """Final hidden states [T, hidden] of a step of T single-token decodes, or None for any other step."""
+        num_tokens = input_ids.shape[0]
+        if (metadata.num_decodes != num_tokens or metadata.prefills or metadata.int4 is not None
+                or metadata.window is not None or (self.dense and num_tokens > 1)):
+            return None  # dense float32 batches: the module path's oneDNN matmuls are faster
+        hidden = model.model.embed_tokens(input_ids).contiguous()  # a fresh [T, H], updated in place
+        cos, sin = model.model.rotary.lookup(positions, torch.float32)  # [T, 1, D] each
+        cos, sin = cos.contiguous(), sin.contiguous()
+        tables, seq_lens = metadata.decode_block_tables, metadata.decode_seq_lens
+        status = self.kernel(ctypes.byref(self.layers), ctypes.byref(self.shape), hidden.data_ptr(), num_tokens,
+                             cos.data_ptr(), sin.data_ptr(), metadata.slot_mapping.data_ptr(), tables.data_ptr(),
+                             seq_lens.data_ptr(), tables.shape[1])
+        if status != 0:
+            raise MemoryError("the fused decode step could not allocate its buffers")
+        return model.model.norm(hidden)
+
+
+def _layer(layer: nn.Module, cache: LayerKVCache) -> _Layer:
+    attention, mlp = layer.self_attn, layer.mlp
+    return _Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                  _linear(attention.qkv_proj), _linear(attention.o_proj), _linear(mlp.gate_up_proj),
+                  _linear(mlp.down_proj), cache.key.data_ptr(), cache.value.data_ptr())
+
+
+def _linear(layer: Linear) -> _Linear:
+    segments = _segments(layer)
+    described = _Linear(len(segments), (_Segment * _MAX_SEGMENTS)(*segments))
+    described.bias = None if layer.bias is None else layer.bias.data_ptr()
+    return described
+
+
+def _segments(layer: Linear) -> list[_Segment] | None:
+    """The kernel's runs of a Linear: its GGUF runs, or its float32 weight as one F32 run; None if neither."""
+    if isinstance(layer.method, GgufLinearMethod):
+        runs = [_Segment(native.GGUF_KERNEL_TYPES.index(gguf_ops.KERNEL_NAMES[qtype]), weight.shape[0], start,
+                         weight.data_ptr()) for qtype, start, weight in layer.weight.segments]
+        return runs if len(runs) <= _MAX_SEGMENTS else None
+    weight = layer.weight
+    if weight.dtype != torch.float32 or not weight.is_contiguous() or layer.in_features % 32:
+        return None
+    return [_Segment(_F32, layer.out_features, 0, weight.data_ptr())]

@@ -1,0 +1,116 @@
+/* A whole decode step of a Llama-family model's layers in one call: hidden [B, H] -> hidden after every layer.
+ *
+ * The module path spends ~350 us per layer in Python and torch dispatch around its matmuls (30 layers: ~10 ms a
+ * token on 2 cores, more than the 4-bit weights take to stream). Here each layer is the same kernels in a row,
+ * without leaving C: RMSNorm (rms_norm.c), QKV on GGUF blocks or float32 rows (gguf_matmul.c), RoPE, the
+ * K/V rows into their cache slots, paged decode attention (paged_decode.c), O, residual, RMSNorm, gate/up,
+ * SiLU * up, down, residual. Only batches of single-token decodes on plain float32 caches come here
+ * (models/llama_decode.py decides); everything else stays on the module path.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gguf_matmul.c"
+#include "paged_decode.c"
+#include "rms_norm.c"
+
+typedef void (*matmul_fn)(const float *, const uint8_t *, float *, int64_t, int64_t, int64_t, int64_t);
+
+// In the order of native/__init__.py's GGUF_KERNEL_TYPES: a segment's `kind` indexes this table.
+static const matmul_fn KERNELS[] = {gguf_matmul_f32,  gguf_matmul_f16,  gguf_matmul_q4_0, gguf_matmul_q4_1,
+                                    gguf_matmul_q5_0, gguf_matmul_q5_1, gguf_matmul_q8_0, gguf_matmul_q4_k,
+                                    gguf_matmul_q5_k, gguf_matmul_q6_k};
+
+#define MAX_SEGMENTS 4
+
+typedef struct {  // a run of output rows in one format
+    int64_t kind, rows, first_row;
+    const uint8_t *weight;  // [rows, row_bytes]
+} segment;
+
+typedef struct {  // a Linear: its runs, and its bias or NULL
+    int64_t num_segments;
+    segment segments[MAX_SEGMENTS];
+    const float *bias;  // [out]
+} linear;
+
+typedef struct {
+    const float *input_norm, *post_attention_norm;  // [H]
+    linear qkv, o, gate_up, down;
+    float *key_cache, *value_cache;  // [num_blocks, block_size, Hkv, D]
+} layer;
+
+typedef struct {
+    int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size, num_layers;
+    float eps, scale;
+} shape;
+
+static void apply_linear(const linear *l, const float *x, float *y, int64_t rows, int64_t in, int64_t out) {
+    for (int64_t s = 0; s < l->num_segments; s++) {
+        const segment *seg = &l->segments[s];
+        KERNELS[seg->kind](x, seg->weight, y + seg->first_row, rows, in, seg->rows, out);
+    }
+    if (l->bias)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t o = 0; o < out; o++) y[r * out + o] += l->bias[o];
+}
+
+/* x * cos + rotate_half(x) * sin for one head [D], as layers/rotary.py computes it (two products, one sum:
+ * no fused multiply-add, so that the result is the module path's). */
+__attribute__((optimize("fp-contract=off"))) static void rotate(float *x, const float *cos, const float *sin,
+                                                                int64_t dim) {
+    const int64_t half = dim / 2;
+    float rotated[dim];
+    for (int64_t d = 0; d < half; d++) {
+        rotated[d] = -x[d + half];
+        rotated[d + half] = x[d];
+    }
+    for (int64_t d = 0; d < dim; d++) {
+        const float a = x[d] * cos[d], b = rotated[d] * sin[d];
+        x[d] = a + b;
+    }
+}
+
+/* hidden [B, H] in place through every layer. cos, sin [B, D] (each token's position); slots [B] cache slot
+ * of each token; tables [B, max_blocks], seq_lens [B] as paged_decode_f32 reads them. Returns 0, or -1 when
+ * out of memory. */
+int llama_decode_layers(const layer *layers, const shape *s, float *hidden, int64_t batch, const float *cos,
+                        const float *sin, const int64_t *slots, const int64_t *tables, const int64_t *seq_lens,
+                        int64_t max_blocks) {
+    const int64_t H = s->hidden, D = s->head_dim, Hq = s->num_heads, Hkv = s->num_kv_heads, I = s->intermediate;
+    const int64_t qkv_width = (Hq + 2 * Hkv) * D;
+    float *normed = malloc(sizeof(float) * batch * H), *qkv = malloc(sizeof(float) * batch * qkv_width);
+    float *query = malloc(sizeof(float) * batch * Hq * D), *attended = malloc(sizeof(float) * batch * Hq * D);
+    float *gate_up = malloc(sizeof(float) * batch * 2 * I), *act = malloc(sizeof(float) * batch * I);
+    float *delta = malloc(sizeof(float) * batch * H);
+    int status = (normed && qkv && query && attended && gate_up && act && delta) ? 0 : -1;
+    for (int64_t l = 0; l < s->num_layers && status == 0; l++) {
+        const layer *L = &layers[l];
+        rms_norm_f32(hidden, L->input_norm, normed, batch, H, s->eps);
+        apply_linear(&L->qkv, normed, qkv, batch, H, qkv_width);
+        for (int64_t b = 0; b < batch; b++) {
+            float *row = qkv + b * qkv_width;  // [Hq + 2 Hkv, D]: queries, keys, values
+            for (int64_t h = 0; h < Hq + Hkv; h++) rotate(row + h * D, cos + b * D, sin + b * D, D);
+            memcpy(query + b * Hq * D, row, sizeof(float) * Hq * D);
+            memcpy(L->key_cache + slots[b] * Hkv * D, row + Hq * D, sizeof(float) * Hkv * D);
+            memcpy(L->value_cache + slots[b] * Hkv * D, row + (Hq + Hkv) * D, sizeof(float) * Hkv * D);
+        }
+        status = paged_decode_f32(query, L->key_cache, L->value_cache, tables, seq_lens, attended, batch, Hkv,
+                                  Hq / Hkv, D, s->block_size, max_blocks, s->scale);
+        apply_linear(&L->o, attended, delta, batch, Hq * D, H);
+        for (int64_t i = 0; i < batch * H; i++) hidden[i] += delta[i];
+        rms_norm_f32(hidden, L->post_attention_norm, normed, batch, H, s->eps);
+        apply_linear(&L->gate_up, normed, gate_up, batch, H, 2 * I);
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t i = 0; i < I; i++) {
+                const float gate = gate_up[b * 2 * I + i], up = gate_up[b * 2 * I + I + i];
+                act[b * I + i] = gate / (1.0f + expf(-gate)) * up;
+            }
+        apply_linear(&L->down, act, delta, batch, I, H);
+        for (int64_t i = 0; i < batch * H; i++) hidden[i] += delta[i];
+    }
+    free(normed), free(qkv), free(query), free(attended), free(gate_up), free(act), free(delta);
+    return status;
+}

@@ -1,0 +1,95 @@
+"""The compiled decode step (models/llama_decode.py) against the module path it replaces: the same hidden states
+at every decode step, batched or not, on GGUF blocks and on float32 weights, and the same greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvserve import LLM, SamplingParams
+from kvserve.models.llama_decode import FusedLlamaDecode
+from kvserve.platforms.cpu import CpuPlatform
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "请用中文介绍一下长城。",
+           "Once upon a time, in a small village by the sea, there lived an old fisherman who"]
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def _llm(**options) -> LLM:
+    llm = LLM(kv_cache_memory=32 * 2**20, show_progress=False, **options)
+    if not isinstance(llm.engine.runner.model.fused_decode, FusedLlamaDecode):
+        llm.engine.shutdown()
+        pytest.skip("the compiled decode step does not run here (no C compiler)")
+    return llm
+
+
+@pytest.fixture(scope="module")
+def gguf() -> LLM:
+    return _llm()
+
+
+def _compare_every_step(llm: LLM, prompts: list[str]) -> list[int]:
+    """Generate, running each decode step both ways; returns the batch sizes the fused step ran with.
+    (Compared after the run: the engine turns an exception inside a step into failed requests.)"""
+    model = llm.engine.runner.model
+    fused, forward = model.fused_decode, type(model).forward
+    batches, pairs = [], []
+
+    def both(self, input_ids, positions, kv_caches, metadata):
+        hidden = forward(self, input_ids, positions, kv_caches, metadata)
+        ran = fused.forward(self, input_ids, positions, metadata) is not None
+        self.fused_decode = None  # the module path (its K/V rows overwrite the fused ones with the same values)
+        try:
+            reference = forward(self, input_ids, positions, kv_caches, metadata)
+        finally:
+            self.fused_decode = fused
+        if ran:
+            batches.append(input_ids.shape[0])
+            pairs.append((hidden, reference))
+        return hidden
+
+    model.forward = both.__get__(model)
+    try:
+        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    finally:
+        del model.forward
+    assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in outputs)
+    for hidden, reference in pairs:
+        # Float rounding only (SiLU's exp differs from torch's by an ulp): ~2e-5 on values up to ~50.
+        torch.testing.assert_close(hidden, reference, rtol=0, atol=1e-5 * reference.abs().max().item())
+    return batches
+
+
+def test_gguf_decode_steps_match_the_modules(gguf: LLM) -> None:
+    batches = _compare_every_step(gguf, PROMPTS) + _compare_every_step(gguf, PROMPTS[:1])
+    assert 4 in batches and 1 in batches  # batched and single decodes both ran fused
+
+
+def test_float32_weights_run_fused_at_batch_one_only() -> None:
+    llm = _llm(quantization="none")
+    try:
+        assert _compare_every_step(llm, PROMPTS[:1]).count(1) == GREEDY.max_tokens - 1
+        assert _compare_every_step(llm, PROMPTS[:2]) == []  # two decodes: oneDNN's packed matmuls do it
+    finally:
+        llm.engine.shutdown()
+
+
+def test_greedy_tokens_equal_the_module_paths(gguf: LLM) -> None:
+    modules = LLM(kv_cache_memory=32 * 2**20, cpu_fused_decode=False, show_progress=False)
+    try:
+        assert modules.engine.runner.model.fused_decode is None
+        ids = [[o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+               for llm in (gguf, modules)]
+        assert ids[0] == ids[1]
+    finally:
+        modules.engine.shutdown()
+
+
+def test_steps_it_cannot_run_go_to_the_modules() -> None:
+    # An int8 KV cache: the kernel reads float32 caches only.
+    llm = LLM(kv_cache_memory=32 * 2**20, kv_cache_dtype="int8", show_progress=False)
+    try:
+        assert llm.engine.runner.model.fused_decode is None
+        assert isinstance(llm.engine.platform, CpuPlatform)
+    finally:
+        llm.engine.shutdown()
