@@ -58,6 +58,44 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qtype: GGMLQuantizationType, o
     kernel(qtype)(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, in_features, weight.shape[0], out.stride(0))
 
 
+ACTIVATION_BLOCK_BYTES = 44  # gguf_int8.c's act_block: 32 int8, a float scale, two int32 half sums
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [T, in] float32 -> its 8-bit blocks [T, in / 32, 44] uint8, which int8_matmul reads."""
+    rows, in_features = x.shape
+    x = x.contiguous()
+    blocks = torch.empty(rows, in_features // 32, ACTIVATION_BLOCK_BYTES, dtype=torch.uint8)
+    native.load("gguf_int8").gguf_quantize_activations(x.data_ptr(), blocks.data_ptr(), rows, in_features)
+    return blocks
+
+
+def int8_kernel(qtype: GGMLQuantizationType) -> Callable[..., None]:
+    """The 8-bit-activation matmul for a block format: (blocks*, W*, y*, rows, in, n, ldy) -> None."""
+    return getattr(native.load("gguf_int8"), f"gguf_int8_matmul_{KERNEL_NAMES[qtype]}")
+
+
+def int8_matmul(blocks: torch.Tensor, weight: torch.Tensor, qtype: GGMLQuantizationType, out: torch.Tensor) -> None:
+    """out [T, n] (unit column stride) ~ x @ W^T from x's 8-bit blocks [T, in / 32, 44]."""
+    rows, num_blocks, _ = blocks.shape
+    assert out.stride(1) == 1 and weight.is_contiguous()
+    int8_kernel(qtype)(blocks.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, num_blocks * 32, weight.shape[0],
+                       out.stride(0))
+
+
+def activation_values(blocks: torch.Tensor) -> torch.Tensor:
+    """The values 8-bit blocks [T, in / 32, 44] stand for, q * scale -> float64 [T, in]."""
+    codes = blocks[..., :32].contiguous().view(torch.int8).double()
+    scales = blocks[..., 32:36].contiguous().view(torch.float32).double()
+    return (codes * scales).reshape(blocks.shape[0], -1)
+
+
+def reference_int8_matmul(blocks: torch.Tensor, weight: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """What int8_matmul computes from these blocks, in float64: their values times the dequantized W."""
+    values = activation_values(blocks)
+    return (values @ dequantize_weight(weight, qtype, values.shape[1]).double().t()).float()
+
+
 def dequantize_rows(weight: torch.Tensor, qtype: GGMLQuantizationType, ids: torch.Tensor,
                     in_features: int) -> torch.Tensor:
     """Rows `ids` [T] of a quantized weight [n, row_bytes] -> float32 [T, in_features] (embedding lookup)."""

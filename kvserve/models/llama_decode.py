@@ -43,7 +43,8 @@ class _Layer(ctypes.Structure):
 
 class _Shape(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("hidden", "num_heads", "num_kv_heads", "head_dim",
-                                                     "intermediate", "block_size", "num_layers")] + \
+                                                     "intermediate", "block_size", "num_layers",
+                                                     "int8_activations")] + \
                [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
@@ -56,9 +57,11 @@ class FusedLlamaDecode:
         self.dense = not isinstance(layers[0].mlp.down_proj.method, GgufLinearMethod)  # float32 [out, in] rows
         self.layers = (_Layer * len(layers))(*(_layer(layer, cache) for layer, cache in zip(layers, kv_caches,
                                                                                              strict=True)))
+        method = layers[0].mlp.down_proj.method
         self.shape = _Shape(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
                             config.intermediate_size, kv_caches[0].key.shape[1], len(layers),
-                            layers[0].input_layernorm.eps, layers[0].self_attn.attn.scale)
+                            int(getattr(method, "int8_activations", False)), layers[0].input_layernorm.eps,
+                            layers[0].self_attn.attn.scale)
         self.kernel = native.load("llama_decode").llama_decode_layers
 
     @staticmethod

@@ -36,6 +36,10 @@ SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
     "gemv": {"gemv_f32": (None, [_PTR] * 3 + [_INT64] * 2)},
     "rms_norm": {"rms_norm_f32": (None, [_PTR] * 3 + [_INT64] * 2 + [_FLOAT])},
     "llama_decode": {"llama_decode_layers": (ctypes.c_int, [_PTR] * 3 + [_INT64] + [_PTR] * 5 + [_INT64])},
+    "gguf_int8": {
+        "gguf_quantize_activations": (None, [_PTR] * 2 + [_INT64] * 2),
+        **{f"gguf_int8_matmul_{kind}": (None, [_PTR] * 3 + [_INT64] * 4) for kind in GGUF_KERNEL_TYPES[2:]},
+    },
     "gguf_matmul": {
         **{f"gguf_matmul_{kind}": (None, [_PTR] * 3 + [_INT64] * 4) for kind in GGUF_KERNEL_TYPES},
         **{f"gguf_dequantize_{kind}": (None, [_PTR] * 3 + [_INT64] * 2) for kind in GGUF_KERNEL_TYPES},

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gguf_int8.c"
 #include "gguf_matmul.c"
 #include "paged_decode.c"
 #include "rms_norm.c"
@@ -22,6 +23,13 @@ typedef void (*matmul_fn)(const float *, const uint8_t *, float *, int64_t, int6
 static const matmul_fn KERNELS[] = {gguf_matmul_f32,  gguf_matmul_f16,  gguf_matmul_q4_0, gguf_matmul_q4_1,
                                     gguf_matmul_q5_0, gguf_matmul_q5_1, gguf_matmul_q8_0, gguf_matmul_q4_k,
                                     gguf_matmul_q5_k, gguf_matmul_q6_k};
+
+typedef void (*int8_matmul_fn)(const act_block *, const uint8_t *, float *, int64_t, int64_t, int64_t, int64_t);
+
+// The same formats with 8-bit activations (cpu_gguf_int8_activations), from Q4_0 (kind 2) on.
+static const int8_matmul_fn INT8_KERNELS[] = {gguf_int8_matmul_q4_0, gguf_int8_matmul_q4_1, gguf_int8_matmul_q5_0,
+                                              gguf_int8_matmul_q5_1, gguf_int8_matmul_q8_0, gguf_int8_matmul_q4_k,
+                                              gguf_int8_matmul_q5_k, gguf_int8_matmul_q6_k};
 
 #define MAX_SEGMENTS 4
 
@@ -44,13 +52,21 @@ typedef struct {
 
 typedef struct {
     int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size, num_layers;
+    int64_t int8_activations;  // block formats multiply 8-bit activations (gguf_int8.c)
     float eps, scale;
 } shape;
 
-static void apply_linear(const linear *l, const float *x, float *y, int64_t rows, int64_t in, int64_t out) {
+/* y [rows, out] = x [rows, in] @ W^T (+ bias). With `blocks` (scratch for x's 8-bit blocks), runs in block
+ * formats take the 8-bit path; float runs (F32, F16) always read x. */
+static void apply_linear(const linear *l, const float *x, act_block *blocks, float *y, int64_t rows, int64_t in,
+                         int64_t out) {
+    if (blocks) gguf_quantize_activations(x, blocks, rows, in);
     for (int64_t s = 0; s < l->num_segments; s++) {
         const segment *seg = &l->segments[s];
-        KERNELS[seg->kind](x, seg->weight, y + seg->first_row, rows, in, seg->rows, out);
+        if (blocks && seg->kind >= 2)
+            INT8_KERNELS[seg->kind - 2](blocks, seg->weight, y + seg->first_row, rows, in, seg->rows, out);
+        else
+            KERNELS[seg->kind](x, seg->weight, y + seg->first_row, rows, in, seg->rows, out);
     }
     if (l->bias)
         for (int64_t r = 0; r < rows; r++)
@@ -85,11 +101,14 @@ int llama_decode_layers(const layer *layers, const shape *s, float *hidden, int6
     float *query = malloc(sizeof(float) * batch * Hq * D), *attended = malloc(sizeof(float) * batch * Hq * D);
     float *gate_up = malloc(sizeof(float) * batch * 2 * I), *act = malloc(sizeof(float) * batch * I);
     float *delta = malloc(sizeof(float) * batch * H);
-    int status = (normed && qkv && query && attended && gate_up && act && delta) ? 0 : -1;
+    const int64_t widest = H > I ? (H > Hq * D ? H : Hq * D) : (I > Hq * D ? I : Hq * D);
+    act_block *blocks = s->int8_activations ? malloc(sizeof(act_block) * batch * (widest / 32)) : NULL;
+    int status = (normed && qkv && query && attended && gate_up && act && delta &&
+                  (blocks || !s->int8_activations)) ? 0 : -1;
     for (int64_t l = 0; l < s->num_layers && status == 0; l++) {
         const layer *L = &layers[l];
         rms_norm_f32(hidden, L->input_norm, normed, batch, H, s->eps);
-        apply_linear(&L->qkv, normed, qkv, batch, H, qkv_width);
+        apply_linear(&L->qkv, normed, blocks, qkv, batch, H, qkv_width);
         for (int64_t b = 0; b < batch; b++) {
             float *row = qkv + b * qkv_width;  // [Hq + 2 Hkv, D]: queries, keys, values
             for (int64_t h = 0; h < Hq + Hkv; h++) rotate(row + h * D, cos + b * D, sin + b * D, D);
@@ -99,18 +118,18 @@ int llama_decode_layers(const layer *layers, const shape *s, float *hidden, int6
         }
         status = paged_decode_f32(query, L->key_cache, L->value_cache, tables, seq_lens, attended, batch, Hkv,
                                   Hq / Hkv, D, s->block_size, max_blocks, s->scale);
-        apply_linear(&L->o, attended, delta, batch, Hq * D, H);
+        apply_linear(&L->o, attended, blocks, delta, batch, Hq * D, H);
         for (int64_t i = 0; i < batch * H; i++) hidden[i] += delta[i];
         rms_norm_f32(hidden, L->post_attention_norm, normed, batch, H, s->eps);
-        apply_linear(&L->gate_up, normed, gate_up, batch, H, 2 * I);
+        apply_linear(&L->gate_up, normed, blocks, gate_up, batch, H, 2 * I);
         for (int64_t b = 0; b < batch; b++)
             for (int64_t i = 0; i < I; i++) {
                 const float gate = gate_up[b * 2 * I + i], up = gate_up[b * 2 * I + I + i];
                 act[b * I + i] = gate / (1.0f + expf(-gate)) * up;
             }
-        apply_linear(&L->down, act, delta, batch, I, H);
+        apply_linear(&L->down, act, blocks, delta, batch, I, H);
         for (int64_t i = 0; i < batch * H; i++) hidden[i] += delta[i];
     }
-    free(normed), free(qkv), free(query), free(attended), free(gate_up), free(act), free(delta);
+    free(normed), free(qkv), free(query), free(attended), free(gate_up), free(act), free(delta), free(blocks);
     return status;
 }

@@ -60,7 +60,7 @@ class CpuPlatform(Platform):
         """gguf: GgufLinearMethod; float32: CpuLinearMethod with the fast paths the options allow; else the plain
         method."""
         if quantization == "gguf" and self.computes_on_gguf(dtype):
-            return GgufLinearMethod()
+            return GgufLinearMethod(self.config.platform.cpu_gguf_int8_activations)
         if dtype != torch.float32 or quantization is not None:
             return super().linear_method(dtype, quantization)
         return CpuLinearMethod(self.use_native_kernels, self.config.platform.cpu_packed_weights and onednn.available(),

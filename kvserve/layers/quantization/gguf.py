@@ -19,9 +19,13 @@ from kvserve.loader.model_loader import set_weight_loader
 
 
 class GgufLinearMethod(LinearMethod):
-    """float32 activations x [T, in] against GGUF-quantized W [out, in] (CPU, layers/gguf_ops.py)."""
+    """float32 activations x [T, in] against GGUF-quantized W [out, in] (CPU, layers/gguf_ops.py); with
+    `int8_activations`, x is rounded to 8 bits per 32 values for the block formats, as llama.cpp does."""
 
     weight_format = "gguf"
+
+    def __init__(self, int8_activations: bool = False) -> None:
+        self.int8_activations = int8_activations
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
         """An empty uint8 `weight` filled shard by shard at load, and a float `bias` [out] as usual."""
@@ -68,9 +72,16 @@ class GgufLinearMethod(LinearMethod):
         row_bytes = {qtype: gguf_ops.row_bytes(qtype, layer.in_features) for qtype, *_ in runs}
         param.segments = [(qtype, start, param.data[byte:byte + rows * row_bytes[qtype]].view(rows, -1))
                           for qtype, start, byte, rows in runs]
-        # What `apply` calls, resolved once: a decode step makes ~120 of these calls (kernel, W*, rows, column).
-        param.plan = [(gguf_ops.kernel(qtype), weight.data_ptr(), weight.shape[0], start)
+        # What `apply` calls, resolved once: a decode step makes ~120 of these calls (kernel, reads 8-bit blocks,
+        # W*, rows, first column).
+        param.plan = [self._kernel(qtype) + (weight.data_ptr(), weight.shape[0], start)
                       for qtype, start, weight in param.segments]
+
+    def _kernel(self, qtype: GGMLQuantizationType) -> tuple:
+        """(the matmul for `qtype`, whether it reads 8-bit activation blocks)."""
+        if self.int8_activations and qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            return gguf_ops.int8_kernel(qtype), True
+        return gguf_ops.kernel(qtype), False
         param.shards = {}
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -78,9 +89,12 @@ class GgufLinearMethod(LinearMethod):
         x = x.contiguous()
         rows, num_out = x.shape[0], layer.out_features
         y = x.new_empty(rows, num_out)
-        x_address, y_address = x.data_ptr(), y.data_ptr()
-        for kernel, weight_address, num_rows, start in layer.weight.plan:
-            kernel(x_address, weight_address, y_address + 4 * start, rows, layer.in_features, num_rows, num_out)
+        blocks = gguf_ops.quantize_activations(x) if self.int8_activations else None
+        y_address = y.data_ptr()
+        for kernel, reads_blocks, weight_address, num_rows, start in layer.weight.plan:
+            source = blocks if reads_blocks else x
+            kernel(source.data_ptr(), weight_address, y_address + 4 * start, rows, layer.in_features, num_rows,
+                   num_out)
         return y if layer.bias is None else y.add_(layer.bias)
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,240 @@
+/* y [rows, out] = x [rows, in] @ W^T on GGUF blocks, with x quantized to 8 bits per 32 values as llama.cpp does
+ * (cpu_gguf_int8_activations).
+ *
+ * A block of x becomes 32 signed bytes q and dx = max|x| / 127 (x ~ dx q). A weight block gives unsigned codes
+ * u (4, 5 or 6 bits; for Q8_0 |w|, its sign moved onto q), a scale per half (16 values), a code offset `zero`
+ * (8 for Q4_0, 16 for Q5_0, 32 for Q6_K) and a `min` (Q4_1, Q5_1, the K-quants: minus dmin * min):
+ *     sum_j w_j x_j ~ dx * (sum_h scale_h * (sum_{j in h} u_j q_j - zero * sum_{j in h} q_j) + min * sum_j q_j)
+ * On AVX2 the integer products of a block are two instructions (vpmaddubsw, vpmaddwd) where the float path
+ * (gguf_matmul.c) spends about ten converting and scaling codes; the price is x's 8-bit rounding (about 0.4%
+ * relative error per product, measured in tests/layers/test_gguf_int8.py). Other CPUs get plain C loops.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef uint8_t u8x32 __attribute__((vector_size(32)));
+typedef float f32x8 __attribute__((vector_size(32)));
+
+typedef struct {  // 8-bit activations of one 32-value block (44 bytes; layers/gguf_ops.py allocates them)
+    int8_t q[32];
+    float d;
+    int32_t half_sums[2];  // sum of q over values 0-15 and 16-31
+} act_block;
+
+typedef struct {  // one 32-value weight block, as integer codes and what turns their products into values
+    u8x32 u;
+    float scale[2], zero, min;
+} codes;
+
+static inline float half_float(const uint8_t *p) {
+    uint16_t bits;
+    memcpy(&bits, p, 2);
+#ifdef __FLT16_MAX__
+    _Float16 half;
+    memcpy(&half, &bits, 2);
+    return (float)half;
+#else
+    const uint32_t sign = (uint32_t)(bits & 0x8000) << 16, exponent = (bits >> 10) & 0x1f, mantissa = bits & 0x3ff;
+    float magnitude;
+    if (exponent == 0) magnitude = (float)mantissa * 0x1p-24f;
+    else if (exponent == 31) magnitude = mantissa ? __builtin_nanf("") : __builtin_inff();
+    else { uint32_t f = ((exponent + 112) << 23) | (mantissa << 13); memcpy(&magnitude, &f, 4); }
+    uint32_t out;
+    memcpy(&out, &magnitude, 4);
+    out |= sign;
+    memcpy(&magnitude, &out, 4);
+    return magnitude;
+#endif
+}
+
+static inline u8x32 bytes32(const uint8_t *p) { u8x32 v; memcpy(&v, p, 32); return v; }
+
+static inline u8x32 nibbles(const uint8_t *p) {  // 16 bytes -> 32 codes: low nibbles 0-15, high ones 16-31
+    u8x16 bytes;
+    memcpy(&bytes, p, 16);
+    const u8x16 low = bytes & 15, high = bytes >> 4;
+    u8x32 u;
+    memcpy(&u, &low, 16);
+    memcpy((uint8_t *)&u + 16, &high, 16);
+    return u;
+}
+
+static inline u8x32 fifth_bits(const uint8_t *p) {  // bit j of the 32-bit word at p -> 16 in byte j
+    uint32_t high;
+    memcpy(&high, p, 4);
+#ifdef __AVX2__
+    // Byte j takes byte j / 8 of the word, then tests its bit j % 8.
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)high),
+                                               _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                                 0x0101010101010101, 0x0000000000000000));
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201);
+    return (u8x32)_mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), _mm256_set1_epi8(16));
+#else
+    u8x32 bits;
+    for (int j = 0; j < 32; j++) bits[j] = (uint8_t)(((high >> j) & 1) << 4);
+    return bits;
+#endif
+}
+
+static inline void same_scale(codes *c, float d, float zero, float min) {
+    c->scale[0] = c->scale[1] = d;
+    c->zero = zero;
+    c->min = min;
+}
+
+static inline void q4_0_codes(const uint8_t *b, int sub, codes *c) {
+    (void)sub;
+    c->u = nibbles(b + 2);
+    same_scale(c, half_float(b), 8.0f, 0.0f);
+}
+
+static inline void q4_1_codes(const uint8_t *b, int sub, codes *c) {
+    (void)sub;
+    c->u = nibbles(b + 4);
+    same_scale(c, half_float(b), 0.0f, half_float(b + 2));
+}
+
+static inline void q5_0_codes(const uint8_t *b, int sub, codes *c) {
+    (void)sub;
+    c->u = nibbles(b + 6) | fifth_bits(b + 2);
+    same_scale(c, half_float(b), 16.0f, 0.0f);
+}
+
+static inline void q5_1_codes(const uint8_t *b, int sub, codes *c) {
+    (void)sub;
+    c->u = nibbles(b + 8) | fifth_bits(b + 4);
+    same_scale(c, half_float(b), 0.0f, half_float(b + 2));
+}
+
+static inline void q8_0_codes(const uint8_t *b, int sub, codes *c) {  // signed: see products()
+    (void)sub;
+    c->u = bytes32(b + 2);
+    same_scale(c, half_float(b), 0.0f, 0.0f);
+}
+
+static inline void scale_and_min(const uint8_t *scales, int j, int *scale, int *min) {
+    if (j < 4) {
+        *scale = scales[j] & 63;
+        *min = scales[j + 4] & 63;
+    } else {
+        *scale = (scales[j + 4] & 15) | ((scales[j - 4] >> 6) << 4);
+        *min = (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4);
+    }
+}
+
+static inline void q4_k_codes(const uint8_t *b, int sub, codes *c) {
+    int scale, min;
+    scale_and_min(b + 4, sub, &scale, &min);
+    c->u = (bytes32(b + 16 + 32 * (sub / 2)) >> (4 * (sub & 1))) & 15;
+    same_scale(c, half_float(b) * (float)scale, 0.0f, -half_float(b + 2) * (float)min);
+}
+
+static inline void q5_k_codes(const uint8_t *b, int sub, codes *c) {
+    int scale, min;
+    scale_and_min(b + 4, sub, &scale, &min);
+    const u8x32 low = (bytes32(b + 48 + 32 * (sub / 2)) >> (4 * (sub & 1))) & 15;
+    c->u = low | (((bytes32(b + 16) >> sub) & 1) << 4);
+    same_scale(c, half_float(b) * (float)scale, 0.0f, -half_float(b + 2) * (float)min);
+}
+
+static inline void q6_k_codes(const uint8_t *b, int sub, codes *c) {
+    const int half = sub / 4, k = sub % 4;
+    const int8_t *scales = (const int8_t *)(b + 192) + 8 * half + 2 * k;
+    const float d = half_float(b + 208);
+    const u8x32 low = (bytes32(b + 64 * half + 32 * (k & 1)) >> (4 * (k >> 1))) & 15;
+    c->u = low | (((bytes32(b + 128 + 32 * half) >> (2 * k)) & 3) << 4);
+    c->scale[0] = d * (float)scales[0];
+    c->scale[1] = d * (float)scales[1];
+    c->zero = 32.0f;
+    c->min = 0.0f;
+}
+
+/* Integer products of a block as 8 float lanes, lanes 0-3 summing values 0-15 and lanes 4-7 values 16-31
+ * (vpmaddubsw pairs bytes within each 128-bit half). SIGNED codes (Q8_0) hold w itself. */
+static inline f32x8 products(u8x32 u, const int8_t *q, int is_signed) {
+#ifdef __AVX2__
+    __m256i w = (__m256i)u, x = _mm256_loadu_si256((const __m256i *)q);
+    if (is_signed) {
+        x = _mm256_sign_epi8(x, w);
+        w = _mm256_sign_epi8(w, w);
+    }
+    // |w| <= 128 and |q| <= 127: a pair sums to at most 32512, no int16 saturation.
+    return (f32x8)_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+#else
+    f32x8 out = {0};
+    for (int j = 0; j < 32; j++) out[(j / 16) * 4 + (j % 16) / 4] += (float)((is_signed ? (int8_t)u[j] : u[j]) * q[j]);
+    return out;
+#endif
+}
+
+static inline float lane_sum(f32x8 v) {
+    float sum = 0.0f;
+    for (int lane = 0; lane < 8; lane++) sum += v[lane];
+    return sum;
+}
+
+// x [rows, in] -> blocks [rows, in / 32]
+void gguf_quantize_activations(const float *x, act_block *blocks, int64_t rows, int64_t in) {
+    const int64_t per_row = in / 32, total = rows * per_row;
+#pragma omp parallel for schedule(static) if (total > 1024)
+    for (int64_t i = 0; i < total; i++) {
+        const float *v = x + (i / per_row) * in + 32 * (i % per_row);
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(v[j]));
+        const float d = amax / 127.0f, inverse = d > 0.0f ? 127.0f / amax : 0.0f;
+        act_block *a = blocks + i;
+        int32_t sums[2] = {0, 0};
+        for (int j = 0; j < 32; j++) {
+            a->q[j] = (int8_t)lrintf(v[j] * inverse);
+            sums[j / 16] += a->q[j];
+        }
+        a->d = d;
+        a->half_sums[0] = sums[0];
+        a->half_sums[1] = sums[1];
+    }
+}
+
+/* Four rows of x per decoded weight block; each row keeps 8 float lanes of scaled products and a scalar for the
+ * zero and min terms, summed once at the end of the weight row. */
+#define GGUF_INT8_MATMUL(NAME, VALUES, BYTES, SIGNED)                                                          \
+    void gguf_int8_matmul_##NAME(const act_block *x, const uint8_t *w, float *y, int64_t rows, int64_t in,    \
+                                 int64_t out, int64_t ldy) {                                                  \
+        const int64_t row_bytes = in / VALUES * BYTES, blocks = in / 32;                                      \
+        _Pragma("omp parallel for schedule(static)")                                                          \
+        for (int64_t o = 0; o < out; o++) {                                                                   \
+            const uint8_t *wrow = w + o * row_bytes;                                                          \
+            for (int64_t r0 = 0; r0 < rows; r0 += 4) {                                                        \
+                const int nrows = rows - r0 < 4 ? (int)(rows - r0) : 4;                                       \
+                f32x8 acc[4] = {{0}};                                                                         \
+                float offsets[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                  \
+                for (int64_t i = 0; i < blocks; i++) {                                                        \
+                    codes c;                                                                                  \
+                    NAME##_codes(wrow + (i * 32 / VALUES) * BYTES, (int)(i % (VALUES / 32)), &c);            \
+                    for (int r = 0; r < nrows; r++) {                                                         \
+                        const act_block *a = x + (r0 + r) * blocks + i;                                       \
+                        const float s0 = c.scale[0] * a->d, s1 = c.scale[1] * a->d;                           \
+                        const f32x8 scale = {s0, s0, s0, s0, s1, s1, s1, s1};                                 \
+                        acc[r] += products(c.u, a->q, SIGNED) * scale;                                        \
+                        offsets[r] += a->d * (c.min * (float)(a->half_sums[0] + a->half_sums[1])) -           \
+                                      c.zero * (s0 * (float)a->half_sums[0] + s1 * (float)a->half_sums[1]);  \
+                    }                                                                                         \
+                }                                                                                             \
+                for (int r = 0; r < nrows; r++) y[(r0 + r) * ldy + o] = lane_sum(acc[r]) + offsets[r];       \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+
+GGUF_INT8_MATMUL(q4_0, 32, 18, 0)
+GGUF_INT8_MATMUL(q4_1, 32, 20, 0)
+GGUF_INT8_MATMUL(q5_0, 32, 22, 0)
+GGUF_INT8_MATMUL(q5_1, 32, 24, 0)
+GGUF_INT8_MATMUL(q8_0, 32, 34, 1)
+GGUF_INT8_MATMUL(q4_k, 256, 144, 0)
+GGUF_INT8_MATMUL(q5_k, 256, 176, 0)
+GGUF_INT8_MATMUL(q6_k, 256, 210, 0)

@@ -1,0 +1,82 @@
+"""The 8-bit-activation GGUF kernels (native/gguf_int8.c) against the same math in float64 (x rounded to 8 bits
+per 32 values, times gguf-py's dequantized W), and how far that rounding moves a product from the exact one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from test_gguf_kernels import SHAPES, random_weight
+
+from kvserve.layers import gguf_ops
+from kvserve.layers.linear import Linear
+from kvserve.layers.quantization.gguf import GgufLinearMethod
+from kvserve.loader.gguf import GgufTensor
+
+pytestmark = pytest.mark.skipif(not gguf_ops.available(), reason="no C compiler: the GGUF kernels cannot build")
+
+Q = GGMLQuantizationType
+BLOCK_FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+@pytest.mark.parametrize("num_threads", [1, 2])
+@pytest.mark.parametrize("qtype", BLOCK_FORMATS, ids=lambda t: t.name)
+def test_int8_matmul_matches_its_reference(qtype: GGMLQuantizationType, num_threads: int) -> None:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        for num_in, num_out in SHAPES:
+            weight = random_weight(qtype, num_out, num_in)
+            for rows in (1, 2, 5, 16):
+                x = torch.randn(rows, num_in) * torch.rand(rows, 1) * 4  # rows of different magnitudes
+                y = torch.empty(rows, num_out)
+                blocks = gguf_ops.quantize_activations(x)
+                gguf_ops.int8_matmul(blocks, weight, qtype, y)
+                expected = gguf_ops.reference_int8_matmul(blocks, weight, qtype)
+                torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item(),
+                                           msg=lambda m, s=(rows, num_in, num_out): f"{s}: {m}")
+                # The price of the 8-bit rounding, against the float32-activation product: about 0.5% of the
+                # products' own size sqrt(sum_j (w_j x_j)^2) (a sum that cancels can lose more of itself).
+                exact = gguf_ops.reference_matmul(x, weight, qtype)
+                dense = gguf_ops.dequantize_weight(weight, qtype, num_in)
+                size = ((x.double() ** 2) @ (dense.double() ** 2).t()).sqrt()
+                assert ((y - exact).abs() <= 0.03 * size).all()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_activation_blocks_round_each_value_to_its_nearest_code() -> None:
+    x = torch.randn(7, 512) * torch.logspace(-3, 3, 7)[:, None]
+    blocks = gguf_ops.quantize_activations(x)
+    codes = blocks[..., :32].contiguous().view(torch.int8).long()
+    scales = blocks[..., 32:36].contiguous().view(torch.float32)
+    half_sums = blocks[..., 36:44].contiguous().view(torch.int32)
+    grouped = x.view(7, 16, 32)
+    torch.testing.assert_close(scales, grouped.abs().amax(-1, keepdim=True) / 127)
+    assert (codes.abs().amax(-1) == 127).all()  # the largest value of a block maps to +-127
+    # Each value is within half a step (plus float rounding) of its code.
+    assert ((grouped / scales - codes).abs() <= 0.5 + 1e-4).all()
+    assert torch.equal(half_sums.long(), codes.view(7, 16, 2, 16).sum(-1))
+
+
+def test_zero_rows_give_zero() -> None:
+    weight = random_weight(Q.Q4_1, 8, 256)
+    y = torch.empty(2, 8)
+    gguf_ops.int8_matmul(gguf_ops.quantize_activations(torch.zeros(2, 256)), weight, Q.Q4_1, y)
+    assert torch.equal(y, torch.zeros(2, 8))
+
+
+def test_method_with_int8_activations_on_mixed_shards() -> None:
+    shards = [(Q.Q4_K, 64), (Q.Q6_K, 32), (Q.F16, 16)]  # the F16 run keeps float32 activations
+    layer = Linear(256, 112, output_sizes=[rows for _, rows in shards])
+    layer.set_method(GgufLinearMethod(int8_activations=True))
+    weights = [random_weight(qtype, rows, 256, seed=i) for i, (qtype, rows) in enumerate(shards)]
+    for shard_id, ((qtype, rows), weight) in enumerate(zip(shards, weights, strict=True)):
+        layer.weight.weight_loader(layer.weight, GgufTensor(weight, qtype, (rows, 256)), shard_id)
+    layer.process_weights_after_loading()
+    x = torch.randn(3, 256)
+    blocks = gguf_ops.quantize_activations(x)
+    expected = torch.cat([gguf_ops.reference_int8_matmul(blocks, weights[0], Q.Q4_K),
+                          gguf_ops.reference_int8_matmul(blocks, weights[1], Q.Q6_K),
+                          gguf_ops.reference_matmul(x, weights[2], Q.F16)], dim=1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
