@@ -132,6 +132,7 @@ def test_embedding_and_tied_head_share_the_quantized_bytes() -> None:
     embedding.weight.weight_loader(embedding.weight, GgufTensor(weight, Q.Q8_0, (50, 256)), None)
     embedding.process_weights_after_loading()
     head.process_weights_after_loading()  # a second call on the shared parameter changes nothing
+    assert embedding.weight.shards == {}  # the loaded shards are released: one copy of the bytes stays
     dense = gguf_ops.dequantize_weight(weight, Q.Q8_0, 256)
     ids = torch.tensor([4, 49, 4])
     assert torch.equal(embedding(ids), dense[ids])

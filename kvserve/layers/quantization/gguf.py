@@ -76,13 +76,13 @@ class GgufLinearMethod(LinearMethod):
         # W*, rows, first column).
         param.plan = [self._kernel(qtype) + (weight.data_ptr(), weight.shape[0], start)
                       for qtype, start, weight in param.segments]
+        param.shards = {}
 
     def _kernel(self, qtype: GGMLQuantizationType) -> tuple:
         """(the matmul for `qtype`, whether it reads 8-bit activation blocks)."""
         if self.int8_activations and qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             return gguf_ops.int8_kernel(qtype), True
         return gguf_ops.kernel(qtype), False
-        param.shards = {}
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] float32 -> [T, out]: one kernel call per run of one format, into its output columns."""
