@@ -9,6 +9,7 @@ output. Float matrices that reach such a layer (an F16 LM head) are kept as F32 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
@@ -16,6 +17,10 @@ from kvserve.layers import gguf_ops
 from kvserve.layers.quantization.base import LinearMethod
 from kvserve.loader.gguf import GgufTensor
 from kvserve.loader.model_loader import set_weight_loader
+
+# From this many rows (prefill chunks) a layer dequantizes its weight once and multiplies with BLAS: the
+# kernels re-decode each block for every four rows, which costs more than one decode pass plus MKL's GEMM there.
+DEQUANTIZED_GEMM_ROWS = 256
 
 
 class GgufLinearMethod(LinearMethod):
@@ -88,6 +93,8 @@ class GgufLinearMethod(LinearMethod):
         """x [T, in] float32 -> [T, out]: one kernel call per run of one format, into its output columns."""
         x = x.contiguous()
         rows, num_out = x.shape[0], layer.out_features
+        if rows >= DEQUANTIZED_GEMM_ROWS:
+            return self._dequantized_gemm(layer, x)
         y = x.new_empty(rows, num_out)
         blocks = gguf_ops.quantize_activations(x) if self.int8_activations else None
         y_address = y.data_ptr()
@@ -96,6 +103,13 @@ class GgufLinearMethod(LinearMethod):
             kernel(source.data_ptr(), weight_address, y_address + 4 * start, rows, layer.in_features, num_rows,
                    num_out)
         return y if layer.bias is None else y.add_(layer.bias)
+
+    @staticmethod
+    def _dequantized_gemm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] @ W^T with W dequantized for this call (exact float32 values, as the kernels use)."""
+        dense = torch.cat([gguf_ops.dequantize_rows(weight, qtype, torch.arange(weight.shape[0]), layer.in_features)
+                           for qtype, _, weight in layer.weight.segments])
+        return F.linear(x, dense, layer.bias)
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` [T] dequantized -> [T, in] float32."""
