@@ -1,7 +1,8 @@
 """Offline benchmark: kvserve vs Hugging Face transformers on the same weights, in one run.
 
-Both engines run the bundled SmolLM2-135M-Instruct GGUF dequantized to float32, on the same
-prompts (token ids), with the same torch thread count. Prints one JSON object to stdout;
+Both engines run the bundled SmolLM2-135M-Instruct GGUF (kvserve on its 4-bit blocks by default, the same
+model up to float rounding; `--kvserve-option quantization=none` dequantizes it to float32 as transformers does),
+on the same prompts (token ids), with the same torch thread count. Prints one JSON object to stdout;
 progress goes to stderr.
 
     .venv/bin/python benchmarks/bench_offline.py > /tmp/bench.json
@@ -130,7 +131,7 @@ class KvserveEngine:
         self.llm = LLM(model=None, show_progress=False, kv_cache_memory=args.kv_cache_memory,
                        max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
-                       num_threads=args.threads)
+                       num_threads=args.threads, **dict(_option(text) for text in args.kvserve_option or ()))
 
     def _params(self, num_new_tokens: int) -> Any:
         from kvserve import SamplingParams
@@ -503,6 +504,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="kvserve max_num_seqs")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512,
                         help="kvserve max_num_batched_tokens (token budget of a step)")
+    parser.add_argument("--kvserve-option", action="append", metavar="NAME=VALUE",
+                        help="an extra kvserve engine option, e.g. quantization=none or cpu_fused_decode=false "
+                             "(repeatable; the GGUF default is the file's 4-bit blocks, transformers dequantizes)")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs, decode/prefill")
     parser.add_argument("--batch-repeats", type=int, default=2, help="measured runs, batches")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
@@ -523,6 +527,18 @@ def compare(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     kv, hf = results.get("kvserve", {}), results.get("transformers", {})
     return {name: kv[name]["tokens_per_s"] / hf[name]["tokens_per_s"]
             for name in kv if name in hf}
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """'name=value' -> (name, value) with true/false and numbers converted."""
+    name, _, value = text.partition("=")
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return name, lowered == "true"
+    try:
+        return name, int(value)
+    except ValueError:
+        return name, value
 
 
 def main(argv: list[str] | None = None) -> None:
