@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass, fields
 
 import torch
@@ -49,6 +51,16 @@ class LayerKVCache:
         return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def zeros(*size: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero tensor; on the CPU over an anonymous memory mapping, whose pages the OS zero-fills only when first
+    written, so that the process's resident memory grows with the blocks in use, not with the whole budget."""
+    count = math.prod(size)
+    if torch.device(device).type != "cpu" or count == 0:
+        return torch.zeros(*size, dtype=dtype, device=device)
+    mapping = mmap.mmap(-1, count * torch.empty(0, dtype=dtype).element_size())
+    return torch.frombuffer(mapping, dtype=dtype, count=count).view(*size)  # the tensor keeps the mapping alive
+
+
 def allocate_kv_caches(specs: list[KVCacheSpec], num_blocks: int, block_size: int, device: torch.device | str,
                        model_dtype: torch.dtype = torch.float32, num_residual_slots: int = 0) -> list[LayerKVCache]:
     """One LayerKVCache per layer, zero-filled (masked-out slots must hold finite values)."""
@@ -60,17 +72,17 @@ def allocate_kv_caches(specs: list[KVCacheSpec], num_blocks: int, block_size: in
         elif spec.is_quantized:
             storage, scale = torch_dtype(spec.kv_dtype.storage_dtype), torch_dtype(spec.kv_dtype.param_dtype)
             caches.append(LayerKVCache(
-                torch.zeros(*shape, spec.key_dim, dtype=storage, device=device),
-                torch.zeros(*shape, spec.value_dim, dtype=storage, device=device),
+                zeros(*shape, spec.key_dim, dtype=storage, device=device),
+                zeros(*shape, spec.value_dim, dtype=storage, device=device),
                 spec.dtype,
-                torch.zeros(*shape, 1, dtype=scale, device=device),
+                zeros(*shape, 1, dtype=scale, device=device),
                 # MLA caches no separate value (value_dim 0): no value scales either.
-                torch.zeros(*shape, 1 if spec.value_dim else 0, dtype=scale, device=device),
+                zeros(*shape, 1 if spec.value_dim else 0, dtype=scale, device=device),
             ))
         else:
             dtype = torch_dtype(spec.kv_dtype.storage_dtype)
-            caches.append(LayerKVCache(torch.zeros(*shape, spec.key_dim, dtype=dtype, device=device),
-                                       torch.zeros(*shape, spec.value_dim, dtype=dtype, device=device)))
+            caches.append(LayerKVCache(zeros(*shape, spec.key_dim, dtype=dtype, device=device),
+                                       zeros(*shape, spec.value_dim, dtype=dtype, device=device)))
     return caches
 
 
@@ -78,20 +90,20 @@ def _int4_cache(spec: KVCacheSpec, shape: tuple[int, int, int], device: torch.de
                 model_dtype: torch.dtype, num_residual_slots: int) -> LayerKVCache:
     num_blocks, block_size, heads = shape
 
-    def zeros(*size: int, dtype: torch.dtype = INT4_PARAM_DTYPE) -> torch.Tensor:
-        return torch.zeros(*size, dtype=dtype, device=device)
+    def zeros_here(*size: int, dtype: torch.dtype = INT4_PARAM_DTYPE) -> torch.Tensor:
+        return zeros(*size, dtype=dtype, device=device)
 
     residual = (num_residual_slots, block_size, heads)
     return LayerKVCache(
-        key=zeros(*shape, spec.key_dim // 2, dtype=torch.uint8),
-        value=zeros(*shape, spec.value_dim // 2, dtype=torch.uint8),
+        key=zeros_here(*shape, spec.key_dim // 2, dtype=torch.uint8),
+        value=zeros_here(*shape, spec.value_dim // 2, dtype=torch.uint8),
         kv_cache_dtype="int4",
-        key_scale=zeros(num_blocks, 1, heads, spec.key_dim),
-        value_scale=zeros(*shape, 1),
-        key_zero=zeros(num_blocks, 1, heads, spec.key_dim),
-        value_zero=zeros(*shape, 1),
-        residual_key=zeros(*residual, spec.key_dim, dtype=model_dtype),
-        residual_value=zeros(*residual, spec.value_dim, dtype=model_dtype),
+        key_scale=zeros_here(num_blocks, 1, heads, spec.key_dim),
+        value_scale=zeros_here(*shape, 1),
+        key_zero=zeros_here(num_blocks, 1, heads, spec.key_dim),
+        value_zero=zeros_here(*shape, 1),
+        residual_key=zeros_here(*residual, spec.key_dim, dtype=model_dtype),
+        residual_value=zeros_here(*residual, spec.value_dim, dtype=model_dtype),
     )
 
 

@@ -136,7 +136,8 @@ def test_each_cpu_fast_path_off_alone_matches(option, prompts, expected):
     """One fast path off at a time: the default's tokens, each prompt alone (batch-1 steps) and all batched."""
     from kvserve.attention.torch_backend import TorchAttentionBackend
 
-    llm = LLM(kv_cache_memory=64 * 2**20, show_progress=False, **option)
+    # The float32 fast paths: the GGUF file dequantized (its default, computing on the blocks, is tested above).
+    llm = LLM(kv_cache_memory=64 * 2**20, quantization="none", show_progress=False, **option)
     linear = llm.engine.runner.model.lm_head
     if "cpu_packed_weights" in option:
         assert linear.packed_weight is None
@@ -156,5 +157,6 @@ def test_default_decodes_run_on_the_compiled_kernel(llm, prompts, monkeypatch):
     rows: list[int] = []
     real = cpu_native.decode
     monkeypatch.setattr(cpu_native, "decode", lambda q, *rest: rows.append(q.shape[0]) or real(q, *rest))
+    monkeypatch.setattr(llm.engine.runner.model, "fused_decode", None)  # the modules' path, layer by layer
     generate_ids(llm, prompts[:2], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert rows == [2] * 2 * llm.engine.model_config.num_layers
