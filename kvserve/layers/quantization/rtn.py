@@ -55,13 +55,29 @@ def quantize_int4_groups(weight: torch.Tensor, group_size: int, scale_dtype: tor
     + zero, both clamped to 0..15. The range always includes 0 (as GPTQ's, unlike AutoAWQ's): a group of one
     sign would otherwise need a zero point outside 0..15 and clamp its values."""
     num_out, num_in = weight.shape
+    groups, scale, zero = _int4_groups(weight, group_size, scale_dtype)
+    q = (torch.round(groups / scale[:, :, None]) + zero[:, :, None]).clamp(0, INT4_MAX)
+    return Int4Groups(q.to(torch.uint8).view(num_out, num_in), scale, zero.to(torch.uint8))
+
+
+def fake_quantize_int4(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """quantize_int4_groups(weight, group_size).dequantize() [out, in], in fewer passes (AWQ's search runs it
+    once per candidate scale)."""
+    groups, scale, zero = _int4_groups(weight, group_size, torch.float32)
+    scale, zero = scale[:, :, None], zero[:, :, None]  # [out, groups, 1]
+    return groups.div(scale).round_().add_(zero).clamp_(0, INT4_MAX).sub_(zero).mul_(scale).view(weight.shape)
+
+
+def _int4_groups(weight: torch.Tensor, group_size: int,
+                 scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W as [out, groups, group] float32, scale [out, groups], zero [out, groups] as floats)."""
+    num_out, num_in = weight.shape
     check_group_size(num_in, group_size)
-    groups = weight.float().view(num_out, num_in // group_size, group_size)  # [out, groups, group]
+    groups = weight.float().view(num_out, num_in // group_size, group_size)
     low, high = groups.amin(dim=2).clamp(max=0), groups.amax(dim=2).clamp(min=0)
     scale = ((high - low).clamp(min=_MIN_RANGE) / INT4_MAX).to(scale_dtype).float()
     zero = torch.round(-low / scale).clamp(0, INT4_MAX)
-    q = (torch.round(groups / scale[:, :, None]) + zero[:, :, None]).clamp(0, INT4_MAX)
-    return Int4Groups(q.to(torch.uint8).view(num_out, num_in), scale, zero.to(torch.uint8))
+    return groups, scale, zero
 
 
 def check_group_size(in_features: int, group_size: int) -> None:
