@@ -69,7 +69,7 @@ def _greedy(model: pathlib.Path, **options: Any) -> list[list[int]]:
 
 def _tensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
     with safe_open(path / "model.safetensors", framework="pt") as handle:
-        return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+        return {name: handle.get_tensor(name) for name in handle.keys()}
 
 
 @pytest.fixture(scope="module")
