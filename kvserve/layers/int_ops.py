@@ -58,11 +58,8 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, mini
     assert out.stride(1) == 1 and x.dtype == torch.float32
     assert packed.is_contiguous() and scale.is_contiguous() and minimum.is_contiguous()
     x = x.contiguous()
-    status = native.load("int_matmul").int4_matmul(x.data_ptr(), packed.data_ptr(), scale.data_ptr(),
-                                                   minimum.data_ptr(), out.data_ptr(), rows, num_in,
-                                                   packed.shape[0], group_size, out.stride(0))
-    if status != 0:
-        raise MemoryError(f"int4_matmul: no memory for {rows} x {scale.shape[1]} group sums")
+    native.load("int_matmul").int4_matmul(x.data_ptr(), packed.data_ptr(), scale.data_ptr(), minimum.data_ptr(),
+                                          out.data_ptr(), rows, num_in, packed.shape[0], group_size, out.stride(0))
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
     },
     "int_matmul": {
         "int8_matmul": (None, [_PTR] * 4 + [_INT64] * 4),
-        "int4_matmul": (ctypes.c_int, [_PTR] * 5 + [_INT64] * 5),
+        "int4_matmul": (None, [_PTR] * 5 + [_INT64] * 5),
     },
 }
 
