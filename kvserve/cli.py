@@ -1,4 +1,5 @@
-"""Command line: `kvserve generate | chat | serve | bench serve`; flags are derived from the config dataclasses."""
+"""Command line: `kvserve generate | chat | serve | bench serve | kv-memory | quantize`; flags are derived from the
+config dataclasses."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from kvserve.config import EngineConfig, option_sections, sub_configs
 from kvserve.kv.kv_memory_cli import add_kv_memory_command
 from kvserve.llm import LLM
 from kvserve.outputs import RequestOutput
+from kvserve.quantize.command import add_quantize_command
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.config import ServerConfig
 
@@ -216,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks")
     _add_bench_serve(bench.add_subparsers(dest="bench_command", required=True))
     add_kv_memory_command(sub)
+    add_quantize_command(sub)
     return parser
 
 

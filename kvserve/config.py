@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 DEFAULT_BLOCK_SIZE = 16
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
-QUANTIZATION_METHODS = ("none", "gguf")
+QUANTIZATION_METHODS = ("none", "gguf", "int8", "int4", "awq")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,12 @@ class LoadConfig:
     dtype: str = field(default="float32", metadata={"help": "weights and activations dtype"})
     quantization: str | None = field(default=None, metadata={
         "help": "how weights are held and computed: gguf (a .gguf file's own block formats, on kvserve's CPU "
-                "kernels; the default for .gguf files on a float32 CPU) or none (dequantized to dtype)"})
+                "kernels; the default for .gguf files on a float32 CPU), none (dequantized to dtype), int8 (per "
+                "output channel) or int4 (per group, round-to-nearest), both quantized at load, or awq (AutoAWQ "
+                "checkpoints; the default for them)"})
+    quantization_group_size: int | None = field(default=None, metadata={
+        "help": "int4: inputs per scale and zero point, a multiple of 32 dividing each layer's input size "
+                "(default: 128, or the largest of 64 and 32 that divides it)"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     seed: int = field(default=0, metadata={"help": "seed of unseeded random sampling"})
 
@@ -102,6 +107,9 @@ class LoadConfig:
             raise ValueError(f"dtype must be one of {sorted(MODEL_DTYPES)}, got {self.dtype!r}")
         if self.quantization not in (None, *QUANTIZATION_METHODS):
             raise ValueError(f"quantization must be one of {list(QUANTIZATION_METHODS)}, got {self.quantization!r}")
+        size = self.quantization_group_size
+        if size is not None and (size <= 0 or size % 32):
+            raise ValueError(f"quantization_group_size must be a positive multiple of 32, got {size}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -7,8 +7,9 @@ A model declares
 - `checkpoint_tensors(name, tensor)`: its renames, splits and skips, as the (our name, tensor) pairs a checkpoint
   tensor stands for (none for a skipped one).
 Each parameter carries a `weight_loader(param, tensor, shard_id)` (`default_weight_loader` unless set) and
-its number of shards (1 unless packed). A complete load fills every shard of every parameter exactly once;
-anything else is a ValueError naming the tensor.
+its number of shards (1 unless packed). A loader that also fills sibling parameters of its module (a method that
+quantizes at load fills a weight's scales from the weight) returns their attribute names. A complete load fills
+every shard of every parameter exactly once; anything else is a ValueError naming the tensor.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-WeightLoader = Callable[[nn.Parameter, torch.Tensor, "int | None"], None]
+# (param, tensor, shard id) -> None, or the names of sibling parameters the call filled as well
+WeightLoader = Callable[[nn.Parameter, torch.Tensor, "int | None"], "Iterable[str] | None"]
 
 
 def default_weight_loader(param: nn.Parameter, tensor: torch.Tensor, shard_id: int | None = None) -> None:
@@ -68,11 +70,16 @@ def _load_one(params: dict[str, nn.Parameter], packed: dict[str, list[str]], loa
     if param is None:
         raise ValueError(f"no parameter {name!r} in the model")
     num_shards = getattr(param, "num_shards", 1)
-    filled = {(name, shard) for shard in ([shard_id] if shard_id is not None else _shards(num_shards))}
+    shards = [shard_id] if shard_id is not None else _shards(num_shards)
+    filled = {(name, shard) for shard in shards}
     if filled & loaded:
         raise ValueError(f"loads {name!r} a second time")
-    getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard_id)
-    return filled
+    siblings = getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard_id) or ()
+    module = name.rpartition(".")[0]
+    also = {(f"{module}.{sibling}", shard) for sibling in siblings for shard in shards}
+    if also & loaded:
+        raise ValueError(f"fills {sorted(also & loaded)[0][0]!r}, which the checkpoint loaded already")
+    return filled | also
 
 
 def _packed_target(packed: dict[str, list[str]], name: str) -> tuple[str, int | None]:

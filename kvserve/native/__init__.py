@@ -44,6 +44,10 @@ SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
         **{f"gguf_matmul_{kind}": (None, [_PTR] * 3 + [_INT64] * 4) for kind in GGUF_KERNEL_TYPES},
         **{f"gguf_dequantize_{kind}": (None, [_PTR] * 3 + [_INT64] * 2) for kind in GGUF_KERNEL_TYPES},
     },
+    "int_matmul": {
+        "int8_matmul": (None, [_PTR] * 4 + [_INT64] * 4),
+        "int4_matmul": (None, [_PTR] * 5 + [_INT64] * 5),
+    },
 }
 
 

@@ -13,7 +13,8 @@ from kvserve.kv.kv_cache import available_memory_bytes
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.layers.linear import Linear
 from kvserve.layers.norm import NormKernel, RMSNorm, rms_norm
-from kvserve.layers.quantization import LinearMethod, UnquantizedLinearMethod
+from kvserve.layers.quantization import WEIGHT_ONLY_METHODS, LinearMethod, UnquantizedLinearMethod, weight_only_method
+from kvserve.layers.quantization.checkpoint_config import checkpoint_quantization
 from kvserve.loader.gguf import GgufSource
 
 if TYPE_CHECKING:
@@ -34,8 +35,18 @@ class Platform:
         """Undo what `configure` changed, where it can be undone."""
 
     def resolve_quantization(self, requested: str | None, source: object, dtype: torch.dtype) -> str | None:
-        """The weight format a model loads in: `requested`, or by default gguf for a .gguf file where this
-        platform computes on it; None (dequantized) otherwise."""
+        """The weight format a model loads in: a quantized checkpoint's own (AWQ, kvserve int8); else `requested`,
+        or by default gguf for a .gguf file where this platform computes on it; None (dequantized) otherwise."""
+        declared = checkpoint_quantization(getattr(source, "hf_config", None) or {}, getattr(source, "path", ""))
+        if declared is not None:
+            if requested not in (None, declared):
+                raise ValueError(f"quantization={requested!r}: the checkpoint is {declared}-quantized (config.json "
+                                 f"quantization_config); load it with quantization={declared!r} or leave it unset")
+            return declared
+        if requested == "awq":
+            raise ValueError("quantization='awq' loads AutoAWQ checkpoints (config.json quantization_config."
+                             "quant_method 'awq'); make one with `kvserve quantize --method awq`, or quantize at "
+                             "load with quantization='int4' (round-to-nearest)")
         if requested == "none":
             return None
         if requested == "gguf" and not isinstance(source, GgufSource):
@@ -49,7 +60,11 @@ class Platform:
         return False
 
     def linear_method(self, dtype: torch.dtype, quantization: str | None = None) -> LinearMethod:
-        """The method every Linear of a `dtype` model computes with."""
+        """The method every Linear of a `dtype` model computes with: plain, or a weight-only integer one on the
+        dequantized weight (any device, not fast)."""
+        if quantization in WEIGHT_ONLY_METHODS:
+            return weight_only_method(quantization, UnquantizedLinearMethod(), False,
+                                      self.config.load.quantization_group_size)
         if quantization is not None:
             raise ValueError(f"quantization {quantization!r} is not supported on {self.device.type} with {dtype}")
         return UnquantizedLinearMethod()
@@ -62,9 +77,10 @@ class Platform:
         """Before loading: give every Linear (embeddings too) this platform's method for the weight format, and
         every RMSNorm its kernel; a tied LM head then shares the embedding's new weight again."""
         method, kernel = self.linear_method(dtype, quantization), self.norm_kernel(dtype)
+        lm_head = getattr(model, "lm_head", None)
         for module in model.modules():
             if isinstance(module, Linear):
-                module.set_method(method)
+                module.set_method(method.lm_head_method() if module is lm_head else method)
             elif isinstance(module, RMSNorm):
                 module.kernel = kernel
         if hasattr(model, "tie_weights"):

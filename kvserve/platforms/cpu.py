@@ -10,10 +10,10 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from kvserve.config import EngineConfig
-from kvserve.layers import gguf_ops, native_ops, onednn
+from kvserve.layers import gguf_ops, int_ops, native_ops, onednn
 from kvserve.layers.host_blas import HostBlasStep
 from kvserve.layers.norm import NormKernel
-from kvserve.layers.quantization import LinearMethod
+from kvserve.layers.quantization import WEIGHT_ONLY_METHODS, LinearMethod, weight_only_method
 from kvserve.layers.quantization.cpu import CpuLinearMethod
 from kvserve.layers.quantization.gguf import GgufLinearMethod
 from kvserve.models.llama_decode import FusedLlamaDecode
@@ -57,14 +57,19 @@ class CpuPlatform(Platform):
         return self.use_native_kernels and gguf_ops.available()
 
     def linear_method(self, dtype: torch.dtype, quantization: str | None = None) -> LinearMethod:
-        """gguf: GgufLinearMethod; float32: CpuLinearMethod with the fast paths the options allow; else the plain
-        method."""
+        """gguf: GgufLinearMethod; float32: CpuLinearMethod with the fast paths the options allow, or int8 / int4 /
+        awq on the compiled integer kernels (with CpuLinearMethod for the embedding and LM head); else the base
+        platform's methods."""
         if quantization == "gguf" and self.computes_on_gguf(dtype):
             return GgufLinearMethod(self.config.platform.cpu_gguf_int8_activations)
-        if dtype != torch.float32 or quantization is not None:
+        if dtype != torch.float32 or quantization not in (None, *WEIGHT_ONLY_METHODS):
             return super().linear_method(dtype, quantization)
-        return CpuLinearMethod(self.use_native_kernels, self.config.platform.cpu_packed_weights and onednn.available(),
-                               self.blas_step)
+        dense = CpuLinearMethod(self.use_native_kernels, self.config.platform.cpu_packed_weights and onednn.available(),
+                                self.blas_step)
+        if quantization is None:
+            return dense
+        return weight_only_method(quantization, dense, self.use_native_kernels and int_ops.available(),
+                                  self.config.load.quantization_group_size)
 
     def fused_decode(self, model: nn.Module, attention_backend: object, kv_caches: list) -> FusedLlamaDecode | None:
         """The compiled Llama decode step (cpu_fused_decode) where the model, its weights and the caches allow."""

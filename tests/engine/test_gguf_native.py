@@ -52,7 +52,8 @@ def test_greedy_tokens_equal_the_dequantized_models(native: LLM) -> None:
 
 
 def test_quantization_option_is_checked() -> None:
-    with pytest.raises(ValueError, match=r"quantization must be one of \['none', 'gguf'\], got 'int3'"):
+    with pytest.raises(ValueError,
+                       match=r"quantization must be one of \['none', 'gguf', 'int8', 'int4', 'awq'\], got 'int3'"):
         LLM(quantization="int3", show_progress=False)
     platform = get_platform(EngineConfig())
     with pytest.raises(ValueError, match="quantization='gguf' needs a .gguf model file"):

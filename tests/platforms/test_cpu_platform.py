@@ -17,6 +17,7 @@ from kvserve.layers.linear import Linear
 from kvserve.layers.norm import rms_norm
 from kvserve.layers.quantization import UnquantizedLinearMethod
 from kvserve.layers.quantization.cpu import CpuLinearMethod
+from kvserve.layers.quantization.int8 import Int8LinearMethod
 from kvserve.platforms import CpuPlatform, CudaPlatform, Platform, get_platform
 from kvserve.platforms.host_malloc import keep_freed_memory
 
@@ -61,8 +62,11 @@ def test_other_dtypes_use_the_plain_method_and_torch_norm() -> None:
     assert type(platform.linear_method(torch.bfloat16)) is UnquantizedLinearMethod
     assert platform.norm_kernel(torch.bfloat16) is rms_norm
     assert platform.blas_step.max_tokens == 0
-    with pytest.raises(ValueError, match="quantization 'int8' is not supported"):
-        platform.linear_method(torch.bfloat16, quantization="int8")
+    with pytest.raises(ValueError, match="quantization 'gguf' is not supported"):
+        platform.linear_method(torch.bfloat16, quantization="gguf")
+    # The weight-only methods run anywhere, off the float32 kernels: on the dequantized weight.
+    int8 = platform.linear_method(torch.bfloat16, quantization="int8")
+    assert type(int8) is Int8LinearMethod and not int8.use_kernel
 
 
 def test_small_steps_without_the_gemv_run_openblas_with_torch_single_threaded() -> None:

@@ -36,6 +36,10 @@ class LinearMethod:
         """The method for an embedding of this format (which only looks rows up: no packed copies)."""
         return self
 
+    def lm_head_method(self) -> LinearMethod:
+        """The method for the LM head (the weight-only integer methods keep it, like the embedding, dense)."""
+        return self
+
     def derived_bytes(self, layer: nn.Module) -> int:
         """Bytes held beside the layer's parameters (packed copies); counted in the model's memory."""
         return 0
