@@ -25,10 +25,11 @@ def round_order(engines: list[str], round_index: int) -> list[str]:
     return list(engines) if round_index % 2 == 0 else list(reversed(engines))
 
 
-def run_engine(name: str, settings: PeerSettings, paths: PeerPaths, round_no: int) -> list[dict[str, Any]]:
+def run_engine(name: str, settings: PeerSettings, paths: PeerPaths, round_no: int,
+               log_dir: Path) -> list[dict[str, Any]]:
     """Start one engine's server alone, warm it up, run every job, read its peak RSS, stop it."""
     port = free_port()
-    log_path = settings.work / "logs" / f"{name}-round{round_no}.log"
+    log_path = log_dir / f"{name}-round{round_no}.log"
     server = ServerProcess(launch_for(name, settings, paths, port), port, log_path)
     base = {"engine": name, "round": round_no}
     rows: list[dict[str, Any]] = []
@@ -77,13 +78,13 @@ def settings_json(settings: PeerSettings) -> dict[str, Any]:
             for key, value in dataclasses.asdict(settings).items()}
 
 
-def run_rounds(settings: PeerSettings, paths: PeerPaths, engines: list[str]) -> list[dict[str, Any]]:
+def run_rounds(settings: PeerSettings, paths: PeerPaths, engines: list[str], log_dir: Path) -> list[dict[str, Any]]:
     """Every round's rows; an interrupt (Ctrl-C, SIGTERM) stops early and keeps what was measured."""
     rows: list[dict[str, Any]] = []
     try:
         for round_index in range(settings.rounds):
             for name in round_order(engines, round_index):
-                rows += run_engine(name, settings, paths, round_index + 1)
+                rows += run_engine(name, settings, paths, round_index + 1, log_dir)
     except KeyboardInterrupt:  # run_engine's finally has stopped its server
         log("interrupted: reporting what was measured")
     return rows
@@ -105,10 +106,13 @@ def main(argv: list[str]) -> int:
                           "paths": {key: str(value) for key, value in dataclasses.asdict(paths).items()}}, indent=2))
         return 1 if setup_errors else 0
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
-    rows = run_rounds(settings, paths, engines)
+    log_dir = settings.work / "logs" / time.strftime("bench_peers-%Y%m%d-%H%M%S")  # the servers' logs, per run
+    log_dir.mkdir(parents=True)
+    rows = run_rounds(settings, paths, engines, log_dir)
     bench = llama_bench(settings, paths.llama_bin, paths.gguf) if paths.llama_bin and "llama.cpp" in engines else None
     report = {
         "meta": {"versions": versions(paths), "nproc": os.cpu_count(), "settings": settings_json(settings),
+                 "server_logs": str(log_dir),
                  "setup_errors": setup_errors, "seconds": round(time.time() - began),
                  "load_avg_at_end": [round(load, 2) for load in os.getloadavg()],
                  "warning": "numbers taken while other jobs load the machine are noise (see each row's load_avg_1m)"},
