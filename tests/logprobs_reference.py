@@ -18,7 +18,7 @@ def full_forward_logprobs(runner: ModelRunner, token_ids: list[int]) -> torch.Te
     Touches neither the engine's KV cache nor its scheduler; the caller makes sure nothing else runs the model.
     """
     num_tokens, block_size = len(token_ids), runner.block_size
-    dtype = next(runner.model.parameters()).dtype
+    dtype = runner.dtype
     specs = runner.model.kv_cache_specs(str(dtype).removeprefix("torch."))
     num_blocks = -(-num_tokens // block_size)
     scratch = allocate_kv_caches(specs, num_blocks, block_size, runner.device, dtype)

@@ -35,6 +35,7 @@ class ModelRunner:
                  max_model_len: int, attention_backend: AttentionBackend, show_progress: bool = True) -> None:
         self.platform = platform
         self.device = platform.device
+        self.dtype = config.load.torch_dtype  # activations (quantized weights are stored in other dtypes)
         self.attention_backend = attention_backend  # the one the model's attention layers run on
         # The weight format: gguf (the file's blocks, computed on) or None (dequantized to the model dtype).
         self.quantization = platform.resolve_quantization(config.load.quantization, source, config.load.torch_dtype)
@@ -79,7 +80,7 @@ class ModelRunner:
     def allocate_kv_cache(self, specs: list[KVCacheSpec], num_blocks: int, block_size: int,
                           num_residual_slots: int = 0) -> None:
         """Allocate the paged cache tensors once (int4: plus one residual slot per running request)."""
-        dtype = next(self.model.parameters()).dtype
+        dtype = self.dtype
         self.kv_caches = allocate_kv_caches(specs, num_blocks, block_size, self.device, dtype, num_residual_slots)
         self.block_size = block_size
         self.model.fused_decode = self.platform.fused_decode(self.model, self.attention_backend, self.kv_caches)
@@ -90,7 +91,7 @@ class ModelRunner:
     def profile_step(self, specs: list[KVCacheSpec], num_tokens: int, num_rows: int, block_size: int) -> int:
         """Run the largest step the scheduler can make over a scratch cache: one `num_tokens` prefill,
         logits and softmax for `num_rows` rows. Returns the scratch cache's bytes (freed on return)."""
-        dtype = next(self.model.parameters()).dtype
+        dtype = self.dtype
         plain = [dataclasses.replace(spec, dtype=str(dtype).removeprefix("torch."), group_size=0)
                  for spec in specs]  # activations are what is measured; a plain cache needs no int4 plan
         num_blocks = -(-num_tokens // block_size)
@@ -110,7 +111,7 @@ class ModelRunner:
         if window is None:
             self.window = None
             return
-        rotation = functools.partial(self.model.model.rotary.rotation, dtype=next(self.model.parameters()).dtype)
+        rotation = functools.partial(self.model.model.rotary.rotation, dtype=self.dtype)
         self.window = SinksWindowLayout(window, rotation)
 
     @property

@@ -21,7 +21,9 @@ def wikitext_ids() -> list[int]:
     if not DATA.exists():
         pytest.skip(f"WikiText-2 not found at {DATA}")
     text = DATA.read_text(encoding="utf-8")[:20000]
-    llm = LLM(kv_cache_memory=64 * 2**20, show_progress=False)
+    # The bounds below were set on the float32 path (the file dequantized); the GGUF blocks' rounding moves
+    # fp8's increase from under 1% to 1.3% (13.70 -> 13.88), which is a question for the weights, not the cache.
+    llm = LLM(kv_cache_memory=64 * 2**20, quantization="none", show_progress=False)
     ids = llm.get_tokenizer().encode(text)[:NUM_TOKENS]
     assert len(ids) == NUM_TOKENS
     return ids, perplexity(llm, ids)
@@ -39,7 +41,8 @@ BYTES_PER_TOKEN = {
 @pytest.mark.parametrize(("kv_cache_dtype", "max_increase"), [("int8", 0.01), ("fp8", 0.01), ("int4", 0.05)])
 def test_perplexity_increase_is_small(wikitext_ids, kv_cache_dtype, max_increase):
     ids, baseline = wikitext_ids
-    llm = LLM(kv_cache_memory=64 * 2**20, kv_cache_dtype=kv_cache_dtype, max_num_seqs=1, show_progress=False)
+    llm = LLM(kv_cache_memory=64 * 2**20, kv_cache_dtype=kv_cache_dtype, max_num_seqs=1, quantization="none",
+              show_progress=False)
     quantized = perplexity(llm, ids)
     assert quantized != baseline  # the cache really is quantized
     assert quantized / baseline - 1 < max_increase, (baseline, quantized)
