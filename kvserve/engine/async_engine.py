@@ -1,8 +1,16 @@
-"""AsyncEngine: one background thread drives the Engine; asyncio callers get per-request output streams."""
+"""AsyncEngine: one background thread drives the Engine; asyncio callers get per-request output streams.
+
+The server builds the Engine on that thread too (`AsyncEngine.launch`). libgomp keeps one team of worker threads
+per thread that runs parallel regions, and once more of its threads exist than cores it stops spinning between
+regions and puts the workers to sleep instead: a model loaded (warmed up) on the main thread and stepped on
+another made every decode step's ~200 parallel regions pay a sleep and a wake-up, which doubled the step on
+2 cores. Loading and stepping on one thread keeps a single team.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -11,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from kvserve.config import EngineConfig
 from kvserve.engine.engine import Engine, EngineStats
 from kvserve.inputs import PromptInput
 from kvserve.outputs import RequestOutput
@@ -139,6 +148,24 @@ class AsyncEngine:
         self._closed = False  # set by the engine thread as it exits; no command is accepted after
 
     # ---- lifecycle ------------------------------------------------------------------------
+
+    @classmethod
+    def launch(cls, config: EngineConfig, observer: EngineObserver | None = None) -> AsyncEngine:
+        """Build the Engine on a new engine thread and start stepping it there; raises what loading raised."""
+        built: concurrent.futures.Future[AsyncEngine] = concurrent.futures.Future()
+
+        def build_and_run() -> None:
+            try:
+                async_engine = cls(Engine(config), observer)
+            except BaseException as error:
+                built.set_exception(error)
+                return
+            async_engine._thread = threading.current_thread()
+            built.set_result(async_engine)
+            async_engine._run()
+
+        threading.Thread(target=build_and_run, name="kvserve-engine", daemon=True).start()
+        return built.result()
 
     def start(self) -> None:
         """Start the engine thread."""

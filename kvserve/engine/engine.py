@@ -108,9 +108,10 @@ class Engine:
         self.kv_residual_bytes = residual_bytes(specs, block_size, config.load.torch_dtype, num_slots)
         num_blocks = self._num_kv_blocks(specs, max_model_len)
         self.runner.allocate_kv_cache(specs, num_blocks, block_size, num_slots)
+        self.model_bytes = self.runner.model_bytes  # fixed from here on; summing it walks every module
         logger.info("KV cache: %d blocks of %d tokens, %.2f GiB (%s); model %.2f GiB", num_blocks, block_size,
                     self.runner.kv_cache_bytes / GIB, storage_dtype,
-                    self.runner.model_bytes / GIB)
+                    self.model_bytes / GIB)
         # A single request must always fit in the cache, or preemption could never make room; with a window
         # it only ever holds its sinks and window (checked in _num_kv_blocks), so the context is not capped.
         self.max_model_len = (max_model_len if config.cache.kv_window
@@ -351,7 +352,7 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             num_prompt_tokens=self.num_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
-            model_bytes=self.runner.model_bytes,
+            model_bytes=self.model_bytes,
             kv_cache_bytes=self.runner.kv_cache_bytes,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             prefix_cache_queries=self.kv_manager.num_prefix_queries,

@@ -13,7 +13,6 @@ from starlette.concurrency import run_in_threadpool
 
 from kvserve.config import EngineConfig
 from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, GenerateRequest, OverloadedError
-from kvserve.engine.engine import Engine
 from kvserve.loader.weights import resolve_model_path
 from kvserve.server.auth import ApiKeyMiddleware
 from kvserve.server.config import ServerConfig
@@ -269,10 +268,8 @@ def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
     """Load the engine, start its loop, and serve HTTP until interrupted."""
     import uvicorn
 
-    engine = Engine(engine_config)
     metrics = ServerMetrics()
-    async_engine = AsyncEngine(engine, metrics)
-    async_engine.start()
+    async_engine = AsyncEngine.launch(engine_config, metrics)  # loaded and stepped on its own thread
     app = build_app(async_engine, metrics, config)
     # timeout_graceful_shutdown is the backstop after the drain's own aborts (a second signal skips the drain).
     uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 from serve_harness import FakeEngine
 
+from kvserve.config import EngineConfig
+from kvserve.engine import async_engine as async_engine_module
 from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, GenerateRequest
 from kvserve.sampling_params import SamplingParams
 
@@ -135,3 +138,40 @@ def test_num_waiting_counts_the_engine_queue(fake) -> None:
 
     asyncio.run(main())
     assert async_engine.num_waiting == 5
+
+
+class _ThreadRecordingEngine(FakeEngine):
+    """Remembers the thread it was built on and the threads that stepped it."""
+
+    def __init__(self, config: object) -> None:
+        super().__init__()
+        self.built_on = threading.current_thread()
+        self.stepped_on: set[threading.Thread] = set()
+
+    def step(self):  # type: ignore[no-untyped-def]
+        self.stepped_on.add(threading.current_thread())
+        return super().step()
+
+
+def test_launch_builds_and_steps_the_engine_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One OpenMP team: a model warmed up on the caller's thread and stepped on another runs every parallel region
+    # with sleeping workers (the step took twice as long), so launch must load it on the thread that steps it.
+    monkeypatch.setattr(async_engine_module, "Engine", _ThreadRecordingEngine)
+    async_engine = AsyncEngine.launch(EngineConfig.from_kwargs())
+    try:
+        engine = async_engine.engine
+        assert asyncio.run(texts(async_engine, [request("a")])) == {"a": "abc"}
+        assert engine.built_on is not threading.current_thread()
+        assert engine.stepped_on == {engine.built_on}
+    finally:
+        async_engine.shutdown()
+    assert not async_engine.is_running
+
+
+def test_launch_raises_what_loading_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(config: object) -> None:
+        raise ValueError("no such model")
+
+    monkeypatch.setattr(async_engine_module, "Engine", fail)
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncEngine.launch(EngineConfig.from_kwargs())
