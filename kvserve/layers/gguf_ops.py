@@ -58,7 +58,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, qtype: GGMLQuantizationType, o
     kernel(qtype)(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, in_features, weight.shape[0], out.stride(0))
 
 
-ACTIVATION_BLOCK_BYTES = 44  # gguf_int8.c's act_block: 32 int8, a float scale, two int32 half sums
+ACTIVATION_BLOCK_BYTES = 44  # gguf_int8.c's act_block: 32 int8, a float scale, two scaled half sums
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:

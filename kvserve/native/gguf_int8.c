@@ -24,7 +24,7 @@ typedef float f32x8 __attribute__((vector_size(32)));
 typedef struct {  // 8-bit activations of one 32-value block (44 bytes; layers/gguf_ops.py allocates them)
     int8_t q[32];
     float d;
-    int32_t half_sums[2];  // sum of q over values 0-15 and 16-31
+    float half_sums[2];  // d times the sum of q over values 0-15 and over 16-31 (what the zero and min terms need)
 } act_block;
 
 typedef struct {  // one 32-value weight block, as integer codes and what turns their products into values
@@ -56,6 +56,11 @@ static inline float half_float(const uint8_t *p) {
 static inline u8x32 bytes32(const uint8_t *p) { u8x32 v; memcpy(&v, p, 32); return v; }
 
 static inline u8x32 nibbles(const uint8_t *p) {  // 16 bytes -> 32 codes: low nibbles 0-15, high ones 16-31
+#ifdef __AVX2__
+    // In registers: assembling the halves through memory stalls on store forwarding.
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)p);
+    return (u8x32)_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(15));
+#else
     u8x16 bytes;
     memcpy(&bytes, p, 16);
     const u8x16 low = bytes & 15, high = bytes >> 4;
@@ -63,6 +68,7 @@ static inline u8x32 nibbles(const uint8_t *p) {  // 16 bytes -> 32 codes: low ni
     memcpy(&u, &low, 16);
     memcpy((uint8_t *)&u + 16, &high, 16);
     return u;
+#endif
 }
 
 static inline u8x32 fifth_bits(const uint8_t *p) {  // bit j of the 32-bit word at p -> 16 in byte j
@@ -195,46 +201,68 @@ void gguf_quantize_activations(const float *x, act_block *blocks, int64_t rows, 
             sums[j / 16] += a->q[j];
         }
         a->d = d;
-        a->half_sums[0] = sums[0];
-        a->half_sums[1] = sums[1];
+        a->half_sums[0] = d * (float)sums[0];
+        a->half_sums[1] = d * (float)sums[1];
     }
 }
 
-/* Four rows of x per decoded weight block; each row keeps 8 float lanes of scaled products and a scalar for the
- * zero and min terms, summed once at the end of the weight row. */
-#define GGUF_INT8_MATMUL(NAME, VALUES, BYTES, SIGNED)                                                          \
-    void gguf_int8_matmul_##NAME(const act_block *x, const uint8_t *w, float *y, int64_t rows, int64_t in,    \
-                                 int64_t out, int64_t ldy) {                                                  \
-        const int64_t row_bytes = in / VALUES * BYTES, blocks = in / 32;                                      \
-        _Pragma("omp parallel for schedule(static)")                                                          \
-        for (int64_t o = 0; o < out; o++) {                                                                   \
-            const uint8_t *wrow = w + o * row_bytes;                                                          \
-            for (int64_t r0 = 0; r0 < rows; r0 += 4) {                                                        \
-                const int nrows = rows - r0 < 4 ? (int)(rows - r0) : 4;                                       \
-                f32x8 acc[4] = {{0}};                                                                         \
-                float offsets[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                  \
-                for (int64_t i = 0; i < blocks; i++) {                                                        \
-                    codes c;                                                                                  \
-                    NAME##_codes(wrow + (i * 32 / VALUES) * BYTES, (int)(i % (VALUES / 32)), &c);            \
-                    for (int r = 0; r < nrows; r++) {                                                         \
-                        const act_block *a = x + (r0 + r) * blocks + i;                                       \
-                        const float s0 = c.scale[0] * a->d, s1 = c.scale[1] * a->d;                           \
-                        const f32x8 scale = {s0, s0, s0, s0, s1, s1, s1, s1};                                 \
-                        acc[r] += products(c.u, a->q, SIGNED) * scale;                                        \
-                        offsets[r] += a->d * (c.min * (float)(a->half_sums[0] + a->half_sums[1])) -           \
-                                      c.zero * (s0 * (float)a->half_sums[0] + s1 * (float)a->half_sums[1]);  \
-                    }                                                                                         \
-                }                                                                                             \
-                for (int r = 0; r < nrows; r++) y[(r0 + r) * ldy + o] = lane_sum(acc[r]) + offsets[r];       \
-            }                                                                                                 \
-        }                                                                                                     \
+static inline f32x8 broadcast(float v) { return (f32x8){v, v, v, v, v, v, v, v}; }
+
+// Lanes 0-3 scaled by `low`, lanes 4-7 by `high` (the two 16-value halves of a block).
+static inline f32x8 halves(float low, float high) { return (f32x8){low, low, low, low, high, high, high, high}; }
+
+/* One weight row against `nrows` (1-4) rows of x: each row keeps 8 float lanes of scaled products and a scalar
+ * for the zero and min terms, summed once at the end. HALVES: the format scales 16 values at a time (Q6_K);
+ * the others share one scale per block, so the lanes need a broadcast only. Inlined with a constant `nrows`, the
+ * accumulators stay in registers. */
+#define GGUF_INT8_ROWS(NAME, VALUES, BYTES, SIGNED, HALVES)                                                       \
+    static inline __attribute__((always_inline)) void NAME##_int8_rows(const act_block *x, int64_t blocks,     \
+                                                                      const uint8_t *wrow, float *y,            \
+                                                                      int64_t ldy, int nrows) {                 \
+        f32x8 acc[4] = {{0}};                                                                                     \
+        float offsets[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                             \
+        for (int64_t i = 0; i < blocks; i++) {                                                                    \
+            codes c;                                                                                              \
+            NAME##_codes(wrow + (i * 32 / VALUES) * BYTES, (int)(i % (VALUES / 32)), &c);                        \
+            for (int r = 0; r < nrows; r++) {                                                                     \
+                const act_block *a = x + r * blocks + i;                                                          \
+                const float h0 = a->half_sums[0], h1 = a->half_sums[1];                                          \
+                if (HALVES) {                                                                                     \
+                    acc[r] += products(c.u, a->q, SIGNED) * halves(c.scale[0] * a->d, c.scale[1] * a->d);        \
+                    offsets[r] += c.min * (h0 + h1) - c.zero * (c.scale[0] * h0 + c.scale[1] * h1);              \
+                } else {                                                                                          \
+                    acc[r] += products(c.u, a->q, SIGNED) * broadcast(c.scale[0] * a->d);                        \
+                    offsets[r] += (c.min - c.zero * c.scale[0]) * (h0 + h1);                                      \
+                }                                                                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (int r = 0; r < nrows; r++) y[r * ldy] = lane_sum(acc[r]) + offsets[r];                              \
     }
 
-GGUF_INT8_MATMUL(q4_0, 32, 18, 0)
-GGUF_INT8_MATMUL(q4_1, 32, 20, 0)
-GGUF_INT8_MATMUL(q5_0, 32, 22, 0)
-GGUF_INT8_MATMUL(q5_1, 32, 24, 0)
-GGUF_INT8_MATMUL(q8_0, 32, 34, 1)
-GGUF_INT8_MATMUL(q4_k, 256, 144, 0)
-GGUF_INT8_MATMUL(q5_k, 256, 176, 0)
-GGUF_INT8_MATMUL(q6_k, 256, 210, 0)
+/* Threads take bands of output rows; each weight row is decoded once per four rows of x. */
+#define GGUF_INT8_MATMUL(NAME, VALUES, BYTES, SIGNED, HALVES)                                                     \
+    GGUF_INT8_ROWS(NAME, VALUES, BYTES, SIGNED, HALVES)                                                           \
+    void gguf_int8_matmul_##NAME(const act_block *x, const uint8_t *w, float *y, int64_t rows, int64_t in,       \
+                                 int64_t out, int64_t ldy) {                                                      \
+        const int64_t row_bytes = in / VALUES * BYTES, blocks = in / 32;                                          \
+        _Pragma("omp parallel for schedule(static)")                                                              \
+        for (int64_t o = 0; o < out; o++) {                                                                       \
+            const uint8_t *wrow = w + o * row_bytes;                                                              \
+            if (rows == 1) {                                                                                      \
+                NAME##_int8_rows(x, blocks, wrow, y + o, ldy, 1);                                                 \
+                continue;                                                                                         \
+            }                                                                                                     \
+            int64_t r0 = 0;                                                                                       \
+            for (; r0 + 4 <= rows; r0 += 4) NAME##_int8_rows(x + r0 * blocks, blocks, wrow, y + r0 * ldy + o, ldy, 4); \
+            if (r0 < rows) NAME##_int8_rows(x + r0 * blocks, blocks, wrow, y + r0 * ldy + o, ldy, (int)(rows - r0)); \
+        }                                                                                                         \
+    }
+
+GGUF_INT8_MATMUL(q4_0, 32, 18, 0, 0)
+GGUF_INT8_MATMUL(q4_1, 32, 20, 0, 0)
+GGUF_INT8_MATMUL(q5_0, 32, 22, 0, 0)
+GGUF_INT8_MATMUL(q5_1, 32, 24, 0, 0)
+GGUF_INT8_MATMUL(q8_0, 32, 34, 1, 0)
+GGUF_INT8_MATMUL(q4_k, 256, 144, 0, 0)
+GGUF_INT8_MATMUL(q5_k, 256, 176, 0, 0)
+GGUF_INT8_MATMUL(q6_k, 256, 210, 0, 1)

@@ -30,7 +30,8 @@ def prompts(tokenizer) -> list[list[int]]:
 
 def test_window_longer_than_text_is_the_plain_path(prompts):
     plain = run(LLM(kv_cache_memory=32 * 2**20, show_progress=False), prompts, 24)
-    windowed = run(LLM(kv_cache_memory=32 * 2**20, kv_window=128, show_progress=False), prompts, 24)
+    windowed = run(LLM(kv_cache_memory=32 * 2**20, kv_window=128, max_num_batched_tokens=512, show_progress=False),
+                   prompts, 24)
     assert windowed == plain
 
 
@@ -56,6 +57,7 @@ def test_generation_runs_far_past_the_cache_with_bounded_blocks(prompts):
 
 def test_window_is_exact_across_chunking_and_batching(prompts):
     def windowed(**options: int) -> LLM:
+        options = {"max_num_batched_tokens": 512, **options}  # 32 MiB holds a window and a 512-token chunk
         return LLM(kv_cache_memory=32 * 2**20, kv_window=WINDOW, kv_sinks=SINKS, show_progress=False, **options)
 
     alone = [run(windowed(), [p], 24)[0] for p in prompts]
