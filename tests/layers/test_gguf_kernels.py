@@ -11,6 +11,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from kvserve.layers import gguf_ops
 from kvserve.layers.embedding import VocabEmbedding
 from kvserve.layers.linear import Linear
+from kvserve.layers.quantization import gguf as gguf_method
 from kvserve.layers.quantization.gguf import DEQUANTIZED_GEMM_ROWS, GgufLinearMethod
 from kvserve.loader.gguf import GgufTensor
 
@@ -102,6 +103,15 @@ def test_fused_layer_of_mixed_formats_matches_its_dequantized_weight(bias: bool)
         x = torch.randn(rows, 256)
         expected = (x.double() @ dense.double().t() + (0 if layer.bias is None else layer.bias.double())).float()
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_dequantized_gemm_runs_on_panels_across_segments(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Panels of 16 rows: the Q4_K run of 40 rows ends mid-panel, so the Q6_K run's panels start at column 40.
+    monkeypatch.setattr(gguf_method, "DEQUANTIZED_PANEL_ROWS", 16)
+    layer, dense = _gguf_layer([(Q.Q4_K, 40), (Q.Q6_K, 24)], 256, bias=True)
+    x = torch.randn(DEQUANTIZED_GEMM_ROWS, 256)
+    expected = (x.double() @ dense.double().t() + layer.bias.double()).float()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_float_shard_and_shape_and_format_errors() -> None:

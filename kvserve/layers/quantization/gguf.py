@@ -9,7 +9,6 @@ output. Float matrices that reach such a layer (an F16 LM head) are kept as F32 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
@@ -22,6 +21,9 @@ from kvserve.loader.model_loader import set_weight_loader
 # kernels re-decode each block for every four rows, which costs more than one decode pass plus MKL's GEMM from
 # 32-64 rows on (SmolLM2's four layer shapes, AVX2, 2 threads; 128 rows: 14.6 ms in kernels, 8.0 ms this way).
 DEQUANTIZED_GEMM_ROWS = 48
+# That GEMM runs on panels of this many output rows, so that its temporary stays a few MB however wide the layer
+# (the whole 49,152-row LM head would be 113 MB of float32 per call, and the server's peak memory with it).
+DEQUANTIZED_PANEL_ROWS = 1024
 
 
 class GgufLinearMethod(LinearMethod):
@@ -107,10 +109,15 @@ class GgufLinearMethod(LinearMethod):
 
     @staticmethod
     def _dequantized_gemm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """x [T, in] @ W^T with W dequantized for this call (exact float32 values, as the kernels use)."""
-        dense = torch.cat([gguf_ops.dequantize_rows(weight, qtype, torch.arange(weight.shape[0]), layer.in_features)
-                           for qtype, _, weight in layer.weight.segments])
-        return F.linear(x, dense, layer.bias)
+        """x [T, in] @ W^T with W dequantized panel by panel for this call (exact float32 values, as the kernels
+        use)."""
+        y = x.new_empty(x.shape[0], layer.out_features)
+        for qtype, start, weight in layer.weight.segments:
+            for first in range(0, weight.shape[0], DEQUANTIZED_PANEL_ROWS):
+                rows = weight[first:first + DEQUANTIZED_PANEL_ROWS]
+                panel = gguf_ops.dequantize_rows(rows, qtype, torch.arange(rows.shape[0]), layer.in_features)
+                torch.mm(x, panel.t(), out=y[:, start + first:start + first + rows.shape[0]])
+        return y if layer.bias is None else y.add_(layer.bias)
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` [T] dequantized -> [T, in] float32."""
