@@ -19,7 +19,7 @@ from kvserve.loader.model_loader import set_weight_loader
 
 # From this many rows (prefill chunks) a layer dequantizes its weight once and multiplies with BLAS: the
 # kernels re-decode each block for every four rows, which costs more than one decode pass plus MKL's GEMM from
-# 32-64 rows on (SmolLM2's four layer shapes, AVX2, 2 threads; 128 rows: 14.6 ms in kernels, 8.0 ms this way).
+# 32-64 rows on (SmolLM2's four layer shapes, AVX2, 2 threads; 128 rows: 21.3 ms in kernels, 12.9 ms this way).
 DEQUANTIZED_GEMM_ROWS = 48
 # That GEMM runs on panels of this many output rows, so that its temporary stays a few MB however wide the layer
 # (the whole 49,152-row LM head would be 113 MB of float32 per call, and the server's peak memory with it).
