@@ -64,8 +64,8 @@ def load(name: str) -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler found: %s.c is not built, its callers stay on torch", name)
         return None
-    # Every source here, not only this one: a file may #include another (llama_decode.c does).
-    sources = b"".join(path.read_bytes() for path in sorted(SOURCE_DIR.glob("*.c")))
+    # Every source and header here, not only this one: a file may #include another (llama_decode.c does).
+    sources = b"".join(path.read_bytes() for path in sorted([*SOURCE_DIR.glob("*.c"), *SOURCE_DIR.glob("*.h")]))
     digest = hashlib.sha256(source.read_bytes() + sources + " ".join(FLAGS).encode() + _cpu_features().encode())
     library = cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
     if not library.exists():

@@ -10,15 +10,13 @@
  * relative error per product, measured in tests/layers/test_gguf_int8.py). Other CPUs get plain C loops.
  */
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
+
+#include "gguf_blocks.h"
 
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
-typedef uint8_t u8x32 __attribute__((vector_size(32)));
 typedef float f32x8 __attribute__((vector_size(32)));
 
 typedef struct {  // 8-bit activations of one 32-value block (44 bytes; layers/gguf_ops.py allocates them)
@@ -31,27 +29,6 @@ typedef struct {  // one 32-value weight block, as integer codes and what turns 
     u8x32 u;
     float scale[2], zero, min;
 } codes;
-
-static inline float half_float(const uint8_t *p) {
-    uint16_t bits;
-    memcpy(&bits, p, 2);
-#ifdef __FLT16_MAX__
-    _Float16 half;
-    memcpy(&half, &bits, 2);
-    return (float)half;
-#else
-    const uint32_t sign = (uint32_t)(bits & 0x8000) << 16, exponent = (bits >> 10) & 0x1f, mantissa = bits & 0x3ff;
-    float magnitude;
-    if (exponent == 0) magnitude = (float)mantissa * 0x1p-24f;
-    else if (exponent == 31) magnitude = mantissa ? __builtin_nanf("") : __builtin_inff();
-    else { uint32_t f = ((exponent + 112) << 23) | (mantissa << 13); memcpy(&magnitude, &f, 4); }
-    uint32_t out;
-    memcpy(&out, &magnitude, 4);
-    out |= sign;
-    memcpy(&magnitude, &out, 4);
-    return magnitude;
-#endif
-}
 
 static inline u8x32 bytes32(const uint8_t *p) { u8x32 v; memcpy(&v, p, 32); return v; }
 
@@ -97,62 +74,52 @@ static inline void same_scale(codes *c, float d, float zero, float min) {
 static inline void q4_0_codes(const uint8_t *b, int sub, codes *c) {
     (void)sub;
     c->u = nibbles(b + 2);
-    same_scale(c, half_float(b), 8.0f, 0.0f);
+    same_scale(c, f16(b), 8.0f, 0.0f);
 }
 
 static inline void q4_1_codes(const uint8_t *b, int sub, codes *c) {
     (void)sub;
     c->u = nibbles(b + 4);
-    same_scale(c, half_float(b), 0.0f, half_float(b + 2));
+    same_scale(c, f16(b), 0.0f, f16(b + 2));
 }
 
 static inline void q5_0_codes(const uint8_t *b, int sub, codes *c) {
     (void)sub;
     c->u = nibbles(b + 6) | fifth_bits(b + 2);
-    same_scale(c, half_float(b), 16.0f, 0.0f);
+    same_scale(c, f16(b), 16.0f, 0.0f);
 }
 
 static inline void q5_1_codes(const uint8_t *b, int sub, codes *c) {
     (void)sub;
     c->u = nibbles(b + 8) | fifth_bits(b + 4);
-    same_scale(c, half_float(b), 0.0f, half_float(b + 2));
+    same_scale(c, f16(b), 0.0f, f16(b + 2));
 }
 
 static inline void q8_0_codes(const uint8_t *b, int sub, codes *c) {  // signed: see products()
     (void)sub;
     c->u = bytes32(b + 2);
-    same_scale(c, half_float(b), 0.0f, 0.0f);
-}
-
-static inline void scale_and_min(const uint8_t *scales, int j, int *scale, int *min) {
-    if (j < 4) {
-        *scale = scales[j] & 63;
-        *min = scales[j + 4] & 63;
-    } else {
-        *scale = (scales[j + 4] & 15) | ((scales[j - 4] >> 6) << 4);
-        *min = (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4);
-    }
+    same_scale(c, f16(b), 0.0f, 0.0f);
 }
 
 static inline void q4_k_codes(const uint8_t *b, int sub, codes *c) {
     int scale, min;
-    scale_and_min(b + 4, sub, &scale, &min);
+    k_scale_min(b + 4, sub, &scale, &min);
     c->u = (bytes32(b + 16 + 32 * (sub / 2)) >> (4 * (sub & 1))) & 15;
-    same_scale(c, half_float(b) * (float)scale, 0.0f, -half_float(b + 2) * (float)min);
+    same_scale(c, f16(b) * (float)scale, 0.0f, -f16(b + 2) * (float)min);
 }
 
 static inline void q5_k_codes(const uint8_t *b, int sub, codes *c) {
     int scale, min;
-    scale_and_min(b + 4, sub, &scale, &min);
+    k_scale_min(b + 4, sub, &scale, &min);
     const u8x32 low = (bytes32(b + 48 + 32 * (sub / 2)) >> (4 * (sub & 1))) & 15;
     c->u = low | (((bytes32(b + 16) >> sub) & 1) << 4);
-    same_scale(c, half_float(b) * (float)scale, 0.0f, -half_float(b + 2) * (float)min);
+    same_scale(c, f16(b) * (float)scale, 0.0f, -f16(b + 2) * (float)min);
 }
 
 static inline void q6_k_codes(const uint8_t *b, int sub, codes *c) {
     const int half = sub / 4, k = sub % 4;
     const int8_t *scales = (const int8_t *)(b + 192) + 8 * half + 2 * k;
-    const float d = half_float(b + 208);
+    const float d = f16(b + 208);
     const u8x32 low = (bytes32(b + 64 * half + 32 * (k & 1)) >> (4 * (k >> 1))) & 15;
     c->u = low | (((bytes32(b + 128 + 32 * half) >> (2 * k)) & 3) << 4);
     c->scale[0] = d * (float)scales[0];

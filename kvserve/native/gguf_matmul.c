@@ -9,8 +9,7 @@
  * The activations stay float32 on purpose: llama.cpp quantizes them to 8 bits per block, which is faster on
  * integer dot-product units but changes the model's numbers. Used by layers/gguf_ops.py.
  */
-#include <stdint.h>
-#include <string.h>
+#include "gguf_blocks.h"
 
 typedef float lanes __attribute__((vector_size(32)));  // 8 floats: one AVX register, two NEON ones
 
@@ -26,34 +25,11 @@ static inline float sum_lanes(lanes v) {
     return sum;
 }
 
-static inline float f16(const uint8_t *p) {  // an IEEE half, little-endian, as stored in the file
-    uint16_t bits;
-    memcpy(&bits, p, 2);
-#ifdef __FLT16_MAX__
-    _Float16 half;
-    memcpy(&half, &bits, 2);
-    return (float)half;
-#else
-    const uint32_t sign = (uint32_t)(bits & 0x8000) << 16, exponent = (bits >> 10) & 0x1f, mantissa = bits & 0x3ff;
-    float magnitude;
-    if (exponent == 0) magnitude = (float)mantissa * 0x1p-24f;  // subnormal
-    else if (exponent == 31) magnitude = mantissa ? __builtin_nanf("") : __builtin_inff();
-    else { uint32_t f = ((exponent + 112) << 23) | (mantissa << 13); memcpy(&magnitude, &f, 4); }
-    uint32_t out;
-    memcpy(&out, &magnitude, 4);
-    out |= sign;
-    memcpy(&magnitude, &out, 4);
-    return magnitude;
-#endif
-}
-
 /* Each format: values per block, bytes per block, and `<name>_values(block, sub, w)` that sets w[0..3] to the
  * 32 values of sub-block `sub` (0 .. values/32 - 1), eight per vector, with ggml's float operations. Layouts are
  * ggml's (ggml-common.h). Written on vectors so that the unpacking vectorises too. */
 
 typedef int32_t i32x8 __attribute__((vector_size(32)));
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
-typedef uint8_t u8x32 __attribute__((vector_size(32)));
 
 // Bytes to float lanes. gcc scalarises __builtin_convertvector from 8 bytes, so x86 gets the two instructions
 // it should (vpmovzxbd / vpmovsxbd + vcvtdq2ps) from intrinsics; other CPUs the plain loop.
@@ -143,17 +119,6 @@ static inline void q8_0_values(const uint8_t *b, int sub, lanes *w) {
     (void)sub;
     const float d = f16(b);
     for (int k = 0; k < 4; k++) w[k] = i8_lanes(b + 2 + 8 * k) * d;
-}
-
-// The 6-bit scale and min of sub-block j of a Q4_K / Q5_K super-block, packed in 12 bytes.
-static inline void k_scale_min(const uint8_t *scales, int j, int *scale, int *min) {
-    if (j < 4) {
-        *scale = scales[j] & 63;
-        *min = scales[j + 4] & 63;
-    } else {
-        *scale = (scales[j + 4] & 15) | ((scales[j - 4] >> 6) << 4);
-        *min = (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4);
-    }
 }
 
 static inline void byte_lanes(u8x32 q, lanes *w) {
