@@ -1,5 +1,7 @@
 """CPU paged attention with a compiled decode kernel (native/paged_decode.c); prefill and the rest stay on torch_ref.
 
+The kernel reads float32 caches and int8 ones (codes and per-token scales, a quarter of the bytes).
+
 Why: a batched decode step on torch copies every sequence's blocks into a padded tensor, then SDPA reads the
 copy again, so the KV cache is streamed about three times per layer. The C kernel reads each block once, in
 place, and only up to each sequence's own length (64 decodes of 150-400 tokens, 3 of 9 heads, from a cold
@@ -18,6 +20,8 @@ from kvserve.attention.torch_backend import TorchAttentionBackend
 from kvserve.attention.torch_metadata import TorchAttentionMetadata, build_torch_metadata
 from kvserve.kv.kv_cache import LayerKVCache
 
+KERNEL_KV_DTYPES = ("float32", "int8")  # the caches native/paged_decode.c reads
+
 
 def available() -> bool:
     """Whether the compiled kernel can run here."""
@@ -25,10 +29,10 @@ def available() -> bool:
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """The torch backend with the decode rows of plain float32 caches on the compiled kernel.
+    """The torch backend with the decode rows of float32 and int8 caches on the compiled kernel.
 
-    Whether the kernel runs is decided once, here, from the cache: it reads float32 keys and values of one
-    width without a window. int8 / fp8 / int4 / bfloat16 caches, windows and MLA run torch_ref's decode (the
+    Whether the kernel runs is decided once, here, from the cache: it reads float32 or int8 keys and values of
+    one width without a window. fp8 / int4 / bfloat16 caches, windows and MLA run torch_ref's decode (the
     fastest CPU path for them today).
     """
 
@@ -37,7 +41,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
     def __init__(self, needs: AttentionRequirements) -> None:
         super().__init__(needs)
-        self.use_kernel = needs.kv_cache_dtype == "float32" and not needs.use_window and not needs.use_mla
+        self.use_kernel = (needs.kv_cache_dtype in KERNEL_KV_DTYPES and not needs.use_window
+                           and not needs.use_mla)
 
     @classmethod
     def check_supported(cls, needs: AttentionRequirements) -> None:
@@ -69,10 +74,15 @@ def decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMet
     query = query.contiguous()
     tables, seq_lens = metadata.decode_block_tables, metadata.decode_seq_lens  # contiguous long [B, nb], [B]
     out = torch.empty_like(query)
-    status = native.load("paged_decode").paged_decode_f32(
-        query.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr(), tables.data_ptr(), seq_lens.data_ptr(),
-        out.data_ptr(), batch, num_kv_heads, num_heads // num_kv_heads, head_dim, block_size, tables.shape[1],
-        scale)
+    kernels = native.load("paged_decode")
+    shape = (batch, num_kv_heads, num_heads // num_kv_heads, head_dim, block_size, tables.shape[1], scale)
+    if cache.is_quantized:  # int8 codes [nb, bs, Hkv, D], scales [nb, bs, Hkv, 1]
+        status = kernels.paged_decode_i8(query.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr(),
+                                         cache.key_scale.data_ptr(), cache.value_scale.data_ptr(), tables.data_ptr(),
+                                         seq_lens.data_ptr(), out.data_ptr(), *shape)
+    else:
+        status = kernels.paged_decode_f32(query.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr(),
+                                          tables.data_ptr(), seq_lens.data_ptr(), out.data_ptr(), *shape)
     if status != 0:
         raise MemoryError("paged decode attention could not allocate its score buffers")
     return out

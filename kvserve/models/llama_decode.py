@@ -2,9 +2,9 @@
 
 The module path pays Python and torch dispatch for ~20 ops per layer, more than the 4-bit matmuls themselves
 take at batch 1. `FusedLlamaDecode` describes the loaded model to the kernel once (weight pointers, norms, the
-KV-cache tensors) and then runs the layers of a step whose tokens are all single-token decodes on plain float32
-caches. Same kernels as the module path (GGUF blocks or float32 rows, RMSNorm, paged decode attention); RoPE and
-SiLU in C. Anything else (prefill chunks, int8 / int4 caches, windows, Qwen3's QK-norm) returns None and the
+KV-cache tensors) and then runs the layers of a step whose tokens are all single-token decodes on float32 or
+int8 caches. Same kernels as the module path (GGUF blocks or float32 rows, RMSNorm, paged decode attention); RoPE and
+SiLU in C. Anything else (prefill chunks, fp8 / int4 caches, windows, Qwen3's QK-norm) returns None and the
 caller runs the modules.
 """
 
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kvserve import native
+from kvserve.attention.cpu_native import KERNEL_KV_DTYPES
 from kvserve.attention.torch_metadata import TorchAttentionMetadata
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.layers import gguf_ops
@@ -38,7 +39,7 @@ class _Linear(ctypes.Structure):
 class _Layer(ctypes.Structure):
     _fields_ = [("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p), ("qkv", _Linear),
                 ("o", _Linear), ("gate_up", _Linear), ("down", _Linear), ("key_cache", ctypes.c_void_p),
-                ("value_cache", ctypes.c_void_p)]
+                ("value_cache", ctypes.c_void_p), ("key_scale", ctypes.c_void_p), ("value_scale", ctypes.c_void_p)]
 
 
 class _Shape(ctypes.Structure):
@@ -67,12 +68,12 @@ class FusedLlamaDecode:
     @staticmethod
     def supports(model: nn.Module, kv_caches: list[LayerKVCache], decode_kernel: bool) -> bool:
         """Whether the model and caches are what the kernel computes: a Llama without QK-norm, float32, every
-        Linear on GGUF blocks or float32 rows, plain float32 caches read by the paged decode kernel."""
+        Linear on GGUF blocks or float32 rows, float32 or int8 caches read by the paged decode kernel."""
         if type(model).__name__ != "LlamaForCausalLM" or model.config.use_qk_norm or not decode_kernel:
             return False
         if native.load("llama_decode") is None or not kv_caches:
             return False
-        if any(cache.key.dtype != torch.float32 or cache.is_quantized or cache.is_int4 for cache in kv_caches):
+        if any(_storage(cache) not in KERNEL_KV_DTYPES for cache in kv_caches):
             return False
         linears = [m for m in model.model.layers.modules() if isinstance(m, Linear)]
         return all(_segments(linear) is not None for linear in linears)
@@ -96,11 +97,17 @@ class FusedLlamaDecode:
         return model.model.norm(hidden)
 
 
+def _storage(cache: LayerKVCache) -> str:
+    """What a cache stores: its quantized dtype, or its float dtype's name ('float32', ...)."""
+    return str(cache.key.dtype).removeprefix("torch.") if cache.kv_cache_dtype == "auto" else cache.kv_cache_dtype
+
+
 def _layer(layer: nn.Module, cache: LayerKVCache) -> _Layer:
     attention, mlp = layer.self_attn, layer.mlp
     return _Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                   _linear(attention.qkv_proj), _linear(attention.o_proj), _linear(mlp.gate_up_proj),
-                  _linear(mlp.down_proj), cache.key.data_ptr(), cache.value.data_ptr())
+                  _linear(mlp.down_proj), cache.key.data_ptr(), cache.value.data_ptr(),
+                  *(None if scale is None else scale.data_ptr() for scale in (cache.key_scale, cache.value_scale)))
 
 
 def _linear(layer: Linear) -> _Linear:

@@ -32,10 +32,12 @@ GGUF_KERNEL_TYPES = ("f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k
 _PTR, _INT64, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # Every exported C function: library -> {function: (return type, argument types)}, set once at load.
 SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
-    "paged_decode": {"paged_decode_f32": (ctypes.c_int, [_PTR] * 6 + [_INT64] * 6 + [_FLOAT])},
+    "paged_decode": {"paged_decode_f32": (ctypes.c_int, [_PTR] * 6 + [_INT64] * 6 + [_FLOAT]),
+                     "paged_decode_i8": (ctypes.c_int, [_PTR] * 8 + [_INT64] * 6 + [_FLOAT])},
     "gemv": {"gemv_f32": (None, [_PTR] * 3 + [_INT64] * 2)},
     "rms_norm": {"rms_norm_f32": (None, [_PTR] * 3 + [_INT64] * 2 + [_FLOAT])},
-    "llama_decode": {"llama_decode_layers": (ctypes.c_int, [_PTR] * 3 + [_INT64] + [_PTR] * 5 + [_INT64])},
+    "llama_decode": {"llama_decode_layers": (ctypes.c_int, [_PTR] * 3 + [_INT64] + [_PTR] * 5 + [_INT64]),
+                     "quantize_rows_i8": (None, [_PTR] * 3 + [_INT64] * 2)},
     "gguf_int8": {
         "gguf_quantize_activations": (None, [_PTR] * 2 + [_INT64] * 2),
         **{f"gguf_int8_matmul_{kind}": (None, [_PTR] * 3 + [_INT64] * 4) for kind in GGUF_KERNEL_TYPES[2:]},

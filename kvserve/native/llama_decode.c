@@ -4,7 +4,7 @@
  * token on 2 cores, more than the 4-bit weights take to stream). Here each layer is the same kernels in a row,
  * without leaving C: RMSNorm (rms_norm.c), QKV on GGUF blocks or float32 rows (gguf_matmul.c), RoPE, the
  * K/V rows into their cache slots, paged decode attention (paged_decode.c), O, residual, RMSNorm, gate/up,
- * SiLU * up, down, residual. Only batches of single-token decodes on plain float32 caches come here
+ * SiLU * up, down, residual. Only batches of single-token decodes on float32 or int8 caches come here
  * (models/llama_decode.py decides); everything else stays on the module path.
  */
 #include <math.h>
@@ -47,7 +47,8 @@ typedef struct {  // a Linear: its runs, and its bias or NULL
 typedef struct {
     const float *input_norm, *post_attention_norm;  // [H]
     linear qkv, o, gate_up, down;
-    float *key_cache, *value_cache;  // [num_blocks, block_size, Hkv, D]
+    void *key_cache, *value_cache;  // [num_blocks, block_size, Hkv, D] float32, or int8 codes with
+    float *key_scale, *value_scale;  // [num_blocks, block_size, Hkv] (NULL for float32)
 } layer;
 
 typedef struct {
@@ -89,6 +90,31 @@ __attribute__((optimize("fp-contract=off"))) static void rotate(float *x, const 
     }
 }
 
+/* x [rows, dim] -> int8 codes [rows, dim] and a scale per row, as kv/kv_quant.py's quantize computes them:
+ * scale = max(absmax, 1e-8) / 127, code = x / scale rounded half to even, clamped to +-127. */
+void quantize_rows_i8(const float *x, int8_t *codes, float *scales, int64_t rows, int64_t dim) {
+    for (int64_t r = 0; r < rows; r++, x += dim, codes += dim) {
+        float absmax = 0.0f;
+        for (int64_t d = 0; d < dim; d++) absmax = fabsf(x[d]) > absmax ? fabsf(x[d]) : absmax;
+        const float scale = (absmax > 1e-8f ? absmax : 1e-8f) / 127.0f;
+        for (int64_t d = 0; d < dim; d++) {
+            const float code = rintf(x[d] / scale);
+            codes[d] = (int8_t)(code < -127.0f ? -127.0f : code > 127.0f ? 127.0f : code);
+        }
+        scales[r] = scale;
+    }
+}
+
+/* One token's K or V row [Hkv, D] into its cache slot: float32 as is, or int8 codes and a scale per head. */
+static void store_row(const float *row, void *cache, float *scales, int64_t slot, int64_t num_kv_heads,
+                      int64_t head_dim) {
+    const int64_t offset = slot * num_kv_heads * head_dim;
+    if (scales == NULL)
+        memcpy((float *)cache + offset, row, sizeof(float) * num_kv_heads * head_dim);
+    else
+        quantize_rows_i8(row, (int8_t *)cache + offset, scales + slot * num_kv_heads, num_kv_heads, head_dim);
+}
+
 /* hidden [B, H] in place through every layer. cos, sin [B, D] (each token's position); slots [B] cache slot
  * of each token; tables [B, max_blocks], seq_lens [B] as paged_decode_f32 reads them. Returns 0, or -1 when
  * out of memory. */
@@ -113,11 +139,12 @@ int llama_decode_layers(const layer *layers, const shape *s, float *hidden, int6
             float *row = qkv + b * qkv_width;  // [Hq + 2 Hkv, D]: queries, keys, values
             for (int64_t h = 0; h < Hq + Hkv; h++) rotate(row + h * D, cos + b * D, sin + b * D, D);
             memcpy(query + b * Hq * D, row, sizeof(float) * Hq * D);
-            memcpy(L->key_cache + slots[b] * Hkv * D, row + Hq * D, sizeof(float) * Hkv * D);
-            memcpy(L->value_cache + slots[b] * Hkv * D, row + (Hq + Hkv) * D, sizeof(float) * Hkv * D);
+            store_row(row + Hq * D, L->key_cache, L->key_scale, slots[b], Hkv, D);
+            store_row(row + (Hq + Hkv) * D, L->value_cache, L->value_scale, slots[b], Hkv, D);
         }
-        status = paged_decode_f32(query, L->key_cache, L->value_cache, tables, seq_lens, attended, batch, Hkv,
-                                  Hq / Hkv, D, s->block_size, max_blocks, s->scale);
+        const paged_kv kv = {L->key_cache, L->value_cache, L->key_scale, L->value_scale};
+        status = paged_decode(query, &kv, tables, seq_lens, attended, batch, Hkv, Hq / Hkv, D, s->block_size,
+                              max_blocks, s->scale);
         apply_linear(&L->o, attended, blocks, delta, batch, Hq * D, H);
         for (int64_t i = 0; i < batch * H; i++) hidden[i] += delta[i];
         rms_norm_f32(hidden, L->post_attention_norm, normed, batch, H, s->eps);

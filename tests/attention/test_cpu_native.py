@@ -46,28 +46,34 @@ def _both(step) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @needs_kernel
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"hkv{s[0]}-g{s[1]}-d{s[2]}-bs{s[3]}")
-def test_mixed_step_matches_torch_ref(shape):
+def test_mixed_step_matches_torch_ref(shape, kv_cache_dtype):
+    """float32 and int8 caches (torch_ref dequantizes the same codes: the same math, so float rounding apart)."""
     num_kv_heads, group, head_dim, block_size = shape
-    step = make_step(REQUESTS, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, block_size=block_size)
+    step = make_step(REQUESTS, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, block_size=block_size,
+                     kv_cache_dtype=kv_cache_dtype)
+    assert backend_for("cpu", step).use_kernel
     actual, expected = _both(step)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)  # float rounding; a wrong key is off by O(1)
 
 
 @needs_kernel
-def test_many_decodes_share_the_threads():
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_many_decodes_share_the_threads(kv_cache_dtype):
     """64 sequences of 1-300 tokens: every row is a sequence of its own length (no padding leaks in)."""
     gen = torch.Generator().manual_seed(1)
     requests = [(int(n), 1) for n in torch.randint(1, 300, (64,), generator=gen)]
-    step = make_step(requests, num_kv_heads=3, group=3, head_dim=64, block_size=16, seed=1)
+    step = make_step(requests, num_kv_heads=3, group=3, head_dim=64, block_size=16, seed=1,
+                     kv_cache_dtype=kv_cache_dtype)
     actual, expected = _both(step)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)  # float rounding; a wrong key is off by O(1)
 
 
 @needs_kernel
-@pytest.mark.parametrize("kv_cache_dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "bfloat16"])
 def test_other_caches_stay_on_torch_ref(kv_cache_dtype, monkeypatch):
-    """The kernel reads float32 only: for other caches the cpu backend runs torch_ref's decode, so the outputs
+    """The kernel reads float32 and int8 only: for other caches the cpu backend runs torch_ref's decode, so the outputs
     are identical (the choice is made once, when the backend is created)."""
     dtype = torch.bfloat16 if kv_cache_dtype == "bfloat16" else torch.float32
     step = make_step(REQUESTS, num_kv_heads=2, group=2, head_dim=32, block_size=8,
@@ -82,7 +88,8 @@ def test_other_caches_stay_on_torch_ref(kv_cache_dtype, monkeypatch):
 def test_window_and_mla_stay_on_torch_ref():
     assert not CpuAttentionBackend(needs(use_window=True)).use_kernel
     assert not CpuAttentionBackend(needs(use_mla=True)).use_kernel
-    assert CpuAttentionBackend(needs()).use_kernel
+    assert not CpuAttentionBackend(needs("int8", use_window=True)).use_kernel
+    assert CpuAttentionBackend(needs()).use_kernel and CpuAttentionBackend(needs("int8")).use_kernel
 
 
 @needs_kernel

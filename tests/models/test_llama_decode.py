@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvserve import LLM, SamplingParams
+from kvserve import LLM, SamplingParams, native
+from kvserve.kv import kv_quant
 from kvserve.models.llama_decode import FusedLlamaDecode
 from kvserve.platforms.cpu import CpuPlatform
 
@@ -28,7 +29,7 @@ def gguf() -> LLM:
     return _llm()
 
 
-def _compare_every_step(llm: LLM, prompts: list[str]) -> list[int]:
+def _compare_every_step(llm: LLM, prompts: list[str], tolerance: float = 1e-5) -> list[int]:
     """Generate, running each decode step both ways; returns the batch sizes the fused step ran with.
     (Compared after the run: the engine turns an exception inside a step into failed requests.)"""
     model = llm.engine.runner.model
@@ -56,13 +57,50 @@ def _compare_every_step(llm: LLM, prompts: list[str]) -> list[int]:
     assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in outputs)
     for hidden, reference in pairs:
         # Float rounding only (SiLU's exp differs from torch's by an ulp): ~2e-5 on values up to ~50.
-        torch.testing.assert_close(hidden, reference, rtol=0, atol=1e-5 * reference.abs().max().item())
+        torch.testing.assert_close(hidden, reference, rtol=0, atol=tolerance * reference.abs().max().item())
     return batches
 
 
 def test_gguf_decode_steps_match_the_modules(gguf: LLM) -> None:
     batches = _compare_every_step(gguf, PROMPTS) + _compare_every_step(gguf, PROMPTS[:1])
     assert 4 in batches and 1 in batches  # batched and single decodes both ran fused
+
+
+def test_int8_cache_decode_steps_match_the_modules() -> None:
+    """An ulp of difference in a K/V value can move its int8 code by one step (~1% of the row's absmax), so the
+    bound is looser than float32's; a wrong scale or row is off by O(1)."""
+    llm = _llm(kv_cache_dtype="int8")
+    try:
+        assert 4 in _compare_every_step(llm, PROMPTS, tolerance=1e-3)
+    finally:
+        llm.engine.shutdown()
+
+
+def test_int8_cache_rows_are_quantized_as_the_modules_do() -> None:
+    """The fused step writes each decode token's K/V codes and scales itself, bit for bit as kv_quant does:
+    ties (x / scale at .5: half to even), values past the clamp, rows of zeros."""
+    kernels = native.load("llama_decode")
+    if kernels is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(64, 64, generator=gen) * torch.logspace(-3, 2, 64).unsqueeze(1)
+    rows[1] = 0.0
+    rows[2, :8] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -126.5])  # absmax 127: scale 1, ties
+    codes, scales = torch.empty(64, 64, dtype=torch.int8), torch.empty(64)
+    kernels.quantize_rows_i8(rows.data_ptr(), codes.data_ptr(), scales.data_ptr(), 64, 64)
+    expected_codes, expected_scales = kv_quant.quantize(rows, "int8")
+    assert torch.equal(codes, expected_codes) and torch.equal(scales, expected_scales.squeeze(1))
+
+
+def test_int8_cache_greedy_tokens_equal_the_module_paths() -> None:
+    fused = _llm(kv_cache_dtype="int8")
+    modules = LLM(kv_cache_memory=32 * 2**20, kv_cache_dtype="int8", cpu_fused_decode=False, show_progress=False)
+    try:
+        ids = [[o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+               for llm in (fused, modules)]
+        assert ids[0] == ids[1]
+    finally:
+        fused.engine.shutdown(), modules.engine.shutdown()
 
 
 def test_float32_weights_run_fused_at_batch_one_only() -> None:
@@ -86,8 +124,8 @@ def test_greedy_tokens_equal_the_module_paths(gguf: LLM) -> None:
 
 
 def test_steps_it_cannot_run_go_to_the_modules() -> None:
-    # An int8 KV cache: the kernel reads float32 caches only.
-    llm = LLM(kv_cache_memory=32 * 2**20, kv_cache_dtype="int8", show_progress=False)
+    # An fp8 KV cache: the kernel reads float32 and int8 caches only.
+    llm = LLM(kv_cache_memory=32 * 2**20, kv_cache_dtype="fp8", show_progress=False)
     try:
         assert llm.engine.runner.model.fused_decode is None
         assert isinstance(llm.engine.platform, CpuPlatform)
