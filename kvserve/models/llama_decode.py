@@ -55,10 +55,10 @@ class FusedLlamaDecode:
     def __init__(self, model: nn.Module, kv_caches: list[LayerKVCache]) -> None:
         config = model.config
         layers = model.model.layers
-        self.dense = not isinstance(layers[0].mlp.down_proj.method, GgufLinearMethod)  # float32 [out, in] rows
+        method = layers[0].mlp.down_proj.method
+        self.dense = not isinstance(method, GgufLinearMethod)  # float32 [out, in] rows
         self.layers = (_Layer * len(layers))(*(_layer(layer, cache) for layer, cache in zip(layers, kv_caches,
                                                                                              strict=True)))
-        method = layers[0].mlp.down_proj.method
         self.shape = _Shape(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
                             config.intermediate_size, kv_caches[0].key.shape[1], len(layers),
                             int(getattr(method, "int8_activations", False)), layers[0].input_layernorm.eps,

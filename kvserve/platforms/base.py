@@ -63,7 +63,7 @@ class Platform:
         """The method every Linear of a `dtype` model computes with: plain, or a weight-only integer one on the
         dequantized weight (any device, not fast)."""
         if quantization in WEIGHT_ONLY_METHODS:
-            return weight_only_method(quantization, UnquantizedLinearMethod(), False,
+            return weight_only_method(quantization, UnquantizedLinearMethod(), None,
                                       self.config.load.quantization_group_size)
         if quantization is not None:
             raise ValueError(f"quantization {quantization!r} is not supported on {self.device.type} with {dtype}")

@@ -68,8 +68,8 @@ class CpuPlatform(Platform):
                                 self.blas_step)
         if quantization is None:
             return dense
-        return weight_only_method(quantization, dense, self.use_native_kernels and int_ops.available(),
-                                  self.config.load.quantization_group_size)
+        kernels = int_ops if self.use_native_kernels and int_ops.available() else None
+        return weight_only_method(quantization, dense, kernels, self.config.load.quantization_group_size)
 
     def fused_decode(self, model: nn.Module, attention_backend: object, kv_caches: list) -> FusedLlamaDecode | None:
         """The compiled Llama decode step (cpu_fused_decode) where the model, its weights and the caches allow."""

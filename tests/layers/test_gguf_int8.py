@@ -19,30 +19,24 @@ Q = GGMLQuantizationType
 BLOCK_FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 
-@pytest.mark.parametrize("num_threads", [1, 2])
 @pytest.mark.parametrize("qtype", BLOCK_FORMATS, ids=lambda t: t.name)
 def test_int8_matmul_matches_its_reference(qtype: GGMLQuantizationType, num_threads: int) -> None:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        for num_in, num_out in SHAPES:
-            weight = random_weight(qtype, num_out, num_in)
-            for rows in (1, 2, 5, 16):
-                x = torch.randn(rows, num_in) * torch.rand(rows, 1) * 4  # rows of different magnitudes
-                y = torch.empty(rows, num_out)
-                blocks = gguf_ops.quantize_activations(x)
-                gguf_ops.int8_matmul(blocks, weight, qtype, y)
-                expected = gguf_ops.reference_int8_matmul(blocks, weight, qtype)
-                torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item(),
-                                           msg=lambda m, s=(rows, num_in, num_out): f"{s}: {m}")
-                # The price of the 8-bit rounding, against the float32-activation product: about 0.5% of the
-                # products' own size sqrt(sum_j (w_j x_j)^2) (a sum that cancels can lose more of itself).
-                exact = gguf_ops.reference_matmul(x, weight, qtype)
-                dense = gguf_ops.dequantize_weight(weight, qtype, num_in)
-                size = ((x.double() ** 2) @ (dense.double() ** 2).t()).sqrt()
-                assert ((y - exact).abs() <= 0.03 * size).all()
-    finally:
-        torch.set_num_threads(previous)
+    for num_in, num_out in SHAPES:
+        weight = random_weight(qtype, num_out, num_in)
+        for rows in (1, 2, 5, 16):
+            x = torch.randn(rows, num_in) * torch.rand(rows, 1) * 4  # rows of different magnitudes
+            y = torch.empty(rows, num_out)
+            blocks = gguf_ops.quantize_activations(x)
+            gguf_ops.int8_matmul(blocks, weight, qtype, y)
+            expected = gguf_ops.reference_int8_matmul(blocks, weight, qtype)
+            torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item(),
+                                       msg=lambda m, s=(rows, num_in, num_out): f"{s}: {m}")
+            # The price of the 8-bit rounding, against the float32-activation product: about 0.5% of the
+            # products' own size sqrt(sum_j (w_j x_j)^2) (a sum that cancels can lose more of itself).
+            exact = gguf_ops.reference_matmul(x, weight, qtype)
+            dense = gguf_ops.dequantize_weight(weight, qtype, num_in)
+            size = ((x.double() ** 2) @ (dense.double() ** 2).t()).sqrt()
+            assert ((y - exact).abs() <= 0.03 * size).all()
 
 
 def test_activation_blocks_round_each_value_to_its_nearest_code() -> None:

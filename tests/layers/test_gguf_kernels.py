@@ -40,23 +40,17 @@ def random_weight(qtype: GGMLQuantizationType, num_out: int, num_in: int, seed: 
     return torch.from_numpy(blocks.reshape(num_out, -1))
 
 
-@pytest.mark.parametrize("num_threads", [1, 2])
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
 def test_matmul_matches_dequantized_reference(qtype: GGMLQuantizationType, num_threads: int) -> None:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        for num_in, num_out in SHAPES:
-            weight = random_weight(qtype, num_out, num_in)
-            for rows in ROWS:
-                x = torch.randn(rows, num_in)
-                y = torch.empty(rows, num_out)
-                gguf_ops.matmul(x, weight, qtype, y)
-                expected = gguf_ops.reference_matmul(x, weight, qtype)
-                torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(),
-                                           msg=lambda m, s=(rows, num_in, num_out): f"{s}: {m}")
-    finally:
-        torch.set_num_threads(previous)
+    for num_in, num_out in SHAPES:
+        weight = random_weight(qtype, num_out, num_in)
+        for rows in ROWS:
+            x = torch.randn(rows, num_in)
+            y = torch.empty(rows, num_out)
+            gguf_ops.matmul(x, weight, qtype, y)
+            expected = gguf_ops.reference_matmul(x, weight, qtype)
+            torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(),
+                                       msg=lambda m, s=(rows, num_in, num_out): f"{s}: {m}")
 
 
 @pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)

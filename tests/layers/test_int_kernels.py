@@ -26,14 +26,6 @@ def _assert_close(y: torch.Tensor, expected: torch.Tensor, shape: tuple[int, ...
                                msg=lambda m: f"{shape}: {m}")
 
 
-@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}threads")
-def num_threads(request: pytest.FixtureRequest) -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 @needs_kernels
 def test_int8_matmul_matches_reference(num_threads: int) -> None:
     torch.manual_seed(0)

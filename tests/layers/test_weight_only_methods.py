@@ -22,7 +22,7 @@ from kvserve.layers.quantization.rtn import quantize_int4_groups, quantize_int8_
 from kvserve.models.registry import build_model
 from kvserve.platforms import CpuPlatform
 
-KERNEL_PATHS = [False, True] if int_ops.available() else [False]
+KERNEL_PATHS = [None, int_ops] if int_ops.available() else [None]  # the dequantized weight, the compiled kernels
 SHARDS = [64, 32, 32]  # a GQA-shaped fused QKV's output sizes
 NUM_IN = 128
 
@@ -49,10 +49,10 @@ def _load_float_shards(layer: Linear, bias: bool) -> list[torch.Tensor]:
     return shards
 
 
-@pytest.mark.parametrize("use_kernel", KERNEL_PATHS, ids=lambda k: "kernel" if k else "torch")
+@pytest.mark.parametrize("kernels", KERNEL_PATHS, ids=lambda k: "kernel" if k is not None else "torch")
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_layer_quantizes_each_shard_on_its_rows(use_kernel: bool, bias: bool) -> None:
-    layer = _fused_layer(weight_only_method("int8", UnquantizedLinearMethod(), use_kernel), bias)
+def test_int8_layer_quantizes_each_shard_on_its_rows(kernels: Any, bias: bool) -> None:
+    layer = _fused_layer(weight_only_method("int8", UnquantizedLinearMethod(), kernels), bias)
     shards = _load_float_shards(layer, bias)
     parts = [quantize_int8_rows(shard) for shard in shards]
     assert layer.weight.dtype == torch.int8 and torch.equal(layer.weight, torch.cat([q for q, _ in parts]))
@@ -63,10 +63,10 @@ def test_int8_layer_quantizes_each_shard_on_its_rows(use_kernel: bool, bias: boo
         torch.testing.assert_close(layer(x), _reference(layer, dense, x), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("use_kernel", KERNEL_PATHS, ids=lambda k: "kernel" if k else "torch")
+@pytest.mark.parametrize("kernels", KERNEL_PATHS, ids=lambda k: "kernel" if k is not None else "torch")
 @pytest.mark.parametrize(("group_size", "bias"), [(32, True), (64, False), (None, False)])
-def test_int4_layer_quantizes_each_shard_in_groups(use_kernel: bool, group_size: int | None, bias: bool) -> None:
-    layer = _fused_layer(weight_only_method("int4", UnquantizedLinearMethod(), use_kernel, group_size), bias)
+def test_int4_layer_quantizes_each_shard_in_groups(kernels: Any, group_size: int | None, bias: bool) -> None:
+    layer = _fused_layer(weight_only_method("int4", UnquantizedLinearMethod(), kernels, group_size), bias)
     shards = _load_float_shards(layer, bias)
     groups = [quantize_int4_groups(shard, group_size or 128) for shard in shards]  # None: 128 divides 128
     assert layer.weight.shape == (sum(SHARDS), NUM_IN // 2) and layer.weight_scale.shape[1] == NUM_IN // (
@@ -77,9 +77,9 @@ def test_int4_layer_quantizes_each_shard_in_groups(use_kernel: bool, group_size:
         torch.testing.assert_close(layer(x), _reference(layer, dense, x), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("use_kernel", KERNEL_PATHS, ids=lambda k: "kernel" if k else "torch")
-def test_awq_shards_become_the_int4_layout(use_kernel: bool) -> None:
-    layer = _fused_layer(AwqLinearMethod(UnquantizedLinearMethod(), use_kernel), bias=True)
+@pytest.mark.parametrize("kernels", KERNEL_PATHS, ids=lambda k: "kernel" if k is not None else "torch")
+def test_awq_shards_become_the_int4_layout(kernels: Any) -> None:
+    layer = _fused_layer(AwqLinearMethod(UnquantizedLinearMethod(), kernels), bias=True)
     assert layer.weight is None and {name for name, _ in layer.named_parameters()} == {
         "bias", "qweight", "qzeros", "scales"}
     torch.manual_seed(3)
@@ -99,18 +99,18 @@ def test_awq_shards_become_the_int4_layout(use_kernel: bool) -> None:
 
 
 def test_awq_shard_shapes_are_checked() -> None:
-    layer = _fused_layer(AwqLinearMethod(UnquantizedLinearMethod(), False), bias=False)
+    layer = _fused_layer(AwqLinearMethod(UnquantizedLinearMethod(), None), bias=False)
     with pytest.raises(ValueError, match=r"has shape \(128, 4\), expected \[\*, 8\] for 64 output rows"):
         layer.qweight.weight_loader(layer.qweight, torch.zeros(128, 4, dtype=torch.int32), 0)
     odd = Linear(NUM_IN, 12)
-    odd.set_method(AwqLinearMethod(UnquantizedLinearMethod(), False))
+    odd.set_method(AwqLinearMethod(UnquantizedLinearMethod(), None))
     with pytest.raises(ValueError, match="AWQ packs eight per int32"):
         odd.scales.weight_loader(odd.scales, torch.zeros(4, 12), None)
 
 
 def test_int4_group_size_must_fit_the_layer() -> None:
     with pytest.raises(ValueError, match="group size 96 does not fit input size 128"):
-        Linear(NUM_IN, 8).set_method(weight_only_method("int4", UnquantizedLinearMethod(), False, 96))
+        Linear(NUM_IN, 8).set_method(weight_only_method("int4", UnquantizedLinearMethod(), None, 96))
 
 
 # A tiny Qwen2 (QKV biases, GQA, untied LM head), as in test_weight_loading.py.

@@ -66,7 +66,7 @@ def test_other_dtypes_use_the_plain_method_and_torch_norm() -> None:
         platform.linear_method(torch.bfloat16, quantization="gguf")
     # The weight-only methods run anywhere, off the float32 kernels: on the dequantized weight.
     int8 = platform.linear_method(torch.bfloat16, quantization="int8")
-    assert type(int8) is Int8LinearMethod and not int8.use_kernel
+    assert type(int8) is Int8LinearMethod and int8.kernels is None
 
 
 def test_small_steps_without_the_gemv_run_openblas_with_torch_single_threaded() -> None:

@@ -9,6 +9,7 @@ checkpoints into the same layout and computes with this method's kernel.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -26,8 +27,8 @@ class Int4LinearMethod(WeightOnlyLinearMethod):
 
     weight_format = "int4"
 
-    def __init__(self, dense: LinearMethod, use_kernel: bool, group_size: int | None = None) -> None:
-        super().__init__(dense, use_kernel)
+    def __init__(self, dense: LinearMethod, kernels: ModuleType | None, group_size: int | None = None) -> None:
+        super().__init__(dense, kernels)
         self.group_size = group_size  # None: per layer, the largest of 128, 64, 32 dividing its input size
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
@@ -56,8 +57,8 @@ class Int4LinearMethod(WeightOnlyLinearMethod):
         return INT4_PARAMETERS[1:]
 
     def kernel_matmul(self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
-        """The compiled int4 kernel."""
-        int_ops.int4_matmul(x, layer.weight, layer.weight_scale, layer.weight_min, out)
+        """The platform's int4 kernel."""
+        self.kernels.int4_matmul(x, layer.weight, layer.weight_scale, layer.weight_min, out)
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """q * scale + min, float32 [out, in]."""

@@ -45,8 +45,8 @@ class Int8LinearMethod(WeightOnlyLinearMethod):
         return ("weight_scale",)
 
     def kernel_matmul(self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
-        """The compiled int8 kernel."""
-        int_ops.int8_matmul(x, layer.weight, layer.weight_scale, out)
+        """The platform's int8 kernel."""
+        self.kernels.int8_matmul(x, layer.weight, layer.weight_scale, out)
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """weight * weight_scale, float32 [out, in]."""

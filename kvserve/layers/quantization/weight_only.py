@@ -1,7 +1,10 @@
 """What the weight-only integer methods (int8, int4, AWQ) share: float activations against integer weights on
-the compiled kernel or, off it, the dequantized weight; embeddings and the LM head stay on the dense method."""
+the platform's kernels or, without them, the dequantized weight; embeddings and the LM head stay on the dense
+method."""
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -13,19 +16,20 @@ from kvserve.loader.model_loader import set_weight_loader
 
 class WeightOnlyLinearMethod(LinearMethod):
     """Integer weights, activations in the model dtype. Subclasses hold the weights (`create_weights`) and name
-    the kernel (`kernel_matmul`) and the dequantization (`dequantize`) of their format.
+    the kernel call (`kernel_matmul`) and the dequantization (`dequantize`) of their format.
 
-    `use_kernel`: the compiled CPU kernel (float32 activations), chosen by the platform; otherwise every call
-    multiplies with the dequantized weight (any device and dtype: correct, not fast). `dense` computes the
+    `kernels`: the module whose `int8_matmul` / `int4_matmul` compute on the integer weights, chosen by the
+    platform: layers/int_ops.py (compiled, CPU, float32 activations) or layers/triton_int.py (CUDA); None: every
+    call multiplies with the dequantized weight (any device and dtype: correct, not fast). `dense` computes the
     vocabulary embedding and the LM head, as AutoAWQ and vLLM leave them unquantized.
     """
 
-    def __init__(self, dense: LinearMethod, use_kernel: bool) -> None:
+    def __init__(self, dense: LinearMethod, kernels: ModuleType | None) -> None:
         self.dense = dense
-        self.use_kernel = use_kernel
+        self.kernels = kernels
 
     def kernel_matmul(self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out [T, out_features] = x [T, in] @ W^T on the compiled kernel."""
+        """out [T, out_features] = x [T, in] @ W^T on `kernels`."""
         raise NotImplementedError
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
@@ -34,7 +38,7 @@ class WeightOnlyLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out]."""
-        if not self.use_kernel:
+        if self.kernels is None:
             return F.linear(x, self.dequantize(layer).to(x.dtype), layer.bias)
         y = x.new_empty(x.shape[0], layer.out_features)
         self.kernel_matmul(layer, x, y)
