@@ -21,7 +21,7 @@ from kvserve.attention.torch_metadata import TorchAttentionMetadata
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.layers import gguf_ops
 from kvserve.layers.linear import Linear
-from kvserve.layers.quantization.gguf import GgufLinearMethod
+from kvserve.layers.quantization.gguf import DEQUANTIZED_GEMM_ROWS, GgufLinearMethod
 
 _MAX_SEGMENTS = 4  # llama_decode.c's MAX_SEGMENTS
 _F32 = native.GGUF_KERNEL_TYPES.index("f32")
@@ -56,7 +56,10 @@ class FusedLlamaDecode:
         config = model.config
         layers = model.model.layers
         method = layers[0].mlp.down_proj.method
-        self.dense = not isinstance(method, GgufLinearMethod)  # float32 [out, in] rows
+        # The most decodes a step runs here: float32 weights, one (oneDNN's packed matmuls win from two rows);
+        # GGUF blocks, fewer than the rows from which the modules dequantize and multiply with BLAS (the
+        # kernels here re-decode each block for every four rows: 64 decodes ran at half the speed).
+        self.max_tokens = DEQUANTIZED_GEMM_ROWS - 1 if isinstance(method, GgufLinearMethod) else 1
         self.layers = (_Layer * len(layers))(*(_layer(layer, cache) for layer, cache in zip(layers, kv_caches,
                                                                                              strict=True)))
         self.shape = _Shape(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
@@ -83,8 +86,8 @@ class FusedLlamaDecode:
         """Final hidden states [T, hidden] of a step of T single-token decodes, or None for any other step."""
         num_tokens = input_ids.shape[0]
         if (metadata.num_decodes != num_tokens or metadata.prefills or metadata.int4 is not None
-                or metadata.window is not None or (self.dense and num_tokens > 1)):
-            return None  # dense float32 batches: the module path's oneDNN matmuls are faster
+                or metadata.window is not None or num_tokens > self.max_tokens):
+            return None  # larger batches: the module path's BLAS matmuls are faster
         hidden = model.model.embed_tokens(input_ids).contiguous()  # a fresh [T, H], updated in place
         cos, sin = model.model.rotary.lookup(positions, torch.float32)  # [T, 1, D] each
         cos, sin = cos.contiguous(), sin.contiguous()

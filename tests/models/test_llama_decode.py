@@ -8,6 +8,7 @@ import torch
 
 from kvserve import LLM, SamplingParams, native
 from kvserve.kv import kv_quant
+from kvserve.layers.quantization.gguf import DEQUANTIZED_GEMM_ROWS
 from kvserve.models.llama_decode import FusedLlamaDecode
 from kvserve.platforms.cpu import CpuPlatform
 
@@ -64,6 +65,19 @@ def _compare_every_step(llm: LLM, prompts: list[str], tolerance: float = 1e-5) -
 def test_gguf_decode_steps_match_the_modules(gguf: LLM) -> None:
     batches = _compare_every_step(gguf, PROMPTS) + _compare_every_step(gguf, PROMPTS[:1])
     assert 4 in batches and 1 in batches  # batched and single decodes both ran fused
+
+
+def test_gguf_batches_from_the_blas_threshold_go_to_the_modules(gguf: LLM) -> None:
+    """From DEQUANTIZED_GEMM_ROWS decodes the modules' dequantize + BLAS path is faster (64 decodes: 128 -> 152
+    tokens/s offline); here the threshold is lowered so that four prompts cross it and one does not."""
+    fused = gguf.engine.runner.model.fused_decode
+    assert fused.max_tokens == DEQUANTIZED_GEMM_ROWS - 1
+    fused.max_tokens = 3
+    try:
+        assert _compare_every_step(gguf, PROMPTS) == []  # every step of four decodes ran the modules
+        assert set(_compare_every_step(gguf, PROMPTS[:1])) == {1}
+    finally:
+        fused.max_tokens = DEQUANTIZED_GEMM_ROWS - 1
 
 
 def test_int8_cache_decode_steps_match_the_modules() -> None:
