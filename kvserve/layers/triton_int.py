@@ -19,7 +19,8 @@ BLOCK_N, BLOCK_K = 64, 64
 
 
 @triton.jit
-def _int8_tile(acc, x_ptr, q_ptr, offs_m, offs_n, k0, rows, num_in, num_out, BLOCK_K: tl.constexpr):
+def _int8_tile(acc, x_ptr, q_ptr, offs_m, offs_n, k0, rows, num_in, num_out, BLOCK_K: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
     """acc [M, N] + x[:, k0:k0 + BLOCK_K] @ q[:, k0:k0 + BLOCK_K]^T (codes unscaled)."""
     k = k0 + tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + offs_m[:, None] * num_in + k[None, :],
@@ -27,12 +28,12 @@ def _int8_tile(acc, x_ptr, q_ptr, offs_m, offs_n, k0, rows, num_in, num_out, BLO
     q = tl.load(q_ptr + offs_n[:, None] * num_in + k[None, :],
                 mask=(offs_n[:, None] < num_out) & (k[None, :] < num_in), other=0)  # [N, K] int8
     # |q| <= 127 is exact in every float dtype, so the scale waits for the accumulated sum
-    return acc + tl.dot(x, tl.trans(q.to(x.dtype)), input_precision="ieee")
+    return acc + tl.dot(x, tl.trans(q.to(x.dtype)), input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _int4_tile(acc, x_ptr, packed_ptr, scale_ptr, min_ptr, offs_m, offs_n, k0, rows, num_in, num_out, group_size,
-               BLOCK_K: tl.constexpr):
+               BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc [M, N] + x[:, k0:k0 + BLOCK_K] @ W[:, k0:k0 + BLOCK_K]^T, W dequantized from its codes here."""
     k = k0 + tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + offs_m[:, None] * num_in + k[None, :],
@@ -47,23 +48,24 @@ def _int4_tile(acc, x_ptr, packed_ptr, scale_ptr, min_ptr, offs_m, offs_n, k0, r
     scale = tl.load(scale_ptr + group, mask=w_mask, other=0.0)
     minimum = tl.load(min_ptr + group, mask=w_mask, other=0.0)
     w = (codes * scale + minimum).to(x.dtype)  # the dequantized tile, in the activations' dtype
-    return acc + tl.dot(x, tl.trans(w), input_precision="ieee")
+    return acc + tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _int8_kernel(x_ptr, q_ptr, scale_ptr, out_ptr, rows, num_in, num_out, stride_out,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if INTERPRET:  # Triton 3.6's interpreter cannot range() over a tensor bound with numpy >= 2.4 (triton#9171)
         k0 = 0
         while k0 < num_in:
-            acc = _int8_tile(acc, x_ptr, q_ptr, offs_m, offs_n, k0, rows, num_in, num_out, BLOCK_K)
+            acc = _int8_tile(acc, x_ptr, q_ptr, offs_m, offs_n, k0, rows, num_in, num_out, BLOCK_K, DOT_PRECISION)
             k0 += BLOCK_K
     else:  # a for loop, which the compiler software-pipelines
         for k0 in range(0, num_in, BLOCK_K):
-            acc = _int8_tile(acc, x_ptr, q_ptr, offs_m, offs_n, k0, rows, num_in, num_out, BLOCK_K)
+            acc = _int8_tile(acc, x_ptr, q_ptr, offs_m, offs_n, k0, rows, num_in, num_out, BLOCK_K, DOT_PRECISION)
     scale = tl.load(scale_ptr + offs_n, mask=offs_n < num_out, other=0.0)
     tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], (acc * scale[None, :]).to(
         out_ptr.dtype.element_ty), mask=(offs_m[:, None] < rows) & (offs_n[None, :] < num_out))
@@ -71,7 +73,8 @@ def _int8_kernel(x_ptr, q_ptr, scale_ptr, out_ptr, rows, num_in, num_out, stride
 
 @triton.jit
 def _int4_kernel(x_ptr, packed_ptr, scale_ptr, min_ptr, out_ptr, rows, num_in, num_out, group_size, stride_out,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -79,18 +82,23 @@ def _int4_kernel(x_ptr, packed_ptr, scale_ptr, min_ptr, out_ptr, rows, num_in, n
         k0 = 0
         while k0 < num_in:
             acc = _int4_tile(acc, x_ptr, packed_ptr, scale_ptr, min_ptr, offs_m, offs_n, k0, rows, num_in, num_out,
-                             group_size, BLOCK_K)
+                             group_size, BLOCK_K, DOT_PRECISION)
             k0 += BLOCK_K
     else:
         for k0 in range(0, num_in, BLOCK_K):
             acc = _int4_tile(acc, x_ptr, packed_ptr, scale_ptr, min_ptr, offs_m, offs_n, k0, rows, num_in, num_out,
-                             group_size, BLOCK_K)
+                             group_size, BLOCK_K, DOT_PRECISION)
     tl.store(out_ptr + offs_m[:, None] * stride_out + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < rows) & (offs_n[None, :] < num_out))
 
 
 # Whether the kernels run under the interpreter (TRITON_INTERPRET=1 when this module was imported).
 IS_INTERPRETED = not isinstance(_int8_kernel, triton.runtime.JITFunction)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """float32 stays float32 in tl.dot (TF32 would round the activations to 10 bits); half types ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _grid(rows: int, num_out: int) -> tuple[tuple[int, int], int]:
@@ -106,7 +114,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out: torc
     x = x.contiguous()
     grid, block_m = _grid(rows, q.shape[0])
     _int8_kernel[grid](x, q, scale, out, rows, num_in, q.shape[0], out.stride(0),
-                       BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, INTERPRET=IS_INTERPRETED)
+                       BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, INTERPRET=IS_INTERPRETED,
+                       DOT_PRECISION=_dot_precision(x.dtype))
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
@@ -120,4 +129,5 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, mini
     x = x.contiguous()
     grid, block_m = _grid(rows, packed.shape[0])
     _int4_kernel[grid](x, packed, scale, minimum, out, rows, num_in, packed.shape[0], group_size, out.stride(0),
-                       BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, INTERPRET=IS_INTERPRETED)
+                       BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, INTERPRET=IS_INTERPRETED,
+                       DOT_PRECISION=_dot_precision(x.dtype))
