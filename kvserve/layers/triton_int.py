@@ -19,12 +19,18 @@ BLOCK_N, BLOCK_K = 64, 64
 
 
 @triton.jit
+def _x_tile(x_ptr, offs_m, k, rows, num_in):
+    """The activations' [M, K] tile at rows offs_m, columns k; zeros past the edges."""
+    return tl.load(x_ptr + offs_m[:, None] * num_in + k[None, :],
+                   mask=(offs_m[:, None] < rows) & (k[None, :] < num_in), other=0.0)
+
+
+@triton.jit
 def _int8_tile(acc, x_ptr, q_ptr, offs_m, offs_n, k0, rows, num_in, num_out, BLOCK_K: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     """acc [M, N] + x[:, k0:k0 + BLOCK_K] @ q[:, k0:k0 + BLOCK_K]^T (codes unscaled)."""
     k = k0 + tl.arange(0, BLOCK_K)
-    x = tl.load(x_ptr + offs_m[:, None] * num_in + k[None, :],
-                mask=(offs_m[:, None] < rows) & (k[None, :] < num_in), other=0.0)  # [M, K]
+    x = _x_tile(x_ptr, offs_m, k, rows, num_in)
     q = tl.load(q_ptr + offs_n[:, None] * num_in + k[None, :],
                 mask=(offs_n[:, None] < num_out) & (k[None, :] < num_in), other=0)  # [N, K] int8
     # |q| <= 127 is exact in every float dtype, so the scale waits for the accumulated sum
@@ -36,8 +42,7 @@ def _int4_tile(acc, x_ptr, packed_ptr, scale_ptr, min_ptr, offs_m, offs_n, k0, r
                BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc [M, N] + x[:, k0:k0 + BLOCK_K] @ W[:, k0:k0 + BLOCK_K]^T, W dequantized from its codes here."""
     k = k0 + tl.arange(0, BLOCK_K)
-    x = tl.load(x_ptr + offs_m[:, None] * num_in + k[None, :],
-                mask=(offs_m[:, None] < rows) & (k[None, :] < num_in), other=0.0)  # [M, K]
+    x = _x_tile(x_ptr, offs_m, k, rows, num_in)
     w_mask = (offs_n[:, None] < num_out) & (k[None, :] < num_in)
     # value k: byte (k // 32) * 16 + k % 16 of the row, its low nibble for k % 32 < 16, its high one after
     byte = (k // 32) * 16 + k % 16

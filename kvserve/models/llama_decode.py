@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from kvserve import native
-from kvserve.attention.cpu_native import KERNEL_KV_DTYPES
 from kvserve.attention.torch_metadata import TorchAttentionMetadata
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.layers import gguf_ops
@@ -71,12 +70,11 @@ class FusedLlamaDecode:
     @staticmethod
     def supports(model: nn.Module, kv_caches: list[LayerKVCache], decode_kernel: bool) -> bool:
         """Whether the model and caches are what the kernel computes: a Llama without QK-norm, float32, every
-        Linear on GGUF blocks or float32 rows, float32 or int8 caches read by the paged decode kernel."""
+        Linear on GGUF blocks or float32 rows, caches the paged decode kernel reads (`decode_kernel`: the
+        attention backend chose it, which it does for float32 and int8 caches without a window)."""
         if type(model).__name__ != "LlamaForCausalLM" or model.config.use_qk_norm or not decode_kernel:
             return False
         if native.load("llama_decode") is None or not kv_caches:
-            return False
-        if any(_storage(cache) not in KERNEL_KV_DTYPES for cache in kv_caches):
             return False
         linears = [m for m in model.model.layers.modules() if isinstance(m, Linear)]
         return all(_segments(linear) is not None for linear in linears)
@@ -98,11 +96,6 @@ class FusedLlamaDecode:
         if status != 0:
             raise MemoryError("the fused decode step could not allocate its buffers")
         return model.model.norm(hidden)
-
-
-def _storage(cache: LayerKVCache) -> str:
-    """What a cache stores: its quantized dtype, or its float dtype's name ('float32', ...)."""
-    return str(cache.key.dtype).removeprefix("torch.") if cache.kv_cache_dtype == "auto" else cache.kv_cache_dtype
 
 
 def _layer(layer: nn.Module, cache: LayerKVCache) -> _Layer:

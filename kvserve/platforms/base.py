@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,14 +61,19 @@ class Platform:
         return False
 
     def linear_method(self, dtype: torch.dtype, quantization: str | None = None) -> LinearMethod:
-        """The method every Linear of a `dtype` model computes with: plain, or a weight-only integer one on the
-        dequantized weight (any device, not fast)."""
+        """The method every Linear of a `dtype` model computes with: plain, or a weight-only integer one on this
+        platform's `weight_only_kernels` (or the dequantized weight: any device, not fast)."""
         if quantization in WEIGHT_ONLY_METHODS:
-            return weight_only_method(quantization, UnquantizedLinearMethod(), None,
+            return weight_only_method(quantization, UnquantizedLinearMethod(), self.weight_only_kernels(dtype),
                                       self.config.load.quantization_group_size)
         if quantization is not None:
             raise ValueError(f"quantization {quantization!r} is not supported on {self.device.type} with {dtype}")
         return UnquantizedLinearMethod()
+
+    def weight_only_kernels(self, dtype: torch.dtype) -> ModuleType | None:
+        """The module whose int8_matmul / int4_matmul serve the weight-only methods for a `dtype` model here;
+        None: they multiply with the dequantized weight."""
+        return None
 
     def norm_kernel(self, dtype: torch.dtype) -> NormKernel:
         """The RMSNorm implementation for a `dtype` model."""

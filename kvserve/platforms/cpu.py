@@ -4,6 +4,7 @@ oneDNN-packed weights, the OpenBLAS fallback), each behind its engine option."""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from types import ModuleType
 
 import torch
 from threadpoolctl import threadpool_limits
@@ -68,8 +69,12 @@ class CpuPlatform(Platform):
                                 self.blas_step)
         if quantization is None:
             return dense
-        kernels = int_ops if self.use_native_kernels and int_ops.available() else None
-        return weight_only_method(quantization, dense, kernels, self.config.load.quantization_group_size)
+        return weight_only_method(quantization, dense, self.weight_only_kernels(dtype),
+                                  self.config.load.quantization_group_size)
+
+    def weight_only_kernels(self, dtype: torch.dtype) -> ModuleType | None:
+        """The compiled integer kernels (layers/int_ops.py) for float32 where they run (cpu_native_kernels)."""
+        return int_ops if dtype == torch.float32 and self.use_native_kernels and int_ops.available() else None
 
     def fused_decode(self, model: nn.Module, attention_backend: object, kv_caches: list) -> FusedLlamaDecode | None:
         """The compiled Llama decode step (cpu_fused_decode) where the model, its weights and the caches allow."""

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
 
 from kvserve.kv.kv_spec import KVCacheSpec
-from kvserve.layers.quantization import WEIGHT_ONLY_METHODS, LinearMethod, UnquantizedLinearMethod, weight_only_method
 from kvserve.platforms.base import Platform
 from kvserve.platforms.cuda_memory import GIB, kv_budget, read_gpu_memory
 
@@ -22,18 +22,14 @@ class CudaPlatform(Platform):
     """Plain torch layers, int8 / int4 / AWQ weights on Triton kernels (Triton attention is chosen by the
     attention seam); a profiled KV budget."""
 
-    def linear_method(self, dtype: torch.dtype, quantization: str | None = None) -> LinearMethod:
-        """Weight-only integer methods on layers/triton_int.py's kernels (without Triton: the dequantized
-        weight); everything else as the base platform."""
-        if quantization not in WEIGHT_ONLY_METHODS:
-            return super().linear_method(dtype, quantization)
+    def weight_only_kernels(self, dtype: torch.dtype) -> ModuleType | None:
+        """layers/triton_int.py (any activation dtype); without Triton, None: the dequantized weight."""
         try:
             from kvserve.layers import triton_int
         except ImportError:
-            logger.warning("triton is not installed: %s layers multiply with their dequantized weights", quantization)
-            triton_int = None
-        return weight_only_method(quantization, UnquantizedLinearMethod(), triton_int,
-                                  self.config.load.quantization_group_size)
+            logger.warning("triton is not installed: weight-only layers multiply with their dequantized weights")
+            return None
+        return triton_int
 
     def kv_cache_budget(self, runner: ModelRunner, specs: list[KVCacheSpec], max_model_len: int) -> int:
         """What gpu_memory_utilization leaves after the largest step (see platforms/cuda_memory.py)."""
