@@ -106,6 +106,10 @@ def print_metrics(llm: LLM, output: RequestOutput | None, wall: float) -> None:
     lines += [f"KV blocks in use: {stats.kv_blocks_used} / {stats.kv_blocks_total}",
               f"memory: model {stats.model_bytes / 2**20:.0f} MiB + KV cache "
               f"{stats.kv_cache_bytes / 2**20:.0f} MiB; peak RSS {stats.peak_rss_bytes / 2**20:.0f} MiB"]
+    spec = stats.spec_decode
+    if spec.num_drafts:
+        lines.append(f"speculative decoding: {spec.num_accepted_tokens} of {spec.num_draft_tokens} drafts accepted "
+                     f"({spec.acceptance_rate:.0%}), {spec.mean_acceptance_length:.2f} tokens per verify step")
     print("\n".join(line for line in lines if line), file=sys.stderr)
 
 

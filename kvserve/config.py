@@ -209,22 +209,50 @@ class ParallelConfig:
                              f"got {self.tensor_parallel_size}")
 
 
+SPECULATIVE_METHODS = ("ngram",)
+MAX_SPECULATIVE_TOKENS = 16  # a verify step is 1 + k rows per request
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding (a placeholder: off until a proposer exists)."""
+    """Speculative decoding: a proposer drafts tokens, the target verifies them in the next step (vLLM's names)."""
 
     speculative_method: str | None = field(default=None, metadata={
-        "help": "draft-token proposer (none is implemented yet)"})
+        "help": f"draft-token proposer: one of {SPECULATIVE_METHODS} (ngram: prompt lookup), or none"})
     num_speculative_tokens: int = field(default=0, metadata={
-        "help": "draft tokens proposed per request per step"})
+        "help": "draft tokens proposed per request per step (with a speculative_method)"})
+    prompt_lookup_min: int | None = field(default=None, metadata={
+        "help": "ngram: shortest suffix matched against earlier tokens (default: prompt_lookup_max, or 5)"})
+    prompt_lookup_max: int | None = field(default=None, metadata={
+        "help": "ngram: longest suffix matched against earlier tokens (default: prompt_lookup_min, or 5)"})
+    speculative_disable_by_batch_size: int | None = field(default=None, metadata={
+        "help": "no drafts in steps that start with more running requests than this (verifying competes with "
+                "decoding for compute); default: always draft"})
 
     def __post_init__(self) -> None:
-        if self.speculative_method is not None:
-            raise ValueError(f"speculative_method must be None (speculative decoding is not implemented yet), "
-                             f"got {self.speculative_method!r}")
-        if self.num_speculative_tokens != 0:
+        method = self.speculative_method
+        if method is not None and method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {SPECULATIVE_METHODS} or None, got {method!r}")
+        if method is None and self.num_speculative_tokens != 0:
             raise ValueError(f"num_speculative_tokens must be 0 without a speculative_method, "
                              f"got {self.num_speculative_tokens}")
+        if method is not None and not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}] with "
+                             f"speculative_method={method!r}, got {self.num_speculative_tokens}")
+        lookup_min = self.prompt_lookup_min or self.prompt_lookup_max or 5
+        lookup_max = self.prompt_lookup_max or self.prompt_lookup_min or 5
+        if not 1 <= lookup_min <= lookup_max:
+            raise ValueError(f"prompt_lookup_min ({lookup_min}) must be >= 1 and <= prompt_lookup_max ({lookup_max})")
+        if self.speculative_disable_by_batch_size is not None and self.speculative_disable_by_batch_size < 1:
+            raise ValueError(f"speculative_disable_by_batch_size must be >= 1, "
+                             f"got {self.speculative_disable_by_batch_size}")
+        object.__setattr__(self, "prompt_lookup_min", lookup_min)
+        object.__setattr__(self, "prompt_lookup_max", lookup_max)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether requests get draft tokens."""
+        return self.speculative_method is not None
 
 
 @dataclass(frozen=True)
@@ -272,9 +300,17 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     platform: PlatformConfig = field(default_factory=PlatformConfig)
 
+    def __post_init__(self) -> None:
+        # Not yet: int4 would quantize rejected drafts into a block's group; a window would evict by them.
+        if self.speculative.enabled and (self.cache.kv_cache_dtype == "int4" or self.cache.kv_window):
+            raise ValueError("speculative_method does not work with kv_cache_dtype='int4' or kv_window yet")
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
-        """Route flat options (`block_size=32`) to their sub-configs; an unknown one is a ValueError listing all."""
+        """Route flat options (`block_size=32`) to their sub-configs; an unknown one is a ValueError listing all.
+        vLLM's `speculative_config={"method": "ngram", ...}` is accepted too and spelled out as flat options."""
+        speculative = speculative_options(kwargs.pop("speculative_config", None))
+        kwargs = {**kwargs, **speculative}
         owners = option_sections()
         unknown = sorted(set(kwargs) - set(owners))
         if unknown:
@@ -283,6 +319,22 @@ class EngineConfig:
         for name, value in kwargs.items():
             grouped[owners[name]][name] = value
         return cls(**{section: sub_config(**grouped[section]) for section, sub_config in sub_configs().items()})
+
+
+# vLLM's speculative_config keys -> the flat option names.
+_SPECULATIVE_KEYS = {"method": "speculative_method", "num_speculative_tokens": "num_speculative_tokens",
+                     "prompt_lookup_min": "prompt_lookup_min", "prompt_lookup_max": "prompt_lookup_max",
+                     "disable_by_batch_size": "speculative_disable_by_batch_size"}
+
+
+def speculative_options(speculative_config: dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM's speculative_config dict as flat options; an unknown key is a ValueError listing the known ones."""
+    if speculative_config is None:
+        return {}
+    unknown = sorted(set(speculative_config) - set(_SPECULATIVE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown speculative_config key(s) {unknown}; known: {sorted(_SPECULATIVE_KEYS)}")
+    return {_SPECULATIVE_KEYS[key]: value for key, value in speculative_config.items()}
 
 
 def sub_configs() -> dict[str, type]:

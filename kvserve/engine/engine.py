@@ -14,7 +14,7 @@ from kvserve.attention.selector import create_attention_backend
 from kvserve.config import EngineConfig, ModelConfig
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.request import Request, RequestStatus
-from kvserve.engine.scheduler import Scheduler
+from kvserve.engine.scheduler import Scheduler, SpecDecodeStats
 from kvserve.engine.stop import check_stop
 from kvserve.inputs import InputProcessor, PromptInput
 from kvserve.kv.int4_residual import num_residual_slots, residual_bytes
@@ -52,6 +52,7 @@ class EngineStats:
     prefix_cache_hits: int  # of which were found cached
     prompt_throughput: float  # prefill tokens (prompt chunks, recomputes) per second, over the last few seconds
     generation_throughput: float  # tokens generated per second, over the last few seconds
+    spec_decode: SpecDecodeStats  # speculative decoding's drafts and acceptance so far (zeros when off)
 
 
 @dataclass
@@ -122,7 +123,7 @@ class Engine:
                                          config.cache.kv_window, config.cache.kv_sinks)
         self.runner.set_window(self.kv_window)
         self.scheduler = Scheduler(dataclasses.replace(config.scheduler, max_model_len=self.max_model_len),
-                                   self.kv_manager)
+                                   self.kv_manager, config.speculative.speculative_disable_by_batch_size)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -232,7 +233,9 @@ class Engine:
         if scheduled.is_empty:
             return []
         changed: dict[str, _Group] = {}
-        num_prefill = sum(n for n in scheduled.num_scheduled_tokens.values() if n > 1)
+        drafts = scheduled.scheduled_spec_decode_tokens
+        num_prefill = sum(n for request_id, n in scheduled.num_scheduled_tokens.items()
+                          if n - len(drafts.get(request_id, ())) > 1)  # verify steps are decodes
         self._throughput.record(num_prefill, sum(len(token_ids) for token_ids in sampled.sampled_token_ids))
         logprobs = dict(zip(sampled.req_ids, sampled.logprobs, strict=True))
         self._record_prompt_logprobs(sampled.prompt_logprobs)
@@ -359,6 +362,7 @@ class Engine:
             prefix_cache_hits=self.kv_manager.num_prefix_hits,
             prompt_throughput=self._throughput.rate(0),
             generation_throughput=self._throughput.rate(1),
+            spec_decode=self.scheduler.spec_stats.snapshot(),
         )
 
 

@@ -41,6 +41,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    draft_token_ids: list[int] = field(default_factory=list)  # proposed by the runner, verified next step
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None

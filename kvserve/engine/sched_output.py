@@ -57,7 +57,7 @@ class SchedulerOutput:
     # New tokens each request computes this step, in scheduling order (running requests first).
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     total_num_scheduled_tokens: int = 0
-    # Draft tokens to verify per request (a slot for speculative decoding; empty for now).
+    # Draft tokens each speculating request verifies this step, after its last known token (spec/).
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
     preempted_req_ids: list[str] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)  # since the last step
@@ -85,6 +85,8 @@ class ModelRunnerOutput:
     # Requests with prompt_logprobs whose prompt rows ran this step: {req id: (index in the prompt of the first
     # token scored, one {token id: logprob} per scored prompt token)}.
     prompt_logprobs: dict[str, tuple[int, list[dict[int, float]]]] = field(default_factory=dict)
+    # Speculative decoding: draft tokens proposed for each request's next step (from its tokens with these sampled).
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 def num_rejected_drafts(num_drafts: int, num_sampled: int) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvserve.config import SchedulerConfig
 from kvserve.engine.request import Request, RequestStatus
@@ -33,20 +33,58 @@ class _RunnerView:
     num_block_ids: int
 
 
+@dataclass
+class SpecDecodeStats:
+    """Speculative decoding so far (vLLM's spec_decode_* counters): verify steps, drafts, accepted drafts."""
+
+    num_drafts: int = 0  # requests' verify steps with at least one draft
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [i]: verify steps that accepted draft i
+
+    def record(self, num_drafts: int, num_accepted: int) -> None:
+        """One request's verify step: `num_drafts` proposed, the first `num_accepted` of them accepted."""
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        missing = num_drafts - len(self.accepted_per_position)
+        self.accepted_per_position.extend([0] * max(missing, 0))
+        for position in range(num_accepted):
+            self.accepted_per_position[position] += 1
+
+    def snapshot(self) -> SpecDecodeStats:
+        """A copy that later steps do not change."""
+        return SpecDecodeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                               list(self.accepted_per_position))
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens over proposed ones (0 before any)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens a verify step yields on average: its accepted drafts plus the target's own token."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
 class Scheduler:
     """Running requests first (oldest first), then waiting ones; preempts the newest when blocks run out."""
 
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
+                 spec_max_batch: int | None = None) -> None:
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < config.max_model_len:
             raise ValueError("without chunked prefill, max_num_batched_tokens "
                              f"({config.max_num_batched_tokens}) must be >= max_model_len "
                              f"({config.max_model_len})")
         self.config = config
         self.kv_manager = kv_manager
+        self.spec_max_batch = spec_max_batch  # no drafts verified while more requests than this run
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.spec_stats = SpecDecodeStats()
         self._finished_since_last_step: list[str] = []
         self._runner_views: dict[str, _RunnerView] = {}  # requests the runner holds
 
@@ -64,6 +102,7 @@ class Scheduler:
         """Choose this step's requests and token counts, allocating their KV blocks."""
         budget = self.config.max_num_batched_tokens
         output = SchedulerOutput()
+        speculate = self.spec_max_batch is None or len(self.running) <= self.spec_max_batch
         preempted = output.preempted_req_ids
         index = 0
         while index < len(self.running) and budget > 0:
@@ -72,10 +111,14 @@ class Scheduler:
             if num_new == 0:
                 index += 1
                 continue
+            drafts = self._drafts(request, num_new, budget, speculate)
+            num_new += len(drafts)
             self.kv_manager.evict_outside_window(request.request_id, request.num_computed_tokens)
             if not self._allocate_or_preempt(request, num_new, preempted):
                 break  # the request preempted itself: nobody later in the list can run either
             self._schedule(request, num_new, output)
+            if drafts:
+                output.scheduled_spec_decode_tokens[request.request_id] = drafts
             budget -= num_new
             index += 1
         # New work only when nobody had to be preempted: admitting it would just thrash.
@@ -117,6 +160,17 @@ class Scheduler:
             return 0
         return min(remaining, budget)
 
+    def _drafts(self, request: Request, num_new: int, budget: int, speculate: bool) -> list[int]:
+        """The request's draft tokens that this step verifies: only for a decode (its one known token is the last),
+        and only as many as the budget, the context and max_tokens leave room for (the verified token and the
+        runner's extra one each count)."""
+        drafts, request.draft_token_ids = request.draft_token_ids, []  # a draft is verified once or dropped
+        if not (drafts and speculate) or request.num_computed_tokens + num_new != request.num_tokens:
+            return []
+        room = min(budget - num_new, self.config.max_model_len - request.num_tokens,
+                   request.max_tokens - request.num_output_tokens - 1)
+        return drafts[:max(room, 0)]
+
     def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:
         """Allocate blocks for `request`, preempting the newest running requests until they fit."""
         needed = request.num_computed_tokens + num_new
@@ -152,6 +206,7 @@ class Scheduler:
         self.kv_manager.free(request.request_id)
         self._runner_views.pop(request.request_id, None)  # the runner drops it too (preempted_req_ids)
         request.num_computed_tokens = 0
+        request.draft_token_ids = []
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -171,6 +226,8 @@ class Scheduler:
                 continue  # aborted while the step ran
             token_ids = sampled.get(request_id, [])
             num_drafts = len(drafts[request_id]) if request_id in drafts else 0
+            if num_drafts:
+                self.spec_stats.record(num_drafts, len(token_ids) - 1)
             request.num_computed_tokens += num_scheduled - num_rejected_drafts(num_drafts, len(token_ids))
             self.kv_manager.cache_full_blocks(request_id, request.all_token_ids, request.num_computed_tokens)
             if not token_ids:
@@ -184,6 +241,8 @@ class Scheduler:
                 if status is not None:
                     self.finish_request(request_id, status)
                     break
+            else:
+                request.draft_token_ids = runner_output.draft_token_ids.get(request_id, [])
             updated.append(request)
         return updated
 

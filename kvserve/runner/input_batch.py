@@ -30,6 +30,7 @@ class CachedRequestState:
     block_table: list[int]  # EVICTED where a window took blocks back, as in the KV manager
     num_computed_tokens: int
     num_evicted_blocks: int = 0
+    num_drafts: int = 0  # speculative decoding: drafts to propose next (adapts to how many were accepted)
 
     def append_tokens(self, token_ids: list[int]) -> None:
         """Record tokens the scheduler appended (the ones sampled in earlier steps)."""
@@ -39,7 +40,8 @@ class CachedRequestState:
 
 @dataclass
 class StepBatch:
-    """One step's requests in batch order, single-token queries first (the attention batches them)."""
+    """One step's requests in batch order, decodes first (single-token queries, and decodes verifying drafts: the
+    attention batches them)."""
 
     requests: list[CachedRequestState]
     num_computed_tokens: list[int]
@@ -47,6 +49,8 @@ class StepBatch:
     block_tables: list[list[int]]
     token_ids: list[int]  # the step's input tokens, packed request after request [T]
     sampling: list[int]  # indices of the requests whose step reaches their last known token: they sample
+    # Per request, the draft tokens its step verifies after its last known token (speculative decoding; [] if none).
+    drafts: list[list[int]] = field(default_factory=list)
     # Structured output, as the scheduler sent it (engine/sched_output.py): request ids and their bitmask rows.
     structured_output_req_ids: list[str] = field(default_factory=list)
     grammar_bitmask: np.ndarray | None = None
@@ -84,7 +88,7 @@ class InputBatch:
             state.block_table.extend(diff.new_block_ids)
             state.num_computed_tokens = diff.num_computed_tokens
             self._evict(state)
-        batch = self._batch(output.num_scheduled_tokens)
+        batch = self._batch(output.num_scheduled_tokens, output.scheduled_spec_decode_tokens)
         batch.structured_output_req_ids = output.structured_output_req_ids
         batch.grammar_bitmask = output.grammar_bitmask
         return batch
@@ -94,18 +98,22 @@ class InputBatch:
             dead = self.window.evict(state.block_table, state.num_evicted_blocks, state.num_computed_tokens)
             state.num_evicted_blocks += len(dead)
 
-    def _batch(self, num_scheduled_tokens: dict[str, int]) -> StepBatch:
-        # A stable sort: within decodes and within the rest, the scheduler's order.
-        order = sorted(num_scheduled_tokens.items(), key=lambda item: item[1] != 1)
+    def _batch(self, num_scheduled_tokens: dict[str, int], spec_tokens: dict[str, list[int]]) -> StepBatch:
+        # A stable sort: within decodes (verifying drafts or not) and within the rest, the scheduler's order.
+        order = sorted(num_scheduled_tokens.items(), key=lambda item: item[1] - len(spec_tokens.get(item[0], ())) != 1)
         batch = StepBatch([], [], [], [], [], [])
         for index, (req_id, count) in enumerate(order):
             state = self.requests[req_id]
             start = state.num_computed_tokens
+            drafts = spec_tokens.get(req_id, [])
+            known = count - len(drafts)  # the step's tokens from the request's own, then its drafts
             batch.requests.append(state)
             batch.num_computed_tokens.append(start)
             batch.num_new_tokens.append(count)
             batch.block_tables.append(state.block_table)
-            batch.token_ids.extend(state.all_token_ids[start:start + count])
-            if start + count == len(state.all_token_ids):
+            batch.token_ids.extend(state.all_token_ids[start:start + known])
+            batch.token_ids.extend(drafts)
+            batch.drafts.append(drafts)
+            if start + known == len(state.all_token_ids):
                 batch.sampling.append(index)
         return batch

@@ -26,6 +26,7 @@ from kvserve.runner.attention_inputs import build_common_metadata
 from kvserve.runner.input_batch import CachedRequestState, InputBatch, StepBatch
 from kvserve.runner.prompt_logprobs import compute_prompt_logprobs
 from kvserve.sample.sampler import Sampler, SamplingMetadata
+from kvserve.spec.ngram import NgramProposer, next_num_drafts
 
 
 class ModelRunner:
@@ -49,6 +50,9 @@ class ModelRunner:
         # A seeded request's generator outlives a preemption: its random stream goes on where it stopped.
         self.generators: dict[str, torch.Generator] = {}
         self.input_batch = InputBatch()
+        spec = config.speculative
+        self.proposer = (NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
+                         if spec.enabled else None)
 
     def _load_model(self, dtype: torch.dtype, model_config: ModelConfig, source: ModelSource, max_model_len: int,
                     show_progress: bool) -> nn.Module:
@@ -138,60 +142,117 @@ class ModelRunner:
             return self._run(batch)
 
     def _run(self, batch: StepBatch) -> ModelRunnerOutput:
-        """Forward the packed step, then sample the requests that reached the end of their tokens."""
+        """Forward the packed step, then sample the requests that reached the end of their tokens: one token each,
+        or, for a request verifying k drafts, one at each of its last 1 + k rows, kept while they match."""
         input_ids, positions, metadata = self.prepare_inputs(batch)
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)
         sampled: list[list[int]] = [[] for _ in batch.requests]
         logprobs: list[list[dict[int, float]] | None] = [None] * len(batch.requests)
         if batch.sampling:
-            last_rows = torch.tensor(_last_rows(batch.num_new_tokens, batch.sampling), device=self.device)
-            logits = self.model.compute_logits(hidden[last_rows])  # [num_sampling, vocab]
+            drafts = [batch.drafts[i] for i in batch.sampling]
+            rows = torch.tensor(_sampling_rows(batch.num_new_tokens, batch.sampling, drafts), device=self.device)
+            logits = self.model.compute_logits(hidden[rows])  # [sampling rows, vocab]
             states = [batch.requests[i] for i in batch.sampling]
-            result = self.sampler(logits, self._with_grammar(self._sampling_metadata(states), batch))
-            for index, token_id, token_logprobs in zip(batch.sampling, result.token_ids, result.logprobs,
-                                                       strict=True):
-                sampled[index] = [token_id]
-                logprobs[index] = None if token_logprobs is None else [token_logprobs]
+            result = self.sampler(logits, self._with_grammar(self._sampling_metadata(states, drafts), batch))
+            row = 0
+            for index, request_drafts in zip(batch.sampling, drafts, strict=True):
+                tokens = result.token_ids[row:row + len(request_drafts) + 1]
+                count = num_accepted(request_drafts, tokens) + 1
+                sampled[index] = tokens[:count]
+                if request_drafts:
+                    state = batch.requests[index]
+                    state.num_drafts = next_num_drafts(state.num_drafts, len(request_drafts), count - 1,
+                                                       self.proposer.max_drafts)
+                if result.logprobs[row] is not None:
+                    logprobs[index] = result.logprobs[row:row + count]
+                row += len(request_drafts) + 1
         prompt_logprobs = compute_prompt_logprobs(self.model, hidden, batch)  # {} unless a request asked
-        return ModelRunnerOutput(batch.req_ids, sampled, logprobs, prompt_logprobs)
+        return ModelRunnerOutput(batch.req_ids, sampled, logprobs, prompt_logprobs, self._propose(batch, sampled))
+
+    def _propose(self, batch: StepBatch, sampled: list[list[int]]) -> dict[str, list[int]]:
+        """Draft tokens for each request that sampled, from its tokens and the ones just sampled (none for a
+        grammar-constrained request: its mask would have to follow the drafts)."""
+        if self.proposer is None:
+            return {}
+        drafts = {}
+        for state, tokens in zip(batch.requests, sampled, strict=True):
+            if tokens and state.sampling_params.structured_outputs is None:
+                num_drafts = state.num_drafts or self.proposer.max_drafts
+                drafts[state.req_id] = self.proposer.propose([*state.all_token_ids, *tokens], num_drafts)
+        return drafts
 
     def prepare_inputs(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Token ids and positions [T] of the packed step, and the backend's attention metadata (once for every
         layer)."""
-        common = build_common_metadata(batch.req_ids, batch.num_computed_tokens, batch.num_new_tokens,
-                                       batch.block_tables, self.block_size, self.device, self.window, self.int4)
+        common = build_common_metadata(*_attention_rows(batch), self.block_size, self.device, self.window, self.int4)
         metadata = self.attention_backend.build_metadata(common)
         return torch.tensor(batch.token_ids, device=self.device), common.positions, metadata
 
-    def _sampling_metadata(self, requests: list[CachedRequestState]) -> SamplingMetadata:
-        generators = []
+    def _sampling_metadata(self, requests: list[CachedRequestState], drafts: list[list[int]]) -> SamplingMetadata:
+        """One row per sampling position: a request verifying k drafts has 1 + k rows, row j seeing its output
+        followed by the first j drafts (penalties and min_tokens count them; its generator draws row by row)."""
         for request in requests:
             seed = request.sampling_params.seed
             if seed is not None and request.req_id not in self.generators:
                 self.generators[request.req_id] = torch.Generator(
                     device=self.device).manual_seed(seed)
-            generators.append(self.generators.get(request.req_id))
+        rows = [(request, request_drafts[:j]) for request, request_drafts in zip(requests, drafts, strict=True)
+                for j in range(len(request_drafts) + 1)]
         return SamplingMetadata(
-            params=[r.sampling_params for r in requests],
-            generators=generators,
-            prompt_token_ids=[r.prompt_token_ids for r in requests],
-            output_token_ids=[r.output_token_ids for r in requests],
+            params=[r.sampling_params for r, _ in rows],
+            generators=[self.generators.get(r.req_id) for r, _ in rows],
+            prompt_token_ids=[r.prompt_token_ids for r, _ in rows],
+            output_token_ids=[[*r.output_token_ids, *d] if d else r.output_token_ids for r, d in rows],
             eos_token_ids=requests[0].eos_token_ids,
         )
 
     def _with_grammar(self, metadata: SamplingMetadata, batch: StepBatch) -> SamplingMetadata:
         """Add the step's grammar bitmask (structured output), its rows mapped from request ids to sampling rows."""
-        if batch.grammar_bitmask is not None:
-            sampling_row = {batch.requests[index].req_id: row for row, index in enumerate(batch.sampling)}
+        if batch.grammar_bitmask is not None:  # constrained requests have no drafts: one row each
+            sampling_row, row = {}, 0
+            for index in batch.sampling:
+                sampling_row[batch.requests[index].req_id] = row
+                row += len(batch.drafts[index]) + 1
             metadata.grammar_rows = [sampling_row[req_id] for req_id in batch.structured_output_req_ids]
             metadata.grammar_bitmask = torch.from_numpy(batch.grammar_bitmask).to(self.device)
         return metadata
 
 
-def _last_rows(num_new_tokens: list[int], indices: list[int]) -> list[int]:
-    """Row of each chosen request's last token in the packed batch."""
+def _attention_rows(batch: StepBatch) -> tuple[list[str], list[int], list[int], list[list[int]]]:
+    """Request ids, computed and new token counts and block tables as attention sees the step: a decode verifying
+    k drafts becomes 1 + k single-token rows of its sequence, row j attending to the tokens before it and itself
+    (every row's K/V is written before any row attends), so verify steps run on the decode kernels."""
+    if not any(batch.drafts):
+        return batch.req_ids, batch.num_computed_tokens, batch.num_new_tokens, batch.block_tables
+    req_ids, computed, counts, tables = [], [], [], []
+    for state, start, count, table, drafts in zip(batch.requests, batch.num_computed_tokens, batch.num_new_tokens,
+                                                  batch.block_tables, batch.drafts, strict=True):
+        rows = len(drafts) + 1 if drafts else 1
+        req_ids.extend([state.req_id] * rows)
+        computed.extend(range(start, start + rows) if drafts else [start])
+        counts.extend([1] * rows if drafts else [count])
+        tables.extend([table] * rows)
+    return req_ids, computed, counts, tables
+
+
+def _sampling_rows(num_new_tokens: list[int], indices: list[int], drafts: list[list[int]]) -> list[int]:
+    """Rows of the packed batch that sample: each chosen request's last 1 + len(its drafts) rows."""
     ends, total = [], 0
     for count in num_new_tokens:
         total += count
-        ends.append(total - 1)
-    return [ends[i] for i in indices]
+        ends.append(total)
+    return [row for i, request_drafts in zip(indices, drafts, strict=True)
+            for row in range(ends[i] - len(request_drafts) - 1, ends[i])]
+
+
+def num_accepted(drafts: list[int], sampled: list[int]) -> int:
+    """How many leading drafts the target sampled too. Exact in distribution for drafts that are single
+    guesses (n-gram, a greedy draft model): sampling x ~ p and accepting d when x == d accepts with
+    probability p(d), and a rejected position's x is distributed as p without d, renormalized: the
+    rejection-sampling rule of Leviathan et al. for a draft distribution that is a point mass."""
+    count = 0
+    for draft, token in zip(drafts, sampled, strict=False):
+        if draft != token:
+            break
+        count += 1
+    return count

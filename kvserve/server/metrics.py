@@ -55,8 +55,19 @@ class ServerMetrics:
                                               "Deterministic requests looked up in the response cache.", registry=r)
         self.response_cache_hits = Counter(PREFIX + "response_cache_hits",
                                            "Requests answered from the response cache.", registry=r)
+        # Speculative decoding, as vLLM counts it: verify steps, drafts, accepted drafts (and by draft position).
+        self.spec_drafts = Counter(PREFIX + "spec_decode_num_drafts", "Requests' verify steps with drafts.",
+                                   registry=r)
+        self.spec_draft_tokens = Counter(PREFIX + "spec_decode_num_draft_tokens", "Draft tokens proposed.",
+                                         registry=r)
+        self.spec_accepted_tokens = Counter(PREFIX + "spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                                            registry=r)
+        self.spec_accepted_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                             "Draft tokens accepted, by position in the draft.", ["position"],
+                                             registry=r)
         # Engine totals at the last on_stats call, so that counters advance by the difference.
-        self._last_totals = (0, 0, 0)
+        self._last_totals = (0,) * 6
+        self._last_accepted_per_pos: list[int] = []
         self._last_token_time: dict[tuple[str, int], float] = {}  # (request id, sample index) -> time
 
     def render(self) -> bytes:
@@ -113,12 +124,21 @@ class ServerMetrics:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
-        totals = (stats.num_prompt_tokens, stats.num_generation_tokens, stats.num_preemptions)
-        for counter, new, old in zip((self.prompt_tokens, self.generation_tokens, self.preemptions),
-                                     totals, self._last_totals, strict=True):
+        spec = stats.spec_decode
+        totals = (stats.num_prompt_tokens, stats.num_generation_tokens, stats.num_preemptions, spec.num_drafts,
+                  spec.num_draft_tokens, spec.num_accepted_tokens)
+        counters = (self.prompt_tokens, self.generation_tokens, self.preemptions, self.spec_drafts,
+                    self.spec_draft_tokens, self.spec_accepted_tokens)
+        for counter, new, old in zip(counters, totals, self._last_totals, strict=True):
             if new > old:
                 counter.inc(new - old)
         self._last_totals = totals
+        last = self._last_accepted_per_pos
+        for position, new in enumerate(spec.accepted_per_position):
+            old = last[position] if position < len(last) else 0
+            if new > old:
+                self.spec_accepted_per_pos.labels(position=str(position)).inc(new - old)
+        self._last_accepted_per_pos = list(spec.accepted_per_position)
 
     def _forget(self, request_id: str, num_samples: int | None = None) -> None:
         keys = [k for k in self._last_token_time if k[0] == request_id] if num_samples is None \

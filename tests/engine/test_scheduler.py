@@ -283,3 +283,50 @@ def test_scheduler_and_runner_outputs_pickle():
     sampled = runner_output(output, {"a": [7], "c": [8]})
     sampled.logprobs = [[{7: -0.5}], None]
     assert pickle.loads(pickle.dumps(sampled)) == sampled
+
+
+def step_proposing(scheduler: Scheduler, drafts: dict[str, list[int]], token: int = 7) -> SchedulerOutput:
+    """A fake step whose runner also proposes `drafts` for the next one."""
+    output = scheduler.schedule()
+    answer = runner_output(output, {r: [token] for r in sampling(scheduler, output)})
+    answer.draft_token_ids = drafts
+    scheduler.update(output, answer)
+    return output
+
+
+def test_drafts_are_verified_after_the_last_token_within_max_tokens_budget_and_context():
+    scheduler = make_scheduler(block_size=4, budget=16, max_model_len=64)
+    scheduler.add_request(make_request("a", 3, max_tokens=10))
+    step_proposing(scheduler, {"a": [11, 12, 13, 14, 15]})  # prefill: token 7 sampled, drafts for the next step
+    output = scheduler.schedule()
+    assert output.scheduled_spec_decode_tokens == {"a": [11, 12, 13, 14, 15]}
+    assert counts(output) == {"a": 6}  # the sampled token plus five drafts
+    assert scheduler.requests["a"].draft_token_ids == []  # verified once, then gone
+    assert len(scheduler.kv_manager.block_table("a")) == 3  # 3 + 6 tokens in blocks of 4
+
+    for limits, expected in [({"max_tokens": 3}, [11]),  # one output so far, one more for the runner's token
+                             ({"budget": 4}, [11, 12, 13]),
+                             ({"max_model_len": 6}, [11, 12])]:  # 4 tokens known, room for 2 more
+        scheduler = make_scheduler(block_size=4, budget=limits.get("budget", 16),
+                                   max_model_len=limits.get("max_model_len", 64))
+        scheduler.add_request(make_request("a", 3, max_tokens=limits.get("max_tokens", 10)))
+        step_proposing(scheduler, {"a": [11, 12, 13, 14, 15]})
+        assert scheduler.schedule().scheduled_spec_decode_tokens == {"a": expected}, limits
+
+
+def test_no_drafts_above_the_batch_threshold_nor_after_a_preemption():
+    scheduler = make_scheduler(block_size=4, budget=16)
+    scheduler.spec_max_batch = 1
+    scheduler.add_request(make_request("a", 3, max_tokens=10))
+    scheduler.add_request(make_request("b", 3, max_tokens=10))
+    step_proposing(scheduler, {"a": [11, 12], "b": [21, 22]})
+    assert scheduler.schedule().scheduled_spec_decode_tokens == {}  # two running > 1
+
+    scheduler = make_scheduler(num_blocks=3, block_size=4, budget=16)
+    scheduler.add_request(make_request("old", 4, max_tokens=10))
+    scheduler.add_request(make_request("new", 4, max_tokens=10))
+    step_proposing(scheduler, {"old": [11, 12, 13], "new": [21, 22, 23]})
+    output = scheduler.schedule()  # "old" verifying 3 drafts needs a second block: "new" is preempted
+    assert output.preempted_req_ids == ["new"]
+    assert output.scheduled_spec_decode_tokens == {"old": [11, 12, 13]}
+    assert scheduler.requests["new"].draft_token_ids == []

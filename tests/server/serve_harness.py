@@ -16,6 +16,7 @@ import uvicorn
 
 from kvserve.config import EngineConfig
 from kvserve.engine.engine import EngineStats
+from kvserve.engine.scheduler import SpecDecodeStats
 from kvserve.inputs import InputProcessor
 from kvserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
@@ -115,8 +116,11 @@ class FakeTokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return bytes(token_ids).decode(errors="replace")
 
-    def convert_ids_to_tokens(self, token_id: int) -> str:
-        return self.decode([token_id % 256])
+    def convert_ids_to_tokens(self, token_ids: int | list[int]) -> str | list[str]:
+        """As Hugging Face's: one id gives one string, a list (maybe empty) a list."""
+        if isinstance(token_ids, list):
+            return [self.decode([token_id % 256]) for token_id in token_ids]
+        return self.decode([token_ids % 256])
 
     def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
                             add_generation_prompt: bool = True) -> str:
@@ -220,7 +224,7 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         # Zero for every field, so that the fake keeps up as EngineStats grows.
         zeros = {f.name: 0 for f in dataclasses.fields(EngineStats)}
-        return EngineStats(**{**zeros, "num_running": self._num_seqs(waiting=False),
+        return EngineStats(**{**zeros, "spec_decode": SpecDecodeStats(), "num_running": self._num_seqs(waiting=False),
                               "num_waiting": self._num_seqs(waiting=True) + self.num_waiting,
                               "kv_blocks_used": len(self.requests), "kv_blocks_total": 8,
                               "kv_cache_usage": len(self.requests) / 8})
