@@ -225,9 +225,10 @@ class SpeculativeConfig:
         "help": "ngram: shortest suffix matched against earlier tokens (default: prompt_lookup_max, or 5)"})
     prompt_lookup_max: int | None = field(default=None, metadata={
         "help": "ngram: longest suffix matched against earlier tokens (default: prompt_lookup_min, or 5)"})
-    speculative_disable_by_batch_size: int | None = field(default=None, metadata={
+    # 4: on the 2-core CPU, 16 streams verifying drafts lost 15-20% of their throughput (BENCHMARKS.md).
+    speculative_disable_by_batch_size: int | None = field(default=4, metadata={
         "help": "no drafts in steps that start with more running requests than this (verifying competes with "
-                "decoding for compute); default: always draft"})
+                "decoding for compute)"})
 
     def __post_init__(self) -> None:
         method = self.speculative_method

@@ -17,7 +17,7 @@ from kvserve.engine.scheduler import SpecDecodeStats
 from kvserve.runner import model_runner
 
 NGRAM = {"speculative_method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
-         "prompt_lookup_max": 3}
+         "prompt_lookup_max": 3, "speculative_disable_by_batch_size": None}  # drafts at any batch size
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 COPY_TEXT = ("def total(prices, tax):\n    subtotal = sum(prices)\n    return subtotal * (1 + tax)\n\n"
              "def average(prices):\n    return sum(prices) / len(prices)\n")
