@@ -221,7 +221,14 @@ static inline f32x8 halves(float low, float high) { return (f32x8){low, low, low
             }                                                                                                     \
             int64_t r0 = 0;                                                                                       \
             for (; r0 + 4 <= rows; r0 += 4) NAME##_int8_rows(x + r0 * blocks, blocks, wrow, y + r0 * ldy + o, ldy, 4); \
-            if (r0 < rows) NAME##_int8_rows(x + r0 * blocks, blocks, wrow, y + r0 * ldy + o, ldy, (int)(rows - r0)); \
+            const act_block *xr = x + r0 * blocks;                                                                \
+            float *yr = y + r0 * ldy + o;                                                                         \
+            switch (rows - r0) { /* constant counts: accumulators in registers (a variable one cost 2x) */        \
+            case 1: NAME##_int8_rows(xr, blocks, wrow, yr, ldy, 1); break;                                        \
+            case 2: NAME##_int8_rows(xr, blocks, wrow, yr, ldy, 2); break;                                        \
+            case 3: NAME##_int8_rows(xr, blocks, wrow, yr, ldy, 3); break;                                        \
+            default: break;                                                                                       \
+            }                                                                                                     \
         }                                                                                                         \
     }
 
