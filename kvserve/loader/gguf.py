@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import pathlib
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -264,9 +268,16 @@ class GgufSource:
         return array
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
-        """Build the tokenizer from tokenizer.ggml.* metadata via transformers' GGUF support."""
+        """Build the tokenizer from tokenizer.ggml.* metadata via transformers' GGUF support, or load the copy an
+        earlier build saved (transformers parses the whole file again to convert it: ~10 s for the bundled model)."""
         from transformers import AutoTokenizer
 
+        saved = tokenizer_cache_path(self.path)
+        if saved.is_dir():
+            try:
+                return AutoTokenizer.from_pretrained(saved)
+            except Exception:  # a damaged copy is rebuilt below
+                pass
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except Exception as exc:  # transformers raises a zoo of types for bad tokenizers
@@ -274,4 +285,31 @@ class GgufSource:
         template = self._field("tokenizer.chat_template")
         if template is not None and not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = str(template)
+        save_atomically(tokenizer, saved)
         return tokenizer
+
+
+def tokenizer_cache_path(path: pathlib.Path) -> pathlib.Path:
+    """Where the tokenizer converted from the GGUF file at `path` is kept: named by the file (path, size,
+    modification time) and the transformers version that converted it."""
+    import transformers
+
+    from kvserve.native import cache_dir
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    return cache_dir() / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def save_atomically(tokenizer: PreTrainedTokenizerBase, target: pathlib.Path) -> None:
+    """save_pretrained into a scratch directory renamed to `target`, so that a reader never sees half a copy; a
+    cache that cannot be written (read-only home, another process first) is skipped."""
+    scratch = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.mkdtemp(dir=target.parent)
+        tokenizer.save_pretrained(scratch)
+        os.rename(scratch, target)
+    except OSError:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -20,7 +20,7 @@ from kvserve.loader import (
     open_model,
     resolve_model_path,
 )
-from kvserve.loader.gguf import gguf_to_hf_name, unpermute_rope_rows
+from kvserve.loader.gguf import gguf_to_hf_name, tokenizer_cache_path, unpermute_rope_rows
 
 Q = gguf.GGMLQuantizationType
 
@@ -59,6 +59,25 @@ def test_bundled_config(bundled_source: GgufSource) -> None:
     assert config == expected
     assert tuple(config) == HF_CONFIG_KEYS
     assert bundled_source.num_weight_tensors == 272  # 30 layers x 9 + embedding + final norm
+
+
+def test_the_converted_tokenizer_is_saved_once_and_loads_the_same(bundled_source: GgufSource, tmp_path,
+                                                                   monkeypatch) -> None:
+    monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))
+    saved = tokenizer_cache_path(bundled_source.path)
+    assert saved.parent.parent == tmp_path and not saved.exists()
+    converted = bundled_source.load_tokenizer()  # converts (~10 s) and saves
+    assert (saved / "tokenizer.json").is_file()
+    cached = bundled_source.load_tokenizer()  # from the saved copy
+    texts = ["The capital of France is", "请用中文介绍一下长城。", "def f(x):\n    return x<|im_end|>", " a  b\tc "]
+    for text in texts:
+        ids = converted.encode(text)
+        assert cached.encode(text) == ids and cached.decode(ids) == converted.decode(ids)
+    messages = [{"role": "user", "content": "hi"}]
+    assert cached.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        converted.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert (cached.eos_token_id, cached.bos_token_id, cached.all_special_ids, len(cached)) == \
+        (converted.eos_token_id, converted.bos_token_id, converted.all_special_ids, len(converted))
 
 
 def test_bundled_tokenizer(bundled_source: GgufSource, gguf_tokenizer: Any) -> None:
