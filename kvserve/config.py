@@ -209,7 +209,7 @@ class ParallelConfig:
                              f"got {self.tensor_parallel_size}")
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 16  # a verify step is 1 + k rows per request
 
 
@@ -218,13 +218,24 @@ class SpeculativeConfig:
     """Speculative decoding: a proposer drafts tokens, the target verifies them in the next step (vLLM's names)."""
 
     speculative_method: str | None = field(default=None, metadata={
-        "help": f"draft-token proposer: one of {SPECULATIVE_METHODS} (ngram: prompt lookup), or none"})
+        "help": f"draft-token proposer: one of {SPECULATIVE_METHODS} (ngram: prompt lookup; draft_model: a "
+                "smaller model with the same vocabulary, speculative_model), or none (draft_model with a "
+                "speculative_model)"})
     num_speculative_tokens: int = field(default=0, metadata={
         "help": "draft tokens proposed per request per step (with a speculative_method)"})
     prompt_lookup_min: int | None = field(default=None, metadata={
         "help": "ngram: shortest suffix matched against earlier tokens (default: prompt_lookup_max, or 5)"})
     prompt_lookup_max: int | None = field(default=None, metadata={
         "help": "ngram: longest suffix matched against earlier tokens (default: prompt_lookup_min, or 5)"})
+    speculative_model: str | None = field(default=None, metadata={
+        "help": "draft_model: the draft's checkpoint (a .gguf file or an HF directory; the target's file itself at "
+                "another speculative_quantization drafts for it)"})
+    speculative_quantization: str | None = field(default=None, metadata={
+        "help": f"draft_model: the draft's weight format, one of {list(QUANTIZATION_METHODS)} (default: as for the "
+                "target, gguf for a .gguf file on the CPU)"})
+    speculative_num_layers: int | None = field(default=None, metadata={
+        "help": "draft_model: keep only the draft's first N layers (a truncated copy of a model drafts for it; "
+                "default: all)"})
     # 4: on the 2-core CPU, 16 streams verifying drafts lost 15-20% of their throughput (BENCHMARKS.md).
     speculative_disable_by_batch_size: int | None = field(default=4, metadata={
         "help": "no drafts in steps that start with more running requests than this (verifying competes with "
@@ -232,6 +243,9 @@ class SpeculativeConfig:
 
     def __post_init__(self) -> None:
         method = self.speculative_method
+        if method is None and self.speculative_model is not None:
+            method = "draft_model"  # as vLLM infers it
+            object.__setattr__(self, "speculative_method", method)
         if method is not None and method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_method must be one of {SPECULATIVE_METHODS} or None, got {method!r}")
         if method is None and self.num_speculative_tokens != 0:
@@ -240,6 +254,14 @@ class SpeculativeConfig:
         if method is not None and not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"num_speculative_tokens must be in [1, {MAX_SPECULATIVE_TOKENS}] with "
                              f"speculative_method={method!r}, got {self.num_speculative_tokens}")
+        if (method == "draft_model") != (self.speculative_model is not None):
+            raise ValueError("speculative_model must be set with speculative_method='draft_model' and only then, got "
+                             f"speculative_model={self.speculative_model!r} with speculative_method={method!r}")
+        if self.speculative_quantization not in (None, *QUANTIZATION_METHODS):
+            raise ValueError(f"speculative_quantization must be one of {list(QUANTIZATION_METHODS)}, "
+                             f"got {self.speculative_quantization!r}")
+        if self.speculative_num_layers is not None and self.speculative_num_layers < 1:
+            raise ValueError(f"speculative_num_layers must be >= 1, got {self.speculative_num_layers}")
         lookup_min = self.prompt_lookup_min or self.prompt_lookup_max or 5
         lookup_max = self.prompt_lookup_max or self.prompt_lookup_min or 5
         if not 1 <= lookup_min <= lookup_max:
@@ -254,6 +276,11 @@ class SpeculativeConfig:
     def enabled(self) -> bool:
         """Whether requests get draft tokens."""
         return self.speculative_method is not None
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """KV slots each request holds beyond its step's tokens: a draft model writes its drafts' K/V there."""
+        return self.num_speculative_tokens if self.speculative_method == "draft_model" else 0
 
 
 @dataclass(frozen=True)
@@ -325,7 +352,8 @@ class EngineConfig:
 # vLLM's speculative_config keys -> the flat option names.
 _SPECULATIVE_KEYS = {"method": "speculative_method", "num_speculative_tokens": "num_speculative_tokens",
                      "prompt_lookup_min": "prompt_lookup_min", "prompt_lookup_max": "prompt_lookup_max",
-                     "disable_by_batch_size": "speculative_disable_by_batch_size"}
+                     "disable_by_batch_size": "speculative_disable_by_batch_size", "model": "speculative_model",
+                     "quantization": "speculative_quantization", "num_layers": "speculative_num_layers"}
 
 
 def speculative_options(speculative_config: dict[str, Any] | None) -> dict[str, Any]:

@@ -63,10 +63,21 @@ def test_config_is_frozen_and_replaceable():
     ({"max_num_batched_tokens": 0}, r"max_num_batched_tokens must be >= 1, got 0"),
     ({"max_model_len": 0}, r"max_model_len must be >= 1, got 0"),
     ({"tensor_parallel_size": 2}, r"tensor_parallel_size must be 1 .*, got 2"),
-    ({"speculative_method": "eagle"}, r"speculative_method must be one of \('ngram',\) or None, got 'eagle'"),
+    ({"speculative_method": "eagle"},
+     r"speculative_method must be one of \('ngram', 'draft_model'\) or None, got 'eagle'"),
     ({"speculative_method": "ngram"},
      r"num_speculative_tokens must be in \[1, 16\] with speculative_method='ngram', got 0"),
-    ({"speculative_config": {"method": "ngram", "model": "draft"}}, r"unknown speculative_config key\(s\) \['model'\]"),
+    ({"speculative_config": {"method": "ngram", "draft_tensor_parallel_size": 1}},
+     r"unknown speculative_config key\(s\) \['draft_tensor_parallel_size'\]"),
+    ({"speculative_config": {"method": "ngram", "model": "draft.gguf", "num_speculative_tokens": 3}},
+     r"speculative_model must be set with speculative_method='draft_model' and only then, got "
+     r"speculative_model='draft.gguf' with speculative_method='ngram'"),
+    ({"speculative_method": "draft_model", "num_speculative_tokens": 3},
+     r"speculative_model must be set with speculative_method='draft_model' and only then"),
+    ({"speculative_model": "draft.gguf", "num_speculative_tokens": 3, "speculative_quantization": "fp4"},
+     r"speculative_quantization must be one of \['none', 'gguf', 'int8', 'int4', 'awq'\], got 'fp4'"),
+    ({"speculative_model": "draft.gguf", "num_speculative_tokens": 3, "speculative_num_layers": 0},
+     r"speculative_num_layers must be >= 1, got 0"),
     ({"speculative_method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
      r"prompt_lookup_min \(4\) must be >= 1 and <= prompt_lookup_max \(2\)"),
     ({"speculative_method": "ngram", "num_speculative_tokens": 3, "kv_cache_dtype": "int4"},
@@ -112,3 +123,16 @@ def test_help_groups_flags_by_sub_config_and_shows_defaults(capsys: pytest.Captu
         assert f"engine: {section}:" in out
     assert "--max-num-seqs MAX_NUM_SEQS most requests running at once (default: 64)" in out
     assert "(default: auto)" in out and "--attention-backend" in out
+
+
+def test_vllm_speculative_config_routes_to_the_flat_options():
+    ngram = EngineConfig.from_kwargs(speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                                         "prompt_lookup_max": 4})
+    assert ngram.speculative == SpeculativeConfig("ngram", 3, prompt_lookup_max=4)
+    assert ngram.speculative.prompt_lookup_min == 4 and ngram.speculative.num_lookahead_tokens == 0
+    draft = EngineConfig.from_kwargs(speculative_config={"model": "d.gguf", "num_speculative_tokens": 3,
+                                                         "quantization": "gguf", "num_layers": 8})
+    assert draft.speculative.speculative_method == "draft_model"  # inferred from the model, as vLLM does
+    assert (draft.speculative.speculative_model, draft.speculative.speculative_quantization,
+            draft.speculative.speculative_num_layers) == ("d.gguf", "gguf", 8)
+    assert draft.speculative.num_lookahead_tokens == 3  # the draft writes its drafts' K/V ahead

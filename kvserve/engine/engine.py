@@ -28,6 +28,7 @@ from kvserve.platforms import get_platform
 from kvserve.platforms.cuda_memory import GIB
 from kvserve.runner.model_runner import ModelRunner
 from kvserve.sampling_params import SamplingParams
+from kvserve.spec.draft_model import load_draft_model
 from kvserve.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -95,11 +96,14 @@ class Engine:
         storage_dtype = config.cache.storage_dtype(config.load.dtype)
         self.attention_backend = create_attention_backend(config.platform.attention_backend, AttentionRequirements(
             self.device, storage_dtype, use_window=bool(config.cache.kv_window), use_mla=architecture.uses_mla))
+        draft = (load_draft_model(config, self.platform, self.model_config, max_model_len, storage_dtype,
+                                  show_progress) if config.speculative.speculative_method == "draft_model" else None)
         self.runner = ModelRunner(config, self.platform, self.model_config, source, max_model_len,
-                                  self.attention_backend, show_progress)
+                                  self.attention_backend, show_progress, draft)
         model = self.runner.model
         block_size = config.cache.resolved_block_size
         specs = model.kv_cache_specs(storage_dtype)
+        draft_specs = [] if draft is None else draft.kv_cache_specs(storage_dtype)  # its layers in the same blocks
         if config.cache.kv_cache_dtype == "int4":  # keys share a per-channel scale across one block
             specs = [dataclasses.replace(spec, group_size=block_size) for spec in specs]
         self.kv_window = (SinksWindow(config.cache.kv_window, config.cache.kv_sinks, block_size)
@@ -107,8 +111,8 @@ class Engine:
         # int4: every running request keeps its newest, incomplete block in full precision.
         num_slots = num_residual_slots(specs, config.scheduler.max_num_seqs)
         self.kv_residual_bytes = residual_bytes(specs, block_size, config.load.torch_dtype, num_slots)
-        num_blocks = self._num_kv_blocks(specs, max_model_len)
-        self.runner.allocate_kv_cache(specs, num_blocks, block_size, num_slots)
+        num_blocks = self._num_kv_blocks(specs, max_model_len, draft_specs)
+        self.runner.allocate_kv_cache(specs, num_blocks, block_size, num_slots, draft_specs)
         self.model_bytes = self.runner.model_bytes  # fixed from here on; summing it walks every module
         logger.info("KV cache: %d blocks of %d tokens, %.2f GiB (%s); model %.2f GiB", num_blocks, block_size,
                     self.runner.kv_cache_bytes / GIB, storage_dtype,
@@ -117,13 +121,14 @@ class Engine:
         # it only ever holds its sinks and window (checked in _num_kv_blocks), so the context is not capped.
         self.max_model_len = (max_model_len if config.cache.kv_window
                               else min(max_model_len, num_blocks * block_size))
-        bytes_per = bytes_per_token(specs)
+        bytes_per = bytes_per_token(specs + draft_specs)
         self.kv_bytes_per_token = int(bytes_per) if bytes_per.denominator == 1 else float(bytes_per)
         self.kv_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching,
                                          config.cache.kv_window, config.cache.kv_sinks)
         self.runner.set_window(self.kv_window)
         self.scheduler = Scheduler(dataclasses.replace(config.scheduler, max_model_len=self.max_model_len),
-                                   self.kv_manager, config.speculative.speculative_disable_by_batch_size)
+                                   self.kv_manager, config.speculative.speculative_disable_by_batch_size,
+                                   config.speculative.num_lookahead_tokens)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -136,12 +141,13 @@ class Engine:
         self.num_generation_tokens = 0
         self._throughput = ThroughputWindow()
 
-    def _num_kv_blocks(self, specs: list[KVCacheSpec], max_model_len: int) -> int:
-        """Blocks bought by the budget (after the int4 residual), but no more than max_num_seqs requests need."""
+    def _num_kv_blocks(self, specs: list[KVCacheSpec], max_model_len: int, draft_specs: list[KVCacheSpec]) -> int:
+        """Blocks bought by the budget (after the int4 residual; a block holds the draft model's layers too), but
+        no more than max_num_seqs requests need."""
         config = self.config
         budget = self._kv_budget(specs, max_model_len)
         block_size = config.cache.resolved_block_size
-        per_block = bytes_per_block(specs, block_size)
+        per_block = bytes_per_block(specs + draft_specs, block_size)
         per_request = max_blocks_per_request(self.kv_window, config.scheduler.max_num_batched_tokens, max_model_len,
                                              block_size)
         num_blocks = min((budget - self.kv_residual_bytes) // per_block,

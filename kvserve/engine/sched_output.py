@@ -59,6 +59,9 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int = 0
     # Draft tokens each speculating request verifies this step, after its last known token (spec/).
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # Whether the runner should propose drafts for the next step: false while more requests run than
+    # speculative_disable_by_batch_size (the next step would not verify them).
+    propose_drafts: bool = True
     preempted_req_ids: list[str] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)  # since the last step
     # Structured output (kvserve/structured): the grammar-constrained requests that sample this step, and their

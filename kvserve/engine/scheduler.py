@@ -72,7 +72,7 @@ class Scheduler:
     """Running requests first (oldest first), then waiting ones; preempts the newest when blocks run out."""
 
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
-                 spec_max_batch: int | None = None) -> None:
+                 spec_max_batch: int | None = None, num_lookahead_tokens: int = 0) -> None:
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < config.max_model_len:
             raise ValueError("without chunked prefill, max_num_batched_tokens "
                              f"({config.max_num_batched_tokens}) must be >= max_model_len "
@@ -80,6 +80,8 @@ class Scheduler:
         self.config = config
         self.kv_manager = kv_manager
         self.spec_max_batch = spec_max_batch  # no drafts verified while more requests than this run
+        # Slots held past a sampling step's tokens, where a draft model writes its drafts' K/V.
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -102,7 +104,7 @@ class Scheduler:
         """Choose this step's requests and token counts, allocating their KV blocks."""
         budget = self.config.max_num_batched_tokens
         output = SchedulerOutput()
-        speculate = self.spec_max_batch is None or len(self.running) <= self.spec_max_batch
+        speculate = self._speculate()
         preempted = output.preempted_req_ids
         index = 0
         while index < len(self.running) and budget > 0:
@@ -131,7 +133,8 @@ class Scheduler:
             num_new = self._num_new_tokens(request, budget, num_cached)
             if num_new == 0:
                 break
-            if not self.kv_manager.allocate_slots(request.request_id, num_cached + num_new, prefix):
+            end = num_cached + num_new
+            if not self.kv_manager.allocate_slots(request.request_id, end + self._lookahead(request, end), prefix):
                 break
             request.num_computed_tokens = num_cached
             self.kv_manager.evict_outside_window(request.request_id, num_cached)
@@ -143,8 +146,20 @@ class Scheduler:
             self._schedule(request, num_new, output)
             budget -= num_new
         output.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
+        output.propose_drafts = self._speculate()
         output.finished_req_ids, self._finished_since_last_step = self._finished_since_last_step, []
         return output
+
+    def _speculate(self) -> bool:
+        """Whether a step starting now verifies drafts (not while more requests run than spec_max_batch)."""
+        return self.spec_max_batch is None or len(self.running) <= self.spec_max_batch
+
+    def _lookahead(self, request: Request, end: int) -> int:
+        """Slots past a step ending at token `end` when it reaches the request's last known token (it samples),
+        within the context, while drafts are verified: the draft model writes its drafts' K/V there."""
+        if not self.num_lookahead_tokens or end < request.num_tokens or not self._speculate():
+            return 0
+        return max(min(self.num_lookahead_tokens, self.config.max_model_len - end), 0)
 
     def _cached_prefix(self, request: Request) -> CachedPrefix:
         """The cached prefix a request may start from: none while its prompt logprobs are still to be computed
@@ -172,8 +187,10 @@ class Scheduler:
         return drafts[:max(room, 0)]
 
     def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:
-        """Allocate blocks for `request`, preempting the newest running requests until they fit."""
-        needed = request.num_computed_tokens + num_new
+        """Allocate blocks for `request` (and its lookahead), preempting the newest running requests until they
+        fit."""
+        end = request.num_computed_tokens + num_new
+        needed = end + self._lookahead(request, end)
         while not self.kv_manager.allocate_slots(request.request_id, needed):
             victim = self.running.pop()
             self._preempt(victim)

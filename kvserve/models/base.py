@@ -3,6 +3,7 @@ and load a checkpoint through the one weight path (loader/model_loader.py)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -11,6 +12,8 @@ from torch import nn
 from kvserve.attention.backend import AttentionMetadata
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.loader.model_loader import load_model_weights
+
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class DecoderForCausalLM(nn.Module):
@@ -49,8 +52,12 @@ class DecoderForCausalLM(nn.Module):
         load_model_weights(self, weights)
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
-        """The (our name, tensor) pairs a checkpoint tensor fills: rotary buffers are skipped, and a tied model's
+        """The (our name, tensor) pairs a checkpoint tensor fills: rotary buffers and the layers past num_layers
+        (DeepSeek-V3's multi-token-prediction module; a truncated draft model) are skipped, and a tied model's
         LM head, if stored, is the embedding already."""
         if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+            return ()
+        match = _LAYER_INDEX.match(name)
+        if match is not None and int(match.group(1)) >= self.config.num_layers:
             return ()
         return ((name, tensor),)

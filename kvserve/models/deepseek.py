@@ -18,7 +18,6 @@ per-token reads are one d_c + d_r row instead of H x (d_n + d_r + d_v).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -40,7 +39,6 @@ from kvserve.models.base import DecoderForCausalLM
 
 CosSin = tuple[torch.Tensor, torch.Tensor]  # [T, 1, d_r] each
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -399,11 +397,8 @@ class DeepseekForCausalLM(DecoderForCausalLM):
         return [spec] * self.cfg.num_layers
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
-        """Skip the layers past num_layers (V3's multi-token-prediction module); split transformers' stacked
-        3-D expert tensors into one tensor per expert (gate rows then up rows, like our fused gate_up_proj)."""
-        match = _LAYER_INDEX.match(name)
-        if match is not None and int(match.group(1)) >= self.cfg.num_layers:
-            return ()
+        """Split transformers' stacked 3-D expert tensors into one tensor per expert (gate rows then up rows, like
+        our fused gate_up_proj); the rest as every model does."""
         if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
             return self._split_stacked_experts(name, tensor)
         return super().checkpoint_tensors(name, tensor)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from kvserve.engine.sched_output import SchedulerOutput
 from kvserve.kv.sinks_window import SinksWindow
 from kvserve.sampling_params import SamplingParams
+from kvserve.spec.draft_length import DraftLength
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,7 +31,9 @@ class CachedRequestState:
     block_table: list[int]  # EVICTED where a window took blocks back, as in the KV manager
     num_computed_tokens: int
     num_evicted_blocks: int = 0
-    num_drafts: int = 0  # speculative decoding: drafts to propose next (adapts to how many were accepted)
+    drafting: DraftLength = field(default_factory=DraftLength)  # speculative decoding: drafts to propose next
+    draft_num_computed: int = 0  # a draft model: leading tokens whose K/V the draft has written
+    draft_fed: list[int] = field(default_factory=list)  # drafts the draft model fed itself after those
 
     def append_tokens(self, token_ids: list[int]) -> None:
         """Record tokens the scheduler appended (the ones sampled in earlier steps)."""
@@ -54,6 +57,7 @@ class StepBatch:
     # Structured output, as the scheduler sent it (engine/sched_output.py): request ids and their bitmask rows.
     structured_output_req_ids: list[str] = field(default_factory=list)
     grammar_bitmask: np.ndarray | None = None
+    propose_drafts: bool = True  # whether the next step will verify drafts (the scheduler's batch-size rule)
 
     @property
     def req_ids(self) -> list[str]:
@@ -78,7 +82,7 @@ class InputBatch:
             state = CachedRequestState(
                 new.req_id, new.prompt_token_ids, list(new.output_token_ids),
                 [*new.prompt_token_ids, *new.output_token_ids], new.sampling_params, new.eos_token_ids,
-                list(new.block_ids), new.num_computed_tokens)
+                list(new.block_ids), new.num_computed_tokens, draft_num_computed=new.num_computed_tokens)
             self.requests[new.req_id] = state
             self._evict(state)
         for diff in output.scheduled_cached_reqs:
@@ -91,6 +95,7 @@ class InputBatch:
         batch = self._batch(output.num_scheduled_tokens, output.scheduled_spec_decode_tokens)
         batch.structured_output_req_ids = output.structured_output_req_ids
         batch.grammar_bitmask = output.grammar_bitmask
+        batch.propose_drafts = output.propose_drafts
         return batch
 
     def _evict(self, state: CachedRequestState) -> None:

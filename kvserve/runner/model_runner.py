@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,21 +27,26 @@ from kvserve.runner.attention_inputs import build_common_metadata
 from kvserve.runner.input_batch import CachedRequestState, InputBatch, StepBatch
 from kvserve.runner.prompt_logprobs import compute_prompt_logprobs
 from kvserve.sample.sampler import Sampler, SamplingMetadata
-from kvserve.spec.ngram import NgramProposer, next_num_drafts
+from kvserve.spec.ngram import NgramProposer
+
+if TYPE_CHECKING:
+    from kvserve.spec.draft_model import DraftModelProposer
 
 
 class ModelRunner:
     """Owns the model weights, the KV-cache tensors, its copy of the running requests and their generators."""
 
     def __init__(self, config: EngineConfig, platform: Platform, model_config: ModelConfig, source: ModelSource,
-                 max_model_len: int, attention_backend: AttentionBackend, show_progress: bool = True) -> None:
+                 max_model_len: int, attention_backend: AttentionBackend, show_progress: bool = True,
+                 draft: DraftModelProposer | None = None) -> None:
         self.platform = platform
         self.device = platform.device
         self.dtype = config.load.torch_dtype  # activations (quantized weights are stored in other dtypes)
         self.attention_backend = attention_backend  # the one the model's attention layers run on
         # The weight format: gguf (the file's blocks, computed on) or None (dequantized to the model dtype).
         self.quantization = platform.resolve_quantization(config.load.quantization, source, config.load.torch_dtype)
-        self.model = self._load_model(config.load.torch_dtype, model_config, source, max_model_len, show_progress)
+        self.model = load_model(platform, config.load.torch_dtype, self.quantization, model_config, source,
+                                max_model_len, attention_backend, show_progress)
         self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
         self.int4: Int4ResidualLayout | None = None  # int4 caches only
@@ -51,45 +57,34 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.input_batch = InputBatch()
         spec = config.speculative
-        self.proposer = (NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
-                         if spec.enabled else None)
-
-    def _load_model(self, dtype: torch.dtype, model_config: ModelConfig, source: ModelSource, max_model_len: int,
-                    show_progress: bool) -> nn.Module:
-        """Build the model on the device, give its layers the platform's kernels, stream the checkpoint in
-        (with a progress bar) and let the layers process their weights."""
-        model = build_model(model_config, max_model_len, self.attention_backend).to(self.device, dtype)
-        self.platform.prepare_model(model, dtype, self.quantization)
-        weights = source.iter_weights(dtype, keep_quantized=True) if self.quantization == "gguf" else \
-            source.iter_weights(dtype)
-        weights = tqdm(weights, total=source.num_weight_tensors,
-                       desc="Loading weights", unit="tensor", disable=not show_progress,
-                       leave=False)
-        with torch.no_grad():
-            model.load_weights((name, t.to(self.device)) for name, t in weights)
-        return model
-
-    @property
-    def packed_weight_bytes(self) -> int:
-        """Bytes the linear methods hold beside the parameters (oneDNN-packed copies on a float32 CPU)."""
-        return sum(module.method.derived_bytes(module) for module in self.model.modules()
-                   if isinstance(module, Linear))
+        self.draft = draft  # the draft model, when it proposes
+        self.proposer: NgramProposer | DraftModelProposer | None = draft
+        if spec.speculative_method == "ngram":
+            self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     @property
     def model_bytes(self) -> int:
-        """Bytes of the model's parameters (tied weights counted once) and of their packed copies."""
-        seen = {p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}
-        return sum(seen.values()) + self.packed_weight_bytes
+        """Bytes of the model's parameters (tied weights counted once) and of their packed copies, and of the
+        draft model's."""
+        return weight_bytes(self.model) + (0 if self.draft is None else weight_bytes(self.draft.model))
+
+    @property
+    def packed_weight_bytes(self) -> int:
+        """Bytes the target's linear methods hold beside its parameters (oneDNN-packed copies on a float32 CPU)."""
+        return packed_bytes(self.model)
 
     def allocate_kv_cache(self, specs: list[KVCacheSpec], num_blocks: int, block_size: int,
-                          num_residual_slots: int = 0) -> None:
-        """Allocate the paged cache tensors once (int4: plus one residual slot per running request)."""
+                          num_residual_slots: int = 0, draft_specs: list[KVCacheSpec] | None = None) -> None:
+        """Allocate the paged cache tensors once (int4: plus one residual slot per running request; a draft
+        model: its layers in the same blocks)."""
         dtype = self.dtype
         self.kv_caches = allocate_kv_caches(specs, num_blocks, block_size, self.device, dtype, num_residual_slots)
         self.block_size = block_size
         self.model.fused_decode = self.platform.fused_decode(self.model, self.attention_backend, self.kv_caches)
         if any(cache.is_int4 for cache in self.kv_caches):
             self.int4 = Int4ResidualLayout(num_residual_slots, block_size)
+        if self.draft is not None:
+            self.draft.allocate_kv_cache(draft_specs, num_blocks, block_size, dtype)
 
     @torch.inference_mode()
     def profile_step(self, specs: list[KVCacheSpec], num_tokens: int, num_rows: int, block_size: int) -> int:
@@ -120,8 +115,9 @@ class ModelRunner:
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Bytes held by the KV-cache tensors."""
-        return sum(cache.num_bytes for cache in self.kv_caches)
+        """Bytes held by the KV-cache tensors (the draft model's included)."""
+        draft = 0 if self.draft is None else self.draft.kv_cache_bytes
+        return sum(cache.num_bytes for cache in self.kv_caches) + draft
 
     def release(self, finished_req_ids: Sequence[str], preempted_req_ids: Sequence[str] = ()) -> None:
         """Forget the generators of finished requests and the int4 residual slots of finished and preempted ones."""
@@ -160,9 +156,7 @@ class ModelRunner:
                 count = num_accepted(request_drafts, tokens) + 1
                 sampled[index] = tokens[:count]
                 if request_drafts:
-                    state = batch.requests[index]
-                    state.num_drafts = next_num_drafts(state.num_drafts, len(request_drafts), count - 1,
-                                                       self.proposer.max_drafts)
+                    batch.requests[index].drafting.update(len(request_drafts), count - 1, self.proposer.max_drafts)
                 if result.logprobs[row] is not None:
                     logprobs[index] = result.logprobs[row:row + count]
                 row += len(request_drafts) + 1
@@ -171,15 +165,14 @@ class ModelRunner:
 
     def _propose(self, batch: StepBatch, sampled: list[list[int]]) -> dict[str, list[int]]:
         """Draft tokens for each request that sampled, from its tokens and the ones just sampled (none for a
-        grammar-constrained request: its mask would have to follow the drafts)."""
-        if self.proposer is None:
+        grammar-constrained request: its mask would have to follow the drafts), unless the scheduler will verify
+        none next step."""
+        if self.proposer is None or not batch.propose_drafts:
             return {}
-        drafts = {}
-        for state, tokens in zip(batch.requests, sampled, strict=True):
-            if tokens and state.sampling_params.structured_outputs is None:
-                num_drafts = state.num_drafts or self.proposer.max_drafts
-                drafts[state.req_id] = self.proposer.propose([*state.all_token_ids, *tokens], num_drafts)
-        return drafts
+        wanted = {index: state.drafting.wanted(self.proposer.max_drafts)
+                  for index, (state, tokens) in enumerate(zip(batch.requests, sampled, strict=True))
+                  if tokens and state.sampling_params.structured_outputs is None}
+        return self.proposer.propose_step(batch, sampled, {i: n for i, n in wanted.items() if n})
 
     def prepare_inputs(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Token ids and positions [T] of the packed step, and the backend's attention metadata (once for every
@@ -216,6 +209,32 @@ class ModelRunner:
             metadata.grammar_rows = [sampling_row[req_id] for req_id in batch.structured_output_req_ids]
             metadata.grammar_bitmask = torch.from_numpy(batch.grammar_bitmask).to(self.device)
         return metadata
+
+
+def load_model(platform: Platform, dtype: torch.dtype, quantization: str | None, model_config: ModelConfig,
+               source: ModelSource, max_model_len: int, attention_backend: AttentionBackend,
+               show_progress: bool = True) -> nn.Module:
+    """Build the model on the platform's device, give its layers the platform's kernels for the weight format,
+    stream the checkpoint in (with a progress bar) and let the layers process their weights."""
+    model = build_model(model_config, max_model_len, attention_backend).to(platform.device, dtype)
+    platform.prepare_model(model, dtype, quantization)
+    weights = source.iter_weights(dtype, keep_quantized=True) if quantization == "gguf" else source.iter_weights(dtype)
+    weights = tqdm(weights, total=source.num_weight_tensors, desc="Loading weights", unit="tensor",
+                   disable=not show_progress, leave=False)
+    with torch.no_grad():
+        model.load_weights((name, t.to(platform.device)) for name, t in weights)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters (tied weights counted once) and of their packed copies."""
+    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    return sum(seen.values()) + packed_bytes(model)
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes a model's linear methods hold beside its parameters (oneDNN-packed copies on a float32 CPU)."""
+    return sum(module.method.derived_bytes(module) for module in model.modules() if isinstance(module, Linear))
 
 
 def _attention_rows(batch: StepBatch) -> tuple[list[str], list[int], list[int], list[list[int]]]:

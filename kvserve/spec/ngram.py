@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kvserve.runner.input_batch import StepBatch
+
 
 def propose_ngram(token_ids: Sequence[int] | np.ndarray, num_drafts: int, min_n: int, max_n: int) -> list[int]:
     """Up to `num_drafts` tokens that followed the latest earlier occurrence of the longest suffix of
@@ -52,10 +54,9 @@ class NgramProposer:
         matches."""
         return propose_ngram(token_ids, min(num_drafts, self.max_drafts), self.min_n, self.max_n)
 
+    def propose_step(self, batch: StepBatch, sampled: list[list[int]], wanted: dict[int, int]
+                     ) -> dict[str, list[int]]:
+        """Drafts for request i of the step (`wanted[i]` at most), from its tokens and the ones it just sampled."""
+        return {batch.requests[i].req_id: self.propose([*batch.requests[i].all_token_ids, *sampled[i]], num_drafts)
+                for i, num_drafts in wanted.items()}
 
-def next_num_drafts(num_drafts: int, num_proposed: int, num_accepted: int, max_drafts: int) -> int:
-    """A request's draft length after a verify step: one more when every draft was accepted, else one past the
-    accepted ones (at least 1), so that a request whose guesses fail costs a 2-row verify, not a (1 + k)-row one."""
-    if num_accepted == num_proposed:
-        return min(max(num_drafts, num_proposed) + 1, max_drafts)
-    return max(num_accepted + 1, 1)

@@ -320,7 +320,8 @@ def test_no_drafts_above_the_batch_threshold_nor_after_a_preemption():
     scheduler.add_request(make_request("a", 3, max_tokens=10))
     scheduler.add_request(make_request("b", 3, max_tokens=10))
     step_proposing(scheduler, {"a": [11, 12], "b": [21, 22]})
-    assert scheduler.schedule().scheduled_spec_decode_tokens == {}  # two running > 1
+    output = scheduler.schedule()
+    assert output.scheduled_spec_decode_tokens == {} and not output.propose_drafts  # two running > 1
 
     scheduler = make_scheduler(num_blocks=3, block_size=4, budget=16)
     scheduler.add_request(make_request("old", 4, max_tokens=10))
@@ -330,3 +331,25 @@ def test_no_drafts_above_the_batch_threshold_nor_after_a_preemption():
     assert output.preempted_req_ids == ["new"]
     assert output.scheduled_spec_decode_tokens == {"old": [11, 12, 13]}
     assert scheduler.requests["new"].draft_token_ids == []
+
+
+def test_a_draft_model_gets_lookahead_slots_when_its_request_samples():
+    """num_lookahead_tokens slots past the step's tokens, for the draft's K/V: only for a step that reaches the
+    request's last token, within max_model_len, and not while drafts are off."""
+    scheduler = make_scheduler(block_size=4, budget=4, max_model_len=12)
+    scheduler.num_lookahead_tokens = 3
+    scheduler.add_request(make_request("a", 6, max_tokens=10))
+    step_proposing(scheduler, {})  # a 4-token prompt chunk: no lookahead
+    assert len(scheduler.kv_manager.block_table("a")) == 1
+    step_proposing(scheduler, {"a": [11, 12]})  # the last 2 prompt tokens + 3 slots: 9 tokens
+    assert len(scheduler.kv_manager.block_table("a")) == 3
+    scheduler.schedule()  # verifies 2 drafts: 7 tokens known + 2 drafts = 9, + 3 slots capped at 12
+    assert len(scheduler.kv_manager.block_table("a")) == 3
+
+    scheduler = make_scheduler(block_size=4, budget=16)
+    scheduler.num_lookahead_tokens, scheduler.spec_max_batch = 1, 1
+    scheduler.add_request(make_request("a", 3, max_tokens=10))
+    scheduler.add_request(make_request("b", 3, max_tokens=10))
+    step_proposing(scheduler, {})  # admitted while fewer ran: 3 tokens + 1 slot each
+    scheduler.schedule()  # two running > 1: 4 tokens, no slot (a fifth would take a second block)
+    assert [len(scheduler.kv_manager.block_table(r)) for r in "ab"] == [1, 1]

