@@ -164,14 +164,13 @@ class ModelRunner:
         return ModelRunnerOutput(batch.req_ids, sampled, logprobs, prompt_logprobs, self._propose(batch, sampled))
 
     def _propose(self, batch: StepBatch, sampled: list[list[int]]) -> dict[str, list[int]]:
-        """Draft tokens for each request that sampled, from its tokens and the ones just sampled (none for a
-        grammar-constrained request: its mask would have to follow the drafts), unless the scheduler will verify
-        none next step."""
+        """Draft tokens for each request that sampled, from its tokens and the ones just sampled, unless the
+        scheduler will verify none next step (a grammar-constrained request's drafts are masked row by row)."""
         if self.proposer is None or not batch.propose_drafts:
             return {}
         wanted = {index: state.drafting.wanted(self.proposer.max_drafts)
                   for index, (state, tokens) in enumerate(zip(batch.requests, sampled, strict=True))
-                  if tokens and state.sampling_params.structured_outputs is None}
+                  if tokens}
         return self.proposer.propose_step(batch, sampled, {i: n for i, n in wanted.items() if n})
 
     def prepare_inputs(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -200,16 +199,17 @@ class ModelRunner:
         )
 
     def _with_grammar(self, metadata: SamplingMetadata, batch: StepBatch) -> SamplingMetadata:
-        """Add the step's grammar bitmask (structured output), its rows mapped from request ids to sampling rows."""
-        if batch.grammar_bitmask is not None:  # constrained requests have no drafts: one row each
-            sampling_row, row = {}, 0
+        """Add the step's grammar bitmask (structured output), its rows mapped to sampling rows: a constrained
+        request's 1 + k rows (k drafts) are consecutive in both."""
+        if batch.grammar_bitmask is not None:
+            first_row, row = {}, 0
             for index in batch.sampling:
-                sampling_row[batch.requests[index].req_id] = row
+                first_row[batch.requests[index].req_id] = (row, len(batch.drafts[index]) + 1)
                 row += len(batch.drafts[index]) + 1
-            metadata.grammar_rows = [sampling_row[req_id] for req_id in batch.structured_output_req_ids]
+            metadata.grammar_rows = [start + j for req_id in batch.structured_output_req_ids
+                                     for start, count in [first_row[req_id]] for j in range(count)]
             metadata.grammar_bitmask = torch.from_numpy(batch.grammar_bitmask).to(self.device)
         return metadata
-
 
 def load_model(platform: Platform, dtype: torch.dtype, quantization: str | None, model_config: ModelConfig,
                source: ModelSource, max_model_len: int, attention_backend: AttentionBackend,

@@ -69,7 +69,7 @@ class DraftModelProposer:
         rows = []  # (state, its known tokens, first position to feed, drafts wanted)
         for index, state in enumerate(batch.requests):
             if sampled[index] and index not in wanted:
-                continue  # a paused request: it catches up when it drafts again
+                continue  # no drafts wanted (they proved mostly wrong): the draft need not follow
             if sampled[index]:
                 tokens = [*state.all_token_ids, *sampled[index]]
             else:  # a prompt chunk: the draft follows the target up to where it computed

@@ -89,19 +89,40 @@ class StructuredOutputManager:
 
     def fill_bitmask(self, output: SchedulerOutput, requests: Mapping[str, Request]) -> None:
         """Set the step's `structured_output_req_ids` and `grammar_bitmask` [rows, num_words] int32: the
-        constrained requests whose step reaches their last known token, so that the runner samples them."""
+        constrained requests whose step reaches their last known token, so that the runner samples them; a request
+        verifying k drafts has 1 + k consecutive rows, row j the grammar's state after its first j drafts."""
+        drafts = output.scheduled_spec_decode_tokens
         req_ids = [request_id for request_id, num_new in output.num_scheduled_tokens.items()
-                   if request_id in self._matchers
-                   and requests[request_id].num_computed_tokens + num_new == requests[request_id].num_tokens]
+                   if request_id in self._matchers and requests[request_id].num_computed_tokens + num_new
+                   - len(drafts.get(request_id, ())) == requests[request_id].num_tokens]
         if not req_ids:
             return
         num_words = self.num_words
-        bitmask = np.empty((len(req_ids), num_words), dtype=np.int32)  # bit j of word w: token 32 * w + j allowed
-        for row, request_id in enumerate(req_ids):
-            # Writes the whole row (llguidance drops the GIL while it does).
-            self._matchers[request_id].unsafe_compute_mask_ptr(bitmask[row].ctypes.data, num_words * 4)
+        num_rows = sum(1 + len(drafts.get(request_id, ())) for request_id in req_ids)
+        bitmask = np.empty((num_rows, num_words), dtype=np.int32)  # bit j of word w: token 32 * w + j allowed
+        row = 0
+        for request_id in req_ids:
+            self._fill_rows(self._matchers[request_id], drafts.get(request_id, []), bitmask[row:])
+            row += 1 + len(drafts.get(request_id, ()))
         output.structured_output_req_ids = req_ids
         output.grammar_bitmask = bitmask
+
+    def _fill_rows(self, matcher: llguidance.LLMatcher, drafts: list[int], rows: np.ndarray) -> None:
+        """Rows 0..len(drafts) of `rows`: the matcher's mask, then its mask after each draft in turn (consumed,
+        then rolled back). From the first draft the grammar rejects (or an EOS) on, rows repeat the last one
+        computed: the row before a rejected draft masks it out, so the target never accepts it, and rows after a
+        rejection or an accepted EOS are never kept."""
+        num_bytes = rows.shape[1] * 4
+        valid = matcher.validate_tokens(drafts) if drafts else 0
+        # An EOS draft ends the grammar (it cannot be rolled back); if accepted, nothing after it is kept.
+        valid = next((index for index, draft in enumerate(drafts[:valid]) if draft in self._eos_token_ids), valid)
+        matcher.unsafe_compute_mask_ptr(rows[0].ctypes.data, num_bytes)  # llguidance drops the GIL meanwhile
+        for index, draft in enumerate(drafts[:valid], start=1):
+            matcher.consume_token(draft)
+            matcher.unsafe_compute_mask_ptr(rows[index].ctypes.data, num_bytes)
+        rows[valid + 1:len(drafts) + 1] = rows[valid]
+        if valid:
+            matcher.rollback(valid)
 
     def accept_token(self, request_id: str, token_id: int) -> bool:
         """Advance the sequence's matcher by one appended token; False (and a log line) if the grammar rejects it,

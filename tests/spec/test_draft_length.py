@@ -1,8 +1,8 @@
-"""The draft length: it follows acceptance, and a request whose single guesses fail pauses, longer each time."""
+"""The draft length: it follows acceptance, and stops for a request whose drafts prove mostly wrong."""
 
 from __future__ import annotations
 
-from kvserve.spec.draft_length import MAX_PAUSE, DraftLength, next_num_drafts
+from kvserve.spec.draft_length import MIN_VERIFIES, DraftLength, next_num_drafts
 
 
 def test_draft_length_grows_on_success_and_falls_on_a_rejection():
@@ -13,26 +13,14 @@ def test_draft_length_grows_on_success_and_falls_on_a_rejection():
     assert next_num_drafts(5, 2, 2, max_drafts=5) == 5  # fewer were proposed (the match ran out): no penalty
 
 
-def wanted_over(length: DraftLength, steps: int) -> list[int]:
-    return [length.wanted(4) for _ in range(steps)]
-
-
-def test_failed_single_guesses_pause_the_request_twice_as_long_each_time():
+def test_a_request_whose_drafts_prove_mostly_wrong_drafts_no_more():
     length = DraftLength()
-    assert length.wanted(4) == 4
-    length.update(4, 0, max_drafts=4)  # a miss at length 4: down to 1, no pause yet
-    assert wanted_over(length, 1) == [1]
-    length.update(1, 0, max_drafts=4)
-    assert wanted_over(length, 2) == [0, 1]  # paused one step
-    length.update(1, 0, max_drafts=4)
-    assert wanted_over(length, 3) == [0, 0, 1]  # then two
-    length.update(1, 1, max_drafts=4)  # a hit ends the back-off
-    assert length.next_pause == 1 and wanted_over(length, 1) == [2]
-
-
-def test_the_pause_is_capped():
-    length = DraftLength(num_drafts=1)
-    for _ in range(10):
+    for _ in range(MIN_VERIFIES - 1):
         length.update(1, 0, max_drafts=4)
-        length.pause = 0
-    assert length.next_pause == MAX_PAUSE
+    assert length.wanted(4) == 1  # not judged yet
+    length.update(4, 1, max_drafts=4)  # 1 of 7 accepted after MIN_VERIFIES steps: below MIN_ACCEPTANCE
+    assert length.wanted(4) == 0
+    hits = DraftLength()
+    for _ in range(MIN_VERIFIES):
+        hits.update(4, 1, max_drafts=4)  # one in four: above MIN_ACCEPTANCE
+    assert hits.wanted(4) == 2

@@ -52,8 +52,8 @@ def test_bundled_float32_target_with_its_4bit_weights_drafting(options, bundled_
 
 
 def test_bundled_truncated_copy_drafts_without_changing_the_output(bundled_prompts, bundled_reference):
-    """The first 4 layers of the bundled model draft for all 30 (they rarely guess right: the pause keeps them
-    from costing much)."""
+    """The first 4 layers of the bundled model draft for all 30 (they rarely guess right, and a request stops
+    drafting once that shows)."""
     llm = LLM(show_progress=False, speculative_model=BUNDLED, speculative_num_layers=4, **DRAFT)
     assert generate_ids(llm, bundled_prompts) == bundled_reference
     assert llm.stats().spec_decode.num_draft_tokens > 0

@@ -3,6 +3,10 @@ path, tiny MHA / GQA / MQA / MLA models), the same sampling distribution, and ev
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+import jsonschema
 import pytest
 from spec_cases import (
     MAX_TOTAL_VARIATION,
@@ -18,7 +22,7 @@ from spec_cases import (
     total_variation,
 )
 
-from kvserve import LLM, SamplingParams
+from kvserve import LLM, SamplingParams, StructuredOutputsParams
 from kvserve.runner import model_runner
 
 
@@ -90,3 +94,31 @@ def test_aborts_mid_verification_free_every_block(tiny_llama):
     engine.runner.execute(scheduler.schedule())  # the runner learns who finished
     assert engine.kv_manager.pool.num_free_blocks == engine.kv_manager.num_blocks
     assert not engine.has_unfinished_requests() and not engine.runner.input_batch.requests
+
+
+FRUIT = {"type": "object", "required": ["name", "price"],
+         "properties": {"name": {"type": "string"}, "price": {"type": "number"}}}
+FRUITS = {"type": "object", "required": ["items"],
+          "properties": {"items": {"type": "array", "minItems": 3, "items": FRUIT}}}
+
+
+def test_grammar_constrained_requests_verify_drafts_under_their_masks():
+    """Each draft row is masked by the grammar after the drafts before it: the same greedy tokens, drafts accepted
+    in the constrained requests, and sampled output that still validates."""
+    constraints = [StructuredOutputsParams(json=FRUITS), StructuredOutputsParams(regex="(yes|no)( yes| no)*")]
+    messages = ["List three fruits with their prices as JSON.", "Answer yes or no, many times."]
+
+    def run(llm: LLM, **sampling: Any) -> list[Any]:
+        prompts = [{"prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": m}])} for m in messages]
+        params = [SamplingParams(max_tokens=64, structured_outputs=c, **sampling) for c in constraints]
+        return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    plain = run(LLM(show_progress=False), temperature=0)
+    speculative = LLM(show_progress=False, **NGRAM)
+    assert [o.token_ids for o in run(speculative, temperature=0)] == [o.token_ids for o in plain]
+    assert speculative.stats().spec_decode.num_accepted_tokens > 0
+    sampled = run(speculative, temperature=1.0, seed=1)[0]
+    if sampled.finish_reason == "stop":
+        jsonschema.validate(json.loads(sampled.text), FRUITS)
+    else:  # cut at max_tokens: still a prefix the grammar allows
+        assert sampled.text.startswith('{"items":[')

@@ -54,6 +54,30 @@ def test_bitmask_rows_are_the_constrained_requests_that_sample(manager: Structur
     assert quiet.structured_output_req_ids == [] and quiet.grammar_bitmask is None
 
 
+def test_a_request_verifying_drafts_gets_a_row_per_draft(manager: StructuredOutputManager, llm: LLM) -> None:
+    """Row j is the grammar after the first j drafts; from a draft the grammar rejects (or an EOS) on, rows repeat
+    the last one; the matcher is where it was afterwards."""
+    tokenizer = llm.get_tokenizer()
+    yes, space_no = (tokenizer.encode(text, add_special_tokens=False) for text in ("yes", " no"))
+    assert len(yes) == len(space_no) == 1
+    manager.add_requests(StructuredOutputsParams(regex="(yes|no)( yes| no)*"), ["a", "b"])
+    requests = {"a": request("a", 5, 4), "b": request("b", 5, 4)}
+    eos = min(llm.engine.eos_token_ids)
+    drafts = {"a": [yes[0], space_no[0], yes[0], eos], "b": [space_no[0], yes[0]]}  # "yes no", then invalid ones
+    output = SchedulerOutput(num_scheduled_tokens={"a": 5, "b": 3}, scheduled_spec_decode_tokens=drafts)
+    manager.fill_bitmask(output, requests)
+    assert output.structured_output_req_ids == ["a", "b"] and output.grammar_bitmask.shape[0] == 5 + 3
+    rows = [allowed_tokens(row) for row in output.grammar_bitmask]
+    assert yes[0] in rows[0] and space_no[0] not in rows[0]  # a first word
+    assert space_no[0] in rows[1] and eos in rows[1] and yes[0] not in rows[1]  # after "yes": " no", " yes" or end
+    assert rows[2] == rows[1]  # after "yes no": the same choices
+    assert rows[3] == rows[4] == rows[2]  # "yes" after "no" is rejected: the rows repeat
+    assert rows[5] == rows[6] == rows[7] == rows[0]  # b's first draft is rejected at once
+    again = SchedulerOutput(num_scheduled_tokens={"a": 1})
+    manager.fill_bitmask(again, requests)
+    assert allowed_tokens(again.grammar_bitmask[0]) == rows[0]  # every draft rolled back
+
+
 def test_each_sequence_has_its_own_matcher_and_free_forgets_it(manager: StructuredOutputManager, llm: LLM) -> None:
     tokenizer = llm.get_tokenizer()
     manager.add_requests(StructuredOutputsParams(choice=["ab", "cd"]), ["s#0", "s#1"])
