@@ -329,9 +329,11 @@ class EngineConfig:
     platform: PlatformConfig = field(default_factory=PlatformConfig)
 
     def __post_init__(self) -> None:
-        # Not yet: int4 would quantize rejected drafts into a block's group; a window would evict by them.
-        if self.speculative.enabled and (self.cache.kv_cache_dtype == "int4" or self.cache.kv_window):
-            raise ValueError("speculative_method does not work with kv_cache_dtype='int4' or kv_window yet")
+        # A draft model's own cache would need the int4 residual and the window's evictions too: not yet.
+        if self.speculative.speculative_method == "draft_model" and (self.cache.kv_cache_dtype == "int4"
+                                                                      or self.cache.kv_window):
+            raise ValueError("speculative_method='draft_model' does not work with kv_cache_dtype='int4' or "
+                             "kv_window yet")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

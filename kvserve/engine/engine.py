@@ -128,7 +128,7 @@ class Engine:
         self.runner.set_window(self.kv_window)
         self.scheduler = Scheduler(dataclasses.replace(config.scheduler, max_model_len=self.max_model_len),
                                    self.kv_manager, config.speculative.speculative_disable_by_batch_size,
-                                   config.speculative.num_lookahead_tokens)
+                                   config.speculative.num_lookahead_tokens, config.cache.kv_cache_dtype == "int4")
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

@@ -72,7 +72,8 @@ class Scheduler:
     """Running requests first (oldest first), then waiting ones; preempts the newest when blocks run out."""
 
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
-                 spec_max_batch: int | None = None, num_lookahead_tokens: int = 0) -> None:
+                 spec_max_batch: int | None = None, num_lookahead_tokens: int = 0,
+                 quantizes_full_blocks: bool = False) -> None:
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < config.max_model_len:
             raise ValueError("without chunked prefill, max_num_batched_tokens "
                              f"({config.max_num_batched_tokens}) must be >= max_model_len "
@@ -82,6 +83,8 @@ class Scheduler:
         self.spec_max_batch = spec_max_batch  # no drafts verified while more requests than this run
         # Slots held past a sampling step's tokens, where a draft model writes its drafts' K/V.
         self.num_lookahead_tokens = num_lookahead_tokens
+        # int4 caches quantize a block once it is full: drafts must not fill one (a rejected one would be in it).
+        self.quantizes_full_blocks = quantizes_full_blocks
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -178,12 +181,15 @@ class Scheduler:
     def _drafts(self, request: Request, num_new: int, budget: int, speculate: bool) -> list[int]:
         """The request's draft tokens that this step verifies: only for a decode (its one known token is the last),
         and only as many as the budget, the context and max_tokens leave room for (the verified token and the
-        runner's extra one each count)."""
+        runner's extra one each count), and with an int4 cache as leave the block unfilled."""
         drafts, request.draft_token_ids = request.draft_token_ids, []  # a draft is verified once or dropped
         if not (drafts and speculate) or request.num_computed_tokens + num_new != request.num_tokens:
             return []
         room = min(budget - num_new, self.config.max_model_len - request.num_tokens,
                    request.max_tokens - request.num_output_tokens - 1)
+        if self.quantizes_full_blocks:  # the drafts stay before the last slot of the last known token's block
+            size = self.kv_manager.block_size
+            room = min(room, size - 2 - (request.num_tokens - 1) % size)
         return drafts[:max(room, 0)]
 
     def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:

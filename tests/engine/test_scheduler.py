@@ -353,3 +353,13 @@ def test_a_draft_model_gets_lookahead_slots_when_its_request_samples():
     step_proposing(scheduler, {})  # admitted while fewer ran: 3 tokens + 1 slot each
     scheduler.schedule()  # two running > 1: 4 tokens, no slot (a fifth would take a second block)
     assert [len(scheduler.kv_manager.block_table(r)) for r in "ab"] == [1, 1]
+
+
+def test_with_an_int4_cache_drafts_never_fill_a_block():
+    """A filled int4 block is quantized with every token in it, rejected drafts too: verify steps stop short."""
+    for prompt_len, expected in [(3, [11, 12, 13]), (5, [11]), (6, [])]:  # blocks of 8: token at 3, 5, 6
+        scheduler = make_scheduler(block_size=8, budget=16)
+        scheduler.quantizes_full_blocks = True
+        scheduler.add_request(make_request("a", prompt_len, max_tokens=10))
+        step_proposing(scheduler, {"a": [11, 12, 13, 14, 15]})
+        assert scheduler.schedule().scheduled_spec_decode_tokens.get("a", []) == expected, prompt_len

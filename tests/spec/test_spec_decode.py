@@ -36,9 +36,12 @@ def test_bundled_greedy_output_is_identical_with_drafts(options, bundled_prompts
     assert (stats.num_preemptions > 0) == bool(options)
 
 
-@pytest.mark.parametrize("options", [{"quantization": "none"}, {"kv_cache_dtype": "int8"}])
+@pytest.mark.parametrize("options", [{"quantization": "none"}, {"kv_cache_dtype": "int8"}, {"kv_cache_dtype": "int4"},
+                                     {"kv_window": 48, "kv_sinks": 4}])
 def test_bundled_greedy_output_is_identical_with_drafts_on_other_paths(options, bundled_prompts):
-    """float32 weights verify on the modules; an int8 cache on its kernels (each against itself without drafts)."""
+    """float32 weights verify on the modules; int8 and int4 caches on their kernels (int4: no draft fills a block,
+    which would be quantized with it); sinks + a window that slides during the output, evicting by the accepted
+    tokens (each against itself without drafts)."""
     plain = generate_ids(LLM(show_progress=False, **options), bundled_prompts)
     speculative = LLM(show_progress=False, **options, **NGRAM)
     assert generate_ids(speculative, bundled_prompts) == plain
@@ -48,7 +51,8 @@ def test_bundled_greedy_output_is_identical_with_drafts_on_other_paths(options, 
 
 
 @pytest.mark.parametrize(("case", "kv_cache_dtype"), [(case, "auto") for case in TINY] + [("gqa", "int8"),
-                                                                                           ("gqa", "fp8")])
+                                                                                           ("gqa", "fp8"),
+                                                                                           ("gqa", "int4")])
 def test_tiny_models_greedy_output_is_identical_with_drafts(case, kv_cache_dtype, tmp_path, tokenizer):
     config_name, overrides = TINY[case]
     path = save_tiny_model(tmp_path, config_name, len(tokenizer), **overrides)
