@@ -276,8 +276,8 @@ class GgufSource:
         if saved.is_dir():
             try:
                 return AutoTokenizer.from_pretrained(saved)
-            except Exception:  # a damaged copy is rebuilt below
-                pass
+            except Exception:  # a damaged copy: removed, rebuilt and saved again below
+                shutil.rmtree(saved, ignore_errors=True)
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except Exception as exc:  # transformers raises a zoo of types for bad tokenizers

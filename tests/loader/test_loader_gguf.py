@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 from typing import Any
 
@@ -78,6 +79,9 @@ def test_the_converted_tokenizer_is_saved_once_and_loads_the_same(bundled_source
         converted.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert (cached.eos_token_id, cached.bos_token_id, cached.all_special_ids, len(cached)) == \
         (converted.eos_token_id, converted.bos_token_id, converted.all_special_ids, len(converted))
+    (saved / "tokenizer.json").write_text("{ damaged")  # a damaged copy is rebuilt and saved over
+    assert bundled_source.load_tokenizer().encode(texts[0]) == converted.encode(texts[0])
+    assert json.loads((saved / "tokenizer.json").read_text())["model"]
 
 
 def test_bundled_tokenizer(bundled_source: GgufSource, gguf_tokenizer: Any) -> None:
