@@ -23,7 +23,7 @@ HALF_OFFSETS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0
                 Q.Q5_K: [0, 2], Q.Q6_K: [208]}
 FORMATS = [Q.F32, Q.F16, *HALF_OFFSETS]
 SHAPES = [(256, 1), (256, 37), (512, 96), (1536, 5)]  # (in, out): in is whole super-blocks; odd row counts
-ROWS = [1, 2, 5, 7, 16]  # every remainder of the four-row passes
+ROWS = [1, 2, 5, 8, 15]  # one row, leftovers of the eight-row passes (2, 5, 7), and whole ones
 
 
 def random_weight(qtype: GGMLQuantizationType, num_out: int, num_in: int, seed: int = 0) -> torch.Tensor:
