@@ -168,10 +168,12 @@ class ModelRunner:
         scheduler will verify none next step (a grammar-constrained request's drafts are masked row by row)."""
         if self.proposer is None or not batch.propose_drafts:
             return {}
-        wanted = {index: state.drafting.wanted(self.proposer.max_drafts)
-                  for index, (state, tokens) in enumerate(zip(batch.requests, sampled, strict=True))
-                  if tokens}
-        return self.proposer.propose_step(batch, sampled, {i: n for i, n in wanted.items() if n})
+        wanted = {}  # batch index -> drafts to propose
+        for index, (state, tokens) in enumerate(zip(batch.requests, sampled, strict=True)):
+            num_drafts = state.drafting.wanted(self.proposer.max_drafts) if tokens else 0
+            if num_drafts:
+                wanted[index] = num_drafts
+        return self.proposer.propose_step(batch, sampled, wanted)
 
     def prepare_inputs(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Token ids and positions [T] of the packed step, and the backend's attention metadata (once for every

@@ -75,11 +75,10 @@ class DraftModelProposer:
             else:  # a prompt chunk: the draft follows the target up to where it computed
                 tokens = state.all_token_ids[:batch.num_computed_tokens[index] + batch.num_new_tokens[index]]
             start = state.draft_num_computed + _common_prefix(state.draft_fed, tokens[state.draft_num_computed:])
-            state.draft_fed = []
+            state.draft_num_computed, state.draft_fed = start, []
             room = len(state.block_table) * self.block_size - len(tokens)  # lookahead slots beyond the last token
             if room < 0 or start >= len(tokens):
                 continue  # nothing to catch up on, or no slot for the newest token: no drafts this time
-            state.draft_num_computed = start
             rows.append((state, tokens, start, min(wanted.get(index, 0), room + 1)))
         if not rows:
             return {}
