@@ -31,7 +31,7 @@ from kvserve.models.registry import model_class
 from kvserve.platforms import Platform
 from kvserve.runner.attention_inputs import build_common_metadata
 from kvserve.runner.input_batch import CachedRequestState, StepBatch
-from kvserve.runner.model_runner import load_model
+from kvserve.runner.model_runner import load_model, num_accepted
 
 
 class DraftModelProposer:
@@ -74,7 +74,7 @@ class DraftModelProposer:
                 tokens = [*state.all_token_ids, *sampled[index]]
             else:  # a prompt chunk: the draft follows the target up to where it computed
                 tokens = state.all_token_ids[:batch.num_computed_tokens[index] + batch.num_new_tokens[index]]
-            start = state.draft_num_computed + _common_prefix(state.draft_fed, tokens[state.draft_num_computed:])
+            start = state.draft_num_computed + num_accepted(state.draft_fed, tokens[state.draft_num_computed:])
             state.draft_num_computed, state.draft_fed = start, []
             room = len(state.block_table) * self.block_size - len(tokens)  # lookahead slots beyond the last token
             if room < 0 or start >= len(tokens):
@@ -135,15 +135,6 @@ class DraftModelProposer:
         """The draft's most likely token after each row [N, hidden] (a point-mass draft: num_accepted in the
         runner keeps sampling exact)."""
         return self.model.compute_logits(hidden).argmax(dim=-1).tolist()
-
-
-def _common_prefix(fed: list[int], tokens: list[int]) -> int:
-    count = 0
-    for draft, token in zip(fed, tokens, strict=False):
-        if draft != token:
-            break
-        count += 1
-    return count
 
 
 def load_draft_model(config: EngineConfig, platform: Platform, target: ModelConfig, max_model_len: int,

@@ -82,14 +82,17 @@ def test_a_wrong_acceptance_rule_fails_the_distribution_test(small_vocab_llama, 
     assert total_variation(plain, wrong) > MAX_TOTAL_VARIATION
 
 
-def test_aborts_mid_verification_free_every_block(tiny_llama):
-    llm = LLM(model=tiny_llama, show_progress=False, kv_cache_memory=8 * 2**20, **NGRAM)
+@pytest.mark.parametrize("proposer", ["ngram", "draft_model"])
+def test_aborts_mid_verification_free_every_block(proposer, tiny_llama):
+    options = NGRAM if proposer == "ngram" else {"speculative_model": tiny_llama, "num_speculative_tokens": 3,
+                                                 "speculative_disable_by_batch_size": None}
+    llm = LLM(model=tiny_llama, show_progress=False, kv_cache_memory=8 * 2**20, **options)
     engine, scheduler = llm.engine, llm.engine.scheduler
     for index, prompt in enumerate(TINY_PROMPTS):
         engine.add_request(str(index), prompt, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
     while not any(request.draft_token_ids for request in scheduler.running):
         engine.step()
-    scheduled = scheduler.schedule()  # blocks allocated for the drafts too
+    scheduled = scheduler.schedule()  # blocks allocated for the drafts too (and a draft model's lookahead)
     assert scheduled.scheduled_spec_decode_tokens
     sampled = engine.runner.execute(scheduled)
     for index in range(len(TINY_PROMPTS)):  # the clients leave while the verify step runs
