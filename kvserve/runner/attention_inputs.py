@@ -68,3 +68,22 @@ def build_common_metadata(req_ids: list[str], num_computed_tokens: list[int], nu
         common.int4 = int4.step_plan(req_ids, query_start_loc, num_computed_tokens, block_tables, num_blocks,
                                      num_decodes, device)
     return common
+
+
+def single_token_rows(req_ids: list[str], num_computed_tokens: list[int], num_new_tokens: list[int],
+                      block_tables: list[list[int]], split: list[bool]
+                      ) -> tuple[list[str], list[int], list[int], list[list[int]]]:
+    """The same four lists with each request i where `split[i]` as `num_new_tokens[i]` single-token rows of its
+    sequence, row j attending to the tokens before it and itself (every row's K/V is written before any row
+    attends), so that a few tokens of one request (a verify step's drafts) run on the decode kernels."""
+    if not any(split):
+        return req_ids, num_computed_tokens, num_new_tokens, block_tables
+    ids, computed, counts, tables = [], [], [], []
+    for req_id, start, count, table, one_by_one in zip(req_ids, num_computed_tokens, num_new_tokens, block_tables,
+                                                       split, strict=True):
+        rows = count if one_by_one else 1
+        ids.extend([req_id] * rows)
+        computed.extend(range(start, start + count) if one_by_one else [start])
+        counts.extend([1] * count if one_by_one else [count])
+        tables.extend([table] * rows)
+    return ids, computed, counts, tables

@@ -23,7 +23,7 @@ from kvserve.layers.linear import Linear
 from kvserve.loader.weights import ModelSource
 from kvserve.models.registry import build_model
 from kvserve.platforms import Platform
-from kvserve.runner.attention_inputs import build_common_metadata
+from kvserve.runner.attention_inputs import build_common_metadata, single_token_rows
 from kvserve.runner.input_batch import CachedRequestState, InputBatch, StepBatch
 from kvserve.runner.prompt_logprobs import compute_prompt_logprobs
 from kvserve.sample.sampler import Sampler, SamplingMetadata
@@ -178,7 +178,10 @@ class ModelRunner:
     def prepare_inputs(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Token ids and positions [T] of the packed step, and the backend's attention metadata (once for every
         layer)."""
-        common = build_common_metadata(*_attention_rows(batch), self.block_size, self.device, self.window, self.int4)
+        # A decode verifying k drafts attends as 1 + k single-token rows: verify steps run on the decode kernels.
+        rows = single_token_rows(batch.req_ids, batch.num_computed_tokens, batch.num_new_tokens, batch.block_tables,
+                                 [bool(drafts) for drafts in batch.drafts])
+        common = build_common_metadata(*rows, self.block_size, self.device, self.window, self.int4)
         metadata = self.attention_backend.build_metadata(common)
         return torch.tensor(batch.token_ids, device=self.device), common.positions, metadata
 
@@ -237,23 +240,6 @@ def weight_bytes(model: nn.Module) -> int:
 def packed_bytes(model: nn.Module) -> int:
     """Bytes a model's linear methods hold beside its parameters (oneDNN-packed copies on a float32 CPU)."""
     return sum(module.method.derived_bytes(module) for module in model.modules() if isinstance(module, Linear))
-
-
-def _attention_rows(batch: StepBatch) -> tuple[list[str], list[int], list[int], list[list[int]]]:
-    """Request ids, computed and new token counts and block tables as attention sees the step: a decode verifying
-    k drafts becomes 1 + k single-token rows of its sequence, row j attending to the tokens before it and itself
-    (every row's K/V is written before any row attends), so verify steps run on the decode kernels."""
-    if not any(batch.drafts):
-        return batch.req_ids, batch.num_computed_tokens, batch.num_new_tokens, batch.block_tables
-    req_ids, computed, counts, tables = [], [], [], []
-    for state, start, count, table, drafts in zip(batch.requests, batch.num_computed_tokens, batch.num_new_tokens,
-                                                  batch.block_tables, batch.drafts, strict=True):
-        rows = len(drafts) + 1 if drafts else 1
-        req_ids.extend([state.req_id] * rows)
-        computed.extend(range(start, start + rows) if drafts else [start])
-        counts.extend([1] * rows if drafts else [count])
-        tables.extend([table] * rows)
-    return req_ids, computed, counts, tables
 
 
 def _sampling_rows(num_new_tokens: list[int], indices: list[int], drafts: list[list[int]]) -> list[int]:

@@ -29,7 +29,7 @@ from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.loader.weights import open_model
 from kvserve.models.registry import model_class
 from kvserve.platforms import Platform
-from kvserve.runner.attention_inputs import build_common_metadata
+from kvserve.runner.attention_inputs import build_common_metadata, single_token_rows
 from kvserve.runner.input_batch import CachedRequestState, StepBatch
 from kvserve.runner.model_runner import load_model, num_accepted
 
@@ -119,14 +119,9 @@ class DraftModelProposer:
         """The draft over the packed rows (request i: `counts[i]` tokens from position `starts[i]`; the short
         ones first) -> hidden states [T, draft hidden]. A short row (the accepted tokens and the one sampled) runs
         as that many single-token rows, each attending to the tokens before it, so it takes the decode kernels."""
-        req_ids, tables, row_starts, row_counts = [], [], [], []
-        for state, start, count in zip(states, starts, counts, strict=True):
-            rows = count if count <= self.max_drafts + 1 else 1
-            req_ids.extend([state.req_id] * rows)
-            tables.extend([state.block_table] * rows)
-            row_starts.extend(range(start, start + count) if rows > 1 else [start])
-            row_counts.extend([1] * rows if rows > 1 else [count])
-        common = build_common_metadata(req_ids, row_starts, row_counts, tables, self.block_size, self.device)
+        rows = single_token_rows([s.req_id for s in states], starts, counts, [s.block_table for s in states],
+                                 [count <= self.max_drafts + 1 for count in counts])
+        common = build_common_metadata(*rows, self.block_size, self.device)
         metadata = self.attention_backend.build_metadata(common)
         ids = torch.tensor(input_ids, device=self.device)
         return self.model(ids, common.positions, self.kv_caches, metadata)
