@@ -9,6 +9,7 @@ import importlib.util
 import pathlib
 
 import pytest
+import torch
 from spec_cases import (
     MAX_TOTAL_VARIATION,
     NUM_SAMPLES,
@@ -91,6 +92,20 @@ def test_tiny_models_greedy_output_is_identical_with_a_draft_model(case, kv_cach
         assert stats.acceptance_rate > 0.9
     else:
         assert stats.num_draft_tokens > 0
+
+
+def test_speculative_quantization_loads_the_draft_in_its_own_format(tiny_llama):
+    """The target in float32, its int8-quantized copy drafting: the same greedy tokens, the draft's layers on the
+    int8 method, and its drafts mostly right (the same model, rounded)."""
+    options = {"kv_cache_memory": 8 * 2**20}
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    plain = generate_ids(LLM(model=tiny_llama, show_progress=False, **options), TINY_PROMPTS, params)
+    llm = LLM(model=tiny_llama, show_progress=False, speculative_model=tiny_llama, speculative_quantization="int8",
+              **DRAFT, **options)
+    assert generate_ids(llm, TINY_PROMPTS, params) == plain
+    draft_proj = llm.engine.runner.draft.model.model.layers[0].mlp.down_proj
+    assert draft_proj.weight.dtype == torch.int8
+    assert llm.stats().spec_decode.acceptance_rate > 0.5
 
 
 def test_a_draft_that_forgets_its_cache_is_rarely_accepted(tiny_llama, monkeypatch):
