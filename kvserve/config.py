@@ -296,7 +296,7 @@ class PlatformConfig:
                 "numpy's OpenBLAS with torch single-threaded (faster than MKL's GEMV for batch-1 decode); 0: off"})
     cpu_fused_decode: bool = field(default=True, metadata={
         "help": "CPU float32 Llama models with the compiled kernels: run the layers of decode-only steps in one "
-                "compiled call (the same kernels, without Python between them); dense weights only at batch 1"})
+                "compiled call (the same kernels, without Python between them); float32 weights up to 12 decodes"})
     cpu_gguf_int8_activations: bool = field(default=False, metadata={
         "help": "GGUF weights on the CPU: round activations to 8 bits per 32 values and multiply in integers, as "
                 "llama.cpp does (faster; a relative error of about 5e-3 per product); off: float32 activations, the "

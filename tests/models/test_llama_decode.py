@@ -9,7 +9,7 @@ import torch
 from kvserve import LLM, SamplingParams, native
 from kvserve.kv import kv_quant
 from kvserve.layers.quantization.gguf import DEQUANTIZED_GEMM_ROWS
-from kvserve.models.llama_decode import FusedLlamaDecode
+from kvserve.models.llama_decode import FLOAT32_MAX_TOKENS, FusedLlamaDecode
 from kvserve.platforms.cpu import CpuPlatform
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "请用中文介绍一下长城。",
@@ -117,11 +117,15 @@ def test_int8_cache_greedy_tokens_equal_the_module_paths() -> None:
         fused.engine.shutdown(), modules.engine.shutdown()
 
 
-def test_float32_weights_run_fused_at_batch_one_only() -> None:
+def test_float32_decode_steps_match_the_modules_up_to_their_limit() -> None:
     llm = _llm(quantization="none")
+    fused = llm.engine.runner.model.fused_decode
     try:
+        assert fused.max_tokens == FLOAT32_MAX_TOKENS
         assert _compare_every_step(llm, PROMPTS[:1]).count(1) == GREEDY.max_tokens - 1
-        assert _compare_every_step(llm, PROMPTS[:2]) == []  # two decodes: oneDNN's packed matmuls do it
+        assert 4 in _compare_every_step(llm, PROMPTS)
+        fused.max_tokens = 3  # from the limit on, oneDNN's packed matmuls do it
+        assert _compare_every_step(llm, PROMPTS) == []
     finally:
         llm.engine.shutdown()
 
