@@ -23,9 +23,11 @@ import tempfile
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = pathlib.Path(__file__).parent
-# Reassociation lets gcc vectorize the reductions; no -ffast-math, whose startup code would switch the whole
-# process to flush-to-zero.
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+# No reassociation (-fassociative-math): each kernel sums in its source's order, the same whatever rows run
+# beside a row (with it gcc summed a row's lanes in a different order in each slot of a multi-row pass), which
+# greedy equality under speculative decoding rests on; reductions are vectorized explicitly or by `omp simd`.
+# No -ffast-math either: its startup code would switch the whole process to flush-to-zero.
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-signed-zeros",
          "-fno-trapping-math", "-shared", "-fPIC")
 # The GGUF block formats gguf_matmul.c computes on (ggml type names, lower case).
 GGUF_KERNEL_TYPES = ("f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")

@@ -39,6 +39,22 @@ def test_int8_matmul_matches_its_reference(qtype: GGMLQuantizationType, num_thre
             assert ((y - exact).abs() <= 0.03 * size).all()
 
 
+@pytest.mark.parametrize("qtype", BLOCK_FORMATS, ids=lambda t: t.name)
+def test_a_row_gives_the_same_bits_whatever_rows_run_beside_it(qtype: GGMLQuantizationType) -> None:
+    """Batch invariance: a decode row and the same row verifying drafts among others round alike, so greedy
+    output with speculation is the output without it by construction."""
+    num_in, num_out = 512, 96
+    weight = random_weight(qtype, num_out, num_in)
+    blocks = gguf_ops.quantize_activations(torch.randn(9, num_in))
+    alone = torch.empty(9, num_out)
+    for row in range(9):
+        gguf_ops.int8_matmul(blocks[row:row + 1], weight, qtype, alone[row:row + 1])
+    for first in range(9):
+        together = torch.empty(9 - first, num_out)
+        gguf_ops.int8_matmul(blocks[first:], weight, qtype, together)  # the row in every slot of a 4-row pass
+        assert torch.equal(together, alone[first:]), f"rows {first}-8 together"
+
+
 def test_activation_blocks_round_each_value_to_its_nearest_code() -> None:
     x = torch.randn(7, 512) * torch.logspace(-3, 3, 7)[:, None]
     blocks = gguf_ops.quantize_activations(x)
