@@ -2,7 +2,7 @@
  *
  * The pure-torch path copies every sequence's blocks into a padded [B, L, Hkv, D] tensor before SDPA
  * reads them again; here each sequence's task walks its block table and reads each key and value row
- * once, up to its own length. The threads share the sequences. Used by attention/cpu_native.py.
+ * once, up to its own length. The threads share spans of the sequences (below). Used by attention/cpu_native.py.
  *
  * query, out  [num_seqs, num_kv_heads * group, head_dim]   (query head h * group + g uses KV head h)
  * key, value  [num_blocks, block_size, num_kv_heads, head_dim] float32, or int8 codes with
@@ -58,96 +58,149 @@ static inline void prefetch_row(const void *cache, int int8, int64_t token, int6
     for (int64_t offset = 0; offset < row_bytes; offset += 64) __builtin_prefetch(row + offset);
 }
 
-/* One sequence, every head. Keys and values are read token row by token row: all KV heads of a token are
- * contiguous, so a block is one sequential stream (per-head tasks striding over the rows ran 2.4-4.3x slower
- * from a cold cache). `converted` [Hkv * D] is int8's scratch. (Tiles of 2-4 tokens with a dot product in
- * flight per token measured no faster.) */
-static void attend_sequence(const float *restrict query, const paged_kv *kv, const int64_t *restrict table,
-                            int64_t seq_len, float *restrict out, float *restrict scores, float *restrict converted,
-                            int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t block_size, float scale) {
+/* A span of a sequence is a task. Sequences are cut into spans of SPAN_TOKENS (whole blocks where the block
+ * size divides it), so that one long sequence keeps every thread busy (a batch-1 decode; one request's rows
+ * verifying drafts), and the cut depends on the sequence's length only: a row's result does not depend on the rows
+ * beside it. A span leaves, per query head, its max score, its sum of exp(score - max) and its p @ v unnormalized
+ * (partial_floats); the sequence's spans are merged in order afterwards (flash-decoding's split). */
+#define SPAN_TOKENS 128
+
+/* Floats of a span's partial: p @ v [num_heads, head_dim], then max [num_heads] and sum [num_heads], rounded up to
+ * a 64-byte line so that threads writing neighbouring spans never share one. */
+static inline int64_t partial_floats(int64_t num_heads, int64_t head_dim) {
+    return (num_heads * (head_dim + 2) + 15) / 16 * 16;
+}
+
+/* Tokens [first, last) of one sequence, every head. Keys and values are read token row by token row: all KV
+ * heads of a token are contiguous, so a block is one sequential stream (per-head tasks striding over the rows
+ * ran 2.4-4.3x slower from a cold cache). scores [num_heads, SPAN_TOKENS]; `converted` [Hkv * D] is int8's
+ * scratch. (Tiles of 2-4 tokens with a dot product in flight per token measured no faster.) */
+static void attend_span(const float *restrict query, const paged_kv *kv, const int64_t *restrict table,
+                        int64_t first, int64_t last, float *restrict partial, float *restrict scores,
+                        float *restrict converted, int64_t num_kv_heads, int64_t group, int64_t head_dim,
+                        int64_t block_size, float scale) {
     const int int8 = kv->key_scale != NULL;
-    const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim;
-    /* scores [num_heads, seq_len] = q . k * scale: one pass over the keys, block by block */
-    for (int64_t start = 0, b = 0; start < seq_len; start += block_size, b++) {
-        const int64_t count = seq_len - start < block_size ? seq_len - start : block_size;
-        for (int64_t i = 0; i < count; i++) {
-            const int64_t token = table[b] * block_size + i;
-            if (start + block_size < seq_len)
-                prefetch_row(kv->key, int8, table[b + 1] * block_size + i, token_stride);
-            const float *row = float_row(kv->key, int8, token, token_stride, converted);
-            for (int64_t h = 0; h < num_heads; h++) {
-                const int64_t kv_head = h / group;
-                const float *k = row + kv_head * head_dim, *q = query + h * head_dim;
-                float dot = 0.0f;
+    const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim, len = last - first;
+    /* scores [num_heads, len] = q . k * scale: one pass over the keys */
+    for (int64_t b = first / block_size, t = first; t < last; b++) {
+      for (int64_t i = t - b * block_size; i < block_size && t < last; i++, t++) {
+        const int64_t token = table[b] * block_size + i;
+        if (t + block_size < last) prefetch_row(kv->key, int8, table[b + 1] * block_size + i, token_stride);
+        const float *row = float_row(kv->key, int8, token, token_stride, converted);
+        for (int64_t h = 0; h < num_heads; h++) {
+            const int64_t kv_head = h / group;
+            const float *k = row + kv_head * head_dim, *q = query + h * head_dim;
+            float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < head_dim; d++) dot += q[d] * k[d];
-                if (int8) dot *= kv->key_scale[token * num_kv_heads + kv_head];
-                scores[h * seq_len + start + i] = dot * scale;
-            }
+            for (int64_t d = 0; d < head_dim; d++) dot += q[d] * k[d];
+            if (int8) dot *= kv->key_scale[token * num_kv_heads + kv_head];
+            scores[h * len + t - first] = dot * scale;
         }
+      }
     }
-    /* softmax per query head */
+    /* exp(score - the span's max) per query head, and their sum */
     for (int64_t h = 0; h < num_heads; h++) {
-        float *s = scores + h * seq_len;
+        float *s = scores + h * len;
         float max = s[0];
 #pragma omp simd reduction(max : max)
-        for (int64_t t = 0; t < seq_len; t++) max = s[t] > max ? s[t] : max;
+        for (int64_t t = 0; t < len; t++) max = s[t] > max ? s[t] : max;
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < seq_len; t++) {
+        for (int64_t t = 0; t < len; t++) {
             s[t] = exp_nonpositive(s[t] - max);
             sum += s[t];
         }
+        partial[num_heads * head_dim + h] = max;
+        partial[num_heads * (head_dim + 1) + h] = sum;
+    }
+    memset(partial, 0, sizeof(float) * num_heads * head_dim);
+    /* p @ v per head, unnormalized: one pass over the values */
+    for (int64_t b = first / block_size, t = first; t < last; b++) {
+      for (int64_t i = t - b * block_size; i < block_size && t < last; i++, t++) {
+        const int64_t token = table[b] * block_size + i;
+        if (t + block_size < last) prefetch_row(kv->value, int8, table[b + 1] * block_size + i, token_stride);
+        const float *row = float_row(kv->value, int8, token, token_stride, converted);
+        for (int64_t h = 0; h < num_heads; h++) {
+            const int64_t kv_head = h / group;
+            const float *v = row + kv_head * head_dim;
+            float p = scores[h * len + t - first], *o = partial + h * head_dim;
+            if (int8) p *= kv->value_scale[token * num_kv_heads + kv_head];
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; d++) o[d] += p * v[d];
+        }
+      }
+    }
+}
+
+/* out [num_heads, head_dim] from a sequence's `count` spans' partials: each span's sums rescaled to the largest
+ * max, in span order. */
+static void merge_spans(const float *restrict partials, int64_t count, float *restrict out, int64_t num_heads,
+                        int64_t head_dim) {
+    const int64_t stride = partial_floats(num_heads, head_dim), maxes = num_heads * head_dim, sums = maxes + num_heads;
+    for (int64_t h = 0; h < num_heads; h++) {
+        float max = partials[maxes + h];
+        for (int64_t c = 1; c < count; c++)
+            max = partials[c * stride + maxes + h] > max ? partials[c * stride + maxes + h] : max;
+        float *o = out + h * head_dim, sum = 0.0f;
+        memset(o, 0, sizeof(float) * head_dim);
+        for (int64_t c = 0; c < count; c++) {
+            const float *span = partials + c * stride, weight = exp_nonpositive(span[maxes + h] - max);
+            sum += weight * span[sums + h];
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; d++) o[d] += weight * span[h * head_dim + d];
+        }
         const float inv = 1.0f / sum;
 #pragma omp simd
-        for (int64_t t = 0; t < seq_len; t++) s[t] *= inv;
-    }
-    /* out [num_heads, head_dim] = p @ v: one pass over the values */
-    memset(out, 0, sizeof(float) * num_heads * head_dim);
-    for (int64_t start = 0, b = 0; start < seq_len; start += block_size, b++) {
-        const int64_t count = seq_len - start < block_size ? seq_len - start : block_size;
-        for (int64_t i = 0; i < count; i++) {
-            const int64_t token = table[b] * block_size + i;
-            if (start + block_size < seq_len)
-                prefetch_row(kv->value, int8, table[b + 1] * block_size + i, token_stride);
-            const float *row = float_row(kv->value, int8, token, token_stride, converted);
-            for (int64_t h = 0; h < num_heads; h++) {
-                const int64_t kv_head = h / group;
-                const float *v = row + kv_head * head_dim;
-                float p = scores[h * seq_len + start + i], *o = out + h * head_dim;
-                if (int8) p *= kv->value_scale[token * num_kv_heads + kv_head];
-#pragma omp simd
-                for (int64_t d = 0; d < head_dim; d++) o[d] += p * v[d];
-            }
-        }
+        for (int64_t d = 0; d < head_dim; d++) o[d] *= inv;
     }
 }
 
 /* Every sequence's decode over one layer's cache (int8 codes where kv->key_scale is set). Returns 0, or -1 if a
- * thread could not allocate its score buffer. */
+ * buffer could not be allocated. */
 static int paged_decode(const float *query, const paged_kv *kv, const int64_t *tables, const int64_t *seq_lens,
                         float *out, int64_t num_seqs, int64_t num_kv_heads, int64_t group, int64_t head_dim,
                         int64_t block_size, int64_t max_blocks, float scale) {
-    const int64_t max_len = max_blocks * block_size;
-    int failed = 0;
-#pragma omp parallel
+    const int64_t num_heads = num_kv_heads * group, span = SPAN_TOKENS;
+    if (num_seqs == 0) return 0;
+    // first_span [num_seqs + 1]: sequence s owns spans first_span[s] .. first_span[s + 1] - 1
+    int64_t *first_span = malloc(sizeof(int64_t) * (size_t)(num_seqs + 1));
+    if (first_span == NULL) return -1;
+    first_span[0] = 0;
+    for (int64_t seq = 0; seq < num_seqs; seq++)
+        first_span[seq + 1] = first_span[seq] + (seq_lens[seq] + span - 1) / span;
+    const int64_t num_spans = first_span[num_seqs];
+    int64_t *span_seq = malloc(sizeof(int64_t) * (size_t)num_spans);
+    const int64_t stride = partial_floats(num_heads, head_dim);
+    float *partials = aligned_alloc(64, sizeof(float) * (size_t)(num_spans * stride));
+    int failed = span_seq == NULL || partials == NULL;
+    for (int64_t seq = 0; !failed && seq < num_seqs; seq++)
+        for (int64_t c = first_span[seq]; c < first_span[seq + 1]; c++) span_seq[c] = seq;
+#pragma omp parallel if (!failed)
     {
-        // scores [Hq, max_len], then int8's converted row [Hkv * D]
-        float *scores = malloc(sizeof(float) * (size_t)(num_kv_heads * (group * max_len + head_dim)));
+        // scores [Hq, SPAN_TOKENS], then int8's converted row [Hkv * D]
+        float *scores = malloc(sizeof(float) * (size_t)(num_heads * span + num_kv_heads * head_dim));
         if (scores == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t seq = 0; seq < num_seqs; seq++) {
+        for (int64_t c = 0; c < num_spans; c++) {
             if (scores == NULL) continue;
-            const int64_t offset = seq * num_kv_heads * group * head_dim;
-            attend_sequence(query + offset, kv, tables + seq * max_blocks, seq_lens[seq], out + offset, scores,
-                            scores + num_kv_heads * group * max_len, num_kv_heads, group, head_dim, block_size,
-                            scale);
+            const int64_t seq = span_seq[c], first = (c - first_span[seq]) * span;
+            const int64_t last = first + span < seq_lens[seq] ? first + span : seq_lens[seq];
+            attend_span(query + seq * num_heads * head_dim, kv, tables + seq * max_blocks, first, last,
+                        partials + c * stride, scores, scores + num_heads * span,
+                        num_kv_heads, group, head_dim, block_size, scale);
         }
         free(scores);
+#pragma omp for schedule(static)
+        for (int64_t seq = 0; seq < num_seqs; seq++)
+            if (!failed)
+                merge_spans(partials + first_span[seq] * stride,
+                            first_span[seq + 1] - first_span[seq], out + seq * num_heads * head_dim, num_heads,
+                            head_dim);
     }
+    free(first_span), free(span_seq), free(partials);
     return failed ? -1 : 0;
 }
 

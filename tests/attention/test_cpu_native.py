@@ -71,6 +71,43 @@ def test_many_decodes_share_the_threads(kv_cache_dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("block_size", [16, 24])  # 24 does not divide the kernel's 128-token spans
+def test_long_sequences_split_into_spans_match_torch_ref(block_size):
+    """Sequences of one to six 128-token spans (and a token past a span) are attended span by span, in parallel,
+    and merged: the same attention as one softmax over the whole sequence."""
+    requests = [(700, 1), (128, 1), (129, 1), (257, 1), (3, 1)]
+    step = make_step(requests, num_kv_heads=3, group=3, head_dim=64, block_size=block_size, seed=2)
+    actual, expected = _both(step)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_a_row_gives_the_same_bits_alone_or_among_others():
+    """Spans depend on a sequence's length only: a decode row (one sequence) and the same row among the rows of a
+    request verifying drafts (several sequences) round alike, bit for bit."""
+    kernels = native.load("paged_decode")
+    gen = torch.Generator().manual_seed(3)
+    num_kv_heads, group, head_dim, block_size, max_blocks = 3, 3, 64, 16, 48
+    key, value = (torch.randn(64, block_size, num_kv_heads, head_dim, generator=gen) for _ in range(2))
+    query = torch.randn(5, num_kv_heads * group, head_dim, generator=gen)
+    tables = torch.randperm(64, generator=gen)[:max_blocks].repeat(5, 1).contiguous()  # one sequence's rows
+    seq_lens = torch.arange(700, 705)
+
+    def attend(rows: slice) -> torch.Tensor:
+        out = torch.empty_like(query[rows])
+        status = kernels.paged_decode_f32(query[rows].data_ptr(), key.data_ptr(), value.data_ptr(),
+                                          tables[rows].data_ptr(), seq_lens[rows].data_ptr(), out.data_ptr(),
+                                          out.shape[0], num_kv_heads, group, head_dim, block_size, max_blocks,
+                                          0.125)
+        assert status == 0
+        return out
+
+    together = attend(slice(0, 5))
+    for row in range(5):
+        assert torch.equal(attend(slice(row, row + 1)), together[row:row + 1])
+
+
+@needs_kernel
 @pytest.mark.parametrize("kv_cache_dtype", ["fp8", "bfloat16"])
 def test_other_caches_stay_on_torch_ref(kv_cache_dtype, monkeypatch):
     """The kernel reads float32 and int8 only: for other caches the cpu backend runs torch_ref's decode, so the outputs

@@ -82,10 +82,11 @@ def test_gguf_batches_from_the_blas_threshold_go_to_the_modules(gguf: LLM) -> No
 
 def test_int8_cache_decode_steps_match_the_modules() -> None:
     """An ulp of difference in a K/V value can move its int8 code by one step (~1% of the row's absmax), so the
-    bound is looser than float32's; a wrong scale or row is off by O(1)."""
+    bound is looser than float32's (the worst step measured 0.9e-3 and, with attention summed in 128-token spans,
+    1.4e-3 of the largest value); a wrong scale or row is off by O(1)."""
     llm = _llm(kv_cache_dtype="int8")
     try:
-        assert 4 in _compare_every_step(llm, PROMPTS, tolerance=1e-3)
+        assert 4 in _compare_every_step(llm, PROMPTS, tolerance=3e-3)
     finally:
         llm.engine.shutdown()
 
