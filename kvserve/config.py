@@ -328,13 +328,6 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     platform: PlatformConfig = field(default_factory=PlatformConfig)
 
-    def __post_init__(self) -> None:
-        # A draft model's own cache would need the int4 residual and the window's evictions too: not yet.
-        if self.speculative.speculative_method == "draft_model" and (self.cache.kv_cache_dtype == "int4"
-                                                                      or self.cache.kv_window):
-            raise ValueError("speculative_method='draft_model' does not work with kv_cache_dtype='int4' or "
-                             "kv_window yet")
-
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Route flat options (`block_size=32`) to their sub-configs; an unknown one is a ValueError listing all.

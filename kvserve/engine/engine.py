@@ -96,14 +96,17 @@ class Engine:
         storage_dtype = config.cache.storage_dtype(config.load.dtype)
         self.attention_backend = create_attention_backend(config.platform.attention_backend, AttentionRequirements(
             self.device, storage_dtype, use_window=bool(config.cache.kv_window), use_mla=architecture.uses_mla))
-        draft = (load_draft_model(config, self.platform, self.model_config, max_model_len, storage_dtype,
+        # A draft model's cache: int8 under an int4 target (int4's per-block key scales and full-precision
+        # residual block are the target's alone), else the target's format.
+        draft_dtype = "int8" if storage_dtype == "int4" else storage_dtype
+        draft = (load_draft_model(config, self.platform, self.model_config, max_model_len, draft_dtype,
                                   show_progress) if config.speculative.speculative_method == "draft_model" else None)
         self.runner = ModelRunner(config, self.platform, self.model_config, source, max_model_len,
                                   self.attention_backend, show_progress, draft)
         model = self.runner.model
         block_size = config.cache.resolved_block_size
         specs = model.kv_cache_specs(storage_dtype)
-        draft_specs = [] if draft is None else draft.kv_cache_specs(storage_dtype)  # its layers in the same blocks
+        draft_specs = [] if draft is None else draft.kv_cache_specs(draft_dtype)  # its layers in the same blocks
         if config.cache.kv_cache_dtype == "int4":  # keys share a per-channel scale across one block
             specs = [dataclasses.replace(spec, group_size=block_size) for spec in specs]
         self.kv_window = (SinksWindow(config.cache.kv_window, config.cache.kv_sinks, block_size)

@@ -103,7 +103,8 @@ class Int4ResidualLayout:
         """The step's write plan; `num_held_blocks[i]`: blocks in request i's (held) gathered table."""
         spans = [StepSpan(query_start_loc[i], num_computed_tokens[i], query_start_loc[i + 1] - query_start_loc[i],
                           block_tables[i], self.slots.slot(request_id)) for i, request_id in enumerate(req_ids)]
-        decode_columns = [count - 1 for count in num_held_blocks[:num_decodes]]
+        decode_columns = [newest_column(span, count, self.block_size)
+                          for span, count in zip(spans[:num_decodes], num_held_blocks, strict=False)]
         plan = int4_write_plan(spans, num_decodes, decode_columns, self.block_size, device)
         plan.prefill_tails = [prefill_tail(span, count, self.block_size, device)
                               for span, count in zip(spans[num_decodes:], num_held_blocks[num_decodes:], strict=True)]
@@ -157,10 +158,17 @@ def int4_write_plan(spans: list[StepSpan], num_decodes: int, decode_columns: lis
     )
 
 
+def newest_column(span: StepSpan, num_held_blocks: int, block_size: int) -> int:
+    """The column of the block holding the span's last token in its (held) table: the last column, less the
+    blocks allocated past it as lookahead (where a draft model writes its drafts)."""
+    num_ahead = len(span.block_table) - -(-(span.start + span.count) // block_size)
+    return num_held_blocks - 1 - num_ahead
+
+
 def prefill_tail(span: StepSpan, num_held_blocks: int, block_size: int,
                  device: torch.device) -> ResidualTails | None:
-    """The residual overlay of one prefill: its last held block, when that block is incomplete."""
+    """The residual overlay of one prefill: the block of its last token, when that block is incomplete."""
     if (span.start + span.count) % block_size == 0:
         return None
     return ResidualTails(*(torch.tensor([value], dtype=torch.long, device=device)
-                           for value in (0, num_held_blocks - 1, span.slot)))
+                           for value in (0, newest_column(span, num_held_blocks, block_size), span.slot)))

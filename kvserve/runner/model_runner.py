@@ -107,6 +107,8 @@ class ModelRunner:
         """Attend with sinks + a sliding window (the KV manager evicts the blocks in between; the runner's copy of
         each block table follows the same rule)."""
         self.input_batch.window = window
+        if self.draft is not None:
+            self.draft.set_window(window, self.dtype)
         if window is None:
             self.window = None
             return

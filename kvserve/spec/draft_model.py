@@ -17,6 +17,7 @@ drafts are accepted, never which tokens come out: the target verifies each one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch import nn
@@ -26,6 +27,8 @@ from kvserve.attention.selector import create_attention_backend
 from kvserve.config import EngineConfig, ModelConfig
 from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches
 from kvserve.kv.kv_spec import KVCacheSpec
+from kvserve.kv.sinks_window import SinksWindow
+from kvserve.kv.window_layout import SinksWindowLayout
 from kvserve.loader.weights import open_model
 from kvserve.models.registry import model_class
 from kvserve.platforms import Platform
@@ -46,6 +49,7 @@ class DraftModelProposer:
         self.max_drafts = max_drafts
         self.kv_caches: list[LayerKVCache] = []
         self.block_size = 0
+        self.window: SinksWindowLayout | None = None
 
     def kv_cache_specs(self, dtype: str) -> list[KVCacheSpec]:
         """The draft's layers in the shared blocks."""
@@ -57,6 +61,11 @@ class DraftModelProposer:
         self.kv_caches = allocate_kv_caches(specs, num_blocks, block_size, self.device, dtype)
         self.block_size = block_size
         self.model.fused_decode = self.platform.fused_decode(self.model, self.attention_backend, self.kv_caches)
+
+    def set_window(self, window: SinksWindow | None, dtype: torch.dtype) -> None:
+        """Attend with the target's sinks + window: the blocks between are evicted for both models at once."""
+        rotation = functools.partial(self.model.model.rotary.rotation, dtype=dtype)
+        self.window = None if window is None else SinksWindowLayout(window, rotation)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -121,7 +130,7 @@ class DraftModelProposer:
         as that many single-token rows, each attending to the tokens before it, so it takes the decode kernels."""
         rows = single_token_rows([s.req_id for s in states], starts, counts, [s.block_table for s in states],
                                  [count <= self.max_drafts + 1 for count in counts])
-        common = build_common_metadata(*rows, self.block_size, self.device)
+        common = build_common_metadata(*rows, self.block_size, self.device, self.window)
         metadata = self.attention_backend.build_metadata(common)
         ids = torch.tensor(input_ids, device=self.device)
         return self.model(ids, common.positions, self.kv_caches, metadata)
@@ -148,9 +157,12 @@ def load_draft_model(config: EngineConfig, platform: Platform, target: ModelConf
             raise ValueError(f"speculative_num_layers ({spec.speculative_num_layers}) must be <= the draft's "
                              f"{model_config.num_layers} layers")
         model_config = dataclasses.replace(model_config, num_layers=spec.speculative_num_layers)
+    if config.cache.kv_window and not model_class(model_config).supports_kv_window:
+        raise ValueError(f"kv_window is not supported for the speculative_model's {model_config.architecture}")
     dtype = config.load.torch_dtype
     backend = create_attention_backend(config.platform.attention_backend, AttentionRequirements(
-        platform.device, kv_cache_dtype, use_window=False, use_mla=model_class(model_config).uses_mla))
+        platform.device, kv_cache_dtype, use_window=bool(config.cache.kv_window),
+        use_mla=model_class(model_config).uses_mla))
     quantization = platform.resolve_quantization(spec.speculative_quantization, source, dtype)
     model = load_model(platform, dtype, quantization, model_config, source, max_model_len, backend, show_progress)
     return DraftModelProposer(model, backend, platform, spec.num_speculative_tokens)

@@ -73,8 +73,8 @@ def tiny_pair(tmp_path: pathlib.Path, tokenizer, case: str, draft_seed: int) -> 
     return target, draft
 
 
-TINY_CASES = ([(case, "auto", 0) for case in TINY] + [("gqa", "int8", 0), ("gqa", "fp8", 0), ("gqa", "auto", 1),
-                                                      ("mla", "auto", 1)])
+TINY_CASES = ([(case, "auto", 0) for case in TINY] + [("gqa", "int8", 0), ("gqa", "fp8", 0), ("gqa", "int4", 0),
+                                                      ("gqa", "auto", 1), ("mla", "auto", 1)])
 
 
 @pytest.mark.parametrize(("case", "kv_cache_dtype", "draft_seed"), TINY_CASES)
@@ -88,10 +88,31 @@ def test_tiny_models_greedy_output_is_identical_with_a_draft_model(case, kv_cach
     llm = LLM(model=target, show_progress=False, speculative_model=draft, **DRAFT, **options)
     assert generate_ids(llm, TINY_PROMPTS, params) == plain
     stats = llm.stats().spec_decode
-    if draft_seed == 0:  # the target drafting for itself: its drafts are its own greedy tokens
+    if draft_seed == 0 and kv_cache_dtype == "int4":  # the draft's cache is int8: not quite the target's numbers
+        assert stats.acceptance_rate > 0.6  # 0.84 measured
+    elif draft_seed == 0:  # the target drafting for itself: its drafts are its own greedy tokens
         assert stats.acceptance_rate > 0.9
     else:
         assert stats.num_draft_tokens > 0
+
+
+def test_an_int4_target_keeps_its_draft_cache_in_int8(tiny_llama):
+    llm = LLM(model=tiny_llama, show_progress=False, speculative_model=tiny_llama, kv_cache_dtype="int4",
+              kv_cache_memory=8 * 2**20, **DRAFT)
+    assert {cache.key.dtype for cache in llm.engine.runner.draft.kv_caches} == {torch.int8}
+
+
+def test_a_draft_follows_the_targets_sliding_window(tmp_path, tokenizer):
+    """Sinks + a window that slides during the output: the draft attends to the blocks the target keeps (a
+    draft reading evicted blocks, or everything, would stop guessing the target's tokens)."""
+    target, _ = tiny_pair(tmp_path, tokenizer, "gqa", 0)
+    options = {"kv_cache_memory": 8 * 2**20, "kv_window": 32, "kv_sinks": 4, "block_size": 8}
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    plain = generate_ids(LLM(model=target, show_progress=False, **options), TINY_PROMPTS, params)
+    llm = LLM(model=target, show_progress=False, speculative_model=target, **DRAFT, **options)
+    assert generate_ids(llm, TINY_PROMPTS, params) == plain
+    assert llm.stats().spec_decode.acceptance_rate > 0.9
+    assert llm.stats().kv_blocks_used == 0
 
 
 def test_speculative_quantization_loads_the_draft_in_its_own_format(tiny_llama):
