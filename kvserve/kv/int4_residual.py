@@ -104,7 +104,7 @@ class Int4ResidualLayout:
         spans = [StepSpan(query_start_loc[i], num_computed_tokens[i], query_start_loc[i + 1] - query_start_loc[i],
                           block_tables[i], self.slots.slot(request_id)) for i, request_id in enumerate(req_ids)]
         decode_columns = [newest_column(span, count, self.block_size)
-                          for span, count in zip(spans[:num_decodes], num_held_blocks, strict=False)]
+                          for span, count in zip(spans[:num_decodes], num_held_blocks[:num_decodes], strict=True)]
         plan = int4_write_plan(spans, num_decodes, decode_columns, self.block_size, device)
         plan.prefill_tails = [prefill_tail(span, count, self.block_size, device)
                               for span, count in zip(spans[num_decodes:], num_held_blocks[num_decodes:], strict=True)]

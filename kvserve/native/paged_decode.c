@@ -82,8 +82,7 @@ static void attend_span(const float *restrict query, const paged_kv *kv, const i
     const int int8 = kv->key_scale != NULL;
     const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim, len = last - first;
     /* scores [num_heads, len] = q . k * scale: one pass over the keys */
-    for (int64_t b = first / block_size, t = first; t < last; b++) {
-      for (int64_t i = t - b * block_size; i < block_size && t < last; i++, t++) {
+    for (int64_t t = first, b = first / block_size, i = first % block_size; t < last; t++) {  // block b, row i
         const int64_t token = table[b] * block_size + i;
         if (t + block_size < last) prefetch_row(kv->key, int8, table[b + 1] * block_size + i, token_stride);
         const float *row = float_row(kv->key, int8, token, token_stride, converted);
@@ -96,7 +95,7 @@ static void attend_span(const float *restrict query, const paged_kv *kv, const i
             if (int8) dot *= kv->key_scale[token * num_kv_heads + kv_head];
             scores[h * len + t - first] = dot * scale;
         }
-      }
+        if (++i == block_size) i = 0, b++;
     }
     /* exp(score - the span's max) per query head, and their sum */
     for (int64_t h = 0; h < num_heads; h++) {
@@ -115,8 +114,7 @@ static void attend_span(const float *restrict query, const paged_kv *kv, const i
     }
     memset(partial, 0, sizeof(float) * num_heads * head_dim);
     /* p @ v per head, unnormalized: one pass over the values */
-    for (int64_t b = first / block_size, t = first; t < last; b++) {
-      for (int64_t i = t - b * block_size; i < block_size && t < last; i++, t++) {
+    for (int64_t t = first, b = first / block_size, i = first % block_size; t < last; t++) {
         const int64_t token = table[b] * block_size + i;
         if (t + block_size < last) prefetch_row(kv->value, int8, table[b + 1] * block_size + i, token_stride);
         const float *row = float_row(kv->value, int8, token, token_stride, converted);
@@ -128,7 +126,7 @@ static void attend_span(const float *restrict query, const paged_kv *kv, const i
 #pragma omp simd
             for (int64_t d = 0; d < head_dim; d++) o[d] += p * v[d];
         }
-      }
+        if (++i == block_size) i = 0, b++;
     }
 }
 
