@@ -170,10 +170,14 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
     int64_t *span_seq = malloc(sizeof(int64_t) * (size_t)num_spans);
     const int64_t stride = partial_floats(num_heads, head_dim);
     float *partials = aligned_alloc(64, sizeof(float) * (size_t)(num_spans * stride));
-    int failed = span_seq == NULL || partials == NULL;
-    for (int64_t seq = 0; !failed && seq < num_seqs; seq++)
+    if (span_seq == NULL || partials == NULL) {
+        free(first_span), free(span_seq), free(partials);
+        return -1;
+    }
+    for (int64_t seq = 0; seq < num_seqs; seq++)
         for (int64_t c = first_span[seq]; c < first_span[seq + 1]; c++) span_seq[c] = seq;
-#pragma omp parallel if (!failed)
+    int failed = 0;
+#pragma omp parallel
     {
         // scores [Hq, SPAN_TOKENS], then int8's converted row [Hkv * D]
         float *scores = malloc(sizeof(float) * (size_t)(num_heads * span + num_kv_heads * head_dim));
