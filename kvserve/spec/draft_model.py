@@ -157,12 +157,12 @@ def load_draft_model(config: EngineConfig, platform: Platform, target: ModelConf
             raise ValueError(f"speculative_num_layers ({spec.speculative_num_layers}) must be <= the draft's "
                              f"{model_config.num_layers} layers")
         model_config = dataclasses.replace(model_config, num_layers=spec.speculative_num_layers)
-    if config.cache.kv_window and not model_class(model_config).supports_kv_window:
+    architecture = model_class(model_config)
+    if config.cache.kv_window and not architecture.supports_kv_window:
         raise ValueError(f"kv_window is not supported for the speculative_model's {model_config.architecture}")
     dtype = config.load.torch_dtype
     backend = create_attention_backend(config.platform.attention_backend, AttentionRequirements(
-        platform.device, kv_cache_dtype, use_window=bool(config.cache.kv_window),
-        use_mla=model_class(model_config).uses_mla))
+        platform.device, kv_cache_dtype, use_window=bool(config.cache.kv_window), use_mla=architecture.uses_mla))
     quantization = platform.resolve_quantization(spec.speculative_quantization, source, dtype)
     model = load_model(platform, dtype, quantization, model_config, source, max_model_len, backend, show_progress)
     return DraftModelProposer(model, backend, platform, spec.num_speculative_tokens)

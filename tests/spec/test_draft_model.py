@@ -115,6 +115,15 @@ def test_a_draft_follows_the_targets_sliding_window(tmp_path, tokenizer):
     assert llm.stats().kv_blocks_used == 0
 
 
+def test_a_draft_that_cannot_follow_a_window_is_refused_naming_it(tmp_path, tokenizer, tiny_llama):
+    config_name, overrides = TINY["mla"]  # MLA attention has no sinks + window
+    draft = save_tiny_model(tmp_path / "mla", config_name, len(tokenizer), **overrides)
+    tokenizer.save_pretrained(tmp_path / "mla")
+    with pytest.raises(ValueError, match="kv_window is not supported for the speculative_model's "
+                                         "DeepseekV3ForCausalLM"):
+        LLM(model=tiny_llama, show_progress=False, speculative_model=draft, kv_window=32, kv_sinks=4, **DRAFT)
+
+
 def test_speculative_quantization_loads_the_draft_in_its_own_format(tiny_llama):
     """The target in float32, its int8-quantized copy drafting: the same greedy tokens, the draft's layers on the
     int8 method, and its drafts mostly right (the same model, rounded)."""
