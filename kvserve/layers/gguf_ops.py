@@ -83,6 +83,53 @@ def int8_matmul(blocks: torch.Tensor, weight: torch.Tensor, qtype: GGMLQuantizat
                        out.stride(0))
 
 
+# Formats that decode steps read with eight rows interleaved -> bytes of a block's scale header (d, or d and m).
+INTERLEAVED_HEADERS: dict[GGMLQuantizationType, int] = {GGMLQuantizationType.Q4_0: 2, GGMLQuantizationType.Q4_1: 4,
+                                                        GGMLQuantizationType.Q8_0: 2}
+ROWS_PER_TILE = 8
+
+
+def interleavable(qtype: GGMLQuantizationType, rows: int) -> bool:
+    """Whether a weight of `rows` rows in `qtype` can be laid out as tiles of eight rows."""
+    return qtype in INTERLEAVED_HEADERS and rows % ROWS_PER_TILE == 0
+
+
+def interleave_rows8(weight: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """A Q4_0 / Q4_1 / Q8_0 weight [n, row_bytes] -> the same bytes, tiled as gguf_int8.c's *x8 kernels read them.
+
+    Per tile of 8 rows and per 32-value block: the 8 rows' d (and m), then words of 32 bytes, word p holding code
+    bytes 4p..4p+3 of each row in turn. Same shape [n, row_bytes]; row 8t+k is no longer row 8t+k of the result.
+    """
+    header, block_bytes = INTERLEAVED_HEADERS[qtype], GGML_QUANT_SIZES[qtype][1]
+    blocks = weight.view(weight.shape[0] // 8, 8, -1, block_bytes).transpose(1, 2)  # [tiles, blocks, 8 rows, bytes]
+    scales = [blocks[..., field:field + 2].flatten(-2) for field in range(0, header, 2)]  # [tiles, blocks, 16] each
+    words = blocks[..., header:].unflatten(-1, (-1, 4)).transpose(-3, -2).flatten(-3)  # [tiles, blocks, 8 * codes]
+    return torch.cat([*scales, words], dim=-1).view(weight.shape)
+
+
+def deinterleave_rows8(tiles: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """The inverse of interleave_rows8: the file's row-major bytes [n, row_bytes]."""
+    header, block_bytes = INTERLEAVED_HEADERS[qtype], GGML_QUANT_SIZES[qtype][1]
+    blocks = tiles.reshape(tiles.shape[0] // 8, tiles.shape[1] // block_bytes, -1)  # [tiles, blocks, 8 * bytes]
+    scales = [blocks[..., 8 * field:8 * field + 16].unflatten(-1, (8, 2)) for field in range(0, header, 2)]
+    words = blocks[..., 8 * header:].unflatten(-1, (-1, 8, 4)).transpose(-3, -2).flatten(-2)  # [.., 8 rows, codes]
+    return torch.cat([*scales, words], dim=-1).transpose(1, 2).reshape(tiles.shape)
+
+
+def interleaved_int8_kernel(qtype: GGMLQuantizationType) -> Callable[..., None]:
+    """The 8-bit-activation matmul on interleave_rows8's tiles: (blocks*, tiles*, y*, rows, in, n, ldy) -> None."""
+    return getattr(native.load("gguf_int8"), f"gguf_int8_matmul_{KERNEL_NAMES[qtype]}x8")
+
+
+def interleaved_int8_matmul(blocks: torch.Tensor, tiles: torch.Tensor, qtype: GGMLQuantizationType,
+                            out: torch.Tensor) -> None:
+    """out [T, n] (unit column stride) ~ x @ W^T from x's 8-bit blocks and W's interleave_rows8 tiles."""
+    rows, num_blocks, _ = blocks.shape
+    assert out.stride(1) == 1 and tiles.is_contiguous()
+    interleaved_int8_kernel(qtype)(blocks.data_ptr(), tiles.data_ptr(), out.data_ptr(), rows, num_blocks * 32,
+                                   tiles.shape[0], out.stride(0))
+
+
 def activation_values(blocks: torch.Tensor) -> torch.Tensor:
     """The values 8-bit blocks [T, in / 32, 44] stand for, q * scale -> float64 [T, in]."""
     codes = blocks[..., :32].contiguous().view(torch.int8).double()
@@ -99,13 +146,19 @@ def reference_int8_matmul(blocks: torch.Tensor, weight: torch.Tensor, qtype: GGM
 def dequantize_rows(weight: torch.Tensor, qtype: GGMLQuantizationType, ids: torch.Tensor,
                     in_features: int) -> torch.Tensor:
     """Rows `ids` [T] of a quantized weight [n, row_bytes] -> float32 [T, in_features] (embedding lookup)."""
-    ids = ids.to(torch.int64).contiguous()
-    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < weight.shape[0]:
-        raise IndexError(f"token id out of range [0, {weight.shape[0]})")
+    ids = checked_ids(ids, weight.shape[0])
     out = torch.empty(ids.numel(), in_features)
     function = getattr(native.load("gguf_matmul"), f"gguf_dequantize_{KERNEL_NAMES[qtype]}")
     function(weight.data_ptr(), ids.data_ptr(), out.data_ptr(), ids.numel(), in_features)
     return out.view(*ids.shape, in_features)
+
+
+def checked_ids(ids: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """ids as contiguous int64, or IndexError naming the range when one is outside [0, num_rows)."""
+    ids = ids.to(torch.int64).contiguous()
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < num_rows:
+        raise IndexError(f"token id out of range [0, {num_rows})")
+    return ids
 
 
 def dequantize_weight(weight: torch.Tensor, qtype: GGMLQuantizationType, in_features: int) -> torch.Tensor:

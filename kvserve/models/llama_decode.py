@@ -23,7 +23,8 @@ from kvserve.layers.linear import Linear
 from kvserve.layers.quantization.gguf import DEQUANTIZED_GEMM_ROWS, GgufLinearMethod
 
 _MAX_SEGMENTS = 4  # llama_decode.c's MAX_SEGMENTS
-_F32 = native.GGUF_KERNEL_TYPES.index("f32")
+_KINDS = native.GGUF_KERNEL_TYPES + native.INTERLEAVED_TYPES  # llama_decode.c's segment kinds
+_F32 = _KINDS.index("f32")
 # Float32 weights: decode steps of up to 12 tokens run here. Whole steps, bundled model: 2 decodes 47 -> 23 ms,
 # 8: 61 -> 34 ms, 12: 66 -> 57 ms, 16: even (a step of 1 + k tokens verifying k drafts is such a step).
 FLOAT32_MAX_TOKENS = 12
@@ -119,8 +120,8 @@ def _linear(layer: Linear) -> _Linear:
 def _segments(layer: Linear) -> list[_Segment] | None:
     """The kernel's runs of a Linear: its GGUF runs, or its float32 weight as one F32 run; None if neither."""
     if isinstance(layer.method, GgufLinearMethod):
-        runs = [_Segment(native.GGUF_KERNEL_TYPES.index(gguf_ops.KERNEL_NAMES[qtype]), weight.shape[0], start,
-                         weight.data_ptr()) for qtype, start, weight in layer.weight.segments]
+        runs = [_Segment(_KINDS.index(gguf_ops.KERNEL_NAMES[run.qtype] + ("x8" if run.interleaved else "")),
+                         run.weight.shape[0], run.start, run.weight.data_ptr()) for run in layer.weight.segments]
         return runs if len(runs) <= _MAX_SEGMENTS else None
     weight = layer.weight
     if weight.dtype != torch.float32 or not weight.is_contiguous() or layer.in_features % 32:

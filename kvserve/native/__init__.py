@@ -31,6 +31,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-signed-zer
          "-fno-trapping-math", "-shared", "-fPIC")
 # The GGUF block formats gguf_matmul.c computes on (ggml type names, lower case).
 GGUF_KERNEL_TYPES = ("f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
+# Formats with eight rows interleaved (layers/gguf_ops.py: interleave_rows8): 8-bit-activation kernels only.
+INTERLEAVED_TYPES = ("q4_0x8", "q4_1x8", "q8_0x8")
 _PTR, _INT64, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # Every exported C function: library -> {function: (return type, argument types)}, set once at load.
 SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
@@ -42,7 +44,8 @@ SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
                      "quantize_rows_i8": (None, [_PTR] * 3 + [_INT64] * 2)},
     "gguf_int8": {
         "gguf_quantize_activations": (None, [_PTR] * 2 + [_INT64] * 2),
-        **{f"gguf_int8_matmul_{kind}": (None, [_PTR] * 3 + [_INT64] * 4) for kind in GGUF_KERNEL_TYPES[2:]},
+        **{f"gguf_int8_matmul_{kind}": (None, [_PTR] * 3 + [_INT64] * 4)
+           for kind in GGUF_KERNEL_TYPES[2:] + INTERLEAVED_TYPES},
     },
     "gguf_matmul": {
         **{f"gguf_matmul_{kind}": (None, [_PTR] * 3 + [_INT64] * 4) for kind in GGUF_KERNEL_TYPES},

@@ -240,3 +240,125 @@ GGUF_INT8_MATMUL(q8_0, 32, 34, 1, 0)
 GGUF_INT8_MATMUL(q4_k, 256, 144, 0, 0)
 GGUF_INT8_MATMUL(q5_k, 256, 176, 0, 0)
 GGUF_INT8_MATMUL(q6_k, 256, 210, 0, 1)
+
+/* Q4_0, Q4_1 and Q8_0 with eight weight rows interleaved (layers/gguf_ops.py: interleave_rows8), the layout
+ * decode steps read. Per 32-value block, a tile of 8 rows holds the rows' 8 half-float scales d (Q4_1: then
+ * their 8 mins m), then words of 32 bytes, each holding 4 consecutive code bytes of every row in turn. Q8_0 has
+ * 8 words, word g holding values 4g..4g+3; Q4_0 and Q4_1 have 4, word p holding values 4p..4p+3 in its low
+ * nibbles and 16+4p..16+4p+3 in its high ones. One dot-product instruction then sums 4 values of all 8 rows
+ * at once, one row per int32 lane, against 4 broadcast activation bytes: a block of 8 rows takes 8 of them and
+ * one scaling, where the row-major kernels above spend ~10 instructions per row.
+ *     y_o = sum over blocks of  d_o dx (sum_j u_oj q_j) + m_o dx (sum_j q_j)
+ * with m_o = Q4_1's min, -8 d_o for Q4_0, and for Q8_0 -128 d_o where its signed codes are offset to unsigned
+ * (VNNI multiplies unsigned by signed bytes) or 0. Each row's sum runs in the same order whatever rows run
+ * beside it (batch invariance). */
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+enum { X8_Q4_0, X8_Q4_1, X8_Q8_0 };
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define Q8_0_X8_OFFSET 128  // signed codes + 128: unsigned, as vpdpbusd takes them
+#else
+#define Q8_0_X8_OFFSET 0  // signed codes, multiplied by sign (AVX2) or as they are (C)
+#endif
+
+// acc lane o += sum_j w[4o + j] q[j] for j < 4: w codes (unsigned, or SIGNED raw Q8_0 codes), q four signed bytes.
+static inline i32x8 dot4(i32x8 acc, u8x32 w, const int8_t *q, int is_signed) {
+    int32_t word;
+    memcpy(&word, q, 4);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    (void)is_signed;
+    return (i32x8)_mm256_dpbusd_epi32((__m256i)acc, (__m256i)w, _mm256_set1_epi32(word));
+#elif defined(__AVX2__)
+    __m256i codes = (__m256i)w, x = _mm256_set1_epi32(word);
+    if (is_signed) {  // |w| times q with w's sign: |w| <= 128, |q| <= 127, so a pair stays within int16
+        x = _mm256_sign_epi8(x, codes);
+        codes = _mm256_sign_epi8(codes, codes);
+    }
+    return acc + (i32x8)_mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1));
+#else
+    for (int o = 0; o < 8; o++)
+        for (int j = 0; j < 4; j++) acc[o] += (is_signed ? (int8_t)w[4 * o + j] : w[4 * o + j]) * q[j];
+    return acc;
+#endif
+}
+
+static inline f32x8 halves8(const uint8_t *p) {  // 8 IEEE halves -> 8 floats
+#ifdef __F16C__
+    return (f32x8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+#else
+    f32x8 v;
+    for (int o = 0; o < 8; o++) v[o] = f16(p + 2 * o);
+    return v;
+#endif
+}
+
+static inline int x8_block_bytes(int format) { return format == X8_Q4_0 ? 144 : format == X8_Q4_1 ? 160 : 272; }
+
+/* A tile block's codes: codes[g] pairs with activation bytes 4g..4g+3. */
+static inline void x8_codes(const uint8_t *words, int format, u8x32 codes[8]) {
+    if (format == X8_Q8_0) {
+        for (int g = 0; g < 8; g++) codes[g] = bytes32(words + 32 * g) ^ (uint8_t)Q8_0_X8_OFFSET;
+        return;
+    }
+    for (int p = 0; p < 4; p++) {
+        const u8x32 word = bytes32(words + 32 * p);
+        codes[p] = word & 15;
+        codes[p + 4] = word >> 4;
+    }
+}
+
+/* A tile's 8 rows against `nrows` (1-8) rows of x: y[r * ldy + o] for o < 8. */
+static inline __attribute__((always_inline)) void x8_rows(const act_block *x, int64_t blocks, const uint8_t *tile,
+                                                          float *y, int64_t ldy, int nrows, int format) {
+    const int is_signed = format == X8_Q8_0 && Q8_0_X8_OFFSET == 0;
+    f32x8 acc[8] = {{0}};
+    for (int64_t i = 0; i < blocks; i++) {
+        const uint8_t *b = tile + i * x8_block_bytes(format);
+        const f32x8 d = halves8(b);
+        const f32x8 m = format == X8_Q4_1 ? halves8(b + 16)
+                                          : d * broadcast(format == X8_Q4_0 ? -8.0f : -(float)Q8_0_X8_OFFSET);
+        u8x32 codes[8];
+        x8_codes(b + (format == X8_Q4_1 ? 32 : 16), format, codes);
+        for (int r = 0; r < nrows; r++) {
+            const act_block *a = x + r * blocks + i;
+            i32x8 sums = {0}, sums_high = {0};  // two chains: the dot products' latency
+            for (int g = 0; g < 4; g++) {
+                sums = dot4(sums, codes[g], a->q + 4 * g, is_signed);
+                sums_high = dot4(sums_high, codes[g + 4], a->q + 16 + 4 * g, is_signed);
+            }
+            acc[r] += __builtin_convertvector(sums + sums_high, f32x8) * (d * broadcast(a->d));
+            if (format != X8_Q8_0 || Q8_0_X8_OFFSET) acc[r] += m * broadcast(a->half_sums[0] + a->half_sums[1]);
+        }
+    }
+    for (int r = 0; r < nrows; r++) memcpy(y + r * ldy, &acc[r], sizeof(f32x8));
+}
+
+/* Threads take tiles; each tile is decoded once per eight rows of x. */
+#define GGUF_INT8_X8_MATMUL(NAME, FORMAT)                                                                         \
+    void gguf_int8_matmul_##NAME(const act_block *x, const uint8_t *w, float *y, int64_t rows, int64_t in,       \
+                                 int64_t out, int64_t ldy) {                                                      \
+        const int64_t blocks = in / 32, tile_bytes = blocks * x8_block_bytes(FORMAT);                             \
+        _Pragma("omp parallel for schedule(static)")                                                              \
+        for (int64_t t = 0; t < out / 8; t++) {                                                                   \
+            const uint8_t *tile = w + t * tile_bytes;                                                             \
+            int64_t r0 = 0;                                                                                       \
+            for (; r0 + 8 <= rows; r0 += 8) x8_rows(x + r0 * blocks, blocks, tile, y + r0 * ldy + 8 * t, ldy, 8, FORMAT); \
+            const act_block *xr = x + r0 * blocks;                                                                \
+            float *yr = y + r0 * ldy + 8 * t;                                                                     \
+            switch (rows - r0) { /* constant counts: accumulators in registers */                                 \
+            case 1: x8_rows(xr, blocks, tile, yr, ldy, 1, FORMAT); break;                                         \
+            case 2: x8_rows(xr, blocks, tile, yr, ldy, 2, FORMAT); break;                                         \
+            case 3: x8_rows(xr, blocks, tile, yr, ldy, 3, FORMAT); break;                                         \
+            case 4: x8_rows(xr, blocks, tile, yr, ldy, 4, FORMAT); break;                                         \
+            case 5: x8_rows(xr, blocks, tile, yr, ldy, 5, FORMAT); break;                                         \
+            case 6: x8_rows(xr, blocks, tile, yr, ldy, 6, FORMAT); break;                                         \
+            case 7: x8_rows(xr, blocks, tile, yr, ldy, 7, FORMAT); break;                                         \
+            default: break;                                                                                       \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+GGUF_INT8_X8_MATMUL(q4_0x8, X8_Q4_0)
+GGUF_INT8_X8_MATMUL(q4_1x8, X8_Q4_1)
+GGUF_INT8_X8_MATMUL(q8_0x8, X8_Q8_0)

@@ -26,10 +26,12 @@ static const matmul_fn KERNELS[] = {gguf_matmul_f32,  gguf_matmul_f16,  gguf_mat
 
 typedef void (*int8_matmul_fn)(const act_block *, const uint8_t *, float *, int64_t, int64_t, int64_t, int64_t);
 
-// The same formats with 8-bit activations (cpu_gguf_int8_activations), from Q4_0 (kind 2) on.
+// The same formats with 8-bit activations (cpu_gguf_int8_activations), from Q4_0 (kind 2) on, then
+// INTERLEAVED_TYPES (kinds 10-12), which exist only with 8-bit activations.
 static const int8_matmul_fn INT8_KERNELS[] = {gguf_int8_matmul_q4_0, gguf_int8_matmul_q4_1, gguf_int8_matmul_q5_0,
                                               gguf_int8_matmul_q5_1, gguf_int8_matmul_q8_0, gguf_int8_matmul_q4_k,
-                                              gguf_int8_matmul_q5_k, gguf_int8_matmul_q6_k};
+                                              gguf_int8_matmul_q5_k, gguf_int8_matmul_q6_k, gguf_int8_matmul_q4_0x8,
+                                              gguf_int8_matmul_q4_1x8, gguf_int8_matmul_q8_0x8};
 
 #define MAX_SEGMENTS 4
 

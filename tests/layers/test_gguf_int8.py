@@ -9,14 +9,16 @@ from gguf import GGMLQuantizationType
 from test_gguf_kernels import SHAPES, random_weight
 
 from kvserve.layers import gguf_ops
+from kvserve.layers.embedding import VocabEmbedding
 from kvserve.layers.linear import Linear
-from kvserve.layers.quantization.gguf import GgufLinearMethod
+from kvserve.layers.quantization.gguf import DEQUANTIZED_GEMM_ROWS, GgufLinearMethod
 from kvserve.loader.gguf import GgufTensor
 
 pytestmark = pytest.mark.skipif(not gguf_ops.available(), reason="no C compiler: the GGUF kernels cannot build")
 
 Q = GGMLQuantizationType
 BLOCK_FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+INTERLEAVED = list(gguf_ops.INTERLEAVED_HEADERS)  # Q4_0, Q4_1, Q8_0: tiles of eight rows for decode steps
 
 
 @pytest.mark.parametrize("qtype", BLOCK_FORMATS, ids=lambda t: t.name)
@@ -39,20 +41,43 @@ def test_int8_matmul_matches_its_reference(qtype: GGMLQuantizationType, num_thre
             assert ((y - exact).abs() <= 0.03 * size).all()
 
 
+@pytest.mark.parametrize("qtype", INTERLEAVED, ids=lambda t: t.name)
+def test_interleaved_kernels_match_their_reference(qtype: GGMLQuantizationType, num_threads: int) -> None:
+    for num_in, num_out in ((32, 8), (96, 24), (512, 96), (1536, 40)):  # one block, one tile; odd counts of both
+        weight = random_weight(qtype, num_out, num_in)
+        tiles = gguf_ops.interleave_rows8(weight, qtype)
+        assert not torch.equal(tiles, weight) and torch.equal(gguf_ops.deinterleave_rows8(tiles, qtype), weight)
+        for rows in (1, 3, 8, 9, 15, 20):  # alone, remainders of the eight-row passes, whole passes
+            x = torch.randn(rows, num_in) * torch.rand(rows, 1) * 4
+            y = torch.empty(rows, num_out)
+            blocks = gguf_ops.quantize_activations(x)
+            gguf_ops.interleaved_int8_matmul(blocks, tiles, qtype, y)
+            expected = gguf_ops.reference_int8_matmul(blocks, weight, qtype)
+            torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item(),
+                                       msg=lambda m, s=(rows, num_in, num_out): f"{s}: {m}")
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["row-major", "interleaved"])
 @pytest.mark.parametrize("qtype", BLOCK_FORMATS, ids=lambda t: t.name)
-def test_a_row_gives_the_same_bits_whatever_rows_run_beside_it(qtype: GGMLQuantizationType) -> None:
+def test_a_row_gives_the_same_bits_whatever_rows_run_beside_it(qtype: GGMLQuantizationType,
+                                                               interleaved: bool) -> None:
     """Batch invariance: a decode row and the same row verifying drafts among others round alike, so greedy
     output with speculation is the output without it by construction."""
-    num_in, num_out = 512, 96
+    if interleaved and qtype not in INTERLEAVED:
+        pytest.skip(f"{qtype.name} has no interleaved layout")
+    num_in, num_out, num_rows = 512, 96, 19  # every slot of the 4- and 8-row passes, and their remainders
     weight = random_weight(qtype, num_out, num_in)
-    blocks = gguf_ops.quantize_activations(torch.randn(9, num_in))
-    alone = torch.empty(9, num_out)
-    for row in range(9):
-        gguf_ops.int8_matmul(blocks[row:row + 1], weight, qtype, alone[row:row + 1])
-    for first in range(9):
-        together = torch.empty(9 - first, num_out)
-        gguf_ops.int8_matmul(blocks[first:], weight, qtype, together)  # the row in every slot of a 4-row pass
-        assert torch.equal(together, alone[first:]), f"rows {first}-8 together"
+    if interleaved:
+        weight = gguf_ops.interleave_rows8(weight, qtype)
+    matmul = gguf_ops.interleaved_int8_matmul if interleaved else gguf_ops.int8_matmul
+    blocks = gguf_ops.quantize_activations(torch.randn(num_rows, num_in))
+    alone = torch.empty(num_rows, num_out)
+    for row in range(num_rows):
+        matmul(blocks[row:row + 1], weight, qtype, alone[row:row + 1])
+    for first in range(num_rows):
+        together = torch.empty(num_rows - first, num_out)
+        matmul(blocks[first:], weight, qtype, together)
+        assert torch.equal(together, alone[first:]), f"rows {first}-{num_rows - 1} together"
 
 
 def test_activation_blocks_round_each_value_to_its_nearest_code() -> None:
@@ -90,3 +115,43 @@ def test_method_with_int8_activations_on_mixed_shards() -> None:
                           gguf_ops.reference_int8_matmul(blocks, weights[1], Q.Q6_K),
                           gguf_ops.reference_matmul(x, weights[2], Q.F16)], dim=1)
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_method_interleaves_what_it_can_and_keeps_every_path_exact() -> None:
+    """A fused Q4_1 + Q8_0 + Q4_0 layer: the runs of 8k rows are interleaved in place (the file's bytes, no
+    copy), the ragged Q4_0 run stays row-major; decode-sized steps, long chunks (dequantized panels) and
+    embedding lookups all read them as the file's rows."""
+    shards = [(Q.Q4_1, 64), (Q.Q8_0, 32), (Q.Q4_0, 12)]
+    layer = Linear(256, 108, output_sizes=[rows for _, rows in shards])
+    layer.set_method(GgufLinearMethod(int8_activations=True))
+    weights = [random_weight(qtype, rows, 256, seed=i) for i, (qtype, rows) in enumerate(shards)]
+    for shard_id, ((qtype, rows), weight) in enumerate(zip(shards, weights, strict=True)):
+        layer.weight.weight_loader(layer.weight, GgufTensor(weight, qtype, (rows, 256)), shard_id)
+    layer.process_weights_after_loading()
+    assert [run.interleaved for run in layer.weight.segments] == [True, True, False]
+    assert layer.weight.numel() == sum(weight.numel() for weight in weights)
+    for rows in (1, 9):
+        x = torch.randn(rows, 256)
+        blocks = gguf_ops.quantize_activations(x)
+        expected = torch.cat([gguf_ops.reference_int8_matmul(blocks, weight, qtype)
+                              for (qtype, _), weight in zip(shards, weights, strict=True)], dim=1)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    x = torch.randn(DEQUANTIZED_GEMM_ROWS, 256)
+    dense = torch.cat([gguf_ops.dequantize_weight(w, q, 256) for (q, _), w in zip(shards, weights, strict=True)])
+    expected = (x.double() @ dense.double().t()).float()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", INTERLEAVED, ids=lambda t: t.name)
+def test_an_interleaved_embedding_looks_up_the_files_rows(qtype: GGMLQuantizationType) -> None:
+    embedding = VocabEmbedding(40, 64)
+    embedding.set_method(GgufLinearMethod(int8_activations=True))
+    weight = random_weight(qtype, 40, 64)
+    embedding.weight.weight_loader(embedding.weight, GgufTensor(weight, qtype, (40, 64)), None)
+    embedding.process_weights_after_loading()
+    assert embedding.weight.segments[0].interleaved
+    ids = torch.tensor([[0, 39, 8, 8], [17, 1, 30, 7]])
+    expected = gguf_ops.dequantize_weight(weight, qtype, 64)[ids]
+    assert torch.equal(embedding(ids), expected)
+    with pytest.raises(IndexError, match=r"out of range \[0, 40\)"):
+        embedding(torch.tensor([40]))

@@ -90,7 +90,7 @@ def _gguf_layer(shards: list[tuple[GGMLQuantizationType, int]], num_in: int, bia
 def test_fused_layer_of_mixed_formats_matches_its_dequantized_weight(bias: bool) -> None:
     # A Q4_K_M-style QKV: Q and K in Q4_K, V in Q6_K -> two runs of one format each.
     layer, dense = _gguf_layer([(Q.Q4_K, 64), (Q.Q4_K, 32), (Q.Q6_K, 32)], 256, bias)
-    assert [(qtype, start, w.shape[0]) for qtype, start, w in layer.weight.segments] == [(Q.Q4_K, 0, 96),
+    assert [(run.qtype, run.start, run.weight.shape[0]) for run in layer.weight.segments] == [(Q.Q4_K, 0, 96),
                                                                                            (Q.Q6_K, 96, 32)]
     assert layer.weight.numel() == 96 * 144 + 32 * 210  # the file's bytes, nothing else
     for rows in (1, 7, DEQUANTIZED_GEMM_ROWS):  # the kernels, and one dequantization + BLAS for long chunks
