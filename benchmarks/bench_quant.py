@@ -1,9 +1,11 @@
 """Weight quantization on the bundled SmolLM2-135M: WikiText-2 perplexity of each weight format, same tokens.
 
-Rows (all float32 activations, float32 KV cache):
+Rows (float32 activations but in gguf_q4_1_int8_activations; float32 KV cache):
 - float32: the bundled GGUF converted by transformers to a float32 Hugging Face directory (made once, cached in
   `--cache-dir`, by default ~/.cache/kvserve/bench_quant; never in the repository, never downloaded);
-- gguf_q4_1: the bundled .gguf on its own Q4_1/Q8_0 blocks (kvserve's default);
+- gguf_q4_1: the bundled .gguf on its own Q4_1/Q8_0 blocks (kvserve's default: float32 activations);
+- gguf_q4_1_int8_activations: the same with `cpu_gguf_int8_activations` (llama.cpp's arithmetic: activations
+  rounded to 8 bits per 32 values, on the interleaved Q4_1 / Q8_0 tiles at every chunk length): its price;
 - gguf_q4_1_dequantized: the same file with quantization="none": the same model up to float rounding;
 - int8: the float32 directory quantized at load (per output channel);
 - int4_rtn: the float32 directory quantized at load, round-to-nearest, `--group-size` inputs per group;
@@ -42,7 +44,8 @@ from kvserve.quantize.calibration import CALIBRATION_START, split_lines
 from kvserve.quantize.command import QuantizeOptions, quantize
 
 DATA_FILE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test.txt"
-ROWS = ("float32", "gguf_q4_1", "gguf_q4_1_dequantized", "int8", "int4_rtn", "awq_int4")
+ROWS = ("float32", "gguf_q4_1", "gguf_q4_1_int8_activations", "gguf_q4_1_dequantized", "int8", "int4_rtn",
+        "awq_int4")
 MIB = 2**20
 
 
@@ -126,6 +129,7 @@ def row_engine(name: str, f32: pathlib.Path, awq: pathlib.Path | None, args: arg
     options: dict[str, Any] = {
         "float32": {"model": str(f32)},
         "gguf_q4_1": {},
+        "gguf_q4_1_int8_activations": {"cpu_gguf_int8_activations": True},
         "gguf_q4_1_dequantized": {"quantization": "none"},
         "int8": {"model": str(f32), "quantization": "int8"},
         "int4_rtn": {"model": str(f32), "quantization": "int4", "quantization_group_size": args.group_size},

