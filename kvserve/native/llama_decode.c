@@ -137,6 +137,8 @@ int llama_decode_layers(const layer *layers, const shape *s, float *hidden, int6
         const layer *L = &layers[l];
         rms_norm_f32(hidden, L->input_norm, normed, batch, H, s->eps);
         apply_linear(&L->qkv, normed, blocks, qkv, batch, H, qkv_width);
+        // Per token, independent (distinct slots): threads take tokens once there are a few.
+#pragma omp parallel for schedule(static) if (batch >= 4)
         for (int64_t b = 0; b < batch; b++) {
             float *row = qkv + b * qkv_width;  // [Hq + 2 Hkv, D]: queries, keys, values
             for (int64_t h = 0; h < Hq + Hkv; h++) rotate(row + h * D, cos + b * D, sin + b * D, D);
@@ -151,6 +153,7 @@ int llama_decode_layers(const layer *layers, const shape *s, float *hidden, int6
         for (int64_t i = 0; i < batch * H; i++) hidden[i] += delta[i];
         rms_norm_f32(hidden, L->post_attention_norm, normed, batch, H, s->eps);
         apply_linear(&L->gate_up, normed, blocks, gate_up, batch, H, 2 * I);
+#pragma omp parallel for schedule(static) if (batch >= 4)
         for (int64_t b = 0; b < batch; b++)
             for (int64_t i = 0; i < I; i++) {
                 const float gate = gate_up[b * 2 * I + i], up = gate_up[b * 2 * I + I + i];
