@@ -92,6 +92,13 @@ __attribute__((optimize("fp-contract=off"))) static void rotate(float *x, const 
     }
 }
 
+/* x / (1 + exp(-x)), branch-free so that it vectorizes (expf does not): with e = exp(-|x|) <= 1, that is
+ * x / (1 + e) for x >= 0 and x e / (1 + e) below. */
+static inline float silu(float x) {
+    const float e = exp_nonpositive(-fabsf(x));
+    return (x >= 0.0f ? x : x * e) / (1.0f + e);
+}
+
 /* x [rows, dim] -> int8 codes [rows, dim] and a scale per row, as kv/kv_quant.py's quantize computes them:
  * scale = max(absmax, 1e-8) / 127, code = x / scale rounded half to even, clamped to +-127. */
 void quantize_rows_i8(const float *x, int8_t *codes, float *scales, int64_t rows, int64_t dim) {
@@ -154,11 +161,11 @@ int llama_decode_layers(const layer *layers, const shape *s, float *hidden, int6
         rms_norm_f32(hidden, L->post_attention_norm, normed, batch, H, s->eps);
         apply_linear(&L->gate_up, normed, blocks, gate_up, batch, H, 2 * I);
 #pragma omp parallel for schedule(static) if (batch >= 4)
-        for (int64_t b = 0; b < batch; b++)
-            for (int64_t i = 0; i < I; i++) {
-                const float gate = gate_up[b * 2 * I + i], up = gate_up[b * 2 * I + I + i];
-                act[b * I + i] = gate / (1.0f + expf(-gate)) * up;
-            }
+        for (int64_t b = 0; b < batch; b++) {
+            const float *gate = gate_up + b * 2 * I, *up = gate + I;
+#pragma omp simd
+            for (int64_t i = 0; i < I; i++) act[b * I + i] = silu(gate[i]) * up[i];
+        }
         apply_linear(&L->down, act, blocks, delta, batch, I, H);
         for (int64_t i = 0; i < batch * H; i++) hidden[i] += delta[i];
     }
