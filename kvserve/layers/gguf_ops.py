@@ -83,7 +83,7 @@ def int8_matmul(blocks: torch.Tensor, weight: torch.Tensor, qtype: GGMLQuantizat
                        out.stride(0))
 
 
-# Formats that decode steps read with eight rows interleaved -> bytes of a block's scale header (d, or d and m).
+# Formats the 8-bit path keeps with eight rows interleaved -> bytes of a block's scale header (d, or d and m).
 INTERLEAVED_HEADERS: dict[GGMLQuantizationType, int] = {GGMLQuantizationType.Q4_0: 2, GGMLQuantizationType.Q4_1: 4,
                                                         GGMLQuantizationType.Q8_0: 2}
 ROWS_PER_TILE = 8

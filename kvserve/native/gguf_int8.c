@@ -241,8 +241,8 @@ GGUF_INT8_MATMUL(q4_k, 256, 144, 0, 0)
 GGUF_INT8_MATMUL(q5_k, 256, 176, 0, 0)
 GGUF_INT8_MATMUL(q6_k, 256, 210, 0, 1)
 
-/* Q4_0, Q4_1 and Q8_0 with eight weight rows interleaved (layers/gguf_ops.py: interleave_rows8), the layout
- * decode steps read. Per 32-value block, a tile of 8 rows holds the rows' 8 half-float scales d (Q4_1: then
+/* Q4_0, Q4_1 and Q8_0 with eight weight rows interleaved (layers/gguf_ops.py: interleave_rows8), the layout the
+ * 8-bit path reads. Per 32-value block, a tile of 8 rows holds the rows' 8 half-float scales d (Q4_1: then
  * their 8 mins m), then words of 32 bytes, each holding 4 consecutive code bytes of every row in turn. Q8_0 has
  * 8 words, word g holding values 4g..4g+3; Q4_0 and Q4_1 have 4, word p holding values 4p..4p+3 in its low
  * nibbles and 16+4p..16+4p+3 in its high ones. One dot-product instruction then sums 4 values of all 8 rows

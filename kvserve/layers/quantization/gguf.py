@@ -3,8 +3,9 @@
 A layer's `weight` is one uint8 parameter holding its checkpoint shards' bytes back to back (a fused QKV may
 mix formats: Q4_K_M files store V in Q6_K). `weight.segments` lists the runs of one format; `apply` runs the
 compiled kernel once per run, into its columns of the output. Float matrices that reach such a layer (an F16 LM
-head) are kept as F32 rows of the same kernel. With 8-bit activations, Q4_0 / Q4_1 runs are kept with eight rows
-interleaved (gguf_ops.interleave_rows8: the same bytes in another order), which their kernels read 3-4x faster.
+head) are kept as F32 rows of the same kernel. With 8-bit activations, Q4_0 / Q4_1 / Q8_0 runs of 8k rows are kept
+with eight rows interleaved (gguf_ops.interleave_rows8: the same bytes in another order), which their kernels read
+3-4x faster than the row-major ones.
 """
 
 from __future__ import annotations
