@@ -3,6 +3,8 @@ per 32 values, times gguf-py's dequantized W), and how far that rounding moves a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from gguf import GGMLQuantizationType
@@ -18,7 +20,21 @@ pytestmark = pytest.mark.skipif(not gguf_ops.available(), reason="no C compiler:
 
 Q = GGMLQuantizationType
 BLOCK_FORMATS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
-INTERLEAVED = list(gguf_ops.INTERLEAVED_HEADERS)  # Q4_0, Q4_1, Q8_0: tiles of eight rows for decode steps
+INTERLEAVED = list(gguf_ops.INTERLEAVED_HEADERS)  # Q4_0, Q4_1, Q8_0: the 8-bit path keeps them in tiles of 8 rows
+
+
+def _matches_reference(matmul: Callable[..., None], kernel_weight: torch.Tensor, weight: torch.Tensor,
+                       qtype: GGMLQuantizationType, rows: int, num_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows` rows of x of different magnitudes through `matmul` (reading `kernel_weight`), held to the float64
+    product of the same 8-bit blocks and gguf-py's dequantized `weight`; returns x and the result."""
+    x = torch.randn(rows, num_in) * torch.rand(rows, 1) * 4
+    y = torch.empty(rows, weight.shape[0])
+    blocks = gguf_ops.quantize_activations(x)
+    matmul(blocks, kernel_weight, qtype, y)
+    expected = gguf_ops.reference_int8_matmul(blocks, weight, qtype)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item(),
+                               msg=lambda m, s=(rows, num_in, weight.shape[0]): f"{s}: {m}")
+    return x, y
 
 
 @pytest.mark.parametrize("qtype", BLOCK_FORMATS, ids=lambda t: t.name)
@@ -26,13 +42,7 @@ def test_int8_matmul_matches_its_reference(qtype: GGMLQuantizationType, num_thre
     for num_in, num_out in SHAPES:
         weight = random_weight(qtype, num_out, num_in)
         for rows in (1, 2, 5, 7, 16):  # every remainder of the four-row passes
-            x = torch.randn(rows, num_in) * torch.rand(rows, 1) * 4  # rows of different magnitudes
-            y = torch.empty(rows, num_out)
-            blocks = gguf_ops.quantize_activations(x)
-            gguf_ops.int8_matmul(blocks, weight, qtype, y)
-            expected = gguf_ops.reference_int8_matmul(blocks, weight, qtype)
-            torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item(),
-                                       msg=lambda m, s=(rows, num_in, num_out): f"{s}: {m}")
+            x, y = _matches_reference(gguf_ops.int8_matmul, weight, weight, qtype, rows, num_in)
             # The price of the 8-bit rounding, against the float32-activation product: about 0.5% of the
             # products' own size sqrt(sum_j (w_j x_j)^2) (a sum that cancels can lose more of itself).
             exact = gguf_ops.reference_matmul(x, weight, qtype)
@@ -47,14 +57,8 @@ def test_interleaved_kernels_match_their_reference(qtype: GGMLQuantizationType, 
         weight = random_weight(qtype, num_out, num_in)
         tiles = gguf_ops.interleave_rows8(weight, qtype)
         assert not torch.equal(tiles, weight) and torch.equal(gguf_ops.deinterleave_rows8(tiles, qtype), weight)
-        for rows in (1, 3, 8, 9, 15, 20):  # alone, remainders of the eight-row passes, whole passes
-            x = torch.randn(rows, num_in) * torch.rand(rows, 1) * 4
-            y = torch.empty(rows, num_out)
-            blocks = gguf_ops.quantize_activations(x)
-            gguf_ops.interleaved_int8_matmul(blocks, tiles, qtype, y)
-            expected = gguf_ops.reference_int8_matmul(blocks, weight, qtype)
-            torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item(),
-                                       msg=lambda m, s=(rows, num_in, num_out): f"{s}: {m}")
+        for rows in (1, 3, 8, 9, 15, 20):  # alone, remainders of the 8-row and paired 4-row passes, whole ones
+            _matches_reference(gguf_ops.interleaved_int8_matmul, tiles, weight, qtype, rows, num_in)
 
 
 @pytest.mark.parametrize("interleaved", [False, True], ids=["row-major", "interleaved"])
