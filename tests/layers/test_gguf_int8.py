@@ -105,14 +105,19 @@ def test_zero_rows_give_zero() -> None:
     assert torch.equal(y, torch.zeros(2, 8))
 
 
-def test_method_with_int8_activations_on_mixed_shards() -> None:
-    shards = [(Q.Q4_K, 64), (Q.Q6_K, 32), (Q.F16, 16)]  # the F16 run keeps float32 activations
-    layer = Linear(256, 112, output_sizes=[rows for _, rows in shards])
+def _int8_layer(shards: list[tuple[GGMLQuantizationType, int]]) -> tuple[Linear, list[torch.Tensor]]:
+    """A fused Linear(256 -> sum of rows) with 8-bit activations, loaded shard by shard with random blocks."""
+    layer = Linear(256, sum(rows for _, rows in shards), output_sizes=[rows for _, rows in shards])
     layer.set_method(GgufLinearMethod(int8_activations=True))
     weights = [random_weight(qtype, rows, 256, seed=i) for i, (qtype, rows) in enumerate(shards)]
     for shard_id, ((qtype, rows), weight) in enumerate(zip(shards, weights, strict=True)):
         layer.weight.weight_loader(layer.weight, GgufTensor(weight, qtype, (rows, 256)), shard_id)
     layer.process_weights_after_loading()
+    return layer, weights
+
+
+def test_method_with_int8_activations_on_mixed_shards() -> None:
+    layer, weights = _int8_layer([(Q.Q4_K, 64), (Q.Q6_K, 32), (Q.F16, 16)])  # F16 keeps float32 activations
     x = torch.randn(3, 256)
     blocks = gguf_ops.quantize_activations(x)
     expected = torch.cat([gguf_ops.reference_int8_matmul(blocks, weights[0], Q.Q4_K),
@@ -126,12 +131,7 @@ def test_method_interleaves_what_it_can_and_keeps_every_path_exact() -> None:
     copy) and take the 8-bit kernels at any row count; the ragged Q4_0 run stays row-major, and long chunks
     dequantize it (panels of the file's rows) and multiply in float32."""
     shards = [(Q.Q4_1, 64), (Q.Q8_0, 32), (Q.Q4_0, 12)]
-    layer = Linear(256, 108, output_sizes=[rows for _, rows in shards])
-    layer.set_method(GgufLinearMethod(int8_activations=True))
-    weights = [random_weight(qtype, rows, 256, seed=i) for i, (qtype, rows) in enumerate(shards)]
-    for shard_id, ((qtype, rows), weight) in enumerate(zip(shards, weights, strict=True)):
-        layer.weight.weight_loader(layer.weight, GgufTensor(weight, qtype, (rows, 256)), shard_id)
-    layer.process_weights_after_loading()
+    layer, weights = _int8_layer(shards)
     assert [run.interleaved for run in layer.weight.segments] == [True, True, False]
     assert layer.weight.numel() == sum(weight.numel() for weight in weights)
     for rows in (1, 9):
