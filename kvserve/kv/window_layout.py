@@ -3,10 +3,12 @@ query rotation) and the visibility rule as tensors. The block-level rule itself 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from kvserve.kv.sinks_window import SinksWindow
 
@@ -37,6 +39,14 @@ class SinksWindowLayout:
     def __init__(self, policy: SinksWindow, rotation: Rotation) -> None:
         self.policy = policy
         self.rotation = rotation
+
+    @classmethod
+    def for_model(cls, policy: SinksWindow | None, model: nn.Module, dtype: torch.dtype) -> SinksWindowLayout | None:
+        """The layout of one model's attention, with its own RoPE (a draft's may differ from its target's); None
+        without a window."""
+        if policy is None:
+            return None
+        return cls(policy, functools.partial(model.model.rotary.rotation, dtype=dtype))
 
     def step_metadata(self, positions: torch.Tensor, num_decodes: int,
                       held_columns: list[list[int]]) -> WindowMetadata:

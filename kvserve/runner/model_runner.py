@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -109,11 +108,7 @@ class ModelRunner:
         self.input_batch.window = window
         if self.draft is not None:
             self.draft.set_window(window, self.dtype)
-        if window is None:
-            self.window = None
-            return
-        rotation = functools.partial(self.model.model.rotary.rotation, dtype=self.dtype)
-        self.window = SinksWindowLayout(window, rotation)
+        self.window = SinksWindowLayout.for_model(window, self.model, self.dtype)
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -17,7 +17,6 @@ drafts are accepted, never which tokens come out: the target verifies each one.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 from torch import nn
@@ -64,8 +63,7 @@ class DraftModelProposer:
 
     def set_window(self, window: SinksWindow | None, dtype: torch.dtype) -> None:
         """Attend with the target's sinks + window: the blocks between are evicted for both models at once."""
-        rotation = functools.partial(self.model.model.rotary.rotation, dtype=dtype)
-        self.window = None if window is None else SinksWindowLayout(window, rotation)
+        self.window = SinksWindowLayout.for_model(window, self.model, dtype)
 
     @property
     def kv_cache_bytes(self) -> int:
