@@ -38,11 +38,6 @@ class Segment(NamedTuple):
     weight: torch.Tensor  # [rows, row_bytes] uint8
     interleaved: bool  # tiles of eight rows (gguf_ops.interleave_rows8), not the file's row order
 
-    def row_major(self, first: int = 0, rows: int | None = None) -> torch.Tensor:
-        """Rows first..first+rows of the weight in the file's layout [rows, row_bytes] (first: a multiple of 8)."""
-        part = self.weight[first:None if rows is None else first + rows]
-        return gguf_ops.deinterleave_rows8(part, self.qtype) if self.interleaved else part
-
 
 class GgufLinearMethod(LinearMethod):
     """float32 activations x [T, in] against GGUF-quantized W [out, in] (CPU, layers/gguf_ops.py); with
@@ -140,10 +135,10 @@ class GgufLinearMethod(LinearMethod):
 
     @staticmethod
     def _dequantized_gemm(segment: Segment, x: torch.Tensor, out: torch.Tensor, in_features: int) -> None:
-        """out [T, rows] = x [T, in] @ W^T with the run's W dequantized panel by panel for this call (exact float32
-        values, as the float kernels use)."""
+        """out [T, rows] = x [T, in] @ W^T with the run's W (the file's row order: interleaved runs never come here)
+        dequantized panel by panel for this call (exact float32 values, as the float kernels use)."""
         for first in range(0, segment.weight.shape[0], DEQUANTIZED_PANEL_ROWS):
-            rows = segment.row_major(first, DEQUANTIZED_PANEL_ROWS)
+            rows = segment.weight[first:first + DEQUANTIZED_PANEL_ROWS]
             panel = gguf_ops.dequantize_rows(rows, segment.qtype, torch.arange(rows.shape[0]), in_features)
             torch.mm(x, panel.t(), out=out[:, first:first + rows.shape[0]])
 
