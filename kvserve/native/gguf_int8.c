@@ -13,7 +13,7 @@
 
 #include "gguf_blocks.h"
 
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -367,19 +367,119 @@ static inline __attribute__((always_inline)) void x8_tiles(const act_block *x, i
     }
 }
 
-/* From 8 rows of x, threads take pairs of 4-bit tiles, each pair decoded once per four rows (a lone last tile, per
- * eight): 30 SmolLM2 layers at 16 / 64 rows 8.1 / 31.2 -> 7.8 / 27.3 ms. Fewer rows (5: 2.9 -> 3.0 ms, two passes
- * where one tile needs one) and Q8_0 (the LM head at 1 row: 0.3 -> 1.1 ms) take their tiles one by one. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HAVE_X16 1
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef int32_t word32 __attribute__((may_alias, aligned(1)));  // 4 code bytes read as one int32
+
+static inline __m512i two_words(const uint8_t *low, const uint8_t *high) {  // 32 bytes of each tile
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)low)),
+                              _mm256_loadu_si256((const __m256i *)high), 1);
+}
+
+static inline f32x16 halves16(const uint8_t *low, const uint8_t *high) {  // 8 halves of each tile -> 16 floats
+    const __m128i a = _mm_loadu_si128((const __m128i *)low), b = _mm_loadu_si128((const __m128i *)high);
+    return (f32x16)_mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1));
+}
+
+static inline f32x16 broadcast16(float v) { return (f32x16)_mm512_set1_ps(v); }
+
+/* x8_rows for two neighbouring tiles in one 512-bit register (16 weight rows, one per int32 lane) against
+ * `nrows` (1-8) rows of x: each lane runs x8_rows' operations in x8_rows' order, so the sums are the same bits;
+ * a broadcast of x's bytes and the scaling serve 16 rows instead of 8. */
+static inline __attribute__((always_inline)) void x16_rows(const act_block *x, int64_t blocks, const uint8_t *tile,
+                                                           int64_t tile_bytes, float *y, int64_t ldy, int nrows,
+                                                           int format) {
+    f32x16 acc[8];
+    for (int r = 0; r < 8; r++) acc[r] = broadcast16(0.0f);
+    const int64_t block_bytes = x8_block_bytes(format), words = format == X8_Q4_1 ? 32 : 16;
+    for (int64_t i = 0; i < blocks; i++) {
+        const uint8_t *low = tile + i * block_bytes, *high = low + tile_bytes;
+        const f32x16 d = halves16(low, high);
+        const f32x16 m = format == X8_Q4_1 ? halves16(low + 16, high + 16)
+                                           : d * broadcast16(format == X8_Q4_0 ? -8.0f : -(float)Q8_0_X8_OFFSET);
+        __m512i codes[8];
+        for (int p = 0; p < (format == X8_Q8_0 ? 8 : 4); p++) {
+            const __m512i word = two_words(low + words + 32 * p, high + words + 32 * p);
+            if (format == X8_Q8_0) {
+                codes[p] = _mm512_xor_si512(word, _mm512_set1_epi8((char)Q8_0_X8_OFFSET));
+            } else {
+                codes[p] = _mm512_and_si512(word, _mm512_set1_epi8(15));
+                codes[p + 4] = _mm512_and_si512(_mm512_srli_epi16(word, 4), _mm512_set1_epi8(15));
+            }
+        }
+        for (int r = 0; r < nrows; r++) {
+            const act_block *a = x + r * blocks + i;
+            const word32 *q = (const word32 *)a->q;  // read in place: broadcasts straight from memory
+            __m512i sums = _mm512_setzero_si512(), sums_high = _mm512_setzero_si512();
+            for (int g = 0; g < 4; g++) {
+                sums = _mm512_dpbusd_epi32(sums, codes[g], _mm512_set1_epi32(q[g]));
+                sums_high = _mm512_dpbusd_epi32(sums_high, codes[g + 4], _mm512_set1_epi32(q[g + 4]));
+            }
+            const f32x16 dx = broadcast16(a->d), xsum = broadcast16(a->half_sums[0] + a->half_sums[1]);
+            acc[r] += __builtin_convertvector((i32x16)sums + (i32x16)sums_high, f32x16) * (d * dx);
+            acc[r] += m * xsum;
+        }
+    }
+    for (int r = 0; r < nrows; r++) {  // lanes 0-7: the first tile's rows, 8-15: the second's
+        memcpy(y + r * ldy, &acc[r], sizeof(f32x8));
+        memcpy(y + r * ldy + 8, (const float *)&acc[r] + 8, sizeof(f32x8));
+    }
+}
+
+static inline __attribute__((always_inline)) void x16_tiles(const act_block *x, int64_t blocks, const uint8_t *tile,
+                                                            int64_t tile_bytes, float *y, int64_t ldy, int64_t rows,
+                                                            int format) {
+    int64_t r0 = 0;
+    for (; r0 + 8 <= rows; r0 += 8) x16_rows(x + r0 * blocks, blocks, tile, tile_bytes, y + r0 * ldy, ldy, 8, format);
+    const act_block *xr = x + r0 * blocks;
+    float *yr = y + r0 * ldy;
+    switch (rows - r0) {
+    case 1: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 1, format); break;
+    case 2: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 2, format); break;
+    case 3: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 3, format); break;
+    case 4: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 4, format); break;
+    case 5: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 5, format); break;
+    case 6: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 6, format); break;
+    case 7: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 7, format); break;
+    default: break;
+    }
+}
+#else
+#define HAVE_X16 0
+#endif
+
+/* Whether threads take tiles in pairs. AVX-512 holds a pair in one register: 4-bit tiles at every row count (30
+ * SmolLM2 layers at 1 / 16 / 64 / 256 rows: 1.00 / 6.9 / 26.7 / 107 -> 0.93 / 6.0 / 23.2 / 92 ms), Q8_0 from 16
+ * rows (its LM head at 16 / 64 rows 2.96 / 9.5 -> 2.68 / 7.9 ms; fewer rows are slower, decoding 8 words a pass). Otherwise,
+ * from 8 rows on, 4-bit pairs share x's broadcasts in 256-bit registers (7.8 / 27.3 ms at 16 / 64 rows, one tile
+ * at a time 8.1 / 31.2), four rows at a time; fewer rows and Q8_0 take tiles one by one. */
+static inline int x8_paired(int format, int64_t rows) {
+    if (HAVE_X16) return format != X8_Q8_0 || rows >= 16;
+    return format != X8_Q8_0 && rows >= 8;
+}
+
+static inline __attribute__((always_inline)) void x8_pair(const act_block *x, int64_t blocks, const uint8_t *tile,
+                                                          int64_t tile_bytes, float *y, int64_t ldy, int64_t rows,
+                                                          int format) {
+#if HAVE_X16
+    x16_tiles(x, blocks, tile, tile_bytes, y, ldy, rows, format);
+#else
+    x8_tiles(x, blocks, tile, tile_bytes, y, ldy, rows, 2, format);
+#endif
+}
+
 #define GGUF_INT8_X8_MATMUL(NAME, FORMAT)                                                                         \
     void gguf_int8_matmul_##NAME(const act_block *x, const uint8_t *w, float *y, int64_t rows, int64_t in,       \
                                  int64_t out, int64_t ldy) {                                                      \
         const int64_t blocks = in / 32, tile_bytes = blocks * x8_block_bytes(FORMAT), tiles = out / 8;           \
-        const int64_t per_task = FORMAT != X8_Q8_0 && rows >= 8 ? 2 : 1;                                          \
+        const int64_t per_task = x8_paired(FORMAT, rows) ? 2 : 1;                                                 \
         _Pragma("omp parallel for schedule(static)")                                                              \
         for (int64_t task = 0; task < (tiles + per_task - 1) / per_task; task++) {                                \
             const int64_t t = per_task * task;                                                                    \
             if (per_task == 2 && t + 1 < tiles)                                                                   \
-                x8_tiles(x, blocks, w + t * tile_bytes, tile_bytes, y + 8 * t, ldy, rows, 2, FORMAT);             \
+                x8_pair(x, blocks, w + t * tile_bytes, tile_bytes, y + 8 * t, ldy, rows, FORMAT);                 \
             else                                                                                                  \
                 x8_tiles(x, blocks, w + t * tile_bytes, tile_bytes, y + 8 * t, ldy, rows, 1, FORMAT);             \
         }                                                                                                         \
