@@ -324,12 +324,19 @@ static inline void x8_codes(const uint8_t *words, int format, u8x32 codes[8]) {
     }
 }
 
+/* Fetch into L2 the same block of the tiles a thread reads next (its static share of tiles is contiguous): a
+ * step reads each weight once from memory, and the hardware's prefetchers, which stop at page ends, left the
+ * cores waiting on it (30 SmolLM2 layers from memory, 1 / 16 rows: 4.1 / 9.0 -> 2.6 / 7.0 ms). */
+static inline void prefetch_block(const uint8_t *block, int64_t bytes) {
+    for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(block + c, 0, 2);
+}
+
 /* `ntiles` (1 or 2) neighbouring tiles' 8 rows against `nrows` rows of x (1-8 for one tile, 1-4 for two: the
  * codes of both stay in registers): y[r * ldy + 8k + o]. Two tiles share each broadcast of x's bytes, a third of
  * a row's instructions. Every (row, tile) sum runs the same operations in the same order either way. */
 static inline __attribute__((always_inline)) void x8_rows(const act_block *x, int64_t blocks, const uint8_t *tile,
                                                           int64_t tile_bytes, float *y, int64_t ldy, int nrows,
-                                                          int ntiles, int format) {
+                                                          int ntiles, int format, int prefetch) {
     const int is_signed = format == X8_Q8_0 && Q8_0_X8_OFFSET == 0;
     f32x8 acc[2][8] = {{{0}}};
     for (int64_t i = 0; i < blocks; i++) {
@@ -337,6 +344,7 @@ static inline __attribute__((always_inline)) void x8_rows(const act_block *x, in
         u8x32 codes[2][8];
         for (int k = 0; k < ntiles; k++) {
             const uint8_t *b = tile + k * tile_bytes + i * x8_block_bytes(format);
+            if (prefetch) prefetch_block(b + ntiles * tile_bytes, x8_block_bytes(format));
             d[k] = halves8(b);
             m[k] = format == X8_Q4_1 ? halves8(b + 16)
                                      : d[k] * broadcast(format == X8_Q4_0 ? -8.0f : -(float)Q8_0_X8_OFFSET);
@@ -368,17 +376,17 @@ static inline __attribute__((always_inline)) void x8_tiles(const act_block *x, i
     const int step = ntiles == 2 ? 4 : 8;
     int64_t r0 = 0;
     for (; r0 + step <= rows; r0 += step)
-        x8_rows(x + r0 * blocks, blocks, tile, tile_bytes, y + r0 * ldy, ldy, step, ntiles, format);
+        x8_rows(x + r0 * blocks, blocks, tile, tile_bytes, y + r0 * ldy, ldy, step, ntiles, format, r0 == 0);
     const act_block *xr = x + r0 * blocks;
     float *yr = y + r0 * ldy;
     switch (rows - r0) {
-    case 1: x8_rows(xr, blocks, tile, tile_bytes, yr, ldy, 1, ntiles, format); break;
-    case 2: x8_rows(xr, blocks, tile, tile_bytes, yr, ldy, 2, ntiles, format); break;
-    case 3: x8_rows(xr, blocks, tile, tile_bytes, yr, ldy, 3, ntiles, format); break;
-    case 4: x8_rows(xr, blocks, tile, tile_bytes, yr, ldy, 4, 1, format); break;  // one tile only: step 8
-    case 5: x8_rows(xr, blocks, tile, tile_bytes, yr, ldy, 5, 1, format); break;
-    case 6: x8_rows(xr, blocks, tile, tile_bytes, yr, ldy, 6, 1, format); break;
-    case 7: x8_rows(xr, blocks, tile, tile_bytes, yr, ldy, 7, 1, format); break;
+    case 1: x8_rows(xr, blocks, tile, tile_bytes, yr, ldy, 1, ntiles, format, r0 == 0); break;
+    case 2: x8_rows(xr, blocks, tile, tile_bytes, yr, ldy, 2, ntiles, format, r0 == 0); break;
+    case 3: x8_rows(xr, blocks, tile, tile_bytes, yr, ldy, 3, ntiles, format, r0 == 0); break;
+    case 4: x8_rows(xr, blocks, tile, tile_bytes, yr, ldy, 4, 1, format, r0 == 0); break;  // one tile only: step 8
+    case 5: x8_rows(xr, blocks, tile, tile_bytes, yr, ldy, 5, 1, format, r0 == 0); break;
+    case 6: x8_rows(xr, blocks, tile, tile_bytes, yr, ldy, 6, 1, format, r0 == 0); break;
+    case 7: x8_rows(xr, blocks, tile, tile_bytes, yr, ldy, 7, 1, format, r0 == 0); break;
     default: break;
     }
 }
@@ -406,12 +414,16 @@ static inline f32x16 broadcast16(float v) { return (f32x16)_mm512_set1_ps(v); }
  * a broadcast of x's bytes and the scaling serve 16 rows instead of 8. */
 static inline __attribute__((always_inline)) void x16_rows(const act_block *x, int64_t blocks, const uint8_t *tile,
                                                            int64_t tile_bytes, float *y, int64_t ldy, int nrows,
-                                                           int format) {
+                                                           int format, int prefetch) {
     f32x16 acc[8];
     for (int r = 0; r < 8; r++) acc[r] = broadcast16(0.0f);
     const int64_t block_bytes = x8_block_bytes(format), words = format == X8_Q4_1 ? 32 : 16;
     for (int64_t i = 0; i < blocks; i++) {
         const uint8_t *low = tile + i * block_bytes, *high = low + tile_bytes;
+        if (prefetch) {
+            prefetch_block(low + 2 * tile_bytes, block_bytes);
+            prefetch_block(high + 2 * tile_bytes, block_bytes);
+        }
         const f32x16 d = halves16(low, high);
         const f32x16 m = format == X8_Q4_1 ? halves16(low + 16, high + 16)
                                            : d * broadcast16(format == X8_Q4_0 ? -8.0f : -(float)Q8_0_X8_OFFSET);
@@ -448,17 +460,18 @@ static inline __attribute__((always_inline)) void x16_tiles(const act_block *x, 
                                                             int64_t tile_bytes, float *y, int64_t ldy, int64_t rows,
                                                             int format) {
     int64_t r0 = 0;
-    for (; r0 + 8 <= rows; r0 += 8) x16_rows(x + r0 * blocks, blocks, tile, tile_bytes, y + r0 * ldy, ldy, 8, format);
+    for (; r0 + 8 <= rows; r0 += 8)
+        x16_rows(x + r0 * blocks, blocks, tile, tile_bytes, y + r0 * ldy, ldy, 8, format, r0 == 0);
     const act_block *xr = x + r0 * blocks;
     float *yr = y + r0 * ldy;
     switch (rows - r0) {
-    case 1: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 1, format); break;
-    case 2: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 2, format); break;
-    case 3: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 3, format); break;
-    case 4: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 4, format); break;
-    case 5: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 5, format); break;
-    case 6: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 6, format); break;
-    case 7: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 7, format); break;
+    case 1: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 1, format, r0 == 0); break;
+    case 2: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 2, format, r0 == 0); break;
+    case 3: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 3, format, r0 == 0); break;
+    case 4: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 4, format, r0 == 0); break;
+    case 5: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 5, format, r0 == 0); break;
+    case 6: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 6, format, r0 == 0); break;
+    case 7: x16_rows(xr, blocks, tile, tile_bytes, yr, ldy, 7, format, r0 == 0); break;
     default: break;
     }
 }
