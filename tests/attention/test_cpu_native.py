@@ -26,6 +26,7 @@ SHAPES = [  # (num_kv_heads, group, head_dim, block_size)
     (4, 1, 32, 16),  # MHA
     (1, 4, 128, 8),  # MQA (Gemma 3 270M: 4 / 1), head_dim 128
     (2, 4, 16, 4),
+    (2, 2, 24, 8),  # a head dim that is not a multiple of 16: the kernel's plain loops, not its AVX-512 ones
 ]
 REQUESTS = [(1, 1), (16, 1), (17, 1), (40, 1), (5, 1), (33, 5), (9, 9)]  # (seq_len, query_len): 5 decodes, 2 prefills
 CPU = torch.device("cpu")
