@@ -40,9 +40,13 @@ Metrics: curl http://$(HOST):$(PORT)/metrics    Load test: $(BIN)/kvserve bench 
 endef
 export RUN_HELP
 
+# More `kvserve serve` options, e.g. ARGS="--cpu-gguf-int8-activations --kv-cache-dtype int8" (llama.cpp's
+# 8-bit arithmetic and an int8 KV cache: the fastest CPU configuration, not bit-exact; see README).
+ARGS ?=
+
 run: $(STAMP)
 	@echo "$$RUN_HELP"
-	$(BIN)/kvserve serve --host $(HOST) --port $(PORT)
+	$(BIN)/kvserve serve --host $(HOST) --port $(PORT) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check kvserve tests benchmarks
