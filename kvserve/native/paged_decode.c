@@ -11,9 +11,9 @@
  * tables      [num_seqs, max_blocks] block ids;  seq_lens [num_seqs] tokens to attend (>= 1)
  *
  * int8 codes are a quarter of float32's bytes: a smaller cache, not a faster step. The per-(token, head) dot
- * products bound this kernel, not the bytes (float32 from a cold and a warm cache measured the same); with AVX-512
- * their sums across lanes are taken 16 tokens at a time (span_scores16: a batch-1 decode over 600 tokens, 30
- * layers, int8: 1.6-1.75 -> 1.25 ms).
+ * products bound this kernel, not the bytes (float32 from a cold and a warm cache measured the same). With AVX-512,
+ * 16 tokens at a time: their products' sums across lanes together (span_scores16), and p v with each head's sums
+ * in registers (span_values16); a batch-1 decode over 600 int8 tokens, 30 layers: 1.6-1.75 -> 1.05 ms.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -97,6 +97,21 @@ static inline __m512 lane_sums16(const float *v) {  // v [16, 16]
     return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
+/* out[j] [16] = the 16 partial sums of q . keys[j][column ..] for `count` (1 or 4) tokens: a product of the first 16
+ * values, then fused multiply-adds in order, the same operations whatever `count`. */
+static inline __attribute__((always_inline)) void dot_vectors(const float *q, const float *const *keys,
+                                                              int64_t column, int64_t head_dim, int count,
+                                                              float *out) {
+    __m512 acc[4];
+    const __m512 q0 = _mm512_loadu_ps(q);
+    for (int j = 0; j < count; j++) acc[j] = _mm512_mul_ps(q0, _mm512_loadu_ps(keys[j] + column));
+    for (int64_t d = 16; d < head_dim; d += 16) {
+        const __m512 qd = _mm512_loadu_ps(q + d);
+        for (int j = 0; j < count; j++) acc[j] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(keys[j] + column + d), acc[j]);
+    }
+    for (int j = 0; j < count; j++) _mm512_storeu_ps(out + 16 * j, acc[j]);
+}
+
 /* attend_span's keys pass for head dims that are multiples of 16: scores [num_heads, len] = q . k (* key scale)
  * * scale. Each (token, head) product stays 16 partial sums until a tile of 16 tokens is summed across lanes at
  * once (lane_sums16): the per-product reductions were 60% of a batch-1 decode's attention. `dots` [num_heads,
@@ -122,18 +137,56 @@ static void span_scores16(const float *restrict query, const paged_kv *kv, const
             const float *q = query + h * head_dim;
             const int64_t column = (h / group) * head_dim;
             float *tile = dots + h * 256;
-            for (int64_t j = 0; j < n; j++) {
-                const float *k = rows[j] + column;
-                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
-                for (int64_t d = 16; d < head_dim; d += 16)
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(k + d), acc);
-                _mm512_storeu_ps(tile + j * 16, acc);
-            }
+            int64_t j = 0;
+            for (; j + 4 <= n; j += 4)  // four tokens' chains interleaved (one alone waits on its FMAs' latency)
+                dot_vectors(q, rows + j, column, head_dim, 4, tile + j * 16);
+            for (; j < n; j++) dot_vectors(q, rows + j, column, head_dim, 1, tile + j * 16);
             for (int64_t j = n; j < SCORE_TILE; j++) _mm512_storeu_ps(tile + j * 16, _mm512_setzero_ps());
             __m512 sums = lane_sums16(tile);
             if (int8) sums = _mm512_mul_ps(sums, _mm512_loadu_ps(key_scales + (h / group) * 16));
             _mm512_mask_storeu_ps(scores + h * len + t0 - first, (__mmask16)((1u << n) - 1),
                                   _mm512_mul_ps(sums, _mm512_set1_ps(scale)));
+        }
+    }
+}
+
+/* attend_span's values pass for head dims that are multiples of 16: partial [num_heads, head_dim] += p v over the
+ * span, 16 tokens at a time with each head's sums in registers (the loops kept them in memory: every token's
+ * multiply-add waited on the last one's store). Per value the same fused multiply-adds in token order as the loops,
+ * so the same bits. `converted` [16, Hkv * D] and `value_scales` [Hkv, 16] are scratch. */
+static void span_values16(const float *restrict scores, const paged_kv *kv, const int64_t *restrict table,
+                          int64_t first, int64_t last, float *restrict partial, float *restrict value_scales,
+                          float *restrict converted, int64_t num_kv_heads, int64_t group, int64_t head_dim,
+                          int64_t block_size) {
+    const int int8 = kv->key_scale != NULL;
+    const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim, len = last - first;
+    const float *rows[SCORE_TILE];
+    for (int64_t t0 = first; t0 < last; t0 += SCORE_TILE) {
+        const int64_t n = last - t0 < SCORE_TILE ? last - t0 : SCORE_TILE;
+        for (int64_t j = 0; j < n; j++) {  // the tile's value rows, as floats (int8: converted[j])
+            const int64_t t = t0 + j, b = t / block_size, i = t % block_size, token = table[b] * block_size + i;
+            if (t + block_size < last) prefetch_row(kv->value, int8, table[b + 1] * block_size + i, token_stride);
+            rows[j] = float_row(kv->value, int8, token, token_stride, converted + j * token_stride);
+            if (int8)
+                for (int64_t kv_head = 0; kv_head < num_kv_heads; kv_head++)
+                    value_scales[kv_head * 16 + j] = kv->value_scale[token * num_kv_heads + kv_head];
+        }
+        for (int64_t h = 0; h < num_heads; h++) {
+            const int64_t kv_head = h / group, column = kv_head * head_dim;
+            float p[SCORE_TILE];
+            for (int64_t j = 0; j < n; j++)
+                p[j] = scores[h * len + t0 - first + j] * (int8 ? value_scales[kv_head * 16 + j] : 1.0f);
+            for (int64_t d = 0; d < head_dim; d += 64) {  // four vectors of sums at a time: four chains in flight
+                const int64_t width = head_dim - d < 64 ? (head_dim - d) / 16 : 4;
+                __m512 acc[4];
+                for (int c = 0; c < width; c++) acc[c] = _mm512_loadu_ps(partial + h * head_dim + d + 16 * c);
+                for (int64_t j = 0; j < n; j++) {
+                    const __m512 pj = _mm512_set1_ps(p[j]);
+                    for (int c = 0; c < width; c++)
+                        acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(rows[j] + column + d + 16 * c), acc[c]);
+                }
+                for (int c = 0; c < width; c++) _mm512_storeu_ps(partial + h * head_dim + d + 16 * c, acc[c]);
+            }
         }
     }
 }
@@ -188,6 +241,13 @@ static void attend_span(const float *restrict query, const paged_kv *kv, const i
     }
     memset(partial, 0, sizeof(float) * num_heads * head_dim);
     /* p @ v per head, unnormalized: one pass over the values */
+#ifdef __AVX512F__
+    if (head_dim % 16 == 0) {
+        span_values16(scores, kv, table, first, last, partial, dots + num_heads * 256, converted, num_kv_heads, group,
+                      head_dim, block_size);
+        return;
+    }
+#endif
     for (int64_t t = first, b = first / block_size, i = first % block_size; t < last; t++) {
         const int64_t token = table[b] * block_size + i;
         if (t + block_size < last) prefetch_row(kv->value, int8, table[b + 1] * block_size + i, token_stride);
