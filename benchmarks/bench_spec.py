@@ -147,7 +147,10 @@ def main() -> None:
         for name in order:
             log(f"round {round_index + 1}: {name} (load average {os.getloadavg()[0]:.2f})")
             runs[name].append(run_worker(configs[name], args.max_tokens))
-    same_tokens = all(run["tokens"] == runs["plain"][0]["tokens"] for name in configs for run in runs[name])
+    # Which configurations (a run of plain included) gave other greedy tokens than plain's first run, per workload.
+    differing = {name: sorted({workload for run in rs for workload, tokens in run["tokens"].items()
+                               if tokens != runs["plain"][0]["tokens"][workload]}) for name, rs in runs.items()}
+    same_tokens = not any(differing.values())
     medians = {name: {"copy_decode_tok_s": statistics.median(r["copy"]["decode_tok_s"] for r in rs),
                       "chat_decode_tok_s": statistics.median(r["chat"]["decode_tok_s"] for r in rs),
                       "mixed16_output_tok_s": statistics.median(r["mixed16"]["output_tok_s"] for r in rs)}
@@ -158,6 +161,7 @@ def main() -> None:
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
         "configs": configs, "rounds": args.rounds, "max_tokens": args.max_tokens,
         "greedy_tokens_identical": same_tokens,
+        "greedy_tokens_differ": {name: workloads for name, workloads in differing.items() if workloads},
         "medians": {name: {k: round(v, 2) for k, v in m.items()} for name, m in medians.items()},
         "over_plain": ratios,
         "ngram_targets": {"copy >= 2.0": ratios["ngram"]["copy_decode_tok_s"] >= 2.0,

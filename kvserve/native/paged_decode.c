@@ -97,6 +97,24 @@ static inline __m512 lane_sums16(const float *v) {  // v [16, 16]
     return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
+/* Tokens t0 .. t0 + n - 1's rows of one cache (keys or values) as floats: float32 in place, int8 codes converted into
+ * converted[j] [Hkv * D] with their scales into scales [Hkv, 16]; the next block's row prefetched as attend_span
+ * does. */
+static inline void tile_rows(const void *cache, const float *cache_scales, const int64_t *restrict table, int64_t t0,
+                             int64_t n, int64_t last, const float **rows, float *restrict scales,
+                             float *restrict converted, int64_t num_kv_heads, int64_t token_stride,
+                             int64_t block_size) {
+    const int int8 = cache_scales != NULL;
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t t = t0 + j, b = t / block_size, i = t % block_size, token = table[b] * block_size + i;
+        if (t + block_size < last) prefetch_row(cache, int8, table[b + 1] * block_size + i, token_stride);
+        rows[j] = float_row(cache, int8, token, token_stride, converted + j * token_stride);
+        if (int8)
+            for (int64_t kv_head = 0; kv_head < num_kv_heads; kv_head++)
+                scales[kv_head * 16 + j] = cache_scales[token * num_kv_heads + kv_head];
+    }
+}
+
 /* out[j] [16] = the 16 partial sums of q . keys[j][column ..] for `count` (1 or 4) tokens: a product of the first 16
  * values, then fused multiply-adds in order, the same operations whatever `count`. */
 static inline __attribute__((always_inline)) void dot_vectors(const float *q, const float *const *keys,
@@ -125,14 +143,8 @@ static void span_scores16(const float *restrict query, const paged_kv *kv, const
     const float *rows[SCORE_TILE];
     for (int64_t t0 = first; t0 < last; t0 += SCORE_TILE) {
         const int64_t n = last - t0 < SCORE_TILE ? last - t0 : SCORE_TILE;
-        for (int64_t j = 0; j < n; j++) {  // the tile's key rows, as floats (int8: converted[j])
-            const int64_t t = t0 + j, b = t / block_size, i = t % block_size, token = table[b] * block_size + i;
-            if (t + block_size < last) prefetch_row(kv->key, int8, table[b + 1] * block_size + i, token_stride);
-            rows[j] = float_row(kv->key, int8, token, token_stride, converted + j * token_stride);
-            if (int8)
-                for (int64_t kv_head = 0; kv_head < num_kv_heads; kv_head++)
-                    key_scales[kv_head * 16 + j] = kv->key_scale[token * num_kv_heads + kv_head];
-        }
+        tile_rows(kv->key, kv->key_scale, table, t0, n, last, rows, key_scales, converted, num_kv_heads, token_stride,
+                  block_size);
         for (int64_t h = 0; h < num_heads; h++) {
             const float *q = query + h * head_dim;
             const int64_t column = (h / group) * head_dim;
@@ -163,14 +175,8 @@ static void span_values16(const float *restrict scores, const paged_kv *kv, cons
     const float *rows[SCORE_TILE];
     for (int64_t t0 = first; t0 < last; t0 += SCORE_TILE) {
         const int64_t n = last - t0 < SCORE_TILE ? last - t0 : SCORE_TILE;
-        for (int64_t j = 0; j < n; j++) {  // the tile's value rows, as floats (int8: converted[j])
-            const int64_t t = t0 + j, b = t / block_size, i = t % block_size, token = table[b] * block_size + i;
-            if (t + block_size < last) prefetch_row(kv->value, int8, table[b + 1] * block_size + i, token_stride);
-            rows[j] = float_row(kv->value, int8, token, token_stride, converted + j * token_stride);
-            if (int8)
-                for (int64_t kv_head = 0; kv_head < num_kv_heads; kv_head++)
-                    value_scales[kv_head * 16 + j] = kv->value_scale[token * num_kv_heads + kv_head];
-        }
+        tile_rows(kv->value, kv->value_scale, table, t0, n, last, rows, value_scales, converted, num_kv_heads,
+                  token_stride, block_size);
         for (int64_t h = 0; h < num_heads; h++) {
             const int64_t kv_head = h / group, column = kv_head * head_dim;
             float p[SCORE_TILE];
