@@ -153,7 +153,7 @@ static void span_scores16(const float *restrict query, const paged_kv *kv, const
             for (; j + 4 <= n; j += 4)  // four tokens' chains interleaved (one alone waits on its FMAs' latency)
                 dot_vectors(q, rows + j, column, head_dim, 4, tile + j * 16);
             for (; j < n; j++) dot_vectors(q, rows + j, column, head_dim, 1, tile + j * 16);
-            for (int64_t j = n; j < SCORE_TILE; j++) _mm512_storeu_ps(tile + j * 16, _mm512_setzero_ps());
+            for (; j < SCORE_TILE; j++) _mm512_storeu_ps(tile + j * 16, _mm512_setzero_ps());  // past the span
             __m512 sums = lane_sums16(tile);
             if (int8) sums = _mm512_mul_ps(sums, _mm512_loadu_ps(key_scales + (h / group) * 16));
             _mm512_mask_storeu_ps(scores + h * len + t0 - first, (__mmask16)((1u << n) - 1),
@@ -200,8 +200,8 @@ static void span_values16(const float *restrict scores, const paged_kv *kv, cons
 
 /* Tokens [first, last) of one sequence, every head. Keys and values are read token row by token row: all KV
  * heads of a token are contiguous, so a block is one sequential stream (per-head tasks striding over the rows
- * ran 2.4-4.3x slower from a cold cache). scores [num_heads, SPAN_TOKENS]; `converted` [Hkv * D] is int8's
- * scratch. (Tiles of 2-4 tokens with a dot product in flight per token measured no faster.) */
+ * ran 2.4-4.3x slower from a cold cache). Scratch: scores [num_heads, SPAN_TOKENS], `converted` [16, Hkv * D]
+ * (int8 rows as floats), `dots` [num_heads * 256 + Hkv * 16] (the AVX-512 passes' tiles and scales). */
 static void attend_span(const float *restrict query, const paged_kv *kv, const int64_t *restrict table,
                         int64_t first, int64_t last, float *restrict partial, float *restrict scores,
                         float *restrict converted, float *restrict dots, int64_t num_kv_heads, int64_t group,
