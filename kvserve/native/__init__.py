@@ -41,6 +41,9 @@ SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
     "gemv": {"gemv_f32": (None, [_PTR] * 3 + [_INT64] * 2)},
     "rms_norm": {"rms_norm_f32": (None, [_PTR] * 3 + [_INT64] * 2 + [_FLOAT])},
     "llama_decode": {"llama_decode_layers": (ctypes.c_int, [_PTR] * 3 + [_INT64] + [_PTR] * 5 + [_INT64]),
+                     "llama_decode_attention": (ctypes.c_int, [_PTR] * 2 + [_INT64] + [_PTR] * 3 + [_INT64]
+                                                + [_PTR] * 5 + [_INT64]),
+                     "llama_silu_mul": (None, [_PTR] * 2 + [_INT64] * 2),
                      "quantize_rows_i8": (None, [_PTR] * 3 + [_INT64] * 2)},
     "gguf_int8": {
         "gguf_quantize_activations": (None, [_PTR] * 2 + [_INT64] * 2),

@@ -124,6 +124,37 @@ static void store_row(const float *row, void *cache, float *scales, int64_t slot
         quantize_rows_i8(row, (int8_t *)cache + offset, scales + slot * num_kv_heads, num_kv_heads, head_dim);
 }
 
+/* A layer's attention between its QKV and O matmuls: RoPE on the queries and keys of qkv [B, (Hq + 2 Hkv) D] (in
+ * place), each token's K/V rows into its cache slot, then paged decode attention of query [B, Hq D] (scratch) into
+ * attended [B, Hq D]. Returns paged_decode's status. */
+static int attend(const layer *L, const shape *s, float *qkv, float *query, float *attended, int64_t batch,
+                  const float *cos, const float *sin, const int64_t *slots, const int64_t *tables,
+                  const int64_t *seq_lens, int64_t max_blocks, int threaded) {
+    const int64_t D = s->head_dim, Hq = s->num_heads, Hkv = s->num_kv_heads, qkv_width = (Hq + 2 * Hkv) * D;
+    // Per token, independent (distinct slots): threads take tokens once there are a few (unless not `threaded`).
+#pragma omp parallel for schedule(static) if (threaded && batch >= 4)
+    for (int64_t b = 0; b < batch; b++) {
+        float *row = qkv + b * qkv_width;  // [Hq + 2 Hkv, D]: queries, keys, values
+        for (int64_t h = 0; h < Hq + Hkv; h++) rotate(row + h * D, cos + b * D, sin + b * D, D);
+        memcpy(query + b * Hq * D, row, sizeof(float) * Hq * D);
+        store_row(row + Hq * D, L->key_cache, L->key_scale, slots[b], Hkv, D);
+        store_row(row + (Hq + Hkv) * D, L->value_cache, L->value_scale, slots[b], Hkv, D);
+    }
+    const paged_kv kv = {L->key_cache, L->value_cache, L->key_scale, L->value_scale};
+    return paged_decode(query, &kv, tables, seq_lens, attended, batch, Hkv, Hq / Hkv, D, s->block_size, max_blocks,
+                        s->scale);
+}
+
+/* act [B, I] = SiLU(gate) * up of gate_up [B, 2 I] (gate then up). */
+static void silu_mul(const float *gate_up, float *act, int64_t batch, int64_t intermediate, int threaded) {
+#pragma omp parallel for schedule(static) if (threaded && batch >= 4)
+    for (int64_t b = 0; b < batch; b++) {
+        const float *gate = gate_up + b * 2 * intermediate, *up = gate + intermediate;
+#pragma omp simd
+        for (int64_t i = 0; i < intermediate; i++) act[b * intermediate + i] = silu(gate[i]) * up[i];
+    }
+}
+
 /* hidden [B, H] in place through every layer. cos, sin [B, D] (each token's position); slots [B] cache slot
  * of each token; tables [B, max_blocks], seq_lens [B] as paged_decode_f32 reads them. Returns 0, or -1 when
  * out of memory. */
@@ -144,31 +175,31 @@ int llama_decode_layers(const layer *layers, const shape *s, float *hidden, int6
         const layer *L = &layers[l];
         rms_norm_f32(hidden, L->input_norm, normed, batch, H, s->eps);
         apply_linear(&L->qkv, normed, blocks, qkv, batch, H, qkv_width);
-        // Per token, independent (distinct slots): threads take tokens once there are a few.
-#pragma omp parallel for schedule(static) if (batch >= 4)
-        for (int64_t b = 0; b < batch; b++) {
-            float *row = qkv + b * qkv_width;  // [Hq + 2 Hkv, D]: queries, keys, values
-            for (int64_t h = 0; h < Hq + Hkv; h++) rotate(row + h * D, cos + b * D, sin + b * D, D);
-            memcpy(query + b * Hq * D, row, sizeof(float) * Hq * D);
-            store_row(row + Hq * D, L->key_cache, L->key_scale, slots[b], Hkv, D);
-            store_row(row + (Hq + Hkv) * D, L->value_cache, L->value_scale, slots[b], Hkv, D);
-        }
-        const paged_kv kv = {L->key_cache, L->value_cache, L->key_scale, L->value_scale};
-        status = paged_decode(query, &kv, tables, seq_lens, attended, batch, Hkv, Hq / Hkv, D, s->block_size,
-                              max_blocks, s->scale);
+        status = attend(L, s, qkv, query, attended, batch, cos, sin, slots, tables, seq_lens, max_blocks, 1);
         apply_linear(&L->o, attended, blocks, delta, batch, Hq * D, H);
         for (int64_t i = 0; i < batch * H; i++) hidden[i] += delta[i];
         rms_norm_f32(hidden, L->post_attention_norm, normed, batch, H, s->eps);
         apply_linear(&L->gate_up, normed, blocks, gate_up, batch, H, 2 * I);
-#pragma omp parallel for schedule(static) if (batch >= 4)
-        for (int64_t b = 0; b < batch; b++) {
-            const float *gate = gate_up + b * 2 * I, *up = gate + I;
-#pragma omp simd
-            for (int64_t i = 0; i < I; i++) act[b * I + i] = silu(gate[i]) * up[i];
-        }
+        silu_mul(gate_up, act, batch, I, 1);
         apply_linear(&L->down, act, blocks, delta, batch, I, H);
         for (int64_t i = 0; i < batch * H; i++) hidden[i] += delta[i];
     }
     free(normed), free(qkv), free(query), free(attended), free(gate_up), free(act), free(delta), free(blocks);
     return status;
+}
+
+/* The split step (models/llama_decode.py: decode batches beyond the fused step's rows): Python runs each layer's
+ * matmuls through its Linear modules (oneDNN's packed matmuls, or the GGUF method), these two what lies between
+ * them, the same code as llama_decode_layers. RoPE, the K/V writes and SiLU keep to one thread here: with an
+ * OpenMP region of ours right before each oneDNN matmul, those ran 20% slower (a 16-decode float32 step: 45 -> 55
+ * ms), as our idle threads spin on the cores that oneDNN's pool wants. */
+int llama_decode_attention(const layer *layers, const shape *s, int64_t layer_index, float *qkv, float *query,
+                           float *attended, int64_t batch, const float *cos, const float *sin, const int64_t *slots,
+                           const int64_t *tables, const int64_t *seq_lens, int64_t max_blocks) {
+    return attend(&layers[layer_index], s, qkv, query, attended, batch, cos, sin, slots, tables, seq_lens,
+                  max_blocks, 0);
+}
+
+void llama_silu_mul(const float *gate_up, float *act, int64_t batch, int64_t intermediate) {
+    silu_mul(gate_up, act, batch, intermediate, 0);
 }

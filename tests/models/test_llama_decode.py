@@ -1,5 +1,6 @@
 """The compiled decode step (models/llama_decode.py) against the module path it replaces: the same hidden states
-at every decode step, batched or not, on GGUF blocks and on float32 weights, and the same greedy tokens."""
+at every decode step, batched or not, whole in C or split around the modules' matmuls, on GGUF blocks and on float32
+weights, and the same greedy tokens."""
 
 from __future__ import annotations
 
@@ -65,20 +66,38 @@ def _compare_every_step(llm: LLM, prompts: list[str], tolerance: float = 1e-5, o
     return batches
 
 
+def _compare_split_steps(llm: LLM, prompts: list[str], **bounds) -> tuple[list[int], list[int]]:
+    """_compare_every_step's batch sizes, and the sizes of the steps among them that ran split."""
+    fused = llm.engine.runner.model.fused_decode
+    split, split_layers = [], fused._split_layers
+
+    def counted(model, hidden, step):
+        split.append(hidden.shape[0])
+        return split_layers(model, hidden, step)
+
+    fused._split_layers = counted
+    try:
+        return _compare_every_step(llm, prompts, **bounds), split
+    finally:
+        del fused._split_layers
+
+
 def test_gguf_decode_steps_match_the_modules(gguf: LLM) -> None:
     batches = _compare_every_step(gguf, PROMPTS) + _compare_every_step(gguf, PROMPTS[:1])
     assert 4 in batches and 1 in batches  # batched and single decodes both ran fused
 
 
-def test_gguf_batches_from_the_blas_threshold_go_to_the_modules(gguf: LLM) -> None:
-    """From DEQUANTIZED_GEMM_ROWS decodes the modules' dequantize + BLAS path is faster (64 decodes: 128 -> 152
-    tokens/s offline); here the threshold is lowered so that four prompts cross it and one does not."""
+def test_gguf_batches_from_the_blas_threshold_run_split(gguf: LLM) -> None:
+    """From DEQUANTIZED_GEMM_ROWS decodes the modules' dequantize + BLAS matmuls are faster (64 decodes: 128 -> 152
+    tokens/s offline): the step runs split, those matmuls between the C parts. Here the threshold is lowered so that
+    four prompts cross it and one does not."""
     fused = gguf.engine.runner.model.fused_decode
     assert fused.max_tokens == DEQUANTIZED_GEMM_ROWS - 1
     fused.max_tokens = 3
     try:
-        assert _compare_every_step(gguf, PROMPTS) == []  # every step of four decodes ran the modules
-        assert set(_compare_every_step(gguf, PROMPTS[:1])) == {1}
+        batches, split = _compare_split_steps(gguf, PROMPTS)
+        assert 4 in batches and set(split) == {4}  # every step of four decodes ran split, and matched
+        assert _compare_split_steps(gguf, PROMPTS[:1]) == ([1] * (GREEDY.max_tokens - 1), [])
     finally:
         fused.max_tokens = DEQUANTIZED_GEMM_ROWS - 1
 
@@ -88,8 +107,11 @@ def test_int8_cache_decode_steps_match_the_modules() -> None:
     bound is looser than float32's (the worst step measured 0.9e-3 and, with attention summed in 128-token spans,
     1.4e-3 of the largest value); a wrong scale or row is off by O(1)."""
     llm = _llm(kv_cache_dtype="int8")
+    fused = llm.engine.runner.model.fused_decode
     try:
         assert 4 in _compare_every_step(llm, PROMPTS, tolerance=3e-3)
+        fused.max_tokens = 3
+        assert set(_compare_split_steps(llm, PROMPTS, tolerance=3e-3)[1]) == {4}
     finally:
         llm.engine.shutdown()
 
@@ -128,8 +150,9 @@ def test_float32_decode_steps_match_the_modules_up_to_their_limit() -> None:
         assert fused.max_tokens == FLOAT32_MAX_TOKENS
         assert _compare_every_step(llm, PROMPTS[:1]).count(1) == GREEDY.max_tokens - 1
         assert 4 in _compare_every_step(llm, PROMPTS)
-        fused.max_tokens = 3  # from the limit on, oneDNN's packed matmuls do it
-        assert _compare_every_step(llm, PROMPTS) == []
+        fused.max_tokens = 3  # from the limit on, oneDNN's packed matmuls do them, split around the C parts
+        batches, split = _compare_split_steps(llm, PROMPTS)
+        assert 4 in batches and set(split) == {4}
     finally:
         llm.engine.shutdown()
 
