@@ -296,7 +296,8 @@ class PlatformConfig:
                 "numpy's OpenBLAS with torch single-threaded (faster than MKL's GEMV for batch-1 decode); 0: off"})
     cpu_fused_decode: bool = field(default=True, metadata={
         "help": "CPU float32 Llama models with the compiled kernels: run the layers of decode-only steps in one "
-                "compiled call (the same kernels, without Python between them); float32 weights up to 12 decodes"})
+                "compiled call (the same kernels, without Python between them); float32 weights up to 3 decodes, "
+                "larger batches split around the matmuls"})
     cpu_gguf_int8_activations: bool = field(default=False, metadata={
         "help": "GGUF weights on the CPU: round activations to 8 bits per 32 values and multiply in integers, as "
                 "llama.cpp does, on Q4_0 / Q4_1 / Q8_0 weights kept in tiles of 8 rows (3-4x faster; a relative "

@@ -25,9 +25,9 @@ from kvserve.layers.quantization.gguf import DEQUANTIZED_GEMM_ROWS, GgufLinearMe
 _MAX_SEGMENTS = 4  # llama_decode.c's MAX_SEGMENTS
 _KINDS = native.GGUF_KERNEL_TYPES + native.INTERLEAVED_TYPES  # llama_decode.c's segment kinds
 _F32 = _KINDS.index("f32")
-# Float32 weights: decode steps of up to 12 tokens run here. Whole steps, bundled model: 2 decodes 47 -> 23 ms,
-# 8: 61 -> 34 ms, 12: 66 -> 57 ms, 16: even (a step of 1 + k tokens verifying k drafts is such a step).
-FLOAT32_MAX_TOKENS = 12
+# Float32 weights: decode steps of up to 3 tokens run whole here, larger ones split (oneDNN's matmuls). Whole
+# against split, bundled model, ms a step: 2 decodes 25 / 45, 3: 29 / 37, 4: 37 / 35, 8: 49 / 36, 12: 66 / 46.
+FLOAT32_MAX_TOKENS = 3
 # GGUF weights all in interleaved tiles: any decode batch would do; this bounds the step's scratch buffers.
 INTERLEAVED_MAX_TOKENS = 256
 

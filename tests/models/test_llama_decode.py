@@ -143,16 +143,17 @@ def test_int8_cache_greedy_tokens_equal_the_module_paths() -> None:
         fused.engine.shutdown(), modules.engine.shutdown()
 
 
-def test_float32_decode_steps_match_the_modules_up_to_their_limit() -> None:
+def test_float32_decode_steps_match_the_modules_whole_and_split() -> None:
     llm = _llm(quantization="none")
     fused = llm.engine.runner.model.fused_decode
     try:
         assert fused.max_tokens == FLOAT32_MAX_TOKENS
         assert _compare_every_step(llm, PROMPTS[:1]).count(1) == GREEDY.max_tokens - 1
-        assert 4 in _compare_every_step(llm, PROMPTS)
-        fused.max_tokens = 3  # from the limit on, oneDNN's packed matmuls do them, split around the C parts
-        batches, split = _compare_split_steps(llm, PROMPTS)
+        batches, split = _compare_split_steps(llm, PROMPTS)  # four decodes, past the limit: oneDNN's matmuls
         assert 4 in batches and set(split) == {4}
+        fused.max_tokens = 4  # the kernels' own float32 rows, batched
+        batches, split = _compare_split_steps(llm, PROMPTS)
+        assert 4 in batches and split == []
     finally:
         llm.engine.shutdown()
 
