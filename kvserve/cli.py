@@ -82,12 +82,19 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
                           top_p=args.top_p, top_k=args.top_k, seed=args.sampling_seed)
 
 
-def stream_to_stdout(outputs: typing.Iterable[RequestOutput]) -> RequestOutput | None:
-    """Print deltas as they come; returns the final output."""
+def stream_to_stdout(outputs: typing.Iterator[RequestOutput],
+                     stop: typing.Callable[[], bool] = lambda: False) -> RequestOutput | None:
+    """Print deltas as they come, to the end or until `stop()` says so (the stream is then closed: LLM.stream
+    aborts its request); returns the last output printed."""
     last = None
     for last in outputs:
         sys.stdout.write(last.outputs[0].delta_text)
         sys.stdout.flush()
+        if stop():
+            break
+    close = getattr(outputs, "close", None)
+    if close is not None:
+        close()
     sys.stdout.write("\n")
     return last
 
@@ -124,33 +131,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    """Chat with the model: one `--message`, or an interactive loop."""
+    """Chat with the model: one `--message`, or an interactive session (kvserve/chat.py)."""
+    from kvserve.chat import ChatSession, run_interactive
+
     params = sampling_params(args)  # bad flags fail before the model loads
     llm = LLM(**engine_kwargs(args))
-    messages: list[dict[str, str]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    pending = [args.message] if args.message else None
-    while True:
-        if pending is not None:
-            if not pending:
-                return
-            user = pending.pop()
-            print(f"> {user}")
-        else:
-            try:
-                user = input("> ")
-            except EOFError:
-                return
-            if user.strip() in ("", "/exit", "/quit"):
-                return
-        messages.append({"role": "user", "content": user})
-        prompt = {"prompt_token_ids": llm.apply_chat_template(messages)}
-        start = time.monotonic()
-        output = stream_to_stdout(llm.stream(prompt, params))
-        if args.verbose:
-            print_metrics(llm, output, time.monotonic() - start)
-        messages.append({"role": "assistant", "content": output.outputs[0].text if output else ""})
+    on_answer = (lambda output, wall: print_metrics(llm, output, wall)) if args.verbose else None
+    session = ChatSession(llm, params, args.system, on_answer)
+    if args.message:
+        print(f"> {args.message}")
+        session.answer(args.message)
+    else:
+        run_interactive(session)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -208,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = sub.add_parser("generate", help="complete a prompt, streaming the answer")
     generate.add_argument("prompt")
     generate.set_defaults(func=cmd_generate)
-    chat = sub.add_parser("chat", help="chat with the model (interactive unless --message)")
+    chat = sub.add_parser("chat", help="chat with the model (interactive unless --message)",
+                          description="Chat with the model. At the prompt: /reset forgets the conversation, /help, "
+                                      "/exit or Ctrl-D quits; Ctrl-C stops an answer, and quits at the prompt.")
     chat.add_argument("--message", help="send one message and exit")
     chat.add_argument("--system", help="system prompt")
     chat.set_defaults(func=cmd_chat)
