@@ -8,6 +8,7 @@ architecture shape. No torch at import: the scheduler and KV manager import this
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -126,9 +127,9 @@ class CacheConfig:
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "KV-cache storage: auto (the model dtype), int8 or fp8 (e4m3) with per-token scales, or int4 "
                 "(KIVI: keys per channel per block, values per token)"})
-    kv_cache_memory: int | None = field(default=None, metadata={
-        "help": "KV-cache size in bytes; default: kv_cache_memory_fraction of free memory (CPU) or what "
-                "gpu_memory_utilization leaves (CUDA)"})
+    kv_cache_memory: str | int | None = field(default=None, metadata={
+        "help": "KV-cache size: bytes, or with a unit (1GiB, 512MiB, 2GB); default: kv_cache_memory_fraction of "
+                "free memory (CPU) or what gpu_memory_utilization leaves (CUDA)"})
     kv_cache_memory_fraction: float = field(default=0.1, metadata={
         "help": "CPU: fraction of available memory for the KV cache when kv_cache_memory is unset"})
     gpu_memory_utilization: float = field(default=0.9, metadata={
@@ -145,6 +146,8 @@ class CacheConfig:
         "help": "reuse the KV blocks of a prompt prefix computed before"})
 
     def __post_init__(self) -> None:
+        if self.kv_cache_memory is not None:  # frozen: set once here, to bytes
+            object.__setattr__(self, "kv_cache_memory", byte_size("kv_cache_memory", self.kv_cache_memory))
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         for name in ("block_size", "kv_residual_tokens", "kv_window", "kv_cache_memory"):
@@ -388,6 +391,24 @@ def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict | None]:
     if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
         scaling = None
     return float(theta), scaling
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def byte_size(name: str, value: str | int) -> int:
+    """Bytes from an int or a size such as "1GiB", "512MiB", "2GB", "1.5g" (KiB/MiB/GiB/TiB binary, kB/MB/GB/TB
+    decimal, B optional, any case); a ValueError naming option `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{name} must be bytes or a size like 1GiB / 512MiB, got {value!r}")
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError(f"{name} must be bytes or a size like 1GiB / 512MiB, got {value!r}")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    return value
 
 
 def _require_positive(name: str, value: int) -> None:

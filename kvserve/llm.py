@@ -20,6 +20,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, show_progress: bool = True, **kwargs: Any) -> None:
         self.engine = Engine(EngineConfig.from_kwargs(model=model, **kwargs), show_progress)
+        self.show_progress = show_progress  # the loading bars, and generate's unless use_tqdm says otherwise
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:
@@ -28,8 +29,9 @@ class LLM:
 
     def generate(self, prompts: PromptInput | Sequence[PromptInput],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion, batched continuously; outputs come back in prompt order."""
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion, batched continuously; outputs come back in prompt order. A progress bar
+        unless `use_tqdm` is False (None: as `show_progress`)."""
         prompts = _as_list(prompts)
         params = _params_for(prompts, sampling_params)
         ids: list[str] = []
@@ -41,8 +43,8 @@ class LLM:
                 self.engine.abort_request(request_id)
             raise
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm,
-                  leave=False) as bar:
+        show_bar = self.show_progress if use_tqdm is None else use_tqdm
+        with tqdm(total=len(ids), desc="Generating", unit="req", disable=not show_bar, leave=False) as bar:
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step():
                     if output.finished:
@@ -52,7 +54,7 @@ class LLM:
 
     def chat(self, messages: Messages | list[Messages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+             use_tqdm: bool | None = None, tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation (offering `tools`, OpenAI-shaped, as vLLM's
         LLM.chat does: the reply's calls are text, parsed by the server only), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages

@@ -52,6 +52,8 @@ def test_config_is_frozen_and_replaceable():
     ({"kv_cache_dtype": "int2"}, r"kv_cache_dtype must be one of \['auto', 'int8', 'int4', 'fp8'\]"),
     ({"block_size": 0}, r"block_size must be >= 1, got 0"),
     ({"kv_cache_memory": 0}, r"kv_cache_memory must be >= 1, got 0"),
+    ({"kv_cache_memory": "1 gigabyte"}, r"kv_cache_memory must be bytes or a size like 1GiB / 512MiB, got '1 gig"),
+    ({"kv_cache_memory": "0MiB"}, r"kv_cache_memory must be >= 1, got 0"),
     ({"kv_cache_memory_fraction": 1.5}, r"kv_cache_memory_fraction must be in \(0, 1\], got 1.5"),
     ({"gpu_memory_utilization": 0}, r"gpu_memory_utilization must be in \(0, 1\], got 0"),
     ({"kv_window": 0}, r"kv_window must be >= 1, got 0"),
@@ -109,6 +111,15 @@ def test_cli_flags_round_trip_to_the_same_config():
                                               max_num_seqs=3)
     assert engine_kwargs(build_parser().parse_args(["serve"])) == engine_kwargs(
         build_parser().parse_args(["generate", "x"]))
+
+
+@pytest.mark.parametrize(("size", "size_bytes"), [
+    ("1GiB", 2**30), ("512MiB", 512 * 2**20), ("64 mib", 64 * 2**20), ("2GB", 2 * 10**9), ("1.5k", 1500),
+    ("4096", 4096), (4096, 4096)])
+def test_kv_cache_memory_takes_sizes_with_units(size, size_bytes):
+    assert CacheConfig(kv_cache_memory=size).kv_cache_memory == size_bytes
+    args = build_parser().parse_args(["generate", "hi", "--kv-cache-memory", str(size)])
+    assert EngineConfig.from_kwargs(**engine_kwargs(args)).cache.kv_cache_memory == size_bytes
 
 
 def test_help_groups_flags_by_sub_config_and_shows_defaults(capsys: pytest.CaptureFixture[str]):

@@ -28,6 +28,13 @@ def paris(llm: LLM) -> RequestOutput:
     return llm.generate(PARIS, GREEDY, use_tqdm=False)[0]
 
 
+def test_show_progress_false_quiets_generate_too(llm: LLM, capsys: pytest.CaptureFixture[str]) -> None:
+    llm.generate(PARIS, GREEDY)
+    assert "Generating" not in capsys.readouterr().err
+    llm.generate(PARIS, GREEDY, use_tqdm=True)  # asked for
+    assert "Generating" in capsys.readouterr().err
+
+
 def run(llm: LLM, prompts, params=GREEDY) -> list[RequestOutput]:
     return llm.generate(prompts, params, use_tqdm=False)
 
