@@ -113,7 +113,7 @@ class GgufSource:
         try:
             self._reader = GGUFReader(self.path)
         except Exception as exc:  # gguf raises ValueError, struct/numpy errors on garbage
-            raise ValueError(f"{self.path}: not a readable GGUF file ({exc})") from exc
+            raise ValueError(self._unreadable(exc)) from exc
         if int(self._field("split.count", default=1)) > 1:
             raise ValueError(
                 f"{self.path}: split GGUF files are not supported; merge them first "
@@ -128,6 +128,17 @@ class GgufSource:
         self._tensors = self._map_tensors()
         self.hf_config = self._build_hf_config()
         self.num_weight_tensors = len(self._tensors)
+
+    def _unreadable(self, error: Exception) -> str:
+        """Why the reader failed, in a user's words: not a GGUF file at all, or one cut short (numpy's reshape and
+        index errors are what a truncated file's tensors give)."""
+        with open(self.path, "rb") as file:
+            magic = file.read(4)
+        if magic != b"GGUF":
+            return f"{self.path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')"
+        size = self.path.stat().st_size
+        return (f"{self.path}: truncated or corrupt GGUF file ({size:,} bytes; was a download or copy cut short?): "
+                f"{error}")
 
     def _field(self, key: str, *, required: bool = False, default: Any = None) -> Any:
         """Return a scalar/string metadata value, or default when absent."""

@@ -40,15 +40,16 @@ def test_wrong_file_type(tmp_path: pathlib.Path) -> None:
 def test_garbage_gguf(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "garbage.gguf"
     path.write_bytes(b"this is not a gguf file at all" * 10)
-    _raises_naming(path, "not a readable GGUF file")
+    _raises_naming(path, "not a GGUF file \\(it starts with b'this', not b'GGUF'\\)")
 
 
-def test_truncated_gguf(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("size", [4096, 50_000_000])  # cut mid-metadata; cut mid-tensors (numpy's reshape)
+def test_truncated_gguf(tmp_path: pathlib.Path, size: int) -> None:
     bundled = resolve_model_path(None)
     path = tmp_path / "truncated.gguf"
     with bundled.open("rb") as file:
-        path.write_bytes(file.read(4096))  # valid magic and header start, cut mid-metadata
-    _raises_naming(path, "not a readable GGUF file")
+        path.write_bytes(file.read(size))
+    _raises_naming(path, f"truncated or corrupt GGUF file \\({size:,} bytes; was a download or copy cut short\\?\\)")
 
 
 def test_missing_bundled_package(monkeypatch: pytest.MonkeyPatch) -> None:
