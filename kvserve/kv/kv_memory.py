@@ -318,8 +318,9 @@ def format_bytes(num_bytes: Fraction | int | float) -> str:
     return f"{value:,.0f} TiB" if value == int(value) else f"{value:,.2f} TiB"
 
 
-def format_report(report: KVMemoryReport) -> str:
-    """A readable table: per layout, elements per token per layer, bytes per token and total per kv_cache_dtype."""
+def format_report(report: KVMemoryReport, model_dtype: str | None = None) -> str:
+    """A readable table: per layout, elements per token per layer, bytes per token and total per kv_cache_dtype
+    (the `auto` rows named with `model_dtype`, the dtype they stand for, when given)."""
     shape = report.shape
     lines = [f"model: {shape.name} ({shape.attention}): {shape.num_layers} layers, {shape.num_heads} heads, "
              + (f"kv_lora_rank {shape.kv_lora_rank}, qk_rope_head_dim {shape.qk_rope_head_dim}, qk_nope_head_dim "
@@ -336,7 +337,8 @@ def format_report(report: KVMemoryReport) -> str:
             exact = f"{_number(per_token):,}" if per_token.denominator == 1 else f"{float(per_token):,.2f}"
             table.append([label if index == 0 else "",
                           f"{row.layout.elements_per_token_per_layer:,} = {row.layout.formula}" if index == 0 else "",
-                          dtype, exact, format_bytes(per_token), format_bytes(row.total_bytes[dtype])])
+                          f"auto ({model_dtype})" if dtype == "auto" and model_dtype else dtype, exact,
+                          format_bytes(per_token), format_bytes(row.total_bytes[dtype])])
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     right = {3, 4, 5}
 

@@ -32,7 +32,7 @@ def cmd_kv_memory(args: argparse.Namespace) -> None:
         payload["model_dtype"] = args.model_dtype
         print(json.dumps(payload, indent=2))
     else:
-        print(format_report(report))
+        print(format_report(report, args.model_dtype))
 
 
 def add_kv_memory_command(subparsers: argparse._SubParsersAction) -> None:
@@ -47,7 +47,8 @@ def add_kv_memory_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--context", type=_positive_int, default=4096, metavar="N", help="tokens per sequence")
     parser.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="number of sequences")
     parser.add_argument("--model-dtype", choices=list(MODEL_DTYPES), default="float16",
-                        help="dtype that kv_cache_dtype=auto stores (the engine's CPU default is float32)")
+                        help="dtype that kv_cache_dtype=auto stores, named in its rows (the engine's CPU default "
+                             "is float32, CUDA's 16-bit)")
     parser.add_argument("--gqa-kv-heads", type=_positive_int, default=None, metavar="N",
                         help="KV heads of the GQA equivalent (default: the model's, or 8 for MHA/MLA models)")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of the table")

@@ -131,6 +131,8 @@ def test_bundled_model_matches_the_allocated_cache():
 def test_cli_table_and_json(capsys: pytest.CaptureFixture[str]):
     out = run_cli(["--model", "llama-2-7b", "--context", "4096", "--batch", "32"], capsys)
     assert "MHA (real)" in out and "524,288" in out and "512 KiB" in out and "64 GiB" in out
+    assert "auto (float16)" in out  # the dtype the auto rows assume, said
+    assert "auto (float32)" in run_cli(["--model", "llama-2-7b", "--model-dtype", "float32"], capsys)
     data = json.loads(run_cli(["--model", "llama-2-7b", "--context", "4096", "--batch", "32", "--json"], capsys))
     assert data["num_tokens"] == 4096 * 32
     mha = next(row for row in data["attention"] if row["is_real"])
