@@ -163,7 +163,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
                          request_rate=args.request_rate, concurrency=args.concurrency,
                          input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
                          seed=args.seed, api_key=args.api_key or os.environ.get("KVSERVE_API_KEY"))
-    summary, results = asyncio.run(run_benchmark(config))
+    summary, results = asyncio.run(run_benchmark(config, show_progress=True))
     if args.plot:
         from kvserve.bench.plot import plot_latencies
 

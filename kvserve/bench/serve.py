@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from tqdm import tqdm
 
 # Plain words for prompts: about one token each for a BPE tokenizer, so word counts ~ token counts.
 _WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but "
@@ -129,24 +130,31 @@ async def _served_model(client: httpx.AsyncClient, config: BenchConfig) -> str:
     return response.json()["data"][0]["id"]
 
 
-async def run_benchmark(config: BenchConfig) -> tuple[dict[str, Any], list[RequestResult]]:
-    """Send the workload; returns the summary and every request's result."""
+async def run_benchmark(config: BenchConfig, show_progress: bool = False
+                        ) -> tuple[dict[str, Any], list[RequestResult]]:
+    """Send the workload; returns the summary and every request's result (a bar of finished requests on stderr
+    with `show_progress`)."""
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     limits = httpx.Limits(max_connections=config.concurrency or config.num_requests)
     async with httpx.AsyncClient(headers=headers, timeout=config.timeout_s, limits=limits) as client:
         model = await _served_model(client, config)
         gate = asyncio.Semaphore(config.concurrency or config.num_requests)
 
+        bar = tqdm(total=config.num_requests, desc="requests", unit="req", disable=not show_progress)
+
         async def one(prompt: str, max_tokens: int) -> RequestResult:
             async with gate:
-                return await _send(client, config, model, prompt, max_tokens)
+                result = await _send(client, config, model, prompt, max_tokens)
+            bar.update(1)
+            return result
 
         tasks = []
         start = time.perf_counter()
-        for (prompt, max_tokens), delay in zip(make_workload(config), arrival_delays(config), strict=True):
-            await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(prompt, max_tokens)))
-        results = await asyncio.gather(*tasks)
+        with bar:
+            for (prompt, max_tokens), delay in zip(make_workload(config), arrival_delays(config), strict=True):
+                await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(prompt, max_tokens)))
+            results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     return summarize(config, model, results, duration), results
 

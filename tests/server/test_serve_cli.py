@@ -79,10 +79,32 @@ def test_bench_serve_prints_json_and_plots(live, tmp_path, capsys) -> None:
     plot = tmp_path / "latency.png"
     main(["bench", "serve", "--url", live.url, "--model", MODEL, "--num-requests", "6", "--request-rate", "50",
           "--concurrency", "3", "--input-len", "16", "--output-len", "4", "--seed", "3", "--plot", str(plot)])
-    summary = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out)
+    assert "requests: 100%" in printed.err and "6/6" in printed.err  # the progress bar, on stderr
     assert summary["completed"] == 6 and summary["failures"] == 0
     assert summary["total_output_tokens"] > 0 and summary["output_throughput"] > 0
     for metric in ("ttft_ms", "tpot_ms", "itl_ms"):
         assert set(summary[metric]) == {"mean", "p50", "p90", "p99"}
         assert summary[metric]["p50"] <= summary[metric]["p99"]
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_plot_marks_p50_and_p99(tmp_path, monkeypatch) -> None:
+    from matplotlib.axes import Axes
+
+    from kvserve.bench.plot import plot_latencies
+    from kvserve.bench.serve import RequestResult
+
+    lines, axvline = [], Axes.axvline
+
+    def recorded(axis, x, **kwargs):
+        lines.append((round(x, 1), kwargs["label"]))
+        return axvline(axis, x, **kwargs)
+
+    monkeypatch.setattr(Axes, "axvline", recorded)
+    # request i: TTFT 10 i ms, TPOT (latency - TTFT) / 9 tokens = i ms
+    results = [RequestResult(ok=True, ttft=i / 100, latency=i / 100 + 0.009 * i, output_tokens=10)
+               for i in range(1, 11)]
+    plot_latencies(results, tmp_path / "latency.png")
+    assert lines == [(55.0, "p50 55.0 ms"), (99.1, "p99 99.1 ms"), (5.5, "p50 5.5 ms"), (9.9, "p99 9.9 ms")]
