@@ -239,9 +239,9 @@ def shape_from_hf_config(cfg: dict[str, Any], name: str) -> ModelShape:
 
 def _shape_from_gguf_metadata(path: pathlib.Path) -> ModelShape:
     """Read the attention shape straight from GGUF metadata, for architectures the loader cannot run (deepseek2)."""
-    from gguf import GGUFReader
+    from kvserve.loader.gguf import GgufFileReader
 
-    reader = GGUFReader(path)
+    reader = GgufFileReader(path)
 
     def get(key: str) -> Any:
         found = reader.get_field(key)

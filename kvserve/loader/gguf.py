@@ -105,13 +105,27 @@ class GgufTensor:
         return dataclasses.replace(self, data=self.data.to(device))
 
 
+class GgufFileReader(GGUFReader):
+    """gguf's GGUFReader over a plain ndarray view of its memory map: the same read-only pages, but each of the
+    ~1M slices that parsing a 49k-token vocabulary takes is numpy's C slicing, not numpy.memmap's Python-level
+    __array_finalize__ (the bundled file's metadata 2.8 -> 0.8-1.1 s, most of a start-up)."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._mapped
+
+    @data.setter
+    def data(self, mapped: np.memmap) -> None:  # set once, by GGUFReader.__init__
+        self._mapped = mapped.view(np.ndarray)
+
+
 class GgufSource:
     """A GGUF checkpoint: metadata read eagerly, tensors dequantized lazily."""
 
     def __init__(self, path: pathlib.Path) -> None:
         self.path = pathlib.Path(path)
         try:
-            self._reader = GGUFReader(self.path)
+            self._reader = GgufFileReader(self.path)
         except Exception as exc:  # gguf raises ValueError, struct/numpy errors on garbage
             raise ValueError(self._unreadable(exc)) from exc
         if int(self._field("split.count", default=1)) > 1:

@@ -21,7 +21,7 @@ from kvserve.loader import (
     open_model,
     resolve_model_path,
 )
-from kvserve.loader.gguf import gguf_to_hf_name, tokenizer_cache_path, unpermute_rope_rows
+from kvserve.loader.gguf import GgufFileReader, gguf_to_hf_name, tokenizer_cache_path, unpermute_rope_rows
 
 Q = gguf.GGMLQuantizationType
 
@@ -266,3 +266,16 @@ def test_split_gguf_rejected(tmp_path: pathlib.Path, tiny_model: Any, gguf_file:
 def _two_splits(writer: Any) -> None:
     """Mark a GGUF as the first of two llama-gguf-split parts."""
     writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 2)
+
+
+def test_the_file_reader_reads_what_gguf_reads_from_the_same_read_only_pages() -> None:
+    path = resolve_model_path(None)
+    ours, theirs = GgufFileReader(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        assert ours.fields[name].contents() == field.contents(), name
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, reference in zip(ours.tensors, theirs.tensors, strict=True):
+        assert mine.tensor_type == reference.tensor_type and list(mine.shape) == list(reference.shape)
+        assert np.array_equal(mine.data, reference.data) and not mine.data.flags.writeable
+    assert type(ours.data) is np.ndarray  # a plain view: numpy.memmap's slicing is what made parsing slow
