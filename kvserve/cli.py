@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -220,9 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_info_lines() -> None:
+    """kvserve's INFO lines (the engine's ready line, the server's draining) on stderr as `kvserve: ...`; other
+    libraries stay at their own levels. Once per process."""
+    package = logging.getLogger("kvserve")
+    if not any(isinstance(handler, _InfoHandler) for handler in package.handlers):
+        handler = _InfoHandler()
+        handler.setFormatter(logging.Formatter("kvserve: %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
+class _InfoHandler(logging.StreamHandler):
+    """The CLI's stderr handler (a class of its own, so that it is added once)."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `kvserve` console script."""
     args = build_parser().parse_args(argv)
+    show_info_lines()
     try:
         args.func(args)
     except ValueError as error:

@@ -20,6 +20,8 @@ def test_generate_streams_text_and_verbose_metrics() -> None:
     assert "Paris" in result.stdout  # greedy by default
     assert "TTFT" in result.stderr and "KV blocks in use: 0 / 91" in result.stderr
     assert "prompt tokens: 5, generated: 8" in result.stderr
+    assert "kvserve: SmolLM2-135M-Instruct.Q4_1.gguf ready in " in result.stderr  # the ready line
+    assert "91 blocks of 16 tokens = 1,456 tokens of context; max_model_len 1,456" in result.stderr
 
 
 def test_chat_one_message() -> None:

@@ -82,6 +82,7 @@ class Engine:
     """Loads the model, owns scheduler, KV manager and runner, and steps them."""
 
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
+        started = time.monotonic()
         self.config = config
         self.platform = get_platform(config)
         self.platform.configure()  # process-wide settings, undone by shutdown() where they can be
@@ -117,9 +118,6 @@ class Engine:
         num_blocks = self._num_kv_blocks(specs, max_model_len, draft_specs)
         self.runner.allocate_kv_cache(specs, num_blocks, block_size, num_slots, draft_specs)
         self.model_bytes = self.runner.model_bytes  # fixed from here on; summing it walks every module
-        logger.info("KV cache: %d blocks of %d tokens, %.2f GiB (%s); model %.2f GiB", num_blocks, block_size,
-                    self.runner.kv_cache_bytes / GIB, storage_dtype,
-                    self.model_bytes / GIB)
         # A single request must always fit in the cache, or preemption could never make room; with a window
         # it only ever holds its sinks and window (checked in _num_kv_blocks), so the context is not capped.
         self.max_model_len = (max_model_len if config.cache.kv_window
@@ -143,6 +141,10 @@ class Engine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self._throughput = ThroughputWindow()
+        logger.info("%s ready in %.1f s: model %.2f GiB; KV cache %.2f GiB (%s), %s blocks of %d tokens = %s tokens "
+                    "of context; max_model_len %s", source.path.name, time.monotonic() - started,
+                    self.model_bytes / GIB, self.runner.kv_cache_bytes / GIB, storage_dtype, f"{num_blocks:,}",
+                    block_size, f"{num_blocks * block_size:,}", f"{self.max_model_len:,}")
 
     def _num_kv_blocks(self, specs: list[KVCacheSpec], max_model_len: int, draft_specs: list[KVCacheSpec]) -> int:
         """Blocks bought by the budget (after the int4 residual; a block holds the draft model's layers too), but
