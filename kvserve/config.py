@@ -131,7 +131,8 @@ class CacheConfig:
         "help": "KV-cache size: bytes, or with a unit (1GiB, 512MiB, 2GB); default: kv_cache_memory_fraction of "
                 "free memory (CPU) or what gpu_memory_utilization leaves (CUDA)"})
     kv_cache_memory_fraction: float = field(default=0.1, metadata={
-        "help": "CPU: fraction of available memory for the KV cache when kv_cache_memory is unset"})
+        "help": "CPU, when kv_cache_memory is unset: the KV cache's share of the host's total memory (at most "
+                "half of the free memory)"})
     gpu_memory_utilization: float = field(default=0.9, metadata={
         "help": "CUDA, when kv_cache_memory is unset: the share of the GPU's memory kvserve may use in all; the "
                 "KV cache gets what the weights and a profiled worst-case step leave"})

@@ -118,8 +118,13 @@ def available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
+    return host_memory_bytes("MemAvailable")
+
+
+def host_memory_bytes(entry: str = "MemTotal") -> int:
+    """A /proc/meminfo entry in bytes (MemTotal: the host's memory; MemAvailable: what it can still give)."""
     with open("/proc/meminfo") as meminfo:
         for line in meminfo:
-            if line.startswith("MemAvailable:"):
+            if line.startswith(f"{entry}:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+    raise RuntimeError(f"cannot read {entry} from /proc/meminfo")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kvserve.config import EngineConfig
-from kvserve.kv.kv_cache import available_memory_bytes
+from kvserve.kv.kv_cache import available_memory_bytes, host_memory_bytes
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.layers.linear import Linear
 from kvserve.layers.norm import NormKernel, RMSNorm, rms_norm
@@ -101,5 +101,8 @@ class Platform:
         return nullcontext()
 
     def kv_cache_budget(self, runner: ModelRunner, specs: list[KVCacheSpec], max_model_len: int) -> int:
-        """KV-cache bytes when kv_cache_memory is unset: kv_cache_memory_fraction of the free memory."""
-        return int(available_memory_bytes(self.device) * self.config.cache.kv_cache_memory_fraction)
+        """KV-cache bytes when kv_cache_memory is unset: kv_cache_memory_fraction of the host's total memory, the
+        same from run to run (of the free memory it had moved by 2.5x between runs), but never more than half of
+        what is free now. The pages are touched as blocks are first used, not up front."""
+        share = host_memory_bytes() * self.config.cache.kv_cache_memory_fraction
+        return int(min(share, available_memory_bytes(self.device) / 2))

@@ -134,3 +134,15 @@ def test_negative_cpu_blas_max_tokens_rejected() -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_glibc_accepts_the_malloc_limits() -> None:
     assert keep_freed_memory()
+
+
+def test_the_default_kv_budget_is_a_share_of_total_memory_capped_by_half_the_free(monkeypatch) -> None:
+    from kvserve.platforms import base
+
+    platform = get_platform(EngineConfig.from_kwargs(kv_cache_memory_fraction=0.25))
+    memory = {"MemTotal": 32 * 2**30, "MemAvailable": 20 * 2**30}
+    monkeypatch.setattr(base, "host_memory_bytes", lambda entry="MemTotal": memory[entry])
+    monkeypatch.setattr(base, "available_memory_bytes", lambda device: memory["MemAvailable"])
+    assert platform.kv_cache_budget(None, [], 1024) == 8 * 2**30  # a quarter of 32 GiB, whatever is free
+    memory["MemAvailable"] = 12 * 2**30
+    assert platform.kv_cache_budget(None, [], 1024) == 6 * 2**30  # half of what is free, when that is less
