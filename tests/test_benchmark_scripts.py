@@ -37,7 +37,8 @@ def test_exits_clearly_without_cuda(script: str) -> None:
 
 CPU_SCRIPTS = [("bench_offline.py", "--kv-cache-memory"), ("bench_kv.py", "--cache-sizes"),
                ("bench_mla.py", "--contexts"), ("bench_quant.py", "--calibration-tokens"),
-               ("bench_peers.py", "--setup-only"), ("bench_spec.py", "--num-speculative-tokens")]
+               ("bench_peers.py", "--setup-only"), ("bench_spec.py", "--num-speculative-tokens"),
+               ("bench_startup.py", "--rounds")]
 
 
 @pytest.mark.parametrize(("script", "flag"), CPU_SCRIPTS)

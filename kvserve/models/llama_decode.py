@@ -4,8 +4,8 @@ The module path pays Python and torch dispatch for ~20 ops per layer, more than 
 take at batch 1. `FusedLlamaDecode` describes the loaded model to the kernel once (weight pointers, norms, the
 KV-cache tensors) and then runs the layers of a step whose tokens are all single-token decodes on float32 or
 int8 caches. Same kernels as the module path (GGUF blocks or float32 rows, RMSNorm, paged decode attention); RoPE and
-SiLU in C. Anything else (prefill chunks, fp8 / int4 caches, windows, Qwen3's QK-norm) returns None and the
-caller runs the modules.
+SiLU in C. Batches beyond the kernels' rows run split: the modules' matmuls, the rest of each layer in C. Anything
+else (prefill chunks, fp8 / int4 caches, windows, Qwen3's QK-norm) returns None and the caller runs the modules.
 """
 
 from __future__ import annotations
