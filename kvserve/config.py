@@ -129,7 +129,7 @@ class CacheConfig:
                 "(KIVI: keys per channel per block, values per token)"})
     kv_cache_memory: str | int | None = field(default=None, metadata={
         "help": "KV-cache size: bytes, or with a unit (1GiB, 512MiB, 2GB); default: kv_cache_memory_fraction of "
-                "free memory (CPU) or what gpu_memory_utilization leaves (CUDA)"})
+                "total memory (CPU) or what gpu_memory_utilization leaves (CUDA)"})
     kv_cache_memory_fraction: float = field(default=0.1, metadata={
         "help": "CPU, when kv_cache_memory is unset: the KV cache's share of the host's total memory (at most "
                 "half of the free memory)"})
