@@ -40,11 +40,29 @@ class CommonAttentionMetadata:
     max_query_len: int
     window: WindowMetadata | None = None  # sinks + sliding window layout
     int4: Int4WritePlan | None = None  # int4 residual layout
+    # A sliding-window KV group (kv/kv_groups.py): query q sees keys q - W < k <= q, and each table row starts at
+    # the first block its window sees, key position first_key_position[i] (gathered columns are shifted by it).
+    sliding_window: int | None = None
+    first_key_position: torch.Tensor | None = None  # [B] long
+    first_key_position_host: list[int] | None = None  # [B]
 
     @property
     def num_tokens(self) -> int:
         """Rows of the packed batch."""
         return self.query_start_loc_host[-1]
+
+
+@dataclass
+class GroupedAttentionMetadata:
+    """A hybrid KV cache's step metadata: one backend metadata per KV group (its tables, its window); a layer
+    reads its group's."""
+
+    groups: list[AttentionMetadata]
+    group_of: list[int]  # each layer's group
+
+    def for_layer(self, index: int) -> AttentionMetadata:
+        """The metadata layer `index` attends with."""
+        return self.groups[self.group_of[index]]
 
 
 @dataclass(frozen=True)

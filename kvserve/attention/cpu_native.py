@@ -53,14 +53,16 @@ class CpuAttentionBackend(TorchAttentionBackend):
                              "kvserve/native/paged_decode.c")
 
     def build_metadata(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
-        """torch_ref's metadata; the kernel reads seq_lens, so no dense decode mask is built for it."""
-        return build_torch_metadata(common, with_decode_mask=not self.use_kernel)
+        """torch_ref's metadata; the kernel reads seq_lens, so no dense decode mask is built for it (a
+        sliding-window group's decodes take the mask and torch_ref's decode: the kernel reads from position 0)."""
+        kernel = self.use_kernel and common.sliding_window is None
+        return build_torch_metadata(common, with_decode_mask=not kernel)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
         """torch_ref.paged_attention, with the decodes on the kernel where it serves this cache."""
-        return torch_ref.paged_attention(query, key, value, cache, metadata, scale,
-                                         decode=decode if self.use_kernel else None)
+        kernel = self.use_kernel and metadata.decode_mask is None
+        return torch_ref.paged_attention(query, key, value, cache, metadata, scale, decode=decode if kernel else None)
 
 
 def decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:

@@ -22,6 +22,7 @@ class PrefillSeq:
     block_table: torch.Tensor  # [num_blocks] long (with a window: only the blocks still held, in order)
     residual: ResidualTails | None = None  # int4: its tail block, if incomplete
     key_mask: torch.Tensor | None = None  # with a window: [query_len, num_blocks * bs] bool, True = visible
+    first_key: int = 0  # a sliding-window group: the position of the first gathered key
 
 
 @dataclass
@@ -60,6 +61,10 @@ def _decode_mask(common: CommonAttentionMetadata, tables: torch.Tensor, seq_lens
     """[B, 1, 1, max_blocks * block_size] bool: which gathered key columns each decode sees."""
     size, device, window = common.block_size, tables.device, common.window
     num_decodes, max_blocks = tables.shape
+    if common.sliding_window is not None:  # the tables start at each decode's first visible block
+        key_pos = torch.arange(max_blocks * size, device=device) + common.first_key_position[:num_decodes, None]
+        query_pos = seq_lens[:, None] - 1
+        return sliding_visible(key_pos, query_pos, common.sliding_window)[:, None, None, :]
     if window is None:
         key_pos = torch.arange(max_blocks * size, device=device)
         return (key_pos[None, :] < seq_lens[:, None])[:, None, None, :]
@@ -87,4 +92,18 @@ def _prefill_seq(common: CommonAttentionMetadata, row: int) -> PrefillSeq:
         query_pos = torch.arange(seq_len - query_len, seq_len, device=device)
         seq.key_mask = window_visible(key_positions(window.held_columns[row], common.block_size, device), query_pos,
                                       window.window, window.num_sinks)
+    sliding = common.sliding_window
+    if sliding is not None:
+        seq.first_key = common.first_key_position_host[row]
+        if seq.first_key or seq_len > sliding:  # else plain causal attention is the same
+            device = common.block_table.device
+            key_pos = torch.arange(seq.first_key, seq.first_key + len(seq.block_table) * common.block_size,
+                                   device=device)
+            query_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
+            seq.key_mask = sliding_visible(key_pos[None, :], query_pos, sliding)
     return seq
+
+
+def sliding_visible(key_pos: torch.Tensor, query_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Which keys a sliding-window query sees: q - window < k <= q (broadcasting key_pos and query_pos)."""
+    return (key_pos <= query_pos) & (key_pos > query_pos - window)

@@ -175,20 +175,23 @@ def _prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache:
              scale: float) -> torch.Tensor:
     """Causal attention of one request's new tokens over its cached prefix and themselves."""
     num_cached = seq.seq_len - seq.query_len
-    if num_cached == 0:
+    if num_cached == 0 and seq.key_mask is None:
         # Nothing cached before: the fresh K/V are the whole sequence. [n, H, D] -> [H, n, D]
         keys, values = key.transpose(0, 1), value.transpose(0, 1)
         mask = None
     else:
-        # Query i sits at position num_cached + i and sees keys 0..num_cached + i.
-        key_pos = torch.arange(seq.block_table.numel() * cache.key.shape[1], device=query.device)
-        query_pos = torch.arange(num_cached, seq.seq_len, device=query.device)
-        mask = key_pos[None, :] <= query_pos[:, None]  # [n, nb * bs]
+        # Query i sits at position num_cached + i and sees keys 0..num_cached + i (a sliding window: key_mask).
+        mask = seq.key_mask
+        if mask is None:
+            key_pos = torch.arange(seq.block_table.numel() * cache.key.shape[1], device=query.device)
+            query_pos = torch.arange(num_cached, seq.seq_len, device=query.device)
+            mask = key_pos[None, :] <= query_pos[:, None]  # [n, nb * bs]
         if cache.is_quantized:
             return _prefill_quantized(query, None, cache, seq, mask, 0, scale)
         keys, values = gather_kv(cache, seq.block_table[None], query.dtype, seq.residual)
-        keys, values = keys[0, :, :seq.seq_len], values[0, :, :seq.seq_len]  # [Hkv, S, D]
-        mask = mask[:, :seq.seq_len]
+        num_keys = seq.seq_len - seq.first_key  # the gathered keys up to the last query
+        keys, values = keys[0, :, :num_keys], values[0, :, :num_keys]  # [Hkv, S, D]
+        mask = mask[:, :num_keys]
     group = query.shape[1] // keys.shape[0]
     if group > 1:  # GQA: one K/V copy per query head; SDPA's own enable_gqa falls back to a slow kernel
         keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)

@@ -18,6 +18,7 @@ from kvserve.engine.scheduler import Scheduler, SpecDecodeStats
 from kvserve.engine.stop import check_stop
 from kvserve.inputs import InputProcessor, PromptInput
 from kvserve.kv.int4_residual import num_residual_slots, residual_bytes
+from kvserve.kv.kv_groups import KVCacheGroups, blocks_per_request, max_context
 from kvserve.kv.kv_manager import KVCacheManager
 from kvserve.kv.kv_spec import KVCacheSpec, bytes_per_block, bytes_per_token
 from kvserve.kv.sinks_window import SinksWindow, max_blocks_per_request
@@ -110,6 +111,8 @@ class Engine:
         draft_specs = [] if draft is None else draft.kv_cache_specs(draft_dtype)  # its layers in the same blocks
         if config.cache.kv_cache_dtype == "int4":  # keys share a per-channel scale across one block
             specs = [dataclasses.replace(spec, group_size=block_size) for spec in specs]
+        self.kv_groups = KVCacheGroups.from_specs(specs)
+        self._check_hybrid(draft_specs)
         self.kv_window = (SinksWindow(config.cache.kv_window, config.cache.kv_sinks, block_size)
                           if config.cache.kv_window else None)
         # int4: every running request keeps its newest, incomplete block in full precision.
@@ -120,12 +123,13 @@ class Engine:
         self.model_bytes = self.runner.model_bytes  # fixed from here on; summing it walks every module
         # A single request must always fit in the cache, or preemption could never make room; with a window
         # it only ever holds its sinks and window (checked in _num_kv_blocks), so the context is not capped.
+        chunk = config.scheduler.max_num_batched_tokens
         self.max_model_len = (max_model_len if config.cache.kv_window
-                              else min(max_model_len, num_blocks * block_size))
+                              else max_context(self.kv_groups.windows, num_blocks, block_size, chunk, max_model_len))
         bytes_per = bytes_per_token(specs + draft_specs)
         self.kv_bytes_per_token = int(bytes_per) if bytes_per.denominator == 1 else float(bytes_per)
         self.kv_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching,
-                                         config.cache.kv_window, config.cache.kv_sinks)
+                                         config.cache.kv_window, config.cache.kv_sinks, self.kv_groups.windows)
         self.runner.set_window(self.kv_window)
         self.scheduler = Scheduler(dataclasses.replace(config.scheduler, max_model_len=self.max_model_len),
                                    self.kv_manager, config.speculative.speculative_disable_by_batch_size,
@@ -152,9 +156,10 @@ class Engine:
         config = self.config
         budget = self._kv_budget(specs, max_model_len)
         block_size = config.cache.resolved_block_size
-        per_block = bytes_per_block(specs + draft_specs, block_size)
-        per_request = max_blocks_per_request(self.kv_window, config.scheduler.max_num_batched_tokens, max_model_len,
-                                             block_size)
+        per_block = bytes_per_block(self.kv_groups.page_specs(specs) + draft_specs, block_size)
+        chunk = config.scheduler.max_num_batched_tokens
+        per_request = (max_blocks_per_request(self.kv_window, chunk, max_model_len, block_size) if self.kv_window
+                       else blocks_per_request(self.kv_groups.windows, max_model_len, block_size, chunk))
         num_blocks = min((budget - self.kv_residual_bytes) // per_block,
                          config.scheduler.max_num_seqs * per_request)
         if num_blocks < 1:
@@ -167,6 +172,19 @@ class Engine:
                              f"max_num_batched_tokens={config.scheduler.max_num_batched_tokens} needs {per_request} "
                              "blocks per request")
         return num_blocks
+
+    def _check_hybrid(self, draft_specs: list[KVCacheSpec]) -> None:
+        """A hybrid KV cache (sliding-window and full layers in one pool) runs without int4 and a draft model:
+        both lay their own data out per block of every layer."""
+        if self.kv_groups.num_groups == 1:
+            return
+        name = self.model_config.architecture
+        if self.config.cache.kv_cache_dtype == "int4":
+            raise ValueError(f"kv_cache_dtype='int4' is not supported for {name}: its sliding-window layers use a "
+                             "hybrid KV cache; use int8 or fp8")
+        if draft_specs:
+            raise ValueError(f"speculative_method='draft_model' is not supported for {name} (a hybrid KV cache); "
+                             "use ngram")
 
     def _kv_budget(self, specs: list[KVCacheSpec], max_model_len: int) -> int:
         """KV-cache bytes: kv_cache_memory if set, else what the platform allows (a fraction of the free memory;

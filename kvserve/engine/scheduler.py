@@ -132,7 +132,7 @@ class Scheduler:
             request = self.waiting[0]
             # A new or preempted request starts from whatever prefix of it is cached.
             prefix = self._cached_prefix(request)
-            num_cached = len(prefix.blocks) * self.kv_manager.block_size
+            num_cached = prefix.num_blocks * self.kv_manager.block_size
             num_new = self._num_new_tokens(request, budget, num_cached)
             if num_new == 0:
                 break

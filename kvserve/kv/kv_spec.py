@@ -14,6 +14,8 @@ class KVCacheSpec:
 
     MLA stores a single latent "head" with `value_dim == 0` (the value is read from the key latent).
     int4 shares each key channel's scale across a group of `group_size` tokens: one KV block.
+    A sliding-window layer (`sliding_window` W) lets query q see keys q - W < k <= q only: it holds just the blocks
+    its window can still see (kv/kv_groups.py).
     """
 
     num_kv_heads: int
@@ -21,6 +23,7 @@ class KVCacheSpec:
     value_dim: int
     dtype: str
     group_size: int = 0
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:

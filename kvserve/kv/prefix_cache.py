@@ -2,7 +2,8 @@
 
 A full block is named by a hash chained from its parent block's hash and its own token ids, so
 equal hashes mean equal prefixes up to that block. Hashes can collide, so a lookup also compares
-the stored token ids: a collision costs a cache miss, never a wrong block.
+the stored token ids: a collision costs a cache miss, never a wrong block. A hybrid cache (kv/kv_groups.py)
+holds one block per KV group for the same tokens: each group's is found under the hash and the group's index.
 """
 
 from __future__ import annotations
@@ -21,39 +22,54 @@ def hash_block(parent_hash: int | None, token_ids: BlockTokens) -> int:
 class CachedPrefix:
     """The leading full blocks of a sequence found in the cache, with their chained hashes."""
 
-    blocks: list[int] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # a hybrid cache: one per KV group per block, interleaved
+    hashes: list[int] = field(default_factory=list)  # one per block
+
+    @property
+    def num_blocks(self) -> int:
+        """Leading blocks of the sequence found (each group's, in a hybrid cache)."""
+        return len(self.hashes)
+
+
+# A block's key: its chained hash, and for KV group g > 0 of a hybrid cache (g, hash).
+BlockKey = int | tuple[int, int]
+
+
+def _key(block_hash: int, group: int) -> BlockKey:
+    return block_hash if group == 0 else (group, block_hash)
 
 
 class PrefixCache:
     """Maps block hashes to blocks that hold exactly those tokens' keys and values."""
 
     def __init__(self) -> None:
-        self._blocks: dict[int, tuple[int, int | None, BlockTokens]] = {}  # hash -> (block, parent, tokens)
-        self._hash_of_block: dict[int, int] = {}
+        self._blocks: dict[BlockKey, tuple[int, int | None, BlockTokens]] = {}  # key -> (block, parent, tokens)
+        self._hash_of_block: dict[int, BlockKey] = {}
 
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def lookup(self, block_hash: int, parent_hash: int | None, token_ids: BlockTokens) -> int | None:
-        """The block caching these tokens after this parent, or None (also on a hash collision)."""
-        entry = self._blocks.get(block_hash)
+    def lookup(self, block_hash: int, parent_hash: int | None, token_ids: BlockTokens, group: int = 0) -> int | None:
+        """The block of KV group `group` caching these tokens after this parent, or None (also on a collision)."""
+        entry = self._blocks.get(_key(block_hash, group))
         if entry is None or entry[1] != parent_hash or entry[2] != token_ids:
             return None
         return entry[0]
 
-    def insert(self, block: int, block_hash: int, parent_hash: int | None, token_ids: BlockTokens) -> bool:
-        """Remember that `block` holds these tokens after this parent; the first block under a hash wins.
+    def insert(self, block: int, block_hash: int, parent_hash: int | None, token_ids: BlockTokens,
+               group: int = 0) -> bool:
+        """Remember that `block` holds these tokens after this parent; the first block under a key wins.
 
         Returns False on a hash collision (the hash names other tokens): the caller must then stop
         caching this sequence, since its later blocks would chain from a hash that names other tokens.
         """
-        entry = self._blocks.get(block_hash)
+        key = _key(block_hash, group)
+        entry = self._blocks.get(key)
         if entry is not None:
             return entry[1] == parent_hash and entry[2] == token_ids
         if block not in self._hash_of_block:
-            self._blocks[block_hash] = (block, parent_hash, token_ids)
-            self._hash_of_block[block] = block_hash
+            self._blocks[key] = (block, parent_hash, token_ids)
+            self._hash_of_block[block] = key
         return True
 
     def evict(self, block: int) -> None:

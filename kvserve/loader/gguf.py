@@ -25,7 +25,11 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
+
+# llama.cpp's Gemma converters store each RMSNorm's (1 + weight); Hugging Face's Gemma norms add the 1 themselves.
+_NORM_PLUS_ONE_ARCHITECTURES = frozenset({"gemma3"})
 
 # llama.cpp's converter reorders Q/K rows into the interleaved rope layout only for llama.
 _PERMUTED_ARCHITECTURES = frozenset({"llama"})
@@ -34,6 +38,15 @@ _GLOBAL_NAMES: dict[str, str] = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
+}
+
+# Where an architecture's layer tensors are named otherwise than Llama's (Gemma's four norms per layer).
+_ARCH_LAYER_NAMES: dict[str, dict[str, str]] = {
+    "gemma3": {
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
 }
 
 _LAYER_NAMES: dict[str, str] = {
@@ -63,15 +76,16 @@ _FLOAT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GG
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, architecture: str = "llama") -> str | None:
     """Map a GGUF tensor name to its Hugging Face parameter name, or None if unknown."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     match = _LAYER_TENSOR.fullmatch(name)
-    if match is None or match.group(2) not in _LAYER_NAMES:
+    names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(architecture, {})}
+    if match is None or match.group(2) not in names:
         return None
     layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    return f"model.layers.{layer}.{names[part]}.{kind}"
 
 
 def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -178,7 +192,7 @@ class GgufSource:
                     f"{self.path}: rope_freqs (Llama 3 rope scaling) is not supported; "
                     "use the Hugging Face safetensors checkpoint instead"
                 )
-            hf_name = gguf_to_hf_name(tensor.name)
+            hf_name = gguf_to_hf_name(tensor.name, self.architecture)
             if hf_name is None:
                 raise ValueError(f"{self.path}: unexpected GGUF tensor {tensor.name!r}")
             mapped.append((hf_name, tensor))
@@ -211,6 +225,27 @@ class GgufSource:
             "eos_token_id": self._field("tokenizer.ggml.eos_token_id"),
             "attention_bias": "model.layers.0.self_attn.q_proj.bias" in names,
             "torch_dtype": "float32",
+            **(self._gemma3_config() if self.architecture == "gemma3" else {}),
+        }
+
+    def _gemma3_config(self) -> dict[str, Any]:
+        """Gemma 3's keys that the GGUF may leave out take llama.cpp's values for the released models: a global
+        layer every sixth, local RoPE theta 10k, queries scaled by head_dim ** -0.5."""
+        num_layers = int(self._arch("block_count", required=True))
+        pattern = int(self._arch("attention.sliding_window_pattern", default=6))
+        head_dim = self._head_dim(int(self._arch("embedding_length")), int(self._arch("attention.head_count")))
+        return {
+            "layer_types": ["full_attention" if (index + 1) % pattern == 0 else "sliding_attention"
+                            for index in range(num_layers)],
+            "sliding_window": int(self._arch("attention.sliding_window", required=True)),
+            "query_pre_attn_scalar": head_dim,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", **(self._rope_scaling() or {}),
+                                   "rope_theta": _round_f32(self._arch("rope.freq_base", default=1_000_000.0))},
+                "sliding_attention": {"rope_type": "default",
+                                      "rope_theta": _round_f32(self._arch("rope.freq_base_swa", default=10000.0))},
+            },
         }
 
     def _head_dim(self, hidden_size: int, num_heads: int) -> int:
@@ -279,6 +314,8 @@ class GgufSource:
             ) from exc
         if self.architecture in _PERMUTED_ARCHITECTURES:
             array = self._unpermute(hf_name, array)
+        if self.architecture in _NORM_PLUS_ONE_ARCHITECTURES and hf_name.endswith("norm.weight"):
+            array = array - 1
         if not array.flags.writeable:
             # F32 tensors come back as views of the read-only memmap, which torch must not alias.
             array = array.copy()

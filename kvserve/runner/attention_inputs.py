@@ -11,6 +11,7 @@ import torch
 
 from kvserve.attention.backend import CommonAttentionMetadata
 from kvserve.kv.int4_residual import Int4ResidualLayout
+from kvserve.kv.kv_groups import first_visible_block
 from kvserve.kv.sinks_window import held_blocks
 from kvserve.kv.window_layout import SinksWindowLayout
 
@@ -18,11 +19,13 @@ from kvserve.kv.window_layout import SinksWindowLayout
 def build_common_metadata(req_ids: list[str], num_computed_tokens: list[int], num_new_tokens: list[int],
                           block_tables: list[list[int]], block_size: int, device: torch.device,
                           window: SinksWindowLayout | None = None,
-                          int4: Int4ResidualLayout | None = None) -> CommonAttentionMetadata:
+                          int4: Int4ResidualLayout | None = None,
+                          sliding_window: int | None = None) -> CommonAttentionMetadata:
     """The common metadata of one step over requests given in batch order, single-token requests first.
 
     `block_tables[i]`: request i's logical table (with a window, evicted entries are EVICTED). Raises a
-    ValueError when a table cannot hold its request's tokens (kernels trust the tables).
+    ValueError when a table cannot hold its request's tokens (kernels trust the tables). A sliding-window KV
+    group's tables are gathered from the first block the window sees (the blocks before it may be gone).
     """
     num_reqs = len(req_ids)
     num_decodes = 0
@@ -46,22 +49,30 @@ def build_common_metadata(req_ids: list[str], num_computed_tokens: list[int], nu
     if window is not None:
         held = [held_blocks(table) for table in block_tables]
         gathered, held_columns = [blocks for blocks, _ in held], [columns for _, columns in held]
+    first_blocks = []
+    if sliding_window is not None:
+        first_blocks = [first_visible_block(start, sliding_window, block_size) for start in num_computed_tokens]
+        gathered = [table[first:] for table, first in zip(block_tables, first_blocks, strict=True)]
     num_blocks = [len(blocks) for blocks in gathered]
     max_blocks = max(num_blocks, default=0)
-    flat = positions + slots + query_start_loc + seq_lens + num_computed_tokens
+    first_keys = [first * block_size for first in first_blocks]
+    flat = positions + slots + query_start_loc + seq_lens + num_computed_tokens + first_keys
     for blocks in gathered:
         flat.extend(blocks)
         flat.extend([0] * (max_blocks - len(blocks)))
     num_tokens = query_start_loc[-1]
     data = torch.tensor(flat, dtype=torch.long, device=device)
-    position_t, slot_t, start_t, len_t, computed_t, table_t = data.split(
-        [num_tokens, num_tokens, num_reqs + 1, num_reqs, num_reqs, num_reqs * max_blocks])
+    position_t, slot_t, start_t, len_t, computed_t, first_key_t, table_t = data.split(
+        [num_tokens, num_tokens, num_reqs + 1, num_reqs, num_reqs, len(first_keys), num_reqs * max_blocks])
     common = CommonAttentionMetadata(
         positions=position_t, slot_mapping=slot_t, query_start_loc=start_t, seq_lens=len_t,
         num_computed_tokens=computed_t, block_table=table_t.view(num_reqs, max_blocks), num_reqs=num_reqs,
         num_decode_tokens=num_decodes, block_size=block_size, query_start_loc_host=query_start_loc,
         seq_lens_host=seq_lens, num_blocks_host=num_blocks,
         max_query_len=max(num_new_tokens, default=0))
+    if sliding_window is not None:
+        common.sliding_window = sliding_window
+        common.first_key_position, common.first_key_position_host = first_key_t, first_keys
     if window is not None:
         common.window = window.step_metadata(position_t, num_decodes, held_columns)
     if int4 is not None:

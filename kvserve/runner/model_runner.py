@@ -10,11 +10,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kvserve.attention.backend import AttentionBackend, AttentionMetadata
+from kvserve.attention.backend import AttentionBackend, AttentionMetadata, GroupedAttentionMetadata
 from kvserve.config import EngineConfig, ModelConfig
 from kvserve.engine.sched_output import ModelRunnerOutput, SchedulerOutput
 from kvserve.kv.int4_residual import Int4ResidualLayout
 from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches
+from kvserve.kv.kv_groups import KVCacheGroups
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.kv.sinks_window import SinksWindow
 from kvserve.kv.window_layout import SinksWindowLayout
@@ -47,6 +48,7 @@ class ModelRunner:
         self.model = load_model(platform, config.load.torch_dtype, self.quantization, model_config, source,
                                 max_model_len, attention_backend, show_progress)
         self.kv_caches: list[LayerKVCache] = []
+        self.kv_groups = KVCacheGroups(((),), (None,))  # set with the cache
         self.block_size = 0
         self.int4: Int4ResidualLayout | None = None  # int4 caches only
         self.window: SinksWindowLayout | None = None  # sinks + sliding window (StreamingLLM)
@@ -77,7 +79,11 @@ class ModelRunner:
         """Allocate the paged cache tensors once (int4: plus one residual slot per running request; a draft
         model: its layers in the same blocks)."""
         dtype = self.dtype
-        self.kv_caches = allocate_kv_caches(specs, num_blocks, block_size, self.device, dtype, num_residual_slots)
+        self.kv_groups = KVCacheGroups.from_specs(specs)
+        # Layer j of every KV group reads the same tensors (its group's tables never share their blocks).
+        slots = allocate_kv_caches(self.kv_groups.page_specs(specs), num_blocks, block_size, self.device, dtype,
+                                   num_residual_slots)
+        self.kv_caches = [slots[slot] for slot in self.kv_groups.slot_of]
         self.block_size = block_size
         self.model.fused_decode = self.platform.fused_decode(self.model, self.attention_backend, self.kv_caches)
         if any(cache.is_int4 for cache in self.kv_caches):
@@ -114,7 +120,7 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         """Bytes held by the KV-cache tensors (the draft model's included)."""
         draft = 0 if self.draft is None else self.draft.kv_cache_bytes
-        return sum(cache.num_bytes for cache in self.kv_caches) + draft
+        return sum(cache.num_bytes for cache in {id(cache): cache for cache in self.kv_caches}.values()) + draft
 
     def release(self, finished_req_ids: Sequence[str], preempted_req_ids: Sequence[str] = ()) -> None:
         """Forget the generators of finished requests and the int4 residual slots of finished and preempted ones."""
@@ -178,9 +184,21 @@ class ModelRunner:
         # A decode verifying k drafts attends as 1 + k single-token rows: verify steps run on the decode kernels.
         rows = single_token_rows(batch.req_ids, batch.num_computed_tokens, batch.num_new_tokens, batch.block_tables,
                                  [bool(drafts) for drafts in batch.drafts])
-        common = build_common_metadata(*rows, self.block_size, self.device, self.window, self.int4)
-        metadata = self.attention_backend.build_metadata(common)
-        return torch.tensor(batch.token_ids, device=self.device), common.positions, metadata
+        ids = torch.tensor(batch.token_ids, device=self.device)
+        groups = self.kv_groups
+        if groups.num_groups == 1:
+            common = build_common_metadata(*rows, self.block_size, self.device, self.window, self.int4,
+                                           groups.windows[0])
+            return ids, common.positions, self.attention_backend.build_metadata(common)
+        # A hybrid cache: each group's tables are every num_groups-th entry of the request's interleaved table.
+        req_ids, computed, counts, tables = rows
+        metadata = []
+        for group, window in enumerate(groups.windows):
+            group_tables = [table[group::groups.num_groups] for table in tables]
+            common = build_common_metadata(req_ids, computed, counts, group_tables, self.block_size, self.device,
+                                           sliding_window=window)
+            metadata.append(self.attention_backend.build_metadata(common))
+        return ids, common.positions, GroupedAttentionMetadata(metadata, groups.group_of)
 
     def _sampling_metadata(self, requests: list[CachedRequestState], drafts: list[list[int]]) -> SamplingMetadata:
         """One row per sampling position: a request verifying k drafts has 1 + k rows, row j seeing its output

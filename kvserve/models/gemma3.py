@@ -1,0 +1,198 @@
+"""Gemma 3 text decoder (270M, 1B and the text tower of the larger ones).
+
+What differs from Llama, all read from the config:
+- the embedding is scaled by sqrt(hidden_size); RMSNorm multiplies by (1 + weight), in float32;
+- four norms per layer: before and after attention, before and after the MLP (the "sandwich");
+- Q/K RMSNorm per head; attention scaled by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5;
+- a GELU-tanh gated MLP;
+- local (sliding-window) and global layers, five to one in the released models (`layer_types`), each kind with
+  its own RoPE: local layers theta 10k without scaling, global ones theta 1M with the config's rope scaling.
+The window is a property of the layer's KV cache spec: the hybrid KV cache (kv/kv_groups.py) keeps only the
+window's blocks for local layers, and the attention metadata of their group masks keys outside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvserve.attention.backend import AttentionBackend, AttentionMetadata, GroupedAttentionMetadata
+from kvserve.attention.layer import Attention
+from kvserve.config import ModelConfig
+from kvserve.kv.kv_cache import LayerKVCache
+from kvserve.kv.kv_spec import KVCacheSpec
+from kvserve.layers.embedding import VocabEmbedding
+from kvserve.layers.linear import Linear
+from kvserve.layers.rotary import RotaryEmbedding, apply_rotary
+from kvserve.models.base import DecoderForCausalLM
+
+CosSin = tuple[torch.Tensor, torch.Tensor]  # [T, 1, D] each
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def layer_types(extra: dict[str, Any], num_layers: int) -> list[str]:
+    """Each layer's attention kind: the config's `layer_types`, else every `sliding_window_pattern`-th layer full
+    (older configs; 6 in Gemma 3)."""
+    if extra.get("layer_types"):
+        return list(extra["layer_types"])
+    pattern = extra.get("sliding_window_pattern") or extra.get("_sliding_window_pattern") or 6
+    return [FULL if (index + 1) % pattern == 0 else SLIDING for index in range(num_layers)]
+
+
+def rope_settings(extra: dict[str, Any]) -> dict[str, tuple[float, dict | None]]:
+    """(theta, scaling) per attention kind: transformers 5's per-kind `rope_parameters`, else the older
+    rope_theta / rope_scaling (global) and rope_local_base_freq (local, unscaled)."""
+    parameters = extra.get("rope_parameters") or {}
+    if FULL in parameters:
+        settings = {}
+        for kind in (FULL, SLIDING):
+            values = parameters.get(kind) or {}
+            scaling = {k: v for k, v in values.items() if k != "rope_theta"}
+            settings[kind] = (values.get("rope_theta", 10000.0),
+                              None if scaling.get("rope_type", "default") == "default" else scaling)
+        return settings
+    scaling = extra.get("rope_scaling")
+    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    return {FULL: (extra.get("rope_theta", 1_000_000.0), scaling),
+            SLIDING: (extra.get("rope_local_base_freq", 10000.0), None)}
+
+
+class GemmaRMSNorm(nn.Module):
+    """RMSNorm scaled by (1 + weight), computed in float32 (the checkpoint stores weight - 1 of a plain norm)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., dim] -> same shape."""
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
+class Gemma3Attention(nn.Module):
+    """Fused QKV, per-head Q/K norms, RoPE and the paged cache (a local layer's group masks outside its window)."""
+
+    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias,
+                               output_sizes=[self.q_size, self.kv_size, self.kv_size])
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        scalar = config.extra.get("query_pre_attn_scalar") or self.head_dim
+        self.attn = Attention(attention_backend, self.num_heads, self.num_kv_heads, self.head_dim, scalar ** -0.5)
+
+    def forward(self, cos_sin: CosSin, hidden: torch.Tensor, kv_cache: LayerKVCache,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        """hidden [T, hidden_size] -> [T, hidden_size]."""
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
+        q, k = apply_rotary(torch.cat([q, k], dim=1), cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        out = self.attn(q, k, v.reshape(num_tokens, self.num_kv_heads, self.head_dim), kv_cache, metadata)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class Gemma3MLP(nn.Module):
+    """GELU-tanh gated feed-forward with a fused gate/up projection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size,
+                                   output_sizes=[config.intermediate_size] * 2)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, hidden_size] -> [T, hidden_size]."""
+        gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+class Gemma3DecoderLayer(nn.Module):
+    """Sandwich-normed attention and MLP blocks with residual connections."""
+
+    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.self_attn = Gemma3Attention(config, attention_backend)
+        self.mlp = Gemma3MLP(config)
+        size, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(size, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(size, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(size, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(size, eps)
+
+    def forward(self, cos_sin: CosSin, hidden: torch.Tensor, kv_cache: LayerKVCache,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        """[T, hidden_size] -> [T, hidden_size]."""
+        attended = self.self_attn(cos_sin, self.input_layernorm(hidden), kv_cache, metadata)
+        hidden = hidden + self.post_attention_layernorm(attended)
+        return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
+
+
+class Gemma3Model(nn.Module):
+    """Scaled embedding, decoder layers with their two RoPE tables, final norm."""
+
+    def __init__(self, config: ModelConfig, max_position: int, attention_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        # sqrt(hidden) rounded to the model dtype first, as the reference multiplies by it.
+        self.register_buffer("normalizer", torch.tensor(config.hidden_size ** 0.5), persistent=False)
+        self.rotary = nn.ModuleDict({kind: RotaryEmbedding(config.head_dim, max_position, theta, scaling)
+                                     for kind, (theta, scaling) in rope_settings(config.extra).items()})
+        kinds = layer_types(config.extra, config.num_layers)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, attention_backend, kind) for kind in kinds)
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Gemma3ForCausalLM(DecoderForCausalLM):
+    """The causal LM; its local layers' KV cache slides (a hybrid cache), the global ones' holds everything."""
+
+    supports_kv_window = False  # its own sliding window instead of sinks + window
+    uses_mla = False
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, config: ModelConfig, max_position: int, attention_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Gemma3Model(config, max_position, attention_backend)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.final_logit_softcapping = config.extra.get("final_logit_softcapping")
+        self.tie_weights()
+
+    def kv_cache_specs(self, dtype: str) -> list[KVCacheSpec]:
+        """One spec per layer; local layers carry their window."""
+        window = self.config.extra.get("sliding_window")
+        return [KVCacheSpec(self.config.num_kv_heads, self.config.head_dim, self.config.head_dim, dtype,
+                            sliding_window=window if layer.kind == SLIDING else None)
+                for layer in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[LayerKVCache], metadata: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, hidden_size]; `metadata` is one per KV group
+        (GroupedAttentionMetadata) in a hybrid cache."""
+        hidden = self.model.embed_tokens(input_ids)
+        hidden = hidden * self.model.normalizer.to(hidden.dtype)
+        rotations = {kind: rotary.lookup(positions, hidden.dtype) for kind, rotary in self.model.rotary.items()}
+        for index, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches, strict=True)):
+            layer_metadata = metadata.for_layer(index) if isinstance(metadata, GroupedAttentionMetadata) else metadata
+            hidden = layer(rotations[layer.kind], hidden, kv_cache, layer_metadata)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden_size] -> [N, vocab_size] in float32, soft-capped where the config says."""
+        logits = self.lm_head(hidden).float()
+        cap = self.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
