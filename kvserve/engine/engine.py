@@ -148,7 +148,20 @@ class Engine:
         logger.info("%s ready in %.1f s: model %.2f GiB; KV cache %.2f GiB (%s), %s blocks of %d tokens = %s tokens "
                     "of context; max_model_len %s", source.path.name, time.monotonic() - started,
                     self.model_bytes / GIB, self.runner.kv_cache_bytes / GIB, storage_dtype, f"{num_blocks:,}",
-                    block_size, f"{num_blocks * block_size:,}", f"{self.max_model_len:,}")
+                    block_size, self._context_that_fits(num_blocks, block_size), f"{self.max_model_len:,}")
+
+    def _context_that_fits(self, num_blocks: int, block_size: int) -> str:
+        """Tokens of context the cache holds; with a hybrid cache, for one request, and how many more than a full
+        cache of the same bytes would hold."""
+        groups = self.kv_groups
+        if not groups.is_hybrid:
+            return f"{num_blocks * block_size:,}"
+        full = num_blocks // groups.num_groups * block_size
+        fits = max_context(groups.windows, num_blocks, block_size, self.config.scheduler.max_num_batched_tokens,
+                           2**31)
+        sliding = sum(window is not None for window in groups.windows)
+        return (f"{fits:,} (hybrid: {groups.num_groups - sliding} full and {sliding} sliding-window groups of "
+                f"{groups.group_size} layers; {fits / full:.1f}x the {full:,} of a full cache)")
 
     def _num_kv_blocks(self, specs: list[KVCacheSpec], max_model_len: int, draft_specs: list[KVCacheSpec]) -> int:
         """Blocks bought by the budget (after the int4 residual; a block holds the draft model's layers too), but

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderField, ReaderTensor
 from gguf.quants import dequantize
 
 if TYPE_CHECKING:
@@ -119,10 +119,19 @@ class GgufTensor:
         return dataclasses.replace(self, data=self.data.to(device))
 
 
+# Metadata arrays this long (a vocabulary's tokens, scores, types and merges) are stepped over, not parsed.
+LONG_ARRAY = 4096
+
+
 class GgufFileReader(GGUFReader):
-    """gguf's GGUFReader over a plain ndarray view of its memory map: the same read-only pages, but each of the
-    ~1M slices that parsing a 49k-token vocabulary takes is numpy's C slicing, not numpy.memmap's Python-level
-    __array_finalize__ (the bundled file's metadata 2.8 -> 0.8-1.1 s, most of a start-up)."""
+    """gguf's GGUFReader over a plain ndarray view of its memory map, that steps over long metadata arrays.
+
+    - The view: the same read-only pages, but each slice is numpy's C slicing, not numpy.memmap's Python-level
+      __array_finalize__ (the bundled file's metadata 2.8 -> 0.8-1.1 s, most of a start-up).
+    - Long arrays: gguf parses each element into its own array (Gemma 3's 262k-token vocabulary: 786k of them,
+      ~3 s). The engine never reads them: the tokenizer is converted by transformers, from the file. Such a field
+      keeps only its element type and length (`array_length`); `contents()` of it is empty.
+    """
 
     @property
     def data(self) -> np.ndarray:
@@ -131,6 +140,33 @@ class GgufFileReader(GGUFReader):
     @data.setter
     def data(self, mapped: np.memmap) -> None:  # set once, by GGUFReader.__init__
         self._mapped = mapped.view(np.ndarray)
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int], list[Any]]:
+        if raw_type != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        item_type, length = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        if int(length[0]) < LONG_ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        body = orig_offs + 12
+        end = self._skip_array(body, GGUFValueType(int(item_type[0])), int(length[0]))
+        return end - orig_offs, [item_type, length], [], [GGUFValueType.ARRAY, GGUFValueType(int(item_type[0]))]
+
+    def _skip_array(self, offset: int, item_type: GGUFValueType, length: int) -> int:
+        """The offset past `length` elements of `item_type` starting at `offset`."""
+        scalar = self.gguf_scalar_to_np.get(item_type)
+        if scalar is not None:
+            return offset + np.dtype(scalar).itemsize * length
+        if item_type != GGUFValueType.STRING:
+            raise ValueError(f"unexpected GGUF array of {item_type.name}")
+        raw, order = self.data, "little" if self.byte_order == "I" else "big"
+        for _ in range(length):  # each string: a uint64 length, then its bytes
+            offset += 8 + int.from_bytes(raw[offset:offset + 8].tobytes(), order)
+        return offset
+
+
+def array_length(field: ReaderField) -> int:
+    """Elements of an array field (also of one GgufFileReader stepped over)."""
+    return int(field.parts[4][0])  # parts: key length, key, value type, item type, length, ...
 
 
 class GgufSource:
@@ -263,7 +299,7 @@ class GgufSource:
         tokens = self._reader.get_field("tokenizer.ggml.tokens")
         if tokens is None:
             raise ValueError(f"{self.path}: no token_embd.weight and no tokenizer.ggml.tokens")
-        return len(tokens.data)
+        return array_length(tokens)
 
     def _rope_scaling(self) -> dict[str, Any] | None:
         """HF-style rope_scaling from `{arch}.rope.scaling.*` (or legacy scale_linear)."""
