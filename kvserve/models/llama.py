@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2 with QKV bias, Qwen3 with QK-norm).
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2 with QKV bias, Qwen3 with QK-norm, Phi-3).
 
 MHA, GQA and MQA are one code path: the attention variant follows from `num_kv_heads`.
 Module names follow Hugging Face's so checkpoints map one to one, except that Q/K/V and
@@ -6,6 +6,8 @@ gate/up are fused into one projection each (fewer, larger matmuls per step).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -117,7 +119,39 @@ class LlamaForCausalLM(DecoderForCausalLM):
         self.tie_weights()
 
     def kv_cache_specs(self, dtype: str) -> list[KVCacheSpec]:
-        """One cache spec per layer: Hkv heads of head_dim keys and values."""
-        spec = KVCacheSpec(self.config.num_kv_heads, self.config.head_dim, self.config.head_dim,
-                           dtype)
+        """One cache spec per layer: Hkv heads of head_dim keys and values, in a sliding window where the
+        architecture applies its config's `sliding_window` to every layer (Mistral, Phi-3)."""
+        window = (self.config.extra.get("sliding_window")
+                  if self.config.architecture in _WINDOWED_ARCHITECTURES else None)
+        spec = KVCacheSpec(self.config.num_kv_heads, self.config.head_dim, self.config.head_dim, dtype,
+                           sliding_window=window)
         return [spec] * self.config.num_layers
+
+
+# Architectures whose every layer attends within config.sliding_window when it is set (transformers passes it to
+# each attention call); Qwen2's sliding_window only counts with use_sliding_window, which kvserve does not run.
+_WINDOWED_ARCHITECTURES = frozenset({"MistralForCausalLM", "Phi3ForCausalLM"})
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Phi-3: a Llama whose checkpoint stores Q/K/V and gate/up already fused (split here, so that every linear
+    method loads them as it loads Llama's shards)."""
+
+    def __init__(self, config: ModelConfig, max_position: int, attention_backend: AttentionBackend) -> None:
+        factor = config.extra.get("partial_rotary_factor", 1.0)
+        if factor != 1.0:
+            raise ValueError(f"Phi3ForCausalLM with partial_rotary_factor={factor} is not supported (only 1.0)")
+        super().__init__(config, max_position, attention_backend)
+
+    def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
+        """`...qkv_proj.weight` -> q/k/v_proj, `...gate_up_proj.weight` -> gate/up_proj (rows in that order)."""
+        config = self.config
+        if ".self_attn.qkv_proj." in name:
+            q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+            parts = zip(("q_proj", "k_proj", "v_proj"), tensor.split([q_size, kv_size, kv_size]), strict=True)
+            return [(name.replace(".qkv_proj.", f".{part}."), piece) for part, piece in parts]
+        if ".mlp.gate_up_proj." in name:
+            gate, up = tensor.chunk(2, dim=0)
+            return [(name.replace(".gate_up_proj.", f".{part}."), piece)
+                    for part, piece in (("gate_proj", gate), ("up_proj", up))]
+        return super().checkpoint_tensors(name, tensor)

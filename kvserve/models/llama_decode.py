@@ -85,7 +85,10 @@ class FusedLlamaDecode:
         """Whether the model and caches are what the kernel computes: a Llama without QK-norm, float32, every
         Linear on GGUF blocks or float32 rows, caches the paged decode kernel reads (`decode_kernel`: the
         attention backend chose it, which it does for float32 and int8 caches without a window)."""
-        if type(model).__name__ != "LlamaForCausalLM" or model.config.use_qk_norm or not decode_kernel:
+        if type(model).__name__ not in ("LlamaForCausalLM", "Phi3ForCausalLM") or model.config.use_qk_norm \
+                or not decode_kernel:
+            return False
+        if any(spec.sliding_window for spec in model.kv_cache_specs("float32")):  # its attention sees everything
             return False
         if native.load("llama_decode") is None or not kv_caches:
             return False

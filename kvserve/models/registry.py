@@ -8,7 +8,7 @@ from kvserve.attention.backend import AttentionBackend
 from kvserve.config import ModelConfig
 from kvserve.models.deepseek import DeepseekForCausalLM
 from kvserve.models.gemma3 import Gemma3ForCausalLM
-from kvserve.models.llama import LlamaForCausalLM
+from kvserve.models.llama import LlamaForCausalLM, Phi3ForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
     "DeepseekV2ForCausalLM": DeepseekForCausalLM,
@@ -16,6 +16,7 @@ _MODELS: dict[str, type[nn.Module]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
 }

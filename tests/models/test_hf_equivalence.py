@@ -1,6 +1,7 @@
 """Tiny random-weight models against Hugging Face transformers: exact greedy tokens.
 
-Covers MHA, GQA and MQA (Llama), Qwen2-style QKV bias and Qwen3-style QK-norm.
+Covers MHA, GQA and MQA (Llama), Mistral's sliding window, Phi-3's fused checkpoint tensors (and its window),
+Qwen2-style QKV bias and Qwen3-style QK-norm.
 """
 
 import pytest
@@ -23,6 +24,11 @@ CASES = {
                                                      "original_max_position_embeddings": 64}}),
     "mistral": ("MistralConfig", {"num_attention_heads": 4, "num_key_value_heads": 2,
                                   "sliding_window": None}),
+    "mistral-window": ("MistralConfig", {"num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 12}),
+    "phi3": ("Phi3Config", {"num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": None,
+                            "pad_token_id": 0}),
+    "phi3-window": ("Phi3Config", {"num_attention_heads": 4, "num_key_value_heads": 4, "sliding_window": 10,
+                                   "pad_token_id": 0}),
     "qwen2-bias": ("Qwen2Config", {"num_attention_heads": 4, "num_key_value_heads": 2}),
     "qwen3-qknorm": ("Qwen3Config", {"num_attention_heads": 4, "num_key_value_heads": 2,
                                      "head_dim": 32, "rope_theta": 500000.0}),
