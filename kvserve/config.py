@@ -23,6 +23,9 @@ ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 QUANTIZATION_METHODS = ("none", "gguf", "int8", "int4", "awq")
 
 
+_QWEN2_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shape of a decoder-only transformer, read from an HF-style config dict."""
@@ -74,11 +77,12 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            # Qwen2 always has QKV bias; Llama-family configs say so with attention_bias.
-            attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
+            # Qwen2 always has QKV bias (Qwen2-MoE says so in qkv_bias); Llama-family configs say so with
+            # attention_bias.
+            attention_bias=cfg.get("attention_bias", cfg.get("qkv_bias", arch in _QWEN2_ARCHITECTURES)),
             # Llama's attention_bias covers o_proj too; Qwen2's QKV bias does not.
-            o_proj_bias=cfg.get("attention_bias", False) and arch != "Qwen2ForCausalLM",
-            use_qk_norm=arch == "Qwen3ForCausalLM",
+            o_proj_bias=cfg.get("attention_bias", False) and arch not in _QWEN2_ARCHITECTURES,
+            use_qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             extra=dict(cfg),

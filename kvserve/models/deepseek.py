@@ -30,9 +30,9 @@ from kvserve.attention.mla import causal_attention
 from kvserve.config import ModelConfig
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_spec import KVCacheSpec
-from kvserve.layers.activation import silu_and_mul
 from kvserve.layers.embedding import VocabEmbedding
 from kvserve.layers.linear import Linear
+from kvserve.layers.moe import ExpertMLP, is_stacked_experts, run_experts, split_stacked_experts
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding, apply_rotary
 from kvserve.models.base import DecoderForCausalLM
@@ -259,19 +259,6 @@ class MLAAttention(nn.Module):
         return torch.bmm(out_latent.transpose(0, 1), self.w_uv).transpose(0, 1)
 
 
-class DeepseekMLP(nn.Module):
-    """SwiGLU feed-forward with a fused gate/up projection (dense layers, experts and shared experts)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, output_sizes=[intermediate_size] * 2)
-        self.down_proj = Linear(intermediate_size, hidden_size)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, hidden_size] -> [T, hidden_size]."""
-        return self.down_proj(silu_and_mul(self.gate_up_proj(hidden)))
-
-
 class DeepseekRouter(nn.Module):
     """Picks each token's top-k routed experts and their weights, in float32 like the reference."""
 
@@ -324,20 +311,15 @@ class DeepseekMoE(nn.Module):
     def __init__(self, cfg: DeepseekConfig) -> None:
         super().__init__()
         self.gate = DeepseekRouter(cfg)
-        self.experts = nn.ModuleList(DeepseekMLP(cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = nn.ModuleList(ExpertMLP(cfg.hidden_size, cfg.moe_intermediate_size)
                                      for _ in range(cfg.num_routed_experts))
-        self.shared_experts = (DeepseekMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
+        self.shared_experts = (ExpertMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
                                if cfg.num_shared_experts else None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, hidden_size] -> [T, hidden_size]."""
         weights, expert_ids = self.gate(hidden)  # [T, k] each
-        out = torch.zeros_like(hidden)
-        # One batched call per expert that any token chose, in ascending expert order (the reference's order).
-        for expert in torch.unique(expert_ids).tolist():
-            rows, slots = torch.where(expert_ids == expert)  # tokens choosing it, and where in their top-k
-            expert_out = self.experts[expert](hidden[rows])  # [n, hidden]
-            out.index_add_(0, rows, expert_out * weights[rows, slots, None].to(hidden.dtype))
+        out = run_experts(self.experts, hidden, weights, expert_ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
         return out
@@ -350,7 +332,7 @@ class DeepseekDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MLAAttention(cfg, attention_backend)
         self.mlp: nn.Module = (DeepseekMoE(cfg) if cfg.is_moe_layer(index)
-                               else DeepseekMLP(cfg.hidden_size, cfg.intermediate_size))
+                               else ExpertMLP(cfg.hidden_size, cfg.intermediate_size))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -399,15 +381,6 @@ class DeepseekForCausalLM(DecoderForCausalLM):
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> Iterable[tuple[str, torch.Tensor]]:
         """Split transformers' stacked 3-D expert tensors into one tensor per expert (gate rows then up rows, like
         our fused gate_up_proj); the rest as every model does."""
-        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
-            return self._split_stacked_experts(name, tensor)
+        if is_stacked_experts(name):
+            return split_stacked_experts(name, tensor, self.cfg.num_routed_experts)
         return super().checkpoint_tensors(name, tensor)
-
-    def _split_stacked_experts(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """gate_up_proj [E, 2I, hidden] or down_proj [E, hidden, I] -> E tensors named per expert."""
-        prefix, _, kind = name.rpartition(".")
-        num_experts = self.cfg.num_routed_experts
-        if tensor.shape[0] != num_experts:
-            raise ValueError(f"checkpoint tensor {name!r}: has {tensor.shape[0]} experts, the config says "
-                             f"{num_experts}")
-        return [(f"{prefix}.{index}.{kind}.weight", tensor[index]) for index in range(num_experts)]

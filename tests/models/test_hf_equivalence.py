@@ -1,7 +1,7 @@
 """Tiny random-weight models against Hugging Face transformers: exact greedy tokens.
 
 Covers MHA, GQA and MQA (Llama), Mistral's sliding window, Phi-3's fused checkpoint tensors (and its window),
-Qwen2-style QKV bias and Qwen3-style QK-norm.
+Qwen2-style QKV bias and Qwen3-style QK-norm, and Qwen2-MoE / Qwen3-MoE (the MoE code DeepSeek shares).
 """
 
 import pytest
@@ -32,6 +32,13 @@ CASES = {
     "qwen2-bias": ("Qwen2Config", {"num_attention_heads": 4, "num_key_value_heads": 2}),
     "qwen3-qknorm": ("Qwen3Config", {"num_attention_heads": 4, "num_key_value_heads": 2,
                                      "head_dim": 32, "rope_theta": 500000.0}),
+    # MoE: 8 experts, top-2; Qwen2-MoE with a gated shared expert and its dense layer 1, Qwen3-MoE normalised
+    "qwen2-moe": ("Qwen2MoeConfig", {"num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 8,
+                                     "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                     "shared_expert_intermediate_size": 96, "mlp_only_layers": [1]}),
+    "qwen3-moe": ("Qwen3MoeConfig", {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+                                     "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                     "norm_topk_prob": True}),
 }
 
 
@@ -44,7 +51,7 @@ def make_hf_model(config_name: str, overrides: dict, vocab_size: int):
         initializer_range=0.15, **settings)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if config_name == "Qwen2Config":  # random biases, so that a bias bug cannot hide at zero
+    if config_name in ("Qwen2Config", "Qwen2MoeConfig"):  # random biases: a bias bug cannot hide at zero
         with torch.no_grad():
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
