@@ -18,7 +18,7 @@ def _raises_naming(path: pathlib.Path, match: str) -> None:
 
 
 def test_missing_path(tmp_path: pathlib.Path) -> None:
-    _raises_naming(tmp_path / "nope.gguf", "no such file.*a .gguf file or a directory")
+    _raises_naming(tmp_path / "nope.gguf", "no such file.*a .gguf file, a directory.*model package")
 
 
 def test_directory_without_config(tmp_path: pathlib.Path) -> None:
