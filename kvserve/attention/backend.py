@@ -73,6 +73,8 @@ class AttentionRequirements:
     kv_cache_dtype: str  # the cache's storage dtype: float32 / float16 / bfloat16 (plain), int8, fp8, int4
     use_window: bool  # attention sinks + sliding window (kv_window)
     use_mla: bool  # Multi-head Latent Attention: one latent "head", no separate value
+    use_sliding_window: bool = False  # a KV group whose layers see only their last W tokens (kv/kv_groups.py)
+    logits_soft_cap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax (Gemma 2)
 
 
 class AttentionBackend(ABC):
@@ -88,6 +90,8 @@ class AttentionBackend(ABC):
     kv_cache_dtypes: ClassVar[frozenset[str]]
     supports_window: ClassVar[bool]
     supports_mla: ClassVar[bool]
+    supports_sliding_window: ClassVar[bool] = False
+    supports_logits_soft_cap: ClassVar[bool] = False
 
     @classmethod
     def check_supported(cls, needs: AttentionRequirements) -> None:
@@ -102,6 +106,10 @@ class AttentionBackend(ABC):
             raise ValueError(f"{prefix}: it has no attention sinks + sliding window (kv_window)")
         if needs.use_mla and not cls.supports_mla:
             raise ValueError(f"{prefix}: it has no Multi-head Latent Attention (MLA)")
+        if needs.use_sliding_window and not cls.supports_sliding_window:
+            raise ValueError(f"{prefix}: it has no sliding-window layers (use attention_backend='torch')")
+        if needs.logits_soft_cap is not None and not cls.supports_logits_soft_cap:
+            raise ValueError(f"{prefix}: it has no attention logit soft-capping (use attention_backend='torch')")
 
     @abstractmethod
     def build_metadata(self, common: CommonAttentionMetadata) -> AttentionMetadata:

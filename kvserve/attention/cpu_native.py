@@ -42,7 +42,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def __init__(self, needs: AttentionRequirements) -> None:
         super().__init__(needs)
         self.use_kernel = (needs.kv_cache_dtype in KERNEL_KV_DTYPES and not needs.use_window
-                           and not needs.use_mla)
+                           and not needs.use_mla and needs.logits_soft_cap is None)
 
     @classmethod
     def check_supported(cls, needs: AttentionRequirements) -> None:
@@ -62,7 +62,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
                 metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
         """torch_ref.paged_attention, with the decodes on the kernel where it serves this cache."""
         kernel = self.use_kernel and metadata.decode_mask is None
-        return torch_ref.paged_attention(query, key, value, cache, metadata, scale, decode=decode if kernel else None)
+        return torch_ref.paged_attention(query, key, value, cache, metadata, scale, decode=decode if kernel else None,
+                                         soft_cap=self.logits_soft_cap)
 
 
 def decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:

@@ -20,9 +20,12 @@ class TorchAttentionBackend(AttentionBackend, MLABackend):
     kv_cache_dtypes = frozenset(STORAGE_DTYPES)
     supports_window = True
     supports_mla = True
+    supports_sliding_window = True
+    supports_logits_soft_cap = True
 
     def __init__(self, needs: AttentionRequirements) -> None:
         self.check_supported(needs)
+        self.logits_soft_cap = needs.logits_soft_cap
 
     def build_metadata(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
         """Prefill sequences and the dense decode mask."""
@@ -31,7 +34,7 @@ class TorchAttentionBackend(AttentionBackend, MLABackend):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
         """Write K/V, then attend: query [T, Hq, D] -> [T, Hq, D]."""
-        return torch_ref.paged_attention(query, key, value, cache, metadata, scale)
+        return torch_ref.paged_attention(query, key, value, cache, metadata, scale, soft_cap=self.logits_soft_cap)
 
     def write_latent(self, latent: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata) -> None:
         """Store this step's latents [T, d_c + d_rope] at their slots."""

@@ -114,10 +114,11 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                     metadata: TorchAttentionMetadata, scale: float,
-                    decode: DecodeAttention | None = None) -> torch.Tensor:
+                    decode: DecodeAttention | None = None, soft_cap: float | None = None) -> torch.Tensor:
     """Write K/V to the cache, then attend: query [T, Hq, D] -> output [T, Hq, D].
 
-    `decode` replaces this module's batched single-token attention (a compiled backend's kernel).
+    `decode` replaces this module's batched single-token attention (a compiled backend's kernel). `soft_cap`:
+    scaled scores become soft_cap * tanh(scores / soft_cap) before the mask and softmax (Gemma 2).
     """
     if cache.is_int4:
         write_kv_int4(key, value, cache, metadata.int4)
@@ -126,11 +127,13 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     output = torch.empty_like(query)
     window = metadata.window
     if metadata.num_decodes:
-        output[:metadata.num_decodes] = (decode or _decode)(query[:metadata.num_decodes], cache, metadata, scale)
+        queries = query[:metadata.num_decodes]
+        output[:metadata.num_decodes] = (decode(queries, cache, metadata, scale) if decode is not None
+                                         else _decode(queries, cache, metadata, scale, soft_cap))
     for seq in metadata.prefills:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
         if window is None:
-            output[rows] = _prefill(query[rows], key[rows], value[rows], cache, seq, scale)
+            output[rows] = _prefill(query[rows], key[rows], value[rows], cache, seq, scale, soft_cap)
         else:
             output[rows] = _prefill_with_window(query[rows], key[rows], value[rows], cache, seq, scale, window, rows)
     return output
@@ -144,7 +147,8 @@ def _rotate(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor],
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
+def _decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata, scale: float,
+            soft_cap: float | None = None) -> torch.Tensor:
     """One query token per request, all requests in one batched call."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads = cache.key.shape[2]
@@ -157,9 +161,12 @@ def _decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMe
         # Every row may use the sink query: for rows with delta = 0 it is the query itself (cos 1, sin 0).
         sinks = _rotate(query, window.sink_rotation, slice(0, batch)).view(grouped.shape) if window else None
         out = _attend_quantized(grouped, sinks, cache, metadata.decode_block_tables, metadata.decode_mask, tails,
-                                window.num_sinks if window else 0, scale)
+                                window.num_sinks if window else 0, scale, soft_cap)
         return out.reshape(batch, num_heads, -1)
     keys, values = gather_kv(cache, metadata.decode_block_tables, query.dtype, tails)  # [B, Hkv, L, D]
+    if soft_cap is not None:
+        return _capped_attention(grouped, keys, values, metadata.decode_mask, scale, soft_cap).reshape(
+            batch, num_heads, -1)
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=metadata.decode_mask,
                                          scale=scale)  # [B, Hkv, G, D]
     if window is not None and window.decode_in_window.any():
@@ -172,7 +179,7 @@ def _decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMe
 
 
 def _prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache, seq: PrefillSeq,
-             scale: float) -> torch.Tensor:
+             scale: float, soft_cap: float | None = None) -> torch.Tensor:
     """Causal attention of one request's new tokens over its cached prefix and themselves."""
     num_cached = seq.seq_len - seq.query_len
     if num_cached == 0 and seq.key_mask is None:
@@ -187,7 +194,7 @@ def _prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache:
             query_pos = torch.arange(num_cached, seq.seq_len, device=query.device)
             mask = key_pos[None, :] <= query_pos[:, None]  # [n, nb * bs]
         if cache.is_quantized:
-            return _prefill_quantized(query, None, cache, seq, mask, 0, scale)
+            return _prefill_quantized(query, None, cache, seq, mask, 0, scale, soft_cap)
         keys, values = gather_kv(cache, seq.block_table[None], query.dtype, seq.residual)
         num_keys = seq.seq_len - seq.first_key  # the gathered keys up to the last query
         keys, values = keys[0, :, :num_keys], values[0, :, :num_keys]  # [Hkv, S, D]
@@ -195,6 +202,10 @@ def _prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache:
     group = query.shape[1] // keys.shape[0]
     if group > 1:  # GQA: one K/V copy per query head; SDPA's own enable_gqa falls back to a slow kernel
         keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
+    if soft_cap is not None:
+        if mask is None:
+            mask = torch.ones(query.shape[0], keys.shape[1], dtype=torch.bool, device=query.device).tril()
+        return _capped_attention(query.transpose(0, 1), keys, values, mask, scale, soft_cap).transpose(0, 1)
     # A batch dimension of 1: CPU SDPA takes its fused flash kernel only for 4-D inputs (3-4x faster).
     out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
                                          is_causal=mask is None, scale=scale)
@@ -232,7 +243,8 @@ def _prefill_with_window(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
 
 def _prefill_quantized(query: torch.Tensor, sink_query: torch.Tensor | None, cache: LayerKVCache,
-                       seq: PrefillSeq, mask: torch.Tensor, num_sinks: int, scale: float) -> torch.Tensor:
+                       seq: PrefillSeq, mask: torch.Tensor, num_sinks: int, scale: float,
+                       soft_cap: float | None = None) -> torch.Tensor:
     """Queries [n, Hq, D] of one request over its quantized cache, with the key mask [n, nb * bs] -> [n, Hq, Dv]."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = cache.key.shape[2]
@@ -245,13 +257,13 @@ def _prefill_quantized(query: torch.Tensor, sink_query: torch.Tensor | None, cac
     sinks = by_kv_head(sink_query) if sink_query is not None else None
     row_mask = mask.repeat_interleave(group, dim=0)[None, None]  # [1, 1, n * G, nb * bs]
     out = _attend_quantized(by_kv_head(query), sinks, cache, seq.block_table[None], row_mask, seq.residual,
-                            num_sinks, scale)  # [1, Hkv, n * G, Dv]
+                            num_sinks, scale, soft_cap)  # [1, Hkv, n * G, Dv]
     return out[0].reshape(num_kv_heads, num_tokens, group, -1).transpose(0, 1).reshape(num_tokens, num_heads, -1)
 
 
 def _attend_quantized(query: torch.Tensor, sink_query: torch.Tensor | None, cache: LayerKVCache,
                       tables: torch.Tensor, mask: torch.Tensor, tails: ResidualTails | None, num_sinks: int,
-                      scale: float) -> torch.Tensor:
+                      scale: float, soft_cap: float | None = None) -> torch.Tensor:
     """Online-softmax attention over a quantized cache, dequantizing DEQUANT_SEGMENT_TOKENS tokens at a time.
 
     No full-precision copy of the whole history is ever built: only one segment's K/V at once.
@@ -273,7 +285,7 @@ def _attend_quantized(query: torch.Tensor, sink_query: torch.Tensor | None, cach
         if key_scale is not None:
             scores = scores * key_scale
         columns = slice(first * block_size, (first + segment.shape[1]) * block_size)
-        scores = (scores * scale).masked_fill_(~mask[..., columns], float("-inf"))
+        scores = _soft_capped(scores * scale, soft_cap).masked_fill_(~mask[..., columns], float("-inf"))
         new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
         shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)  # all masked so far: 0
         weights = torch.exp(scores - shift)
@@ -329,4 +341,17 @@ def _window_attention(query: torch.Tensor, sink_query: torch.Tensor, keys: torch
     if num_sinks:
         scores[..., :num_sinks] = sink_query @ keys[..., :num_sinks, :].transpose(-1, -2)
     scores = (scores * scale).masked_fill_(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ values
+
+
+def _soft_capped(scores: torch.Tensor, soft_cap: float | None) -> torch.Tensor:
+    """soft_cap * tanh(scores / soft_cap): scores kept within +-soft_cap (Gemma 2); unchanged without a cap."""
+    return scores if soft_cap is None else torch.tanh(scores / soft_cap) * soft_cap
+
+
+def _capped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                      scale: float, soft_cap: float) -> torch.Tensor:
+    """Softmax attention with soft-capped scores (SDPA has no cap): query [..., n, D], keys / values [..., L, D]
+    (broadcasting), mask [..., n, L] bool -> [..., n, D]."""
+    scores = _soft_capped((query @ keys.transpose(-1, -2)) * scale, soft_cap).masked_fill_(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1) @ values

@@ -97,7 +97,9 @@ class Engine:
             raise ValueError(f"kv_window is not supported for {self.model_config.architecture}")
         storage_dtype = config.cache.storage_dtype(config.load.dtype)
         self.attention_backend = create_attention_backend(config.platform.attention_backend, AttentionRequirements(
-            self.device, storage_dtype, use_window=bool(config.cache.kv_window), use_mla=architecture.uses_mla))
+            self.device, storage_dtype, use_window=bool(config.cache.kv_window), use_mla=architecture.uses_mla,
+            use_sliding_window=architecture.uses_sliding_window(self.model_config),
+            logits_soft_cap=architecture.logits_soft_cap(self.model_config)))
         # A draft model's cache: int8 under an int4 target (int4's per-block key scales and full-precision
         # residual block are the target's alone), else the target's format.
         draft_dtype = "int8" if storage_dtype == "int4" else storage_dtype

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from kvserve.attention.backend import AttentionMetadata
+from kvserve.config import ModelConfig
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.loader.model_loader import load_model_weights
 
@@ -24,6 +25,16 @@ class DecoderForCausalLM(nn.Module):
     # Set by the platform once the KV cache exists: runs whole decode steps in one compiled call where it can
     # (models/llama_decode.py); None: every step runs the modules.
     fused_decode = None
+
+    @classmethod
+    def uses_sliding_window(cls, config: ModelConfig) -> bool:
+        """Whether some layer's KV cache spec has a sliding window (known before the model is built)."""
+        return False
+
+    @classmethod
+    def logits_soft_cap(cls, config: ModelConfig) -> float | None:
+        """The attention score soft-cap the backend must apply (Gemma 2), or None."""
+        return None
 
     def tie_weights(self) -> None:
         """With tie_word_embeddings the LM head's weight [vocab, hidden] is the embedding's (one parameter)."""

@@ -118,11 +118,15 @@ class LlamaForCausalLM(DecoderForCausalLM):
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.tie_weights()
 
+    @classmethod
+    def uses_sliding_window(cls, config: ModelConfig) -> bool:
+        """Whether every layer attends within config.sliding_window (Mistral, Phi-3 with one set)."""
+        return config.architecture in _WINDOWED_ARCHITECTURES and bool(config.extra.get("sliding_window"))
+
     def kv_cache_specs(self, dtype: str) -> list[KVCacheSpec]:
         """One cache spec per layer: Hkv heads of head_dim keys and values, in a sliding window where the
         architecture applies its config's `sliding_window` to every layer (Mistral, Phi-3)."""
-        window = (self.config.extra.get("sliding_window")
-                  if self.config.architecture in _WINDOWED_ARCHITECTURES else None)
+        window = self.config.extra.get("sliding_window") if self.uses_sliding_window(self.config) else None
         spec = KVCacheSpec(self.config.num_kv_heads, self.config.head_dim, self.config.head_dim, dtype,
                            sliding_window=window)
         return [spec] * self.config.num_layers

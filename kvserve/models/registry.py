@@ -7,13 +7,14 @@ from torch import nn
 from kvserve.attention.backend import AttentionBackend
 from kvserve.config import ModelConfig
 from kvserve.models.deepseek import DeepseekForCausalLM
-from kvserve.models.gemma3 import Gemma3ForCausalLM
+from kvserve.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from kvserve.models.llama import LlamaForCausalLM, Phi3ForCausalLM
 from kvserve.models.qwen_moe import QwenMoeForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
     "DeepseekV2ForCausalLM": DeepseekForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,

@@ -1,12 +1,13 @@
-"""Gemma 3 text decoder (270M, 1B and the text tower of the larger ones).
+"""Gemma 2 and Gemma 3 text decoders (Gemma 3: 270M, 1B and the text tower of the larger ones).
 
 What differs from Llama, all read from the config:
 - the embedding is scaled by sqrt(hidden_size); RMSNorm multiplies by (1 + weight), in float32;
 - four norms per layer: before and after attention, before and after the MLP (the "sandwich");
-- Q/K RMSNorm per head; attention scaled by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5;
-- a GELU-tanh gated MLP;
-- local (sliding-window) and global layers, five to one in the released models (`layer_types`), each kind with
-  its own RoPE: local layers theta 10k without scaling, global ones theta 1M with the config's rope scaling.
+- attention scaled by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5; a GELU-tanh gated MLP;
+- local (sliding-window) and global layers (`layer_types`): Gemma 2 alternates them, Gemma 3 has five local to
+  one global, each kind with its own RoPE (local theta 10k unscaled, global theta 1M with the config's scaling);
+- Gemma 2 soft-caps attention scores (attn_logit_softcapping) and logits (final_logit_softcapping); Gemma 3
+  normalises Q and K per head instead.
 The window is a property of the layer's KV cache spec: the hybrid KV cache (kv/kv_groups.py) keeps only the
 window's blocks for local layers, and the attention metadata of their group masks keys outside it.
 """
@@ -33,12 +34,12 @@ CosSin = tuple[torch.Tensor, torch.Tensor]  # [T, 1, D] each
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
-def layer_types(extra: dict[str, Any], num_layers: int) -> list[str]:
+def layer_types(extra: dict[str, Any], num_layers: int, default_pattern: int) -> list[str]:
     """Each layer's attention kind: the config's `layer_types`, else every `sliding_window_pattern`-th layer full
-    (older configs; 6 in Gemma 3)."""
+    (older configs: 6 in Gemma 3, 2 in Gemma 2)."""
     if extra.get("layer_types"):
         return list(extra["layer_types"])
-    pattern = extra.get("sliding_window_pattern") or extra.get("_sliding_window_pattern") or 6
+    pattern = extra.get("sliding_window_pattern") or extra.get("_sliding_window_pattern") or default_pattern
     return [FULL if (index + 1) % pattern == 0 else SLIDING for index in range(num_layers)]
 
 
@@ -76,10 +77,11 @@ class GemmaRMSNorm(nn.Module):
         return (normed * (1.0 + self.weight.float())).type_as(x)
 
 
-class Gemma3Attention(nn.Module):
-    """Fused QKV, per-head Q/K norms, RoPE and the paged cache (a local layer's group masks outside its window)."""
+class GemmaAttention(nn.Module):
+    """Fused QKV, Gemma 3's per-head Q/K norms, RoPE and the paged cache (a local layer's group masks outside its
+    window; Gemma 2's score soft-cap is the backend's, set for the whole model)."""
 
-    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend, use_qk_norm: bool) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
@@ -88,8 +90,10 @@ class Gemma3Attention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias,
                                output_sizes=[self.q_size, self.kv_size, self.kv_size])
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
-        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.use_qk_norm = use_qk_norm
+        if use_qk_norm:
+            self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         scalar = config.extra.get("query_pre_attn_scalar") or self.head_dim
         self.attn = Attention(attention_backend, self.num_heads, self.num_kv_heads, self.head_dim, scalar ** -0.5)
 
@@ -98,14 +102,15 @@ class Gemma3Attention(nn.Module):
         """hidden [T, hidden_size] -> [T, hidden_size]."""
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
+        q, k = q.view(num_tokens, self.num_heads, self.head_dim), k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.use_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(torch.cat([q, k], dim=1), cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
         out = self.attn(q, k, v.reshape(num_tokens, self.num_kv_heads, self.head_dim), kv_cache, metadata)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
-class Gemma3MLP(nn.Module):
+class GemmaMLP(nn.Module):
     """GELU-tanh gated feed-forward with a fused gate/up projection."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -120,14 +125,15 @@ class Gemma3MLP(nn.Module):
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
-class Gemma3DecoderLayer(nn.Module):
+class GemmaDecoderLayer(nn.Module):
     """Sandwich-normed attention and MLP blocks with residual connections."""
 
-    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend, kind: str) -> None:
+    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend, kind: str,
+                 use_qk_norm: bool) -> None:
         super().__init__()
         self.kind = kind
-        self.self_attn = Gemma3Attention(config, attention_backend)
-        self.mlp = Gemma3MLP(config)
+        self.self_attn = GemmaAttention(config, attention_backend, use_qk_norm)
+        self.mlp = GemmaMLP(config)
         size, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(size, eps)
         self.post_attention_layernorm = GemmaRMSNorm(size, eps)
@@ -142,18 +148,22 @@ class Gemma3DecoderLayer(nn.Module):
         return hidden + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden)))
 
 
-class Gemma3Model(nn.Module):
-    """Scaled embedding, decoder layers with their two RoPE tables, final norm."""
+class GemmaModel(nn.Module):
+    """Scaled embedding, decoder layers with the RoPE table of each attention kind, final norm."""
 
-    def __init__(self, config: ModelConfig, max_position: int, attention_backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, max_position: int, attention_backend: AttentionBackend,
+                 gemma3: bool) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         # sqrt(hidden) rounded to the model dtype first, as the reference multiplies by it.
         self.register_buffer("normalizer", torch.tensor(config.hidden_size ** 0.5), persistent=False)
+        ropes = (rope_settings(config.extra) if gemma3
+                 else dict.fromkeys((FULL, SLIDING), (config.rope_theta, config.rope_scaling)))
         self.rotary = nn.ModuleDict({kind: RotaryEmbedding(config.head_dim, max_position, theta, scaling)
-                                     for kind, (theta, scaling) in rope_settings(config.extra).items()})
-        kinds = layer_types(config.extra, config.num_layers)
-        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, attention_backend, kind) for kind in kinds)
+                                     for kind, (theta, scaling) in ropes.items()})
+        kinds = layer_types(config.extra, config.num_layers, 6 if gemma3 else 2)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(config, attention_backend, kind, use_qk_norm=gemma3)
+                                    for kind in kinds)
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -163,11 +173,22 @@ class Gemma3ForCausalLM(DecoderForCausalLM):
     supports_kv_window = False  # its own sliding window instead of sinks + window
     uses_mla = False
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    is_gemma3 = True
+
+    @classmethod
+    def logits_soft_cap(cls, config: ModelConfig) -> float | None:
+        """Gemma 2's attention score cap (None in Gemma 3's configs)."""
+        return config.extra.get("attn_logit_softcapping")
+
+    @classmethod
+    def uses_sliding_window(cls, config: ModelConfig) -> bool:
+        """Whether some layer attends within a window."""
+        return bool(config.extra.get("sliding_window"))
 
     def __init__(self, config: ModelConfig, max_position: int, attention_backend: AttentionBackend) -> None:
         super().__init__()
         self.config = config
-        self.model = Gemma3Model(config, max_position, attention_backend)
+        self.model = GemmaModel(config, max_position, attention_backend, self.is_gemma3)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.final_logit_softcapping = config.extra.get("final_logit_softcapping")
         self.tie_weights()
@@ -196,3 +217,9 @@ class Gemma3ForCausalLM(DecoderForCausalLM):
         logits = self.lm_head(hidden).float()
         cap = self.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+class Gemma2ForCausalLM(Gemma3ForCausalLM):
+    """Gemma 2: alternating local and global layers on one RoPE, soft-capped scores and logits, no Q/K norms."""
+
+    is_gemma3 = False

@@ -1,5 +1,5 @@
-"""Gemma 3 against transformers: a tiny random model whose prompts run far past its sliding window, through
-batching, chunked prefill, preemption and prefix hits, and the real 270M file (slow)."""
+"""Gemma 2 and 3 against transformers: tiny random models whose prompts run far past their sliding window, through
+batching, chunked prefill, preemption and prefix hits, and the real Gemma 3 270M file (slow)."""
 
 import importlib.util
 import pathlib
@@ -17,6 +17,8 @@ PROMPTS = [[1, 520, 3000, 45, 8800, 17, 99, 250], [5, 42], list(range(300, 341))
 LAYOUTS = {
     # Gemma 3's 5 local : 1 global -> six KV groups of one layer.
     "five-to-one": {"num_hidden_layers": 6},
+    # Gemma 2: local and global layers alternate (two groups of two); scores and logits soft-capped.
+    "gemma2": {"num_hidden_layers": 4, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 30.0},
     # 4 local + 2 global -> groups of two layers; a linear-scaled global RoPE and soft-capped logits.
     "two-layer-groups": {"num_hidden_layers": 6, "final_logit_softcapping": 30.0,
                          "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
@@ -26,15 +28,16 @@ LAYOUTS = {
 }
 
 
-def make_gemma3(vocab_size: int, overrides: dict) -> transformers.PreTrainedModel:
-    config = transformers.Gemma3TextConfig(
+def make_gemma(vocab_size: int, overrides: dict) -> transformers.PreTrainedModel:
+    gemma2 = "attn_logit_softcapping" in overrides
+    config = (transformers.Gemma2Config if gemma2 else transformers.Gemma3TextConfig)(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=1,
         head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=24, max_position_embeddings=512,
         # Larger weights than the usual 0.02 give peaked logits: no near-ties for greedy to flip.
         initializer_range=0.15, **overrides)
-    config.architectures = ["Gemma3ForCausalLM"]
+    config.architectures = ["Gemma2ForCausalLM" if gemma2 else "Gemma3ForCausalLM"]
     torch.manual_seed(0)
-    model = transformers.Gemma3ForCausalLM(config).eval()
+    model = (transformers.Gemma2ForCausalLM if gemma2 else transformers.Gemma3ForCausalLM)(config).eval()
     with torch.no_grad():  # random norm weights: a norm that forgot Gemma's (1 + w) cannot hide at zero
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -50,9 +53,9 @@ def reference(model: transformers.PreTrainedModel, prompt: list[int]) -> list[in
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
-def gemma3_dir(request, tmp_path_factory, tokenizer):
+def gemma_dir(request, tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp(request.param)
-    model = make_gemma3(len(tokenizer), LAYOUTS[request.param])
+    model = make_gemma(len(tokenizer), LAYOUTS[request.param])
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path, [reference(model, prompt) for prompt in PROMPTS]
@@ -64,8 +67,8 @@ def gemma3_dir(request, tmp_path_factory, tokenizer):
     {"kv_cache_memory": 60 * 4 * 2 * 32 * 4 * 2, "block_size": 4, "max_num_batched_tokens": 16},  # preemption
     {"kv_cache_dtype": "int8"},
 ], ids=["batched", "chunked", "preempted", "int8"])
-def test_tiny_gemma3_matches_transformers(gemma3_dir, options):
-    path, expected = gemma3_dir
+def test_tiny_gemma_matches_transformers(gemma_dir, options):
+    path, expected = gemma_dir
     llm = LLM(model=str(path), show_progress=False, **{"kv_cache_memory": 8 * 2**20, **options})
     params = SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
     for attempt in ("miss", "hit"):  # the second pass starts from cached prefixes
@@ -103,3 +106,16 @@ def test_real_gemma3_270m_matches_transformers():
                                                                  dtype=torch.float32).eval()
     for prompt, tokens in zip(prompts, first, strict=True):
         assert tokens == reference(hf_model, prompt)
+
+
+def test_a_backend_without_sliding_windows_or_soft_caps_says_so():
+    pytest.importorskip("triton")
+    from kvserve.attention.backend import AttentionRequirements
+    from kvserve.attention.selector import backend_class
+
+    triton_backend = backend_class("triton")
+    cuda = torch.device("cuda")
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        triton_backend.check_supported(AttentionRequirements(cuda, "float16", False, False, use_sliding_window=True))
+    with pytest.raises(ValueError, match="soft-capping"):
+        triton_backend.check_supported(AttentionRequirements(cuda, "float16", False, False, logits_soft_cap=50.0))
