@@ -189,17 +189,19 @@ class Engine:
         return num_blocks
 
     def _check_hybrid(self, draft_specs: list[KVCacheSpec]) -> None:
-        """A hybrid KV cache (sliding-window and full layers in one pool) runs without int4 and a draft model:
-        both lay their own data out per block of every layer."""
-        if self.kv_groups.num_groups == 1:
+        """Sliding-window layers (a hybrid KV cache) run without int4, a draft model and sinks + window: the first
+        two lay their own data out per block of every layer, the third is another window."""
+        if not self.kv_groups.is_hybrid:
             return
         name = self.model_config.architecture
         if self.config.cache.kv_cache_dtype == "int4":
-            raise ValueError(f"kv_cache_dtype='int4' is not supported for {name}: its sliding-window layers use a "
-                             "hybrid KV cache; use int8 or fp8")
+            raise ValueError(f"kv_cache_dtype='int4' is not supported for {name}'s sliding-window layers; "
+                             "use int8 or fp8")
         if draft_specs:
-            raise ValueError(f"speculative_method='draft_model' is not supported for {name} (a hybrid KV cache); "
-                             "use ngram")
+            raise ValueError(f"speculative_method='draft_model' is not supported for {name}'s sliding-window "
+                             "layers; use ngram")
+        if self.config.cache.kv_window:
+            raise ValueError(f"kv_window is not supported for {name}: its layers have their own sliding window")
 
     def _kv_budget(self, specs: list[KVCacheSpec], max_model_len: int) -> int:
         """KV-cache bytes: kv_cache_memory if set, else what the platform allows (a fraction of the free memory;

@@ -119,3 +119,15 @@ def test_a_backend_without_sliding_windows_or_soft_caps_says_so():
         triton_backend.check_supported(AttentionRequirements(cuda, "float16", False, False, use_sliding_window=True))
     with pytest.raises(ValueError, match="soft-capping"):
         triton_backend.check_supported(AttentionRequirements(cuda, "float16", False, False, logits_soft_cap=50.0))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"kv_cache_dtype": "int4"}, "int4.*sliding-window"),
+    ({"speculative_model": "same", "num_speculative_tokens": 2}, "draft_model.*sliding-window"),
+])
+def test_what_sliding_window_layers_cannot_run_is_refused(gemma_dir, options, message):
+    path, _ = gemma_dir
+    if options.get("speculative_model") == "same":
+        options = {**options, "speculative_model": str(path)}
+    with pytest.raises(ValueError, match=message):
+        LLM(model=str(path), show_progress=False, kv_cache_memory=8 * 2**20, **options)
