@@ -17,6 +17,8 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderField, ReaderTensor
 from gguf.quants import dequantize
 
+from kvserve.loader import gguf_deepseek2
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -26,7 +28,11 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "deepseek2": ("DeepseekV2ForCausalLM", "deepseek_v2"),  # V3 when its experts are sigmoid-gated
 }
+
+# Architectures computed on dequantized weights: DeepSeek's MLA derives per-head matrices from kv_b_proj's floats.
+_DEQUANTIZED_ARCHITECTURES = frozenset({"deepseek2"})
 
 # llama.cpp's Gemma converters store each RMSNorm's (1 + weight); Hugging Face's Gemma norms add the 1 themselves.
 _NORM_PLUS_ONE_ARCHITECTURES = frozenset({"gemma3"})
@@ -47,6 +53,7 @@ _ARCH_LAYER_NAMES: dict[str, dict[str, str]] = {
         "post_attention_norm": "post_attention_layernorm",
         "post_ffw_norm": "post_feedforward_layernorm",
     },
+    "deepseek2": gguf_deepseek2.LAYER_NAMES,
 }
 
 _LAYER_NAMES: dict[str, str] = {
@@ -193,6 +200,11 @@ class GgufSource:
         self.hf_config = self._build_hf_config()
         self.num_weight_tensors = len(self._tensors)
 
+    @property
+    def computes_on_blocks(self) -> bool:
+        """Whether its matrices can be computed on in their block formats (quantization="gguf")."""
+        return self.architecture not in _DEQUANTIZED_ARCHITECTURES
+
     def _unreadable(self, error: Exception) -> str:
         """Why the reader failed, in a user's words: not a GGUF file at all, or one cut short (numpy's reshape and
         index errors are what a truncated file's tensors give)."""
@@ -240,7 +252,7 @@ class GgufSource:
         hidden_size = int(self._arch("embedding_length", required=True))
         num_heads = int(self._arch("attention.head_count", required=True))
         names = {hf_name: tensor for hf_name, tensor in self._tensors}
-        return {
+        config = {
             "architectures": [architecture],
             "model_type": model_type,
             "hidden_size": hidden_size,
@@ -263,6 +275,10 @@ class GgufSource:
             "torch_dtype": "float32",
             **(self._gemma3_config() if self.architecture == "gemma3" else {}),
         }
+        if self.architecture == "deepseek2":
+            config.update(gguf_deepseek2.hf_config(self._arch, num_heads))
+            gguf_deepseek2.yarn_mscale(config)
+        return config
 
     def _gemma3_config(self) -> dict[str, Any]:
         """Gemma 3's keys that the GGUF may leave out take llama.cpp's values for the released models: a global
@@ -325,6 +341,10 @@ class GgufSource:
                      ) -> Iterator[tuple[str, torch.Tensor | GgufTensor]]:
         """Yield (HF name, tensor in `dtype`) for every tensor, dequantizing one at a time; with
         `keep_quantized`, block-quantized matrices come as GgufTensor instead (the file's bytes)."""
+        if self.architecture == "deepseek2":
+            for hf_name, array in gguf_deepseek2.weights(iter(self._tensors), self._dequantize):
+                yield hf_name, torch.from_numpy(array).to(dtype)
+            return
         for hf_name, tensor in self._tensors:
             if keep_quantized and tensor.tensor_type not in _FLOAT_TYPES and len(tensor.shape) == 2:
                 yield hf_name, self._quantized(hf_name, tensor)
@@ -365,6 +385,16 @@ class GgufSource:
             return unpermute_rope_rows(array, self.hf_config["num_key_value_heads"])
         return array
 
+    def _tokenizer_without_config(self, error: Exception) -> PreTrainedTokenizerBase:
+        """The tokenizer of a file whose architecture transformers' GGUF config reader does not know (deepseek2):
+        its tokenizer metadata alone, built without AutoTokenizer's config lookup."""
+        from transformers import PreTrainedTokenizerFast
+
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        except Exception:
+            raise ValueError(f"{self.path}: cannot build a tokenizer from GGUF ({error})") from error
+
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         """Build the tokenizer from tokenizer.ggml.* metadata via transformers' GGUF support, or load the copy an
         earlier build saved (transformers parses the whole file again to convert it: ~10 s for the bundled model)."""
@@ -379,7 +409,7 @@ class GgufSource:
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except Exception as exc:  # transformers raises a zoo of types for bad tokenizers
-            raise ValueError(f"{self.path}: cannot build a tokenizer from GGUF ({exc})") from exc
+            tokenizer = self._tokenizer_without_config(exc)
         template = self._field("tokenizer.chat_template")
         if template is not None and not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = str(template)

@@ -52,8 +52,11 @@ class Platform:
             return None
         if requested == "gguf" and not isinstance(source, GgufSource):
             raise ValueError("quantization='gguf' needs a .gguf model file")
+        if requested == "gguf" and not source.computes_on_blocks:
+            raise ValueError(f"quantization='gguf': {source.architecture} GGUF files run dequantized; leave it unset")
         if requested is None:
-            return "gguf" if isinstance(source, GgufSource) and self.computes_on_gguf(dtype) else None
+            return ("gguf" if isinstance(source, GgufSource) and source.computes_on_blocks
+                    and self.computes_on_gguf(dtype) else None)
         return requested
 
     def computes_on_gguf(self, dtype: torch.dtype) -> bool:
