@@ -21,7 +21,14 @@ from kvserve.loader import (
     open_model,
     resolve_model_path,
 )
-from kvserve.loader.gguf import GgufFileReader, gguf_to_hf_name, tokenizer_cache_path, unpermute_rope_rows
+from kvserve.loader.gguf import (
+    LONG_ARRAY,
+    GgufFileReader,
+    array_length,
+    gguf_to_hf_name,
+    tokenizer_cache_path,
+    unpermute_rope_rows,
+)
 
 Q = gguf.GGMLQuantizationType
 
@@ -273,7 +280,10 @@ def test_the_file_reader_reads_what_gguf_reads_from_the_same_read_only_pages() -
     ours, theirs = GgufFileReader(path), gguf.GGUFReader(path)
     assert list(ours.fields) == list(theirs.fields)
     for name, field in theirs.fields.items():
-        assert ours.fields[name].contents() == field.contents(), name
+        if len(field.data) >= LONG_ARRAY:  # the vocabulary: stepped over, its length kept
+            assert array_length(ours.fields[name]) == len(field.data) and not ours.fields[name].contents(), name
+        else:
+            assert ours.fields[name].contents() == field.contents(), name
     assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
     for mine, reference in zip(ours.tensors, theirs.tensors, strict=True):
         assert mine.tensor_type == reference.tensor_type and list(mine.shape) == list(reference.shape)
