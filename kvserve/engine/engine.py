@@ -79,6 +79,9 @@ class _Group:
     prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
+_WARM_UP_ID = "kvserve-warm-up"
+
+
 class Engine:
     """Loads the model, owns scheduler, KV manager and runner, and steps them."""
 
@@ -147,10 +150,28 @@ class Engine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self._throughput = ThroughputWindow()
+        self._warm_up()
         logger.info("%s ready in %.1f s: model %.2f GiB; KV cache %.2f GiB (%s), %s blocks of %d tokens = %s tokens "
                     "of context; max_model_len %s", source.path.name, time.monotonic() - started,
                     self.model_bytes / GIB, self.runner.kv_cache_bytes / GIB, storage_dtype, f"{num_blocks:,}",
                     block_size, self._context_that_fits(num_blocks, block_size), f"{self.max_model_len:,}")
+
+    def _warm_up(self) -> None:
+        """Run one short greedy request through the whole path (its prefill, a decode, sampling, detokenizing), so
+        that the first user's request does not pay for first calls (the native kernels' and oneDNN's set-up, the
+        first pages of scratch memory). Nothing of it is kept: its blocks are not cached, its counts are reset."""
+        caching, self.kv_manager.enable_prefix_caching = self.kv_manager.enable_prefix_caching, False
+        length = max(min(8, self.max_model_len - 2), 1)
+        prompt = [token % self.model_config.vocab_size for token in range(1, length + 1)]
+        self.add_request(_WARM_UP_ID, {"prompt_token_ids": prompt},
+                         SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        while self.has_unfinished_requests():
+            self.step()
+        self.kv_manager.enable_prefix_caching = caching
+        self.kv_manager.num_prefix_queries = self.kv_manager.num_prefix_hits = 0
+        self.scheduler.num_preemptions, self.scheduler.spec_stats = 0, SpecDecodeStats()
+        self.num_prompt_tokens = self.num_generation_tokens = 0
+        self._throughput = ThroughputWindow()
 
     def _context_that_fits(self, num_blocks: int, block_size: int) -> str:
         """Tokens of context the cache holds; with a hybrid cache, for one request, and how many more than a full
