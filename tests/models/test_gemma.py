@@ -131,3 +131,32 @@ def test_what_sliding_window_layers_cannot_run_is_refused(gemma_dir, options, me
         options = {**options, "speculative_model": str(path)}
     with pytest.raises(ValueError, match=message):
         LLM(model=str(path), show_progress=False, kv_cache_memory=8 * 2**20, **options)
+
+
+def test_a_long_request_holds_all_global_blocks_and_only_the_local_window(gemma_dir):
+    from kvserve.kv.kv_groups import blocks_per_request
+    from kvserve.kv.sinks_window import EVICTED
+
+    path, expected = gemma_dir
+    chunk, size = 16, 4
+    llm = LLM(model=str(path), show_progress=False, kv_cache_memory=8 * 2**20, block_size=size,
+              max_num_batched_tokens=chunk)
+    engine, manager = llm.engine, llm.engine.kv_manager
+    engine.add_request("long", {"prompt_token_ids": PROMPTS[3]},
+                       SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True))
+    windows, num_groups = manager.group_windows, manager.num_groups
+    most_held = [0] * num_groups
+    while engine.has_unfinished_requests():
+        table = manager.block_table("long")
+        for group, window in enumerate(windows):
+            held = [block for block in table[group::num_groups] if block != EVICTED]
+            if window is None:
+                assert len(held) == len(table) // num_groups  # a global layer keeps every block
+            most_held[group] = max(most_held[group], len(held))
+        outputs = engine.step()
+    assert outputs[0].outputs[0].token_ids == expected[3]
+    total = -(-(len(PROMPTS[3]) + NUM_NEW_TOKENS) // size)
+    for group, window in enumerate(windows):
+        if window is not None:  # a local layer: at most its window and one chunk, far fewer than the request's
+            assert most_held[group] <= blocks_per_request((window,), 10**6, size, chunk) < total
+    assert manager.pool.num_free_blocks == manager.num_blocks
