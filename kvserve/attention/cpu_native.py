@@ -53,17 +53,15 @@ class CpuAttentionBackend(TorchAttentionBackend):
                              "kvserve/native/paged_decode.c")
 
     def build_metadata(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
-        """torch_ref's metadata; the kernel reads seq_lens, so no dense decode mask is built for it (a
-        sliding-window group's decodes take the mask and torch_ref's decode: the kernel reads from position 0)."""
-        kernel = self.use_kernel and common.sliding_window is None
-        return build_torch_metadata(common, with_decode_mask=not kernel)
+        """torch_ref's metadata; the kernel reads seq_lens (a sliding-window group's: each decode's range of
+        keys), so no dense decode mask is built for it."""
+        return build_torch_metadata(common, with_decode_mask=not self.use_kernel)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
         """torch_ref.paged_attention, with the decodes on the kernel where it serves this cache."""
-        kernel = self.use_kernel and metadata.decode_mask is None
-        return torch_ref.paged_attention(query, key, value, cache, metadata, scale, decode=decode if kernel else None,
-                                         soft_cap=self.logits_soft_cap)
+        return torch_ref.paged_attention(query, key, value, cache, metadata, scale,
+                                         decode=decode if self.use_kernel else None, soft_cap=self.logits_soft_cap)
 
 
 def decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
@@ -76,16 +74,20 @@ def decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMet
     _, block_size, num_kv_heads, _ = cache.key.shape
     query = query.contiguous()
     tables, seq_lens = metadata.decode_block_tables, metadata.decode_seq_lens  # contiguous long [B, nb], [B]
+    starts = None  # all keys from the table's first
+    if metadata.decode_key_starts is not None:  # a sliding window: [start, end) of each table
+        starts, seq_lens = metadata.decode_key_starts, metadata.decode_key_ends
     out = torch.empty_like(query)
     kernels = native.load("paged_decode")
     shape = (batch, num_kv_heads, num_heads // num_kv_heads, head_dim, block_size, tables.shape[1], scale)
+    ranges = (seq_lens.data_ptr(), None if starts is None else starts.data_ptr())
     if cache.is_quantized:  # int8 codes [nb, bs, Hkv, D], scales [nb, bs, Hkv, 1]
         status = kernels.paged_decode_i8(query.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr(),
                                          cache.key_scale.data_ptr(), cache.value_scale.data_ptr(), tables.data_ptr(),
-                                         seq_lens.data_ptr(), out.data_ptr(), *shape)
+                                         *ranges, out.data_ptr(), *shape)
     else:
         status = kernels.paged_decode_f32(query.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr(),
-                                          tables.data_ptr(), seq_lens.data_ptr(), out.data_ptr(), *shape)
+                                          tables.data_ptr(), *ranges, out.data_ptr(), *shape)
     if status != 0:
         raise MemoryError("paged decode attention could not allocate its score buffers")
     return out

@@ -37,6 +37,9 @@ class TorchAttentionMetadata:
     prefills: list[PrefillSeq]
     int4: Int4WritePlan | None = None  # set when the cache is int4
     window: WindowMetadata | None = None  # set when the engine runs with sinks + a sliding window
+    # A sliding-window KV group, for kernels: each decode attends to its table's keys [start, end) (long [B]).
+    decode_key_starts: torch.Tensor | None = None
+    decode_key_ends: torch.Tensor | None = None
 
 
 def build_torch_metadata(common: CommonAttentionMetadata, with_decode_mask: bool = True) -> TorchAttentionMetadata:
@@ -50,11 +53,25 @@ def build_torch_metadata(common: CommonAttentionMetadata, with_decode_mask: bool
     decode_tables = common.block_table[:num_decodes, :max_decode_blocks].contiguous()
     decode_seq_lens = common.seq_lens[:num_decodes]
     mask = _decode_mask(common, decode_tables, decode_seq_lens) if with_decode_mask else None
-    return TorchAttentionMetadata(
+    metadata = TorchAttentionMetadata(
         slot_mapping=common.slot_mapping, num_decodes=num_decodes, decode_block_tables=decode_tables,
         decode_seq_lens=decode_seq_lens, decode_mask=mask,
         prefills=[_prefill_seq(common, row) for row in range(num_decodes, common.num_reqs)],
         int4=common.int4, window=common.window)
+    if common.sliding_window is not None and not with_decode_mask:
+        metadata.decode_key_starts, metadata.decode_key_ends = _sliding_key_ranges(common)
+    return metadata
+
+
+def _sliding_key_ranges(common: CommonAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each decode's visible keys as [start, end) columns of its gathered table: end = seq_len - first key,
+    start = end - window, at least 0."""
+    num_decodes = common.num_decode_tokens
+    ends = [length - first for length, first in zip(common.seq_lens_host[:num_decodes],
+                                                    common.first_key_position_host[:num_decodes], strict=True)]
+    starts = [max(end - common.sliding_window, 0) for end in ends]
+    ranges = torch.tensor([starts, ends], dtype=torch.long, device=common.block_table.device)
+    return ranges[0], ranges[1]
 
 
 def _decode_mask(common: CommonAttentionMetadata, tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:

@@ -141,8 +141,8 @@ static int attend(const layer *L, const shape *s, float *qkv, float *query, floa
         store_row(row + (Hq + Hkv) * D, L->value_cache, L->value_scale, slots[b], Hkv, D);
     }
     const paged_kv kv = {L->key_cache, L->value_cache, L->key_scale, L->value_scale};
-    return paged_decode(query, &kv, tables, seq_lens, attended, batch, Hkv, Hq / Hkv, D, s->block_size, max_blocks,
-                        s->scale);
+    return paged_decode(query, &kv, tables, seq_lens, NULL, attended, batch, Hkv, Hq / Hkv, D, s->block_size,
+                        max_blocks, s->scale);
 }
 
 /* act [B, I] = SiLU(gate) * up of gate_up [B, 2 I] (gate then up). */

@@ -9,6 +9,7 @@
  * key_scale, value_scale [num_blocks, block_size, num_kv_heads] float32 (kv_cache_dtype int8: x = code * scale,
  *             applied as torch_ref does: q . k = (q . codes) * key_scale, p v = (p * value_scale) codes)
  * tables      [num_seqs, max_blocks] block ids;  seq_lens [num_seqs] tokens to attend (>= 1)
+ * starts      [num_seqs] the first of them each sequence sees (a sliding window), or NULL: all from 0
  *
  * int8 codes are a quarter of float32's bytes: a smaller cache, not a faster step. The per-(token, head) dot
  * products bound this kernel, not the bytes (float32 from a cold and a warm cache measured the same). With AVX-512,
@@ -296,8 +297,8 @@ static void merge_spans(const float *restrict partials, int64_t count, float *re
 /* Every sequence's decode over one layer's cache (int8 codes where kv->key_scale is set). Returns 0, or -1 if a
  * buffer could not be allocated. */
 static int paged_decode(const float *query, const paged_kv *kv, const int64_t *tables, const int64_t *seq_lens,
-                        float *out, int64_t num_seqs, int64_t num_kv_heads, int64_t group, int64_t head_dim,
-                        int64_t block_size, int64_t max_blocks, float scale) {
+                        const int64_t *starts, float *out, int64_t num_seqs, int64_t num_kv_heads, int64_t group,
+                        int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
     const int64_t num_heads = num_kv_heads * group, span = SPAN_TOKENS;
     if (num_seqs == 0) return 0;
     // first_span [num_seqs + 1]: sequence s owns spans first_span[s] .. first_span[s + 1] - 1
@@ -305,7 +306,7 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
     if (first_span == NULL) return -1;
     first_span[0] = 0;
     for (int64_t seq = 0; seq < num_seqs; seq++)
-        first_span[seq + 1] = first_span[seq] + (seq_lens[seq] + span - 1) / span;
+        first_span[seq + 1] = first_span[seq] + (seq_lens[seq] - (starts ? starts[seq] : 0) + span - 1) / span;
     const int64_t num_spans = first_span[num_seqs];
     int64_t *span_seq = malloc(sizeof(int64_t) * (size_t)num_spans);
     const int64_t stride = partial_floats(num_heads, head_dim);
@@ -330,7 +331,7 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < num_spans; c++) {
             if (scores == NULL) continue;
-            const int64_t seq = span_seq[c], first = (c - first_span[seq]) * span;
+            const int64_t seq = span_seq[c], first = (starts ? starts[seq] : 0) + (c - first_span[seq]) * span;
             const int64_t last = first + span < seq_lens[seq] ? first + span : seq_lens[seq];
             attend_span(query + seq * num_heads * head_dim, kv, tables + seq * max_blocks, first, last,
                         partials + c * stride, scores, scores + num_heads * span,
@@ -350,18 +351,19 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
 }
 
 int paged_decode_f32(const float *query, const float *key, const float *value, const int64_t *tables,
-                     const int64_t *seq_lens, float *out, int64_t num_seqs, int64_t num_kv_heads, int64_t group,
-                     int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
+                     const int64_t *seq_lens, const int64_t *starts, float *out, int64_t num_seqs,
+                     int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t block_size, int64_t max_blocks,
+                     float scale) {
     const paged_kv kv = {key, value, NULL, NULL};
-    return paged_decode(query, &kv, tables, seq_lens, out, num_seqs, num_kv_heads, group, head_dim, block_size,
-                        max_blocks, scale);
+    return paged_decode(query, &kv, tables, seq_lens, starts, out, num_seqs, num_kv_heads, group, head_dim,
+                        block_size, max_blocks, scale);
 }
 
 int paged_decode_i8(const float *query, const int8_t *key, const int8_t *value, const float *key_scale,
-                    const float *value_scale, const int64_t *tables, const int64_t *seq_lens, float *out,
-                    int64_t num_seqs, int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t block_size,
-                    int64_t max_blocks, float scale) {
+                    const float *value_scale, const int64_t *tables, const int64_t *seq_lens, const int64_t *starts,
+                    float *out, int64_t num_seqs, int64_t num_kv_heads, int64_t group, int64_t head_dim,
+                    int64_t block_size, int64_t max_blocks, float scale) {
     const paged_kv kv = {key, value, key_scale, value_scale};
-    return paged_decode(query, &kv, tables, seq_lens, out, num_seqs, num_kv_heads, group, head_dim, block_size,
-                        max_blocks, scale);
+    return paged_decode(query, &kv, tables, seq_lens, starts, out, num_seqs, num_kv_heads, group, head_dim,
+                        block_size, max_blocks, scale);
 }

@@ -99,7 +99,7 @@ def test_a_row_gives_the_same_bits_alone_or_among_others(first_len: int):
     def attend(rows: slice) -> torch.Tensor:
         out = torch.empty_like(query[rows])
         status = kernels.paged_decode_f32(query[rows].data_ptr(), key.data_ptr(), value.data_ptr(),
-                                          tables[rows].data_ptr(), seq_lens[rows].data_ptr(), out.data_ptr(),
+                                          tables[rows].data_ptr(), seq_lens[rows].data_ptr(), None, out.data_ptr(),
                                           out.shape[0], num_kv_heads, group, head_dim, block_size, max_blocks,
                                           0.125)
         assert status == 0
@@ -193,3 +193,26 @@ def test_a_failed_build_is_reported_and_falls_back(monkeypatch, tmp_path, caplog
     finally:
         monkeypatch.undo()
         native.load.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_sliding_window_decodes_on_the_kernel_match_torch_ref(kv_cache_dtype):
+    """A sliding-window group's decodes (tables from the first visible block, keys from the window's first): the
+    kernel reads each row's [start, end), torch_ref masks; lengths within, at and far past the window."""
+    window, block_size = 40, 16
+    requests = [(1, 1), (30, 1), (41, 1), (100, 1), (300, 1)]
+    step = make_step(requests, num_kv_heads=2, group=3, head_dim=64, block_size=block_size,
+                     kv_cache_dtype=kv_cache_dtype)
+    tables = [row[:count].tolist() for row, count in zip(step.common.block_table, step.common.num_blocks_host,
+                                                         strict=True)]
+    common = build_common_metadata([f"request-{i}" for i in range(len(requests))], [s - 1 for s, _ in requests],
+                                   [1] * len(requests), tables, block_size, CPU, sliding_window=window)
+    kernel_backend, torch_backend = backend_for("cpu", step), backend_for("torch", step)
+    kernel_metadata = kernel_backend.build_metadata(common)
+    assert kernel_metadata.decode_mask is None and kernel_metadata.decode_key_starts.tolist() == [0, 0, 1, 12, 4]
+    actual = kernel_backend.forward(step.query, step.key, step.value, clone_cache(step.cache), kernel_metadata,
+                                    step.scale)
+    expected = torch_backend.forward(step.query, step.key, step.value, clone_cache(step.cache),
+                                     torch_backend.build_metadata(common), step.scale)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
