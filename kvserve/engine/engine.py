@@ -167,6 +167,7 @@ class Engine:
                          SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
         while self.has_unfinished_requests():
             self.step()
+        self.step()  # an empty step tells the runner the request finished (it frees its state, int4's residual slot)
         self.kv_manager.enable_prefix_caching = caching
         self.kv_manager.num_prefix_queries = self.kv_manager.num_prefix_hits = 0
         self.scheduler.num_preemptions, self.scheduler.spec_stats = 0, SpecDecodeStats()
