@@ -27,6 +27,7 @@ from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.layers.embedding import VocabEmbedding
 from kvserve.layers.linear import Linear
+from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding, apply_rotary
 from kvserve.models.base import DecoderForCausalLM
 
@@ -62,19 +63,27 @@ def rope_settings(extra: dict[str, Any]) -> dict[str, tuple[float, dict | None]]
             SLIDING: (extra.get("rope_local_base_freq", 10000.0), None)}
 
 
-class GemmaRMSNorm(nn.Module):
-    """RMSNorm scaled by (1 + weight), computed in float32 (the checkpoint stores weight - 1 of a plain norm)."""
+class GemmaRMSNorm(RMSNorm):
+    """RMSNorm scaled by (1 + weight): the checkpoint stores a plain norm's weight - 1. In float32 the platform's
+    kernel runs it with that scale, derived once after loading; in other dtypes, as the reference, normalized and
+    scaled in float32, then cast."""
 
     def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+        self.register_buffer("scale", torch.ones(dim), persistent=False)
+
+    def process_weights_after_loading(self) -> None:
+        """scale [dim] = 1 + weight, in float32."""
+        self.scale = 1.0 + self.weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., dim] -> same shape."""
+        if x.dtype == torch.float32:
+            return self.kernel(x, self.scale, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + self.weight.float())).type_as(x)
+        return (normed * self.scale).type_as(x)
 
 
 class GemmaAttention(nn.Module):
