@@ -106,6 +106,9 @@ class LoadConfig:
                 "(default: 128, or the largest of 64 and 32 that divides it)"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     seed: int = field(default=0, metadata={"help": "seed of unseeded random sampling"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "a Jinja chat template, or the path of a file holding one, replacing the model's (or giving one "
+                "to a model without, e.g. Gemma 3's GGUF)"})
 
     def __post_init__(self) -> None:
         if self.dtype not in MODEL_DTYPES:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
 import resource
 import time
 from collections import deque
@@ -82,6 +83,16 @@ class _Group:
 _WARM_UP_ID = "kvserve-warm-up"
 
 
+def read_chat_template(value: str) -> str:
+    """The template `chat_template` names: a file's text, or the value itself when it reads as Jinja."""
+    path = pathlib.Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template")
+
+
 class Engine:
     """Loads the model, owns scheduler, KV manager and runner, and steps them."""
 
@@ -94,6 +105,8 @@ class Engine:
         source = open_model(config.load.model)
         self.model_config = ModelConfig.from_hf_config(source.hf_config)
         self.tokenizer = source.load_tokenizer()
+        if config.load.chat_template is not None:
+            self.tokenizer.chat_template = read_chat_template(config.load.chat_template)
         max_model_len = config.scheduler.max_model_len or min(self.model_config.max_position_embeddings, 8192)
         architecture = model_class(self.model_config)
         if config.cache.kv_window and not architecture.supports_kv_window:
