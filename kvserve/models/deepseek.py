@@ -32,7 +32,8 @@ from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.layers.embedding import VocabEmbedding
 from kvserve.layers.linear import Linear
-from kvserve.layers.moe import ExpertMLP, is_stacked_experts, run_experts, split_stacked_experts
+from kvserve.layers.mlp import GatedMLP
+from kvserve.layers.moe import is_stacked_experts, run_experts, split_stacked_experts
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding, apply_rotary
 from kvserve.models.base import DecoderForCausalLM
@@ -311,9 +312,9 @@ class DeepseekMoE(nn.Module):
     def __init__(self, cfg: DeepseekConfig) -> None:
         super().__init__()
         self.gate = DeepseekRouter(cfg)
-        self.experts = nn.ModuleList(ExpertMLP(cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = nn.ModuleList(GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size)
                                      for _ in range(cfg.num_routed_experts))
-        self.shared_experts = (ExpertMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
+        self.shared_experts = (GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
                                if cfg.num_shared_experts else None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -332,7 +333,7 @@ class DeepseekDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MLAAttention(cfg, attention_backend)
         self.mlp: nn.Module = (DeepseekMoE(cfg) if cfg.is_moe_layer(index)
-                               else ExpertMLP(cfg.hidden_size, cfg.intermediate_size))
+                               else GatedMLP(cfg.hidden_size, cfg.intermediate_size))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

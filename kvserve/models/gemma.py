@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvserve.attention.backend import AttentionBackend, AttentionMetadata, GroupedAttentionMetadata
@@ -25,8 +24,10 @@ from kvserve.attention.layer import Attention
 from kvserve.config import ModelConfig
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_spec import KVCacheSpec
+from kvserve.layers.activation import gelu_tanh_and_mul
 from kvserve.layers.embedding import VocabEmbedding
 from kvserve.layers.linear import Linear
+from kvserve.layers.mlp import GatedMLP
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding, apply_rotary
 from kvserve.models.base import DecoderForCausalLM
@@ -119,21 +120,6 @@ class GemmaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
-class GemmaMLP(nn.Module):
-    """GELU-tanh gated feed-forward with a fused gate/up projection."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size,
-                                   output_sizes=[config.intermediate_size] * 2)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, hidden_size] -> [T, hidden_size]."""
-        gate, up = self.gate_up_proj(hidden).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
-
-
 class GemmaDecoderLayer(nn.Module):
     """Sandwich-normed attention and MLP blocks with residual connections."""
 
@@ -142,7 +128,7 @@ class GemmaDecoderLayer(nn.Module):
         super().__init__()
         self.kind = kind
         self.self_attn = GemmaAttention(config, attention_backend, use_qk_norm)
-        self.mlp = GemmaMLP(config)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, gelu_tanh_and_mul)
         size, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(size, eps)
         self.post_attention_layernorm = GemmaRMSNorm(size, eps)

@@ -17,9 +17,9 @@ from kvserve.attention.layer import Attention
 from kvserve.config import ModelConfig
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_spec import KVCacheSpec
-from kvserve.layers.activation import silu_and_mul
 from kvserve.layers.embedding import VocabEmbedding
 from kvserve.layers.linear import Linear
+from kvserve.layers.mlp import GatedMLP
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding, apply_rotary
 from kvserve.models.base import DecoderForCausalLM
@@ -62,27 +62,13 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
-class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward with a fused gate/up projection."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size,
-                                   output_sizes=[config.intermediate_size] * 2)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[T, hidden_size] -> [T, hidden_size]."""
-        return self.down_proj(silu_and_mul(self.gate_up_proj(hidden)))
-
-
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks with residual connections."""
 
     def __init__(self, config: ModelConfig, attention_backend: AttentionBackend) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, attention_backend)
-        self.mlp = LlamaMLP(config)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)  # SwiGLU
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

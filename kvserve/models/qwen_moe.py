@@ -18,7 +18,8 @@ from torch import nn
 from kvserve.attention.backend import AttentionBackend
 from kvserve.config import ModelConfig
 from kvserve.layers.linear import Linear
-from kvserve.layers.moe import ExpertMLP, is_stacked_experts, run_experts, split_stacked_experts
+from kvserve.layers.mlp import GatedMLP
+from kvserve.layers.moe import is_stacked_experts, run_experts, split_stacked_experts
 from kvserve.models.llama import LlamaForCausalLM
 
 
@@ -52,10 +53,10 @@ class QwenSparseMoe(nn.Module):
         raw, hidden = config.extra, config.hidden_size
         self.gate = QwenRouter(hidden, num_experts(raw), raw["num_experts_per_tok"],
                                bool(raw.get("norm_topk_prob", False)))
-        self.experts = nn.ModuleList(ExpertMLP(hidden, raw["moe_intermediate_size"])
+        self.experts = nn.ModuleList(GatedMLP(hidden, raw["moe_intermediate_size"])
                                      for _ in range(num_experts(raw)))
         shared = raw.get("shared_expert_intermediate_size") or 0
-        self.shared_expert = ExpertMLP(hidden, shared) if shared else None
+        self.shared_expert = GatedMLP(hidden, shared) if shared else None
         self.shared_expert_gate = Linear(hidden, 1) if shared else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
