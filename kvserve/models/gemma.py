@@ -29,8 +29,9 @@ from kvserve.layers.embedding import VocabEmbedding
 from kvserve.layers.linear import Linear
 from kvserve.layers.mlp import GatedMLP
 from kvserve.layers.norm import RMSNorm
-from kvserve.layers.rotary import RotaryEmbedding, apply_rotary
+from kvserve.layers.rotary import RotaryEmbedding
 from kvserve.models.base import DecoderForCausalLM
+from kvserve.models.llama import LlamaAttention
 
 CosSin = tuple[torch.Tensor, torch.Tensor]  # [T, 1, D] each
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -87,37 +88,19 @@ class GemmaRMSNorm(RMSNorm):
         return (normed * self.scale).type_as(x)
 
 
-class GemmaAttention(nn.Module):
-    """Fused QKV, Gemma 3's per-head Q/K norms, RoPE and the paged cache (a local layer's group masks outside its
-    window; Gemma 2's score soft-cap is the backend's, set for the whole model)."""
+class GemmaAttention(LlamaAttention):
+    """Llama's attention with Gemma's (1 + w) Q/K norms (Gemma 3; Gemma 2 has none) and queries scaled by
+    query_pre_attn_scalar ** -0.5 (a local layer's group masks outside its window; Gemma 2's score soft-cap is the
+    backend's, set for the whole model)."""
 
     def __init__(self, config: ModelConfig, attention_backend: AttentionBackend, use_qk_norm: bool) -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.head_dim = config.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias,
-                               output_sizes=[self.q_size, self.kv_size, self.kv_size])
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        super().__init__(config, attention_backend)
         self.use_qk_norm = use_qk_norm
         if use_qk_norm:
             self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         scalar = config.extra.get("query_pre_attn_scalar") or self.head_dim
         self.attn = Attention(attention_backend, self.num_heads, self.num_kv_heads, self.head_dim, scalar ** -0.5)
-
-    def forward(self, cos_sin: CosSin, hidden: torch.Tensor, kv_cache: LayerKVCache,
-                metadata: AttentionMetadata) -> torch.Tensor:
-        """hidden [T, hidden_size] -> [T, hidden_size]."""
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = q.view(num_tokens, self.num_heads, self.head_dim), k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.use_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(torch.cat([q, k], dim=1), cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        out = self.attn(q, k, v.reshape(num_tokens, self.num_kv_heads, self.head_dim), kv_cache, metadata)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
 class GemmaDecoderLayer(nn.Module):
