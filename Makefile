@@ -23,7 +23,7 @@ PORT ?= 8000
 
 # Printed by `make run` before the server starts, so that the first request is a copy-paste away.
 define RUN_HELP
-kvserve: starting the OpenAI-compatible server on http://$(HOST):$(PORT) (bundled SmolLM2-135M-Instruct).
+kvserve: starting the OpenAI-compatible server on http://$(HOST):$(PORT) ($(or $(ARGS),the bundled SmolLM2-135M-Instruct)).
 Once it logs "Uvicorn running", try from another shell (curl, then the openai client):
 
 curl http://$(HOST):$(PORT)/v1/chat/completions -H 'Content-Type: application/json' -d '{"messages": [{"role": "user", "content": "What is a KV cache?"}], "max_tokens": 64}'

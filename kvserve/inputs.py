@@ -55,8 +55,8 @@ class InputProcessor:
         ready for the reply unless `add_generation_prompt` is false."""
         template = getattr(self.tokenizer, "chat_template", None)
         if not template:
-            raise ValueError("messages cannot be rendered: this model has no chat template; "
-                             "use a plain prompt (/v1/completions, LLM.generate)")
+            raise ValueError("messages cannot be rendered: this model has no chat template; give it one "
+                             "(--chat-template, a Jinja file) or use a plain prompt (/v1/completions, LLM.generate)")
         extra: dict[str, Any] = {}
         if template_supports_tools(template):
             extra = {"tools": tools} if tools else {}
