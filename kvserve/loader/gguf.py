@@ -28,6 +28,7 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
     "deepseek2": ("DeepseekV2ForCausalLM", "deepseek_v2"),  # V3 when its experts are sigmoid-gated
 }
@@ -36,7 +37,7 @@ _ARCHITECTURES: dict[str, tuple[str, str]] = {
 _DEQUANTIZED_ARCHITECTURES = frozenset({"deepseek2"})
 
 # llama.cpp's Gemma converters store each RMSNorm's (1 + weight); Hugging Face's Gemma norms add the 1 themselves.
-_NORM_PLUS_ONE_ARCHITECTURES = frozenset({"gemma3"})
+_NORM_PLUS_ONE_ARCHITECTURES = frozenset({"gemma2", "gemma3"})
 
 # llama.cpp's converter reorders Q/K rows into the interleaved rope layout only for llama.
 _PERMUTED_ARCHITECTURES = frozenset({"llama"})
@@ -47,13 +48,17 @@ _GLOBAL_NAMES: dict[str, str] = {
     "output.weight": "lm_head.weight",
 }
 
-# Where an architecture's layer tensors are named otherwise than Llama's (Gemma's four norms per layer).
+# Gemma's four norms per layer.
+_GEMMA_LAYER_NAMES = {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+# Where an architecture's layer tensors are named otherwise than Llama's.
 _ARCH_LAYER_NAMES: dict[str, dict[str, str]] = {
-    "gemma3": {
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_attention_norm": "post_attention_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm",
-    },
+    "gemma2": _GEMMA_LAYER_NAMES,
+    "gemma3": _GEMMA_LAYER_NAMES,
     "deepseek2": gguf_deepseek2.LAYER_NAMES,
 }
 
@@ -274,25 +279,33 @@ class GgufSource:
             "eos_token_id": self._field("tokenizer.ggml.eos_token_id"),
             "attention_bias": "model.layers.0.self_attn.q_proj.bias" in names,
             "torch_dtype": "float32",
-            **(self._gemma3_config() if self.architecture == "gemma3" else {}),
+            **(self._gemma_config() if self.architecture in ("gemma2", "gemma3") else {}),
         }
         if self.architecture == "deepseek2":
             config.update(gguf_deepseek2.hf_config(self._arch, num_heads))
             gguf_deepseek2.yarn_mscale(config)
         return config
 
-    def _gemma3_config(self) -> dict[str, Any]:
-        """Gemma 3's keys that the GGUF may leave out take llama.cpp's values for the released models: a global
-        layer every sixth, local RoPE theta 10k, queries scaled by head_dim ** -0.5."""
+    def _gemma_config(self) -> dict[str, Any]:
+        """Gemma's keys. What the GGUF may leave out takes llama.cpp's values for the released models: a global
+        layer every sixth (Gemma 3) or second (Gemma 2), local RoPE theta 10k (Gemma 3), queries scaled by
+        head_dim ** -0.5; Gemma 2's soft caps are in its metadata."""
         num_layers = int(self._arch("block_count", required=True))
-        pattern = int(self._arch("attention.sliding_window_pattern", default=6))
+        gemma3 = self.architecture == "gemma3"
+        pattern = int(self._arch("attention.sliding_window_pattern", default=6 if gemma3 else 2))
         head_dim = self._head_dim(int(self._arch("embedding_length")), int(self._arch("attention.head_count")))
-        return {
+        config = {
             "layer_types": ["full_attention" if (index + 1) % pattern == 0 else "sliding_attention"
                             for index in range(num_layers)],
             "sliding_window": int(self._arch("attention.sliding_window", required=True)),
             "query_pre_attn_scalar": head_dim,
             "hidden_activation": "gelu_pytorch_tanh",
+        }
+        if not gemma3:
+            return {**config, "attn_logit_softcapping": self._arch("attn_logit_softcapping"),
+                    "final_logit_softcapping": self._arch("final_logit_softcapping")}
+        return {
+            **config,
             "rope_parameters": {
                 "full_attention": {"rope_type": "default", **(self._rope_scaling() or {}),
                                    "rope_theta": _round_f32(self._arch("rope.freq_base", default=1_000_000.0))},

