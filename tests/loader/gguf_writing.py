@@ -6,6 +6,7 @@ import importlib.util
 import pathlib
 
 import gguf
+import torch
 
 
 def copy_bundled_tokenizer(writer: gguf.GGUFWriter) -> None:
@@ -29,3 +30,11 @@ def finish(writer: gguf.GGUFWriter) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def transformers_greedy(model: torch.nn.Module, prompt: list[int], num_tokens: int) -> list[int]:
+    """The reference's greedy continuation of `prompt` (EOS ignored)."""
+    with torch.no_grad():
+        output = model.generate(torch.tensor([prompt]), max_new_tokens=num_tokens, do_sample=False,
+                                eos_token_id=None, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return output[0, len(prompt):].tolist()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from gguf_writing import copy_bundled_tokenizer, finish
+from gguf_writing import copy_bundled_tokenizer, finish, transformers_greedy
 
 from kvserve import LLM, SamplingParams
 
@@ -122,10 +122,7 @@ def test_deepseek2_gguf_matches_transformers(deepseek2_gguf):
     params = SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     for prompt, output in zip(PROMPTS, outputs, strict=True):
-        with torch.no_grad():
-            expected = model.generate(torch.tensor([prompt]), max_new_tokens=NUM_NEW_TOKENS, do_sample=False,
-                                      eos_token_id=None, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-        assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
+        assert output.outputs[0].token_ids == transformers_greedy(model, prompt, NUM_NEW_TOKENS)
 
 
 def test_deepseek2_gguf_refuses_block_formats(deepseek2_gguf):
