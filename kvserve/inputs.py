@@ -7,6 +7,7 @@ max_tokens=None means "up to the end of the context window".
 
 from __future__ import annotations
 
+import pathlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,3 +101,13 @@ class InputProcessor:
                 f"max_tokens is {params.max_tokens}, but the prompt's {num_prompt_tokens} tokens leave room "
                 f"for {room} in the context window (max_model_len {self.max_model_len})")
         return params.max_tokens
+
+
+def read_chat_template(value: str) -> str:
+    """The template the `chat_template` option names: a file's text, or the value itself when it reads as Jinja."""
+    path = pathlib.Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template")

