@@ -158,19 +158,17 @@ class GgufFileReader(GGUFReader):
         if raw_type != GGUFValueType.ARRAY:
             return super()._get_field_parts(orig_offs, raw_type)
         item_type, length = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
-        if int(length[0]) < LONG_ARRAY:
-            return super()._get_field_parts(orig_offs, raw_type)
-        body = orig_offs + 12
-        end = self._skip_array(body, GGUFValueType(int(item_type[0])), int(length[0]))
-        return end - orig_offs, [item_type, length], [], [GGUFValueType.ARRAY, GGUFValueType(int(item_type[0]))]
+        kind = GGUFValueType(int(item_type[0]))
+        if int(length[0]) < LONG_ARRAY or (kind != GGUFValueType.STRING and kind not in self.gguf_scalar_to_np):
+            return super()._get_field_parts(orig_offs, raw_type)  # short, or of arrays: gguf's own parse
+        end = self._skip_array(orig_offs + 12, kind, int(length[0]))
+        return end - orig_offs, [item_type, length], [], [GGUFValueType.ARRAY, kind]
 
     def _skip_array(self, offset: int, item_type: GGUFValueType, length: int) -> int:
-        """The offset past `length` elements of `item_type` starting at `offset`."""
+        """The offset past `length` scalars or strings of `item_type` starting at `offset`."""
         scalar = self.gguf_scalar_to_np.get(item_type)
         if scalar is not None:
             return offset + np.dtype(scalar).itemsize * length
-        if item_type != GGUFValueType.STRING:
-            raise ValueError(f"unexpected GGUF array of {item_type.name}")
         raw, order = self.data, "little" if self.byte_order == "I" else "big"
         for _ in range(length):  # each string: a uint64 length, then its bytes
             offset += 8 + int.from_bytes(raw[offset:offset + 8].tobytes(), order)

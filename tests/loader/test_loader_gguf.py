@@ -308,3 +308,18 @@ def test_a_saved_tokenizer_reads_back_as_transformers_reads_it() -> None:
     messages = [{"role": "user", "content": "Hi"}]
     assert ours.apply_chat_template(messages, add_generation_prompt=True) == \
         theirs.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def test_a_long_array_of_arrays_is_read_as_gguf_reads_it(tmp_path: pathlib.Path) -> None:
+    """Only long arrays of scalars or strings are stepped over; arrays of arrays take gguf's own parse."""
+    path = tmp_path / "nested.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_array("test.nested", [[1, 2]] * LONG_ARRAY)
+    writer.add_array("test.numbers", list(range(LONG_ARRAY)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours, theirs = GgufFileReader(path), gguf.GGUFReader(path)
+    assert ours.fields["test.nested"].contents() == theirs.fields["test.nested"].contents()
+    assert array_length(ours.fields["test.numbers"]) == LONG_ARRAY and not ours.fields["test.numbers"].contents()
