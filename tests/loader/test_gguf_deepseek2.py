@@ -129,3 +129,11 @@ def test_deepseek2_gguf_refuses_block_formats(deepseek2_gguf):
     path, _ = deepseek2_gguf
     with pytest.raises(ValueError, match="deepseek2 GGUF files run dequantized"):
         LLM(model=str(path), quantization="gguf", kv_cache_memory=8 * 2**20, show_progress=False)
+
+
+def test_a_k_b_without_its_v_b_is_refused():
+    from kvserve.loader.gguf_deepseek2 import weights
+
+    half = [("model.layers.0.self_attn.k_b_proj.weight", np.zeros((4, 32, 16), dtype=np.float32))]
+    with pytest.raises(ValueError, match=r"attn_k_b without attn_v_b \(or the reverse\) in \['model.layers.0'\]"):
+        list(weights(iter(half), lambda name, array: array))

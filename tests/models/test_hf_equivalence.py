@@ -75,3 +75,34 @@ def test_tiny_model_matches_transformers(case, tmp_path, tokenizer):
                                          do_sample=False, eos_token_id=None,
                                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
         assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
+
+
+BASE_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize(("architecture", "extra", "message"), [
+    ("Phi3ForCausalLM", {"partial_rotary_factor": 0.5},
+     r"Phi3ForCausalLM with partial_rotary_factor=0.5 is not supported \(only 1.0\)"),
+    ("Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                             "hidden_act": "gelu"}, "hidden_act 'gelu' is not supported for Qwen2MoeForCausalLM"),
+])
+def test_settings_a_model_cannot_run_are_refused(architecture, extra, message):
+    from kvserve.attention.backend import AttentionRequirements
+    from kvserve.attention.torch_backend import TorchAttentionBackend
+    from kvserve.config import ModelConfig
+    from kvserve.models.registry import build_model
+
+    config = ModelConfig.from_hf_config({"architectures": [architecture], **BASE_CONFIG, **extra})
+    backend = TorchAttentionBackend(AttentionRequirements(torch.device("cpu"), "float32", False, False))
+    with pytest.raises(ValueError, match=message):
+        build_model(config, 128, backend)
+
+
+def test_sinks_and_window_are_refused_beside_a_models_own_window(tmp_path, tokenizer):
+    config_name, overrides = CASES["mistral-window"]
+    make_hf_model(config_name, overrides, len(tokenizer)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="kv_window is not supported for MistralForCausalLM: its layers have their "
+                                         "own sliding window"):
+        LLM(model=str(tmp_path), kv_cache_memory=8 * 2**20, kv_window=32, show_progress=False)
