@@ -66,7 +66,8 @@ def gemma_dir(request, tmp_path_factory, tokenizer):
     {"max_num_batched_tokens": 16, "block_size": 4},  # chunked prefill; small blocks slide often
     {"kv_cache_memory": 60 * 4 * 2 * 32 * 4 * 2, "block_size": 4, "max_num_batched_tokens": 16},  # preemption
     {"kv_cache_dtype": "int8"},
-], ids=["batched", "chunked", "preempted", "int8"])
+    {"attention_backend": "torch"},  # masks instead of the compiled kernel's key ranges
+], ids=["batched", "chunked", "preempted", "int8", "torch-attention"])
 def test_tiny_gemma_matches_transformers(gemma_dir, options):
     path, expected = gemma_dir
     llm = LLM(model=str(path), show_progress=False, **{"kv_cache_memory": 8 * 2**20, **options})
