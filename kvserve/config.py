@@ -209,15 +209,16 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the model is split across devices (a placeholder: one device for now)."""
+    """How the model is split across processes (tensor parallelism on torch.distributed)."""
 
     tensor_parallel_size: int = field(default=1, metadata={
-        "help": "devices each layer is split across (tensor parallelism; only 1 is supported so far)"})
+        "help": "processes each layer is split across (Megatron-style tensor parallelism: attention heads, MLP "
+                "and vocabulary split, one all-reduce after attention and one after the MLP; gloo on the CPU, "
+                "NCCL on CUDA). Workers are spawned on this machine, or joined under torchrun"})
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size must be 1 (tensor parallelism is not implemented yet), "
-                             f"got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 
 
 SPECULATIVE_METHODS = ("ngram", "draft_model")

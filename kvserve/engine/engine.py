@@ -8,10 +8,12 @@ import resource
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvserve.attention.backend import AttentionRequirements
 from kvserve.attention.selector import create_attention_backend
 from kvserve.config import EngineConfig, ModelConfig
+from kvserve.distributed.executor import TensorParallelRunner, TensorParallelWorkers, per_rank_threads
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.request import Request, RequestStatus
 from kvserve.engine.scheduler import Scheduler, SpecDecodeStats
@@ -31,6 +33,12 @@ from kvserve.runner.model_runner import ModelRunner
 from kvserve.sampling_params import SamplingParams
 from kvserve.spec.draft_model import load_draft_model
 from kvserve.structured.manager import StructuredOutputManager
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvserve.attention.backend import AttentionBackend
+    from kvserve.platforms import Platform
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +95,13 @@ class Engine:
 
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
         started = time.monotonic()
-        self.config = config
+        self.config = config = per_rank_threads(config)
         self.platform = get_platform(config)
         self.platform.configure()  # process-wide settings, undone by shutdown() where they can be
         self.device = self.platform.device
         source = open_model(config.load.model)
         self.model_config = ModelConfig.from_hf_config(source.hf_config)
+        _check_parallel(config)
         self.tokenizer = source.load_tokenizer()
         if config.load.chat_template is not None:
             self.tokenizer.chat_template = read_chat_template(config.load.chat_template)
@@ -101,17 +110,18 @@ class Engine:
         if config.cache.kv_window and not architecture.supports_kv_window:
             raise ValueError(f"kv_window is not supported for {self.model_config.architecture}")
         storage_dtype = config.cache.storage_dtype(config.load.dtype)
-        self.attention_backend = create_attention_backend(config.platform.attention_backend, AttentionRequirements(
-            self.device, storage_dtype, use_window=bool(config.cache.kv_window), use_mla=architecture.uses_mla,
-            use_sliding_window=architecture.uses_sliding_window(self.model_config),
-            logits_soft_cap=architecture.logits_soft_cap(self.model_config)))
+        self.attention_backend = attention_backend_for(config, self.model_config, self.device)
+        # Tensor parallelism: the worker processes join first (the layers are built as this rank's shards).
+        self.workers = (TensorParallelWorkers(config, max_model_len) if config.parallel.tensor_parallel_size > 1
+                        else None)
         # A draft model's cache: int8 under an int4 target (int4's per-block key scales and full-precision
         # residual block are the target's alone), else the target's format.
         draft_dtype = "int8" if storage_dtype == "int4" else storage_dtype
         draft = (load_draft_model(config, self.platform, self.model_config, max_model_len, draft_dtype,
                                   show_progress) if config.speculative.speculative_method == "draft_model" else None)
-        self.runner = ModelRunner(config, self.platform, self.model_config, source, max_model_len,
-                                  self.attention_backend, show_progress, draft)
+        runner = ModelRunner(config, self.platform, self.model_config, source, max_model_len, self.attention_backend,
+                             show_progress, draft)
+        self.runner = runner if self.workers is None else TensorParallelRunner(runner, self.workers)
         model = self.runner.model
         block_size = config.cache.resolved_block_size
         specs = model.kv_cache_specs(storage_dtype)
@@ -168,7 +178,9 @@ class Engine:
         self.add_request(_WARM_UP_ID, {"prompt_token_ids": prompt},
                          SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
         while self.has_unfinished_requests():
-            self.step()
+            for output in self.step():
+                if output.error is not None:  # a model that cannot run one step must not start serving
+                    raise RuntimeError(f"the warm-up request failed: {output.error}")
         self.step()  # an empty step tells the runner the request finished (it frees its state, int4's residual slot)
         self.kv_manager.enable_prefix_caching = caching
         self.kv_manager.num_prefix_queries = self.kv_manager.num_prefix_hits = 0
@@ -232,10 +244,16 @@ class Engine:
         on CUDA what gpu_memory_utilization leaves after a profiling step)."""
         if self.config.cache.kv_cache_memory:
             return self.config.cache.kv_cache_memory
-        return self.platform.kv_cache_budget(self.runner, specs, max_model_len)
+        budget = self.platform.kv_cache_budget(self.runner, specs, max_model_len)
+        # Tensor-parallel ranks on one host share its memory (each holds its heads' share of every block).
+        return budget // self.config.parallel.tensor_parallel_size if self.device.type == "cpu" else budget
 
     def shutdown(self) -> None:
-        """Undo the platform's process-wide settings that can be undone (torch and BLAS thread counts)."""
+        """Stop the tensor-parallel workers; undo the platform's process-wide settings that can be undone (torch
+        and BLAS thread counts)."""
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
         self.platform.restore()
 
     # ---- requests -------------------------------------------------------------------------
@@ -457,3 +475,29 @@ class ThroughputWindow:
         elapsed = self._steps[-1][0] - self._steps[0][0]
         total = sum(step[1 + column] for step in list(self._steps)[1:])
         return total / elapsed if elapsed > 0 else 0.0
+
+
+def attention_backend_for(config: EngineConfig, model_config: ModelConfig, device: torch.device) -> AttentionBackend:
+    """The configured attention backend, checked against what the model and the cache need."""
+    architecture = model_class(model_config)
+    return create_attention_backend(config.platform.attention_backend, AttentionRequirements(
+        device, config.cache.storage_dtype(config.load.dtype), use_window=bool(config.cache.kv_window),
+        use_mla=architecture.uses_mla, use_sliding_window=architecture.uses_sliding_window(model_config),
+        logits_soft_cap=architecture.logits_soft_cap(model_config)))
+
+
+def build_runner(config: EngineConfig, max_model_len: int, show_progress: bool = True) -> tuple[ModelRunner, Platform]:
+    """A tensor-parallel worker's runner (its rank's shard of the model), built as the engine builds its own."""
+    platform = get_platform(config)
+    platform.configure()
+    source = open_model(config.load.model)
+    model_config = ModelConfig.from_hf_config(source.hf_config)
+    backend = attention_backend_for(config, model_config, platform.device)
+    return ModelRunner(config, platform, model_config, source, max_model_len, backend, show_progress), platform
+
+
+def _check_parallel(config: EngineConfig) -> None:
+    """What tensor parallelism does not run with (yet): a draft model (its own layers would need splitting)."""
+    if config.parallel.tensor_parallel_size > 1 and config.speculative.speculative_method == "draft_model":
+        raise ValueError("speculative_method='draft_model' is not supported with tensor_parallel_size > 1; "
+                         "use ngram")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderField, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderField, ReaderTensor
 from gguf.quants import dequantize
 
 from kvserve.loader import gguf_deepseek2
@@ -130,6 +130,23 @@ class GgufTensor:
     def to(self, device: torch.device | str) -> GgufTensor:
         """The same tensor on `device`."""
         return dataclasses.replace(self, data=self.data.to(device))
+
+    def narrow(self, dim: int, start: int, length: int) -> GgufTensor:
+        """Rows (dim 0) or columns (dim 1) [start, start + length): a tensor-parallel rank's part. Columns are cut
+        at whole blocks only."""
+        if dim == 0:
+            return GgufTensor(self.data.narrow(0, start, length), self.qtype, (length, self.shape[1]))
+        values_per_block, block_bytes = GGML_QUANT_SIZES[self.qtype]
+        if start % values_per_block or length % values_per_block:
+            raise ValueError(f"is {self.qtype.name}, whose blocks of {values_per_block} columns cannot be split at "
+                             f"columns {start}..{start + length}; load with quantization='none'")
+        cut = self.data.narrow(1, start // values_per_block * block_bytes, length // values_per_block * block_bytes)
+        return GgufTensor(cut, self.qtype, (self.shape[0], length))
+
+    def pad_rows(self, rows: int) -> GgufTensor:
+        """Zero rows appended up to `rows` (a zero block is zeros: its scales are 0)."""
+        padding = self.data.new_zeros(rows - self.shape[0], self.data.shape[1])
+        return GgufTensor(torch.cat([self.data, padding]), self.qtype, (rows, self.shape[1]))
 
 
 # Metadata arrays this long (a vocabulary's tokens, scores, types and merges) are stepped over, not parsed.

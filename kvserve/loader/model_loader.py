@@ -7,9 +7,11 @@ A model declares
 - `checkpoint_tensors(name, tensor)`: its renames, splits and skips, as the (our name, tensor) pairs a checkpoint
   tensor stands for (none for a skipped one).
 Each parameter carries a `weight_loader(param, tensor, shard_id)` (`default_weight_loader` unless set) and
-its number of shards (1 unless packed). A loader that also fills sibling parameters of its module (a method that
-quantizes at load fills a weight's scales from the weight) returns their attribute names. A complete load fills
-every shard of every parameter exactly once; anything else is a ValueError naming the tensor.
+its number of shards (1 unless packed). With tensor parallelism, a module's `checkpoint_part(attribute, tensor,
+shard id)` first cuts the tensor to this rank's part (layers/linear.py). A loader that also fills sibling
+parameters of its module (a method that quantizes at load fills a weight's scales from the weight) returns their
+attribute names. A complete load fills every shard of every parameter exactly once; anything else is a ValueError
+naming the tensor.
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ def load_model_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
     """Load every checkpoint tensor, check that each parameter shard was filled exactly once, then let each
     module with a `process_weights_after_loading()` derive what it needs from its weights."""
     params = dict(model.named_parameters())  # tied parameters appear once, under their first name
+    modules = dict(model.named_modules())
     packed = getattr(model, "packed_modules_mapping", {})
     loaded: set[tuple[str, int | None]] = set()
     for checkpoint_name, checkpoint_tensor in weights:
         for name, tensor in model.checkpoint_tensors(checkpoint_name, checkpoint_tensor):
             try:
-                loaded |= _load_one(params, packed, loaded, name, tensor)
+                loaded |= _load_one(params, modules, packed, loaded, name, tensor)
             except (ValueError, IndexError) as error:
                 raise ValueError(f"checkpoint tensor {checkpoint_name!r}: {error}") from None
     missing = sorted(_expected_shards(params) - loaded, key=str)
@@ -62,8 +65,8 @@ def load_model_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
             module.process_weights_after_loading()
 
 
-def _load_one(params: dict[str, nn.Parameter], packed: dict[str, list[str]], loaded: set[tuple[str, int | None]],
-              name: str, tensor: torch.Tensor) -> set[tuple[str, int | None]]:
+def _load_one(params: dict[str, nn.Parameter], modules: dict[str, nn.Module], packed: dict[str, list[str]],
+              loaded: set[tuple[str, int | None]], name: str, tensor: torch.Tensor) -> set[tuple[str, int | None]]:
     """Load one tensor under our name; returns the (parameter, shard) pairs it filled."""
     name, shard_id = _packed_target(packed, name)
     param = params.get(name)
@@ -74,8 +77,11 @@ def _load_one(params: dict[str, nn.Parameter], packed: dict[str, list[str]], loa
     filled = {(name, shard) for shard in shards}
     if filled & loaded:
         raise ValueError(f"loads {name!r} a second time")
+    module, _, attribute = name.rpartition(".")
+    cut = getattr(modules[module], "checkpoint_part", None)
+    if cut is not None:
+        tensor = cut(attribute, tensor, shard_id)
     siblings = getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard_id) or ()
-    module = name.rpartition(".")[0]
     also = {(f"{module}.{sibling}", shard) for sibling in siblings for shard in shards}
     if also & loaded:
         raise ValueError(f"fills {sorted(also & loaded)[0][0]!r}, which the checkpoint loaded already")

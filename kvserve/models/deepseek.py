@@ -28,10 +28,12 @@ from torch import nn
 from kvserve.attention.backend import AttentionMetadata, MLABackend
 from kvserve.attention.mla import causal_attention
 from kvserve.config import ModelConfig
+from kvserve.distributed.parallel_state import all_reduce
+from kvserve.distributed.sharding import local_range
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_spec import KVCacheSpec
-from kvserve.layers.embedding import VocabEmbedding
-from kvserve.layers.linear import Linear
+from kvserve.layers.embedding import LMHead, VocabEmbedding
+from kvserve.layers.linear import Linear, column_parallel, row_parallel
 from kvserve.layers.mlp import GatedMLP
 from kvserve.layers.moe import is_stacked_experts, run_experts, split_stacked_experts
 from kvserve.layers.norm import RMSNorm
@@ -76,6 +78,7 @@ class DeepseekConfig:
     rope_scaling: dict | None  # with `attention_factor` resolved as HF does (mscale / mscale_all_dim)
     rope_interleave: bool
     softmax_scale: float
+    head_start: int = 0  # tensor parallelism: this rank's first head (num_heads are this rank's)
 
     @classmethod
     def from_model_config(cls, config: ModelConfig) -> DeepseekConfig:
@@ -99,10 +102,11 @@ class DeepseekConfig:
         if num_experts and num_experts % n_group:
             raise ValueError(f"n_routed_experts ({num_experts}) must be a multiple of n_group ({n_group})")
         nope, rope = int(raw["qk_nope_head_dim"]), int(raw["qk_rope_head_dim"])
+        head_start, num_heads = local_range(config.num_heads)  # tensor parallelism: this rank's heads
         scaling = _rope_scaling(config.rope_scaling, config.max_position_embeddings)
         return cls(
             is_v3=is_v3, hidden_size=config.hidden_size, vocab_size=config.vocab_size,
-            num_layers=config.num_layers, num_heads=config.num_heads, rms_norm_eps=config.rms_norm_eps,
+            num_layers=config.num_layers, num_heads=num_heads, head_start=head_start, rms_norm_eps=config.rms_norm_eps,
             tie_word_embeddings=config.tie_word_embeddings, attention_bias=bool(raw.get("attention_bias")),
             q_lora_rank=raw.get("q_lora_rank") or None, kv_lora_rank=int(raw["kv_lora_rank"]),
             qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=int(raw["v_head_dim"]),
@@ -179,18 +183,22 @@ class MLAAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backend = attention_backend  # its MLA entry points read and write the latent cache
-        heads, qk_dim = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        # Tensor parallelism splits the heads (cfg.num_heads is this rank's, from cfg.head_start); the latent
+        # projections and the latent cache are every rank's.
+        first, heads, qk_dim = cfg.head_start, cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = Linear(cfg.hidden_size, heads * qk_dim)
+            self.q_proj = column_parallel(cfg.hidden_size, [(first * qk_dim, heads * qk_dim)])
         else:
             self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = Linear(cfg.q_lora_rank, heads * qk_dim)
+            self.q_b_proj = column_parallel(cfg.q_lora_rank, [(first * qk_dim, heads * qk_dim)])
         self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
                                          bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
-        self.o_proj = Linear(heads * cfg.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias)
+        kv_dim = cfg.qk_nope_head_dim + cfg.v_head_dim
+        self.kv_b_proj = column_parallel(cfg.kv_lora_rank, [(first * kv_dim, heads * kv_dim)])
+        self.o_proj = row_parallel((first * cfg.v_head_dim, heads * cfg.v_head_dim), cfg.hidden_size,
+                                   bias=cfg.attention_bias)
         # kv_b_proj split per head for the absorbed decode, built by `process_weights_after_loading`
         # (buffers, so that `.to()` moves them; not persistent: derived from kv_b_proj).
         self.w_uk: torch.Tensor | None  # [H, d_n, d_c]
@@ -312,10 +320,11 @@ class DeepseekMoE(nn.Module):
     def __init__(self, cfg: DeepseekConfig) -> None:
         super().__init__()
         self.gate = DeepseekRouter(cfg)
-        self.experts = nn.ModuleList(GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size)
+        # With tensor parallelism every rank holds a slice of every expert; the block sums over ranks once.
+        self.experts = nn.ModuleList(GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size, reduce_results=False)
                                      for _ in range(cfg.num_routed_experts))
-        self.shared_experts = (GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts)
-                               if cfg.num_shared_experts else None)
+        self.shared_experts = (GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts,
+                                        reduce_results=False) if cfg.num_shared_experts else None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, hidden_size] -> [T, hidden_size]."""
@@ -323,7 +332,7 @@ class DeepseekMoE(nn.Module):
         out = run_experts(self.experts, hidden, weights, expert_ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
-        return out
+        return all_reduce(out)
 
 
 class DeepseekDecoderLayer(nn.Module):
@@ -368,7 +377,7 @@ class DeepseekForCausalLM(DecoderForCausalLM):
         self.config = config
         self.cfg = DeepseekConfig.from_model_config(config)
         self.model = DeepseekModel(self.cfg, max_position, attention_backend)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         self.tie_weights()
 
     def kv_cache_specs(self, dtype: str) -> list[KVCacheSpec]:

@@ -22,11 +22,11 @@ from torch import nn
 from kvserve.attention.backend import AttentionBackend, AttentionMetadata, GroupedAttentionMetadata
 from kvserve.attention.layer import Attention
 from kvserve.config import ModelConfig
+from kvserve.distributed.sharding import local_heads
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.layers.activation import gelu_tanh_and_mul
-from kvserve.layers.embedding import VocabEmbedding
-from kvserve.layers.linear import Linear
+from kvserve.layers.embedding import LMHead, VocabEmbedding
 from kvserve.layers.mlp import GatedMLP
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding
@@ -167,14 +167,15 @@ class Gemma3ForCausalLM(DecoderForCausalLM):
         super().__init__()
         self.config = config
         self.model = GemmaModel(config, max_position, attention_backend, self.is_gemma3)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         self.final_logit_softcapping = config.extra.get("final_logit_softcapping")
         self.tie_weights()
 
     def kv_cache_specs(self, dtype: str) -> list[KVCacheSpec]:
         """One spec per layer; local layers carry their window."""
         window = self.config.extra.get("sliding_window")
-        return [KVCacheSpec(self.config.num_kv_heads, self.config.head_dim, self.config.head_dim, dtype,
+        num_kv_heads = local_heads(self.config.num_heads, self.config.num_kv_heads).num_kv_heads  # this rank's
+        return [KVCacheSpec(num_kv_heads, self.config.head_dim, self.config.head_dim, dtype,
                             sliding_window=window if layer.kind == SLIDING else None)
                 for layer in self.model.layers]
 

@@ -15,10 +15,11 @@ from torch import nn
 from kvserve.attention.backend import AttentionBackend, AttentionMetadata
 from kvserve.attention.layer import Attention
 from kvserve.config import ModelConfig
+from kvserve.distributed.sharding import local_heads
 from kvserve.kv.kv_cache import LayerKVCache
 from kvserve.kv.kv_spec import KVCacheSpec
-from kvserve.layers.embedding import VocabEmbedding
-from kvserve.layers.linear import Linear
+from kvserve.layers.embedding import LMHead, VocabEmbedding
+from kvserve.layers.linear import column_parallel, row_parallel
 from kvserve.layers.mlp import GatedMLP
 from kvserve.layers.norm import RMSNorm
 from kvserve.layers.rotary import RotaryEmbedding, apply_rotary
@@ -32,13 +33,15 @@ class LlamaAttention(nn.Module):
 
     def __init__(self, config: ModelConfig, attention_backend: AttentionBackend) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
-        self.head_dim = config.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias,
-                               output_sizes=[self.q_size, self.kv_size, self.kv_size])
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        heads = local_heads(config.num_heads, config.num_kv_heads)  # this rank's (all, without tensor parallelism)
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads
+        self.head_dim = head_dim = config.head_dim
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        kv_rows = (heads.kv_start * head_dim, self.kv_size)
+        self.qkv_proj = column_parallel(config.hidden_size, [(heads.q_start * head_dim, self.q_size), kv_rows, kv_rows],
+                                        bias=config.attention_bias)
+        self.o_proj = row_parallel((heads.q_start * head_dim, self.q_size), config.hidden_size, bias=config.o_proj_bias)
         if config.use_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -101,7 +104,7 @@ class LlamaForCausalLM(DecoderForCausalLM):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, max_position, attention_backend)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         self.tie_weights()
 
     @classmethod
@@ -113,7 +116,8 @@ class LlamaForCausalLM(DecoderForCausalLM):
         """One cache spec per layer: Hkv heads of head_dim keys and values, in a sliding window where the
         architecture applies its config's `sliding_window` to every layer (Mistral, Phi-3)."""
         window = self.config.extra.get("sliding_window") if self.uses_sliding_window(self.config) else None
-        spec = KVCacheSpec(self.config.num_kv_heads, self.config.head_dim, self.config.head_dim, dtype,
+        num_kv_heads = local_heads(self.config.num_heads, self.config.num_kv_heads).num_kv_heads  # this rank's
+        spec = KVCacheSpec(num_kv_heads, self.config.head_dim, self.config.head_dim, dtype,
                            sliding_window=window)
         return [spec] * self.config.num_layers
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from kvserve.attention.backend import AttentionBackend
 from kvserve.config import ModelConfig
+from kvserve.distributed.parallel_state import all_reduce
 from kvserve.layers.linear import Linear
 from kvserve.layers.mlp import GatedMLP
 from kvserve.layers.moe import is_stacked_experts, run_experts, split_stacked_experts
@@ -53,10 +54,11 @@ class QwenSparseMoe(nn.Module):
         raw, hidden = config.extra, config.hidden_size
         self.gate = QwenRouter(hidden, num_experts(raw), raw["num_experts_per_tok"],
                                bool(raw.get("norm_topk_prob", False)))
-        self.experts = nn.ModuleList(GatedMLP(hidden, raw["moe_intermediate_size"])
+        # With tensor parallelism every rank holds a slice of every expert; the block sums over ranks once.
+        self.experts = nn.ModuleList(GatedMLP(hidden, raw["moe_intermediate_size"], reduce_results=False)
                                      for _ in range(num_experts(raw)))
         shared = raw.get("shared_expert_intermediate_size") or 0
-        self.shared_expert = GatedMLP(hidden, shared) if shared else None
+        self.shared_expert = GatedMLP(hidden, shared, reduce_results=False) if shared else None
         self.shared_expert_gate = Linear(hidden, 1) if shared else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,7 @@ class QwenSparseMoe(nn.Module):
         out = run_experts(self.experts, hidden, weights, expert_ids)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
-        return out
+        return all_reduce(out)
 
 
 class QwenMoeForCausalLM(LlamaForCausalLM):

@@ -11,6 +11,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from kvserve.config import EngineConfig
+from kvserve.distributed.parallel_state import tp_group
 from kvserve.layers import gguf_ops, int_ops, native_ops, onednn
 from kvserve.layers.host_blas import HostBlasStep
 from kvserve.layers.norm import NormKernel
@@ -79,7 +80,8 @@ class CpuPlatform(Platform):
     def fused_decode(self, model: nn.Module, attention_backend: object, kv_caches: list) -> FusedLlamaDecode | None:
         """The compiled Llama decode step (cpu_fused_decode) where the model, its weights and the caches allow."""
         decode_kernel = getattr(attention_backend, "use_kernel", False)  # the cpu backend's paged decode
-        if not (self.config.platform.cpu_fused_decode and self.use_native_kernels
+        sharded = tp_group().world_size > 1  # its C layers have no all-reduce between them
+        if not (self.config.platform.cpu_fused_decode and self.use_native_kernels and not sharded
                 and FusedLlamaDecode.supports(model, kv_caches, decode_kernel)):
             return None
         return FusedLlamaDecode(model, kv_caches)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from kvserve.attention.backend import AttentionBackend, AttentionMetadata, GroupedAttentionMetadata
 from kvserve.config import EngineConfig, ModelConfig
+from kvserve.distributed.parallel_state import tp_group
 from kvserve.engine.sched_output import ModelRunnerOutput, SchedulerOutput
 from kvserve.kv.int4_residual import Int4ResidualLayout
 from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches
@@ -145,6 +146,9 @@ class ModelRunner:
         or, for a request verifying k drafts, one at each of its last 1 + k rows, kept while they match."""
         input_ids, positions, metadata = self.prepare_inputs(batch)
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)
+        if not tp_group().is_driver:  # a tensor-parallel worker: its part of the logits' gathers, no sampling
+            self._worker_logits(batch, hidden)
+            return ModelRunnerOutput(batch.req_ids, [[] for _ in batch.requests], [])
         sampled: list[list[int]] = [[] for _ in batch.requests]
         logprobs: list[list[dict[int, float]] | None] = [None] * len(batch.requests)
         if batch.sampling:
@@ -165,6 +169,13 @@ class ModelRunner:
                 row += len(request_drafts) + 1
         prompt_logprobs = compute_prompt_logprobs(self.model, hidden, batch)  # {} unless a request asked
         return ModelRunnerOutput(batch.req_ids, sampled, logprobs, prompt_logprobs, self._propose(batch, sampled))
+
+    def _worker_logits(self, batch: StepBatch, hidden: torch.Tensor) -> None:
+        """The LM head calls the driver makes this step (each gathers every rank's vocabulary slice)."""
+        if batch.sampling:
+            drafts = [batch.drafts[i] for i in batch.sampling]
+            self.model.compute_logits(hidden[_sampling_rows(batch.num_new_tokens, batch.sampling, drafts)])
+        compute_prompt_logprobs(self.model, hidden, batch)
 
     def _propose(self, batch: StepBatch, sampled: list[list[int]]) -> dict[str, list[int]]:
         """Draft tokens for each request that sampled, from its tokens and the ones just sampled, unless the
