@@ -17,6 +17,7 @@ import typing
 from typing import Any
 
 from kvserve.config import EngineConfig, option_sections, sub_configs
+from kvserve.distributed.executor import run_worker, torchrun_rank
 from kvserve.kv.kv_memory_cli import add_kv_memory_command
 from kvserve.llm import LLM
 from kvserve.outputs import RequestOutput
@@ -236,11 +237,20 @@ class _InfoHandler(logging.StreamHandler):
     """The CLI's stderr handler (a class of its own, so that it is added once)."""
 
 
+def _is_torchrun_worker(args: argparse.Namespace) -> bool:
+    """Whether this is a torchrun rank other than 0 of a command that builds an engine."""
+    rank = torchrun_rank()
+    return bool(rank) and args.func in (cmd_serve, cmd_generate, cmd_chat)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `kvserve` console script."""
     args = build_parser().parse_args(argv)
     show_info_lines()
     try:
+        if _is_torchrun_worker(args):  # torchrun started every rank with this command: rank 0 runs it
+            run_worker(EngineConfig.from_kwargs(**engine_kwargs(args)), torchrun_rank())
+            return
         args.func(args)
     except ValueError as error:
         sys.exit(f"kvserve: error: {error}")

@@ -8,6 +8,7 @@ torch.multiprocessing (spawn) on this machine, or are already there under torchr
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -55,9 +56,11 @@ def per_rank_threads(config: EngineConfig) -> EngineConfig:
 class TensorParallelWorkers:
     """The worker processes (spawned ones, or torchrun's) and the driver's side of the group."""
 
-    def __init__(self, config: EngineConfig, max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         world_size = config.parallel.tensor_parallel_size
         self.processes: list[BaseProcess] = []
+        self._stopped = False
+        atexit.register(self.shutdown)  # a script that never shuts its engine down still stops its workers cleanly
         backend = "nccl" if _uses_cuda(config) else "gloo"
         if torchrun_rank() is not None:
             _check_torchrun(world_size)
@@ -66,11 +69,16 @@ class TensorParallelWorkers:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         context = mp.get_context("spawn")
         for rank in range(1, world_size):
-            process = context.Process(target=run_worker, args=(config, max_model_len, rank, init_method),
+            process = context.Process(target=run_worker, args=(config, rank, init_method),
                                       name=f"kvserve-tp-worker-{rank}", daemon=True)
             process.start()
             self.processes.append(process)
-        self._join(world_size, init_method, backend)
+        try:
+            self._join(world_size, init_method, backend)
+        except BaseException:
+            for process in self.processes:
+                process.terminate()
+            raise
 
     def _join(self, world_size: int, init_method: str, backend: str) -> None:
         """Join the group as rank 0, failing at once (not after the long timeout) if a worker dies first."""
@@ -116,8 +124,10 @@ class TensorParallelWorkers:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Tell the workers to exit, wait for them (terminating the ones that do not), and leave the group."""
-        if tp_group().world_size == 1:
+        if self._stopped or tp_group().world_size == 1:
             return
+        self._stopped = True
+        atexit.unregister(self.shutdown)
         try:
             if all(process.is_alive() for process in self.processes):
                 broadcast_object((_SHUTDOWN, ()))
@@ -163,17 +173,20 @@ class TensorParallelRunner:
         self.workers.shutdown()
 
 
-def run_worker(config: EngineConfig, max_model_len: int, rank: int, init_method: str = "env://") -> None:
+def run_worker(config: EngineConfig, rank: int, init_method: str = "env://") -> None:
     """A worker's life: join the group, build this rank's runner, then make every call the driver sends until it
     says to stop (or its sockets close: the driver is gone)."""
     from kvserve.engine.engine import build_runner  # the engine module imports this one
 
+    config = per_rank_threads(config)
     world_size = config.parallel.tensor_parallel_size
+    if init_method == "env://":
+        _check_torchrun(world_size)
     init_tensor_parallel(rank, world_size, init_method, "nccl" if _uses_cuda(config) else "gloo")
     try:
         if _uses_cuda(config):
             torch.cuda.set_device(rank % torch.cuda.device_count())
-        runner, platform = build_runner(config, max_model_len, show_progress=False)
+        runner, platform = build_runner(config, show_progress=False)
         while True:
             method, args = broadcast_object()
             if method == _SHUTDOWN:

@@ -14,6 +14,7 @@ from kvserve.attention.backend import AttentionRequirements
 from kvserve.attention.selector import create_attention_backend
 from kvserve.config import EngineConfig, ModelConfig
 from kvserve.distributed.executor import TensorParallelRunner, TensorParallelWorkers, per_rank_threads
+from kvserve.distributed.sharding import shard_heads
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.request import Request, RequestStatus
 from kvserve.engine.scheduler import Scheduler, SpecDecodeStats
@@ -94,25 +95,33 @@ class Engine:
     """Loads the model, owns scheduler, KV manager and runner, and steps them."""
 
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
+        self.workers: TensorParallelWorkers | None = None
+        try:
+            self._build(per_rank_threads(config), show_progress)
+        except BaseException:
+            self.shutdown()  # the workers spawned so far, and the platform's settings
+            raise
+
+    def _build(self, config: EngineConfig, show_progress: bool) -> None:
         started = time.monotonic()
-        self.config = config = per_rank_threads(config)
+        self.config = config
         self.platform = get_platform(config)
         self.platform.configure()  # process-wide settings, undone by shutdown() where they can be
         self.device = self.platform.device
         source = open_model(config.load.model)
         self.model_config = ModelConfig.from_hf_config(source.hf_config)
-        _check_parallel(config)
+        _check_parallel(config, self.model_config)
         self.tokenizer = source.load_tokenizer()
         if config.load.chat_template is not None:
             self.tokenizer.chat_template = read_chat_template(config.load.chat_template)
-        max_model_len = config.scheduler.max_model_len or min(self.model_config.max_position_embeddings, 8192)
+        max_model_len = default_max_model_len(config, self.model_config)
         architecture = model_class(self.model_config)
         if config.cache.kv_window and not architecture.supports_kv_window:
             raise ValueError(f"kv_window is not supported for {self.model_config.architecture}")
         storage_dtype = config.cache.storage_dtype(config.load.dtype)
         self.attention_backend = attention_backend_for(config, self.model_config, self.device)
         # Tensor parallelism: the worker processes join first (the layers are built as this rank's shards).
-        self.workers = (TensorParallelWorkers(config, max_model_len) if config.parallel.tensor_parallel_size > 1
+        self.workers = (TensorParallelWorkers(config) if config.parallel.tensor_parallel_size > 1
                         else None)
         # A draft model's cache: int8 under an int4 target (int4's per-block key scales and full-precision
         # residual block are the target's alone), else the target's format.
@@ -254,7 +263,8 @@ class Engine:
         if self.workers is not None:
             self.workers.shutdown()
             self.workers = None
-        self.platform.restore()
+        if hasattr(self, "platform"):
+            self.platform.restore()
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -301,6 +311,11 @@ class Engine:
                                           RequestStatus.FINISHED_ABORTED)
             self._sequence_of.pop(sequence.request.request_id, None)
             self.structured.free(sequence.request.request_id)
+
+    def check_health(self) -> None:
+        """WorkerDiedError if a tensor-parallel worker has exited (the engine cannot step any more)."""
+        if self.workers is not None:
+            self.workers.check_alive()
 
     def has_unfinished_requests(self) -> bool:
         """Whether any request is waiting or running."""
@@ -486,18 +501,31 @@ def attention_backend_for(config: EngineConfig, model_config: ModelConfig, devic
         logits_soft_cap=architecture.logits_soft_cap(model_config)))
 
 
-def build_runner(config: EngineConfig, max_model_len: int, show_progress: bool = True) -> tuple[ModelRunner, Platform]:
+def default_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+    """max_model_len, else the model's context up to 8192 (the cache may cap it further)."""
+    return config.scheduler.max_model_len or min(model_config.max_position_embeddings, 8192)
+
+
+def build_runner(config: EngineConfig, show_progress: bool = True) -> tuple[ModelRunner, Platform]:
     """A tensor-parallel worker's runner (its rank's shard of the model), built as the engine builds its own."""
     platform = get_platform(config)
     platform.configure()
     source = open_model(config.load.model)
     model_config = ModelConfig.from_hf_config(source.hf_config)
     backend = attention_backend_for(config, model_config, platform.device)
-    return ModelRunner(config, platform, model_config, source, max_model_len, backend, show_progress), platform
+    runner = ModelRunner(config, platform, model_config, source, default_max_model_len(config, model_config), backend,
+                         show_progress)
+    return runner, platform
 
 
-def _check_parallel(config: EngineConfig) -> None:
-    """What tensor parallelism does not run with (yet): a draft model (its own layers would need splitting)."""
-    if config.parallel.tensor_parallel_size > 1 and config.speculative.speculative_method == "draft_model":
+def _check_parallel(config: EngineConfig, model_config: ModelConfig) -> None:
+    """Before any worker starts: the heads split over the ranks, and no draft model (its own layers would need
+    splitting too)."""
+    world_size = config.parallel.tensor_parallel_size
+    if world_size == 1:
+        return
+    for rank in range(world_size):
+        shard_heads(model_config.num_heads, model_config.num_kv_heads, rank, world_size)
+    if config.speculative.speculative_method == "draft_model":
         raise ValueError("speculative_method='draft_model' is not supported with tensor_parallel_size > 1; "
                          "use ngram")

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from kvserve.config import EngineConfig
+from kvserve.distributed.executor import WorkerDiedError
 from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, GenerateRequest, OverloadedError
 from kvserve.loader.weights import resolve_model_path
 from kvserve.server.auth import ApiKeyMiddleware
@@ -137,19 +138,25 @@ router = APIRouter()
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 
-_HEALTH_503 = {"description": "Draining (shutting down), or the engine loop is not running", "content": {
-    "application/json": {"schema": {"anyOf": [{"$ref": "#/components/schemas/HealthStatus"},
-                                              {"$ref": "#/components/schemas/ErrorResponse"}]}}}}
+_HEALTH_503 = {
+    "description": "Draining (shutting down), or the engine loop or a tensor-parallel worker is not running",
+    "content": {"application/json": {"schema": {"anyOf": [{"$ref": "#/components/schemas/HealthStatus"},
+                                                          {"$ref": "#/components/schemas/ErrorResponse"}]}}}}
 
 
 @router.get("/health", response_model=None, responses={200: {"model": HealthStatus}, 503: _HEALTH_503})
 @router.head("/health", response_model=None, operation_id="health_head",
              responses={200: {"description": "Healthy (no body)"}, 503: {"description": "Draining or dead"}})
 async def health(request: Request) -> Response:
-    """200 while the engine loop runs, 503 {"status": "draining"} while shutting down; open even with an API key."""
+    """200 while the engine loop and its tensor-parallel workers run, 503 {"status": "draining"} while shutting
+    down; open even with an API key."""
     server = _server(request)
     if not server.async_engine.is_running:
         raise OpenAIError(503, "the engine loop is not running", type="server_error", code="engine_dead")
+    try:
+        server.async_engine.engine.check_health()
+    except WorkerDiedError as error:
+        raise OpenAIError(503, str(error), type="server_error", code="worker_dead") from None
     if server.drain.is_draining:
         return JSONResponse({"status": "draining"}, status_code=503,
                             headers={"Retry-After": str(server.config.retry_after_s)})
