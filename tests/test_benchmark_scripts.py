@@ -38,7 +38,7 @@ def test_exits_clearly_without_cuda(script: str) -> None:
 CPU_SCRIPTS = [("bench_offline.py", "--kv-cache-memory"), ("bench_kv.py", "--cache-sizes"),
                ("bench_mla.py", "--contexts"), ("bench_quant.py", "--calibration-tokens"),
                ("bench_peers.py", "--setup-only"), ("bench_spec.py", "--num-speculative-tokens"),
-               ("bench_startup.py", "--rounds")]
+               ("bench_startup.py", "--rounds"), ("bench_disagg.py", "--long-words")]
 
 
 @pytest.mark.parametrize(("script", "flag"), CPU_SCRIPTS)

@@ -82,7 +82,7 @@ def arrival_delays(config: BenchConfig) -> list[float]:
     return [rng.expovariate(config.request_rate) for _ in range(config.num_requests)]
 
 
-async def _send(client: httpx.AsyncClient, config: BenchConfig, model: str, prompt: str,
+async def send_request(client: httpx.AsyncClient, config: BenchConfig, model: str, prompt: str,
                 max_tokens: int) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
@@ -144,7 +144,7 @@ async def run_benchmark(config: BenchConfig, show_progress: bool = False
 
         async def one(prompt: str, max_tokens: int) -> RequestResult:
             async with gate:
-                result = await _send(client, config, model, prompt, max_tokens)
+                result = await send_request(client, config, model, prompt, max_tokens)
             bar.update(1)
             return result
 

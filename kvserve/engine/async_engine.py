@@ -15,9 +15,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvserve.config import EngineConfig
 from kvserve.engine.engine import Engine, EngineStats
@@ -76,6 +76,12 @@ class _Abort:
 
 class _Stop:
     pass
+
+
+@dataclass
+class _Call:
+    function: Callable[[Engine], Any]
+    result: concurrent.futures.Future
 
 
 class RequestStream:
@@ -239,6 +245,17 @@ class AsyncEngine:
             raise
         return stream
 
+    def call(self, function: Callable[[Engine], Any]) -> concurrent.futures.Future:
+        """Run `function(engine)` on the engine thread between steps (what touches the KV cache's blocks and
+        tensors must); callable from any thread. Its future fails with EngineDeadError once the loop is gone."""
+        command = _Call(function, concurrent.futures.Future())
+        with self._lock:
+            if self._closed or not self.is_running:
+                command.result.set_exception(EngineDeadError("the engine loop is not running"))
+                return command.result
+            self._commands.put(command)
+        return command.result
+
     def abort(self, request_ids: list[str]) -> None:
         """Abort requests before the next engine step; callable from any thread."""
         self._commands.put(_Abort(request_ids))
@@ -276,6 +293,8 @@ class AsyncEngine:
                 with self._lock:
                     self._num_pending -= sum(r.params.n for r in command.requests)
                 self._resolve(command, dead)
+            elif isinstance(command, _Call) and command.result.set_running_or_notify_cancel():
+                command.result.set_exception(dead)
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply queued adds and aborts; True if asked to stop."""
@@ -289,8 +308,18 @@ class AsyncEngine:
                 return True
             if isinstance(command, _Add):
                 self._add(command)
+            elif isinstance(command, _Call):
+                self._call(command)
             else:
                 self._abort(command.request_ids)
+
+    def _call(self, command: _Call) -> None:
+        if not command.result.set_running_or_notify_cancel():
+            return
+        try:
+            command.result.set_result(command.function(self.engine))
+        except Exception as error:  # the caller's to handle
+            command.result.set_exception(error)
 
     def _add(self, command: _Add) -> None:
         added: list[str] = []

@@ -53,7 +53,7 @@ class KVCacheManager:
         """Blocks needed to hold `num_tokens` tokens."""
         return -(-num_tokens // self.block_size)
 
-    def find_cached_prefix(self, token_ids: list[int]) -> CachedPrefix:
+    def find_cached_prefix(self, token_ids: list[int], record: bool = True) -> CachedPrefix:
         """The longest run of leading full blocks already cached; at least one token is left to compute.
 
         A hybrid cache: the full-attention groups need every block of the run, a sliding group only the blocks its
@@ -82,8 +82,9 @@ class KVCacheManager:
         for index, blocks in enumerate(found[:num_blocks]):
             prefix.blocks.extend(EVICTED if window is not None and index < self._first_seen(num_blocks, window)
                                  else block for block, window in zip(blocks, self.group_windows, strict=True))
-        self.num_prefix_queries += len(token_ids)
-        self.num_prefix_hits += num_blocks * size
+        if record:  # a lookup for a request (not for a KV transfer) counts in the hit rate
+            self.num_prefix_queries += len(token_ids)
+            self.num_prefix_hits += num_blocks * size
         return prefix
 
     def _lookup(self, block_hash: int, parent: int | None, tokens: BlockTokens) -> list[int | None]:
@@ -121,6 +122,22 @@ class KVCacheManager:
         table.extend(shared)
         table.extend(self.pool.allocate(missing))
         return True
+
+    def import_blocks(self, token_ids: list[int], first_block: int, num_blocks: int) -> list[int] | None:
+        """Take `num_blocks` free blocks for the sequence's full blocks from `first_block` on (whose K/V arrive from
+        another instance) and register them in the prefix cache; the caller writes them, then frees them, and
+        a request for the sequence finds them. None, taking nothing, when the pool is short. One KV group only."""
+        if num_blocks > self.pool.num_free_blocks:
+            return None
+        blocks = self.pool.allocate(num_blocks)
+        size, parent = self.block_size, None
+        for index in range(first_block + num_blocks):
+            tokens = tuple(token_ids[index * size:(index + 1) * size])
+            block_hash = hash_block(parent, tokens)
+            if index >= first_block:
+                self.pool.prefix_cache.insert(blocks[index - first_block], block_hash, parent, tokens)
+            parent = block_hash
+        return blocks
 
     def cache_full_blocks(self, request_id: str, token_ids: list[int], num_computed_tokens: int) -> None:
         """Register the request's blocks that became full (their K/V written) in the prefix cache."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -122,6 +123,36 @@ class ModelRunner:
         """Bytes held by the KV-cache tensors (the draft model's included)."""
         draft = 0 if self.draft is None else self.draft.kv_cache_bytes
         return sum(cache.num_bytes for cache in {id(cache): cache for cache in self.kv_caches}.values()) + draft
+
+    def _block_tensors(self) -> list[torch.Tensor]:
+        """Every per-block cache tensor ([num_blocks, ...]: keys, values, their scales), layer by layer."""
+        names = ("key", "value", "key_scale", "value_scale")
+        return [tensor for cache in self.kv_caches for name in names
+                if (tensor := getattr(cache, name)) is not None and tensor.numel()]
+
+    def kv_block_layout(self) -> list[tuple[tuple[int, ...], str]]:
+        """(shape of one block, dtype) of each per-block tensor: what another instance's blocks must match."""
+        return [(tuple(tensor.shape[1:]), str(tensor.dtype)) for tensor in self._block_tensors()]
+
+    def read_kv_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """The blocks' contents in every per-block tensor, as bytes [n] uint8 (host memory)."""
+        index = torch.tensor(block_ids, device=self.device)
+        parts = [tensor.index_select(0, index).reshape(len(block_ids), -1).view(torch.uint8).reshape(-1)
+                 for tensor in self._block_tensors()]
+        return torch.cat(parts).cpu()
+
+    def write_kv_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """Fill the blocks from bytes read by `read_kv_blocks` on an instance of the same layout."""
+        index = torch.tensor(block_ids, device=self.device)
+        offset = 0
+        for tensor in self._block_tensors():
+            shape = (len(block_ids), *tensor.shape[1:])
+            size = math.prod(shape) * tensor.element_size()
+            part = data[offset:offset + size].clone()  # its own storage: aligned for the dtype's view
+            tensor.index_copy_(0, index, part.view(tensor.dtype).view(shape).to(self.device))
+            offset += size
+        if offset != data.numel():
+            raise ValueError(f"received {data.numel()} bytes of KV blocks, expected {offset}")
 
     def release(self, finished_req_ids: Sequence[str], preempted_req_ids: Sequence[str] = ()) -> None:
         """Forget the generators of finished requests and the int4 residual slots of finished and preempted ones."""

@@ -12,6 +12,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from kvserve.config import EngineConfig
+from kvserve.distributed.disaggregation import (
+    DecodeConnector,
+    PrefillService,
+    PrefillUnavailableError,
+    check_disaggregation,
+)
 from kvserve.distributed.executor import WorkerDiedError
 from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, GenerateRequest, OverloadedError
 from kvserve.loader.weights import resolve_model_path
@@ -53,8 +59,10 @@ def model_name_of(model: str | None) -> str:
 class _Server:
     """What the routes share: the engine, its input processor, metrics and options."""
 
-    def __init__(self, async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig) -> None:
+    def __init__(self, async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig,
+                 kv_connector: DecodeConnector | None = None) -> None:
         self.async_engine = async_engine
+        self.kv_connector = kv_connector  # a decode instance's link to its prefill instance
         self.metrics = metrics
         self.config = config
         self.model_name = config.served_model_name or model_name_of(async_engine.engine.config.load.model)
@@ -90,6 +98,11 @@ class _Server:
         if cached is not None:
             job.formatter.response_cache_hit = True
             return cached
+        if self.kv_connector is not None:
+            try:
+                await self.kv_connector.prefetch([request.prompt for request in job.requests])
+            except PrefillUnavailableError as error:
+                raise OpenAIError(503, str(error), type="server_error", code="prefill_unavailable") from None
         try:
             engine_stream = await self.async_engine.generate(job.requests, self.config.max_waiting_requests)
         except OverloadedError:
@@ -252,11 +265,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await server.run(request, await completion_job(server, body), body.stream)
 
 
-def build_app(async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig) -> FastAPI:
+def build_app(async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerConfig,
+              kv_connector: DecodeConnector | None = None) -> FastAPI:
     """A FastAPI app over a started AsyncEngine; several apps (say, with different keys) may share one."""
     app = FastAPI(title="kvserve", summary="OpenAI-compatible LLM server", version="0.1.0",
                   redirect_slashes=False)
-    app.state.server = _Server(async_engine, metrics, config)
+    app.state.server = _Server(async_engine, metrics, config, kv_connector)
     install_error_handlers(app)
     install_openapi(app)
     app.include_router(router)
@@ -277,7 +291,14 @@ def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
 
     metrics = ServerMetrics()
     async_engine = AsyncEngine.launch(engine_config, metrics)  # loaded and stepped on its own thread
-    app = build_app(async_engine, metrics, config)
+    kv_connector = None
+    if config.role is not None:  # prefill/decode disaggregation
+        check_disaggregation(async_engine.engine)
+        if config.role == "prefill":
+            PrefillService(async_engine, config.kv_transfer_address)
+        else:
+            kv_connector = DecodeConnector(async_engine, config.kv_transfer_address)
+    app = build_app(async_engine, metrics, config, kv_connector)
     # timeout_graceful_shutdown is the backstop after the drain's own aborts (a second signal skips the drain).
     uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                     timeout_graceful_shutdown=10, ws_max_size=config.max_request_body_bytes)

@@ -27,8 +27,19 @@ class ServerConfig:
     response_cache_size: int = field(default=0, metadata={
         "help": "whole responses of deterministic requests (temperature 0, or a seed) to keep and replay; "
                 "least recently used out first; 0 disables"})
+    role: str | None = field(default=None, metadata={
+        "help": "prefill/decode disaggregation: 'decode' serves requests and takes their prompts' KV blocks from "
+                "a 'prefill' instance, which computes them; unset: a plain server"})
+    kv_transfer_address: str = field(default="127.0.0.1:29700", metadata={
+        "help": "with --role: HOST:PORT of the KV transfer link (torch.distributed gloo), hosted by the decode "
+                "instance; the prefill instance connects to it"})
 
     def __post_init__(self) -> None:
+        if self.role not in (None, "prefill", "decode"):
+            raise ValueError(f"role must be 'prefill' or 'decode', got {self.role!r}")
+        port = self.kv_transfer_address.rpartition(":")[2]
+        if not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"kv_transfer_address must be HOST:PORT, got {self.kv_transfer_address!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_waiting_requests < 0:

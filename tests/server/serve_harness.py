@@ -184,6 +184,9 @@ class FakeEngine:
         if self.requests.pop(request_id, None) is not None:
             self.aborted.append(request_id)
 
+    def check_health(self) -> None:
+        """No workers to lose."""
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
