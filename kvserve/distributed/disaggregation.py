@@ -188,7 +188,10 @@ class DecodeConnector:
         for prompt in {repr(p): p for p in prompts}.values():
             if not self.is_connected:
                 return
-            _, token_ids = self.input_processor.tokenize(prompt)
+            try:
+                _, token_ids = self.input_processor.tokenize(prompt)
+            except ValueError:  # the engine refuses it with the proper error when it is queued
+                continue
             missing = await self._on_engine(functools.partial(missing_blocks, token_ids=token_ids))
             if not missing:
                 continue

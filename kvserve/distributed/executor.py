@@ -182,10 +182,10 @@ def run_worker(config: EngineConfig, rank: int, init_method: str = "env://") -> 
     world_size = config.parallel.tensor_parallel_size
     if init_method == "env://":
         _check_torchrun(world_size)
+    if _uses_cuda(config):  # one GPU per rank on this machine, before NCCL binds one
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     init_tensor_parallel(rank, world_size, init_method, "nccl" if _uses_cuda(config) else "gloo")
     try:
-        if _uses_cuda(config):
-            torch.cuda.set_device(rank % torch.cuda.device_count())
         runner, platform = build_runner(config, show_progress=False)
         while True:
             method, args = broadcast_object()

@@ -121,8 +121,7 @@ class Engine:
         storage_dtype = config.cache.storage_dtype(config.load.dtype)
         self.attention_backend = attention_backend_for(config, self.model_config, self.device)
         # Tensor parallelism: the worker processes join first (the layers are built as this rank's shards).
-        self.workers = (TensorParallelWorkers(config) if config.parallel.tensor_parallel_size > 1
-                        else None)
+        self.workers = TensorParallelWorkers(config) if config.parallel.tensor_parallel_size > 1 else None
         # A draft model's cache: int8 under an int4 target (int4's per-block key scales and full-precision
         # residual block are the target's alone), else the target's format.
         draft_dtype = "int8" if storage_dtype == "int4" else storage_dtype

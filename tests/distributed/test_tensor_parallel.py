@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from tiny_models import CASES, PROMPTS
 
@@ -136,3 +137,12 @@ def test_health_names_a_dead_worker(tiny_models):
     finally:
         async_engine.shutdown()
         llm.engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 NVIDIA GPUs")
+@pytest.mark.parametrize("case", ["llama-gqa", "qwen3-uneven", "qwen2-moe"])
+def test_two_gpus_over_nccl_give_the_tokens_of_one(case, tiny_models):
+    options = {"device": "cuda", "kv_cache_memory": 64 * 2**20}
+    expected = generate(tiny_models[case], **options)
+    assert generate(tiny_models[case], tensor_parallel_size=2, **options) == expected
