@@ -102,7 +102,7 @@ def test_decode_instance_answers_as_one_instance_from_fetched_blocks(pair, expec
     assert pair.complete([5, 42]).status_code == 200  # shorter than a block: prefilled here, nothing asked
     assert pair.connector.num_fetched_blocks == 6
     bad = pair.complete([10**7] * 40)  # refused as a single instance refuses it, after the prefill side did
-    assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"], bad.text
+    assert bad.status_code == 400 and "prompt must be in [0, 49153)" in bad.json()["error"]["message"], bad.text
     assert pair.llm.engine.kv_manager.pool.num_used_blocks == 0
 
 
