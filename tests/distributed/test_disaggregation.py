@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from kvserve import LLM, SamplingParams
 from kvserve.distributed.disaggregation import (
     DecodeConnector,
     PrefillUnavailableError,
+    check_disaggregation,
     export_blocks,
     import_blocks,
     layout,
@@ -170,3 +172,21 @@ def test_blocks_moved_between_engines_give_the_same_tokens(tiny_models, case, kv
     assert output.num_cached_tokens == 6 * 16
     assert output.outputs[0].token_ids == expected.outputs[0].token_ids
     assert target.engine.kv_manager.pool.num_used_blocks == 0
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"role": "both"}, "role must be 'prefill' or 'decode', got 'both'"),
+    ({"role": "decode", "kv_transfer_address": "127.0.0.1"}, "kv_transfer_address must be HOST:PORT, got '127.0.0.1'"),
+    ({"kv_transfer_address": "host:70000"}, "kv_transfer_address must be HOST:PORT, got 'host:70000'"),
+])
+def test_bad_role_options_are_refused_naming_the_field(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ServerConfig(**options)
+
+
+def test_what_cannot_move_its_blocks_is_refused(tiny_models):
+    llm = LLM(model=tiny_models["llama-gqa"], show_progress=False, kv_cache_dtype="int4", enable_prefix_caching=False,
+              **OPTIONS)
+    with pytest.raises(ValueError, match=re.escape("prefill/decode disaggregation does not run with "
+                                                   "kv_cache_dtype='int4', enable_prefix_caching off")):
+        check_disaggregation(llm.engine)
