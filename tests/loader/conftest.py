@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from gguf_writing import add_model_shape
 
 from kvserve.loader import GgufSource, open_model
 
@@ -104,16 +105,7 @@ def write_raw_gguf(
     import gguf
 
     writer = gguf.GGUFWriter(path, config.model_type)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_key_length(head_dim)
+    add_model_shape(writer, config)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([f"tok{i}" for i in range(config.vocab_size)])
     writer.add_bos_token_id(1)

@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+from typing import Any
 
 import gguf
 import torch
+
+
+def add_model_shape(writer: gguf.GGUFWriter, config: Any) -> None:
+    """The shape metadata the converter writes from an HF `config`: layers, context, widths, heads, RMS eps, RoPE
+    base and the key length (head_dim)."""
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_key_length(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
 def copy_bundled_tokenizer(writer: gguf.GGUFWriter) -> None:

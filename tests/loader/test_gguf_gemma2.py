@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from gguf_writing import copy_bundled_tokenizer, finish, transformers_greedy
+from gguf_writing import add_model_shape, copy_bundled_tokenizer, finish, transformers_greedy
 
 from kvserve import LLM, SamplingParams
 
@@ -27,16 +27,8 @@ def write_gemma2_gguf(model: transformers.PreTrainedModel, path) -> None:
     """The model as llama.cpp's converter writes it (float32 tensors), with the bundled model's tokenizer."""
     config = model.config
     writer = gguf.GGUFWriter(path, "gemma2")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
+    add_model_shape(writer, config)
     writer.add_value_length(config.head_dim)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_sliding_window(config.sliding_window)
     writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
     writer.add_final_logit_softcapping(config.final_logit_softcapping)
