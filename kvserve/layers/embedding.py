@@ -24,7 +24,8 @@ class _VocabParallel(Linear):
             (start, length), padded = padded_split(vocab_size, tp.rank, tp.world_size)
             super().__init__(hidden_size, padded, output_ranges=[(start, length)])
             self.vocab_start, self.vocab_length = start, length
-        self.vocab_size = vocab_size
+        # Every rank's real (unpadded) share, in rank order: what the gathered logits keep of each part.
+        self.rank_lengths = [padded_split(vocab_size, rank, tp.world_size)[0][1] for rank in range(tp.world_size)]
 
 
 class VocabEmbedding(_VocabParallel):
@@ -54,6 +55,5 @@ class LMHead(_VocabParallel):
         logits = self.method.apply(self, hidden)
         if self.output_ranges is None:
             return logits
-        world_size = tp_group().world_size
-        lengths = [padded_split(self.vocab_size, rank, world_size)[0][1] for rank in range(world_size)]
-        return torch.cat([part[:, :length] for part, length in zip(all_gather(logits), lengths, strict=True)], dim=1)
+        parts = zip(all_gather(logits), self.rank_lengths, strict=True)
+        return torch.cat([part[:, :length] for part, length in parts], dim=1)
