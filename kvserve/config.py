@@ -318,6 +318,9 @@ class PlatformConfig:
     cpu_packed_weights: bool = field(default=True, metadata={
         "help": "CPU float32: also keep every linear weight in oneDNN's packed layout, for steps of several "
                 "tokens (batched decode, prefill); costs a second copy of the weights"})
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "CUDA: run every step eagerly (no CUDA graphs); by default decode-only steps replay graphs captured "
+                "at start-up per batch-size bucket (1, 2, 4, ... max_num_seqs) where the attention backend allows"})
     attention_backend: str = field(default="auto", metadata={
         "help": "paged attention: torch (pure torch, any device and cache), cpu (torch with float32 decodes on a "
                 "compiled kernel), triton (CUDA kernels; no int4, kv_window or MLA), or auto (triton on CUDA, cpu "

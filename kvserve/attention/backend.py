@@ -92,6 +92,9 @@ class AttentionBackend(ABC):
     supports_mla: ClassVar[bool]
     supports_sliding_window: ClassVar[bool] = False
     supports_logits_soft_cap: ClassVar[bool] = False
+    # Whether decode steps may replay CUDA graphs (runner/cuda_graphs.py): `build_metadata` reads no host value
+    # that changes between steps of one batch size, and `forward` neither syncs nor allocates on the host.
+    supports_cuda_graphs: ClassVar[bool] = False
 
     @classmethod
     def check_supported(cls, needs: AttentionRequirements) -> None:

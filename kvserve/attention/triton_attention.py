@@ -496,6 +496,7 @@ class TritonAttentionBackend(AttentionBackend):
     kv_cache_dtypes = frozenset({"float32", "float16", "bfloat16", *_QUANT_MODES} - {"auto"})
     supports_window = False
     supports_mla = False
+    supports_cuda_graphs = True  # the decode grid comes from the table's width, never from seq_lens on the host
 
     def __init__(self, needs: AttentionRequirements) -> None:
         self.check_supported(needs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from kvserve.layers.quantization.checkpoint_config import checkpoint_quantizatio
 from kvserve.loader.gguf import GgufSource
 
 if TYPE_CHECKING:
+    from kvserve.runner.cuda_graphs import CapturedStep, StepFunction
     from kvserve.runner.model_runner import ModelRunner
 
 
@@ -97,6 +99,10 @@ class Platform:
 
     def fused_decode(self, model: nn.Module, attention_backend: object, kv_caches: list) -> object | None:
         """What runs whole decode steps of `model` in one call over these caches, or None (the modules do)."""
+        return None
+
+    def decode_graph_capture(self) -> Callable[[StepFunction], CapturedStep] | None:
+        """How decode steps are captured for replay (runner/cuda_graphs.py), or None: every step runs eagerly."""
         return None
 
     def step_context(self, num_tokens: int) -> AbstractContextManager[None]:

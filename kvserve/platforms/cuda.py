@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ import torch
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.platforms.base import Platform
 from kvserve.platforms.cuda_memory import GIB, kv_budget, read_gpu_memory
+from kvserve.runner.cuda_graphs import CapturedStep, StepFunction, cuda_graph_capture
 
 if TYPE_CHECKING:
     from kvserve.runner.model_runner import ModelRunner
@@ -30,6 +32,10 @@ class CudaPlatform(Platform):
             logger.warning("triton is not installed: weight-only layers multiply with their dequantized weights")
             return None
         return triton_int
+
+    def decode_graph_capture(self) -> Callable[[StepFunction], CapturedStep] | None:
+        """CUDA graphs sharing one memory pool, unless enforce_eager."""
+        return None if self.config.platform.enforce_eager else cuda_graph_capture()
 
     def kv_cache_budget(self, runner: ModelRunner, specs: list[KVCacheSpec], max_model_len: int) -> int:
         """What gpu_memory_utilization leaves after the largest step (see platforms/cuda_memory.py)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -11,7 +12,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from kvserve.attention.backend import AttentionBackend, AttentionMetadata, GroupedAttentionMetadata
+from kvserve.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    CommonAttentionMetadata,
+    GroupedAttentionMetadata,
+)
 from kvserve.config import EngineConfig, ModelConfig
 from kvserve.distributed.parallel_state import tp_group
 from kvserve.engine.sched_output import ModelRunnerOutput, SchedulerOutput
@@ -26,6 +32,7 @@ from kvserve.loader.weights import ModelSource
 from kvserve.models.registry import build_model
 from kvserve.platforms import Platform
 from kvserve.runner.attention_inputs import build_common_metadata, single_token_rows
+from kvserve.runner.cuda_graphs import DecodeGraphs
 from kvserve.runner.input_batch import CachedRequestState, InputBatch, StepBatch
 from kvserve.runner.prompt_logprobs import compute_prompt_logprobs
 from kvserve.sample.sampler import Sampler, SamplingMetadata
@@ -33,6 +40,8 @@ from kvserve.spec.ngram import NgramProposer
 
 if TYPE_CHECKING:
     from kvserve.spec.draft_model import DraftModelProposer
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -59,6 +68,8 @@ class ModelRunner:
         # A seeded request's generator outlives a preemption: its random stream goes on where it stopped.
         self.generators: dict[str, torch.Generator] = {}
         self.input_batch = InputBatch()
+        self.max_num_seqs, self.max_model_len = config.scheduler.max_num_seqs, max_model_len
+        self.graphs: DecodeGraphs | None = None  # decode steps replayed from CUDA graphs (captured with the cache)
         spec = config.speculative
         self.draft = draft  # the draft model, when it proposes
         self.proposer: NgramProposer | DraftModelProposer | None = draft
@@ -92,6 +103,24 @@ class ModelRunner:
             self.int4 = Int4ResidualLayout(num_residual_slots, block_size)
         if self.draft is not None:
             self.draft.allocate_kv_cache(draft_specs, num_blocks, block_size, dtype)
+        self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        """Capture the decode graphs where the platform, the backend and the cache allow (else every step runs
+        eagerly). A failed capture is logged and leaves the eager path: slower, still exact."""
+        capture = self.platform.decode_graph_capture()
+        if (capture is None or not self.attention_backend.supports_cuda_graphs or tp_group().world_size > 1
+                or self.kv_groups.num_groups > 1 or self.int4 is not None or self.model.fused_decode is not None):
+            return
+        graphs = DecodeGraphs(self.model, self.attention_backend, self.kv_caches, self.max_num_seqs,
+                              -(-self.max_model_len // self.block_size), self.block_size, self.device)
+        try:
+            graphs.capture(capture)
+        except Exception as error:  # noqa: BLE001 - any capture failure: run eagerly, say why
+            logger.warning("CUDA graph capture failed (%s: %s): every step runs eagerly; --enforce-eager skips "
+                           "the capture", type(error).__name__, error)
+            return
+        self.graphs = graphs
 
     @torch.inference_mode()
     def profile_step(self, specs: list[KVCacheSpec], num_tokens: int, num_rows: int, block_size: int) -> int:
@@ -114,6 +143,8 @@ class ModelRunner:
         """Attend with sinks + a sliding window (the KV manager evicts the blocks in between; the runner's copy of
         each block table follows the same rule)."""
         self.input_batch.window = window
+        if window is not None:
+            self.graphs = None  # the captured metadata has no window layout
         if self.draft is not None:
             self.draft.set_window(window, self.dtype)
         self.window = SinksWindowLayout.for_model(window, self.model, self.dtype)
@@ -175,8 +206,7 @@ class ModelRunner:
     def _run(self, batch: StepBatch) -> ModelRunnerOutput:
         """Forward the packed step, then sample the requests that reached the end of their tokens: one token each,
         or, for a request verifying k drafts, one at each of its last 1 + k rows, kept while they match."""
-        input_ids, positions, metadata = self.prepare_inputs(batch)
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata)
+        hidden = self._forward(batch)
         if not tp_group().is_driver:  # a tensor-parallel worker: its part of the logits' gathers, no sampling
             self._worker_logits(batch, hidden)
             return ModelRunnerOutput(batch.req_ids, [[] for _ in batch.requests], [])
@@ -220,27 +250,43 @@ class ModelRunner:
                 wanted[index] = num_drafts
         return self.proposer.propose_step(batch, sampled, wanted)
 
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
+        """Hidden states [T, hidden_size] of the packed step: from a decode graph where one fits, else eagerly."""
+        ids, commons = self._common_inputs(batch)
+        if self.graphs is not None and len(commons) == 1 and self.graphs.fits(commons[0]):
+            return self.graphs.run(ids, commons[0])
+        return self.model(ids, commons[0].positions, self.kv_caches, self._attention_metadata(commons))
+
     def prepare_inputs(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Token ids and positions [T] of the packed step, and the backend's attention metadata (once for every
         layer)."""
+        ids, commons = self._common_inputs(batch)
+        return ids, commons[0].positions, self._attention_metadata(commons)
+
+    def _common_inputs(self, batch: StepBatch) -> tuple[torch.Tensor, list[CommonAttentionMetadata]]:
+        """Token ids [T] of the packed step and the common metadata of each KV group (one but for a hybrid
+        cache)."""
         # A decode verifying k drafts attends as 1 + k single-token rows: verify steps run on the decode kernels.
         rows = single_token_rows(batch.req_ids, batch.num_computed_tokens, batch.num_new_tokens, batch.block_tables,
                                  [bool(drafts) for drafts in batch.drafts])
         ids = torch.tensor(batch.token_ids, device=self.device)
         groups = self.kv_groups
         if groups.num_groups == 1:
-            common = build_common_metadata(*rows, self.block_size, self.device, self.window, self.int4,
-                                           groups.windows[0])
-            return ids, common.positions, self.attention_backend.build_metadata(common)
+            return ids, [build_common_metadata(*rows, self.block_size, self.device, self.window, self.int4,
+                                               groups.windows[0])]
         # A hybrid cache: each group's tables are every num_groups-th entry of the request's interleaved table.
         req_ids, computed, counts, tables = rows
-        metadata = []
-        for group, window in enumerate(groups.windows):
-            group_tables = [table[group::groups.num_groups] for table in tables]
-            common = build_common_metadata(req_ids, computed, counts, group_tables, self.block_size, self.device,
-                                           sliding_window=window)
-            metadata.append(self.attention_backend.build_metadata(common))
-        return ids, common.positions, GroupedAttentionMetadata(metadata, groups.group_of)
+        return ids, [build_common_metadata(req_ids, computed, counts,
+                                           [table[group::groups.num_groups] for table in tables], self.block_size,
+                                           self.device, sliding_window=window)
+                     for group, window in enumerate(groups.windows)]
+
+    def _attention_metadata(self, commons: list[CommonAttentionMetadata]) -> AttentionMetadata:
+        """The backend's metadata of the step (a hybrid cache: one per group, chosen layer by layer)."""
+        if len(commons) == 1:
+            return self.attention_backend.build_metadata(commons[0])
+        return GroupedAttentionMetadata([self.attention_backend.build_metadata(common) for common in commons],
+                                        self.kv_groups.group_of)
 
     def _sampling_metadata(self, requests: list[CachedRequestState], drafts: list[list[int]]) -> SamplingMetadata:
         """One row per sampling position: a request verifying k drafts has 1 + k rows, row j seeing its output
