@@ -46,6 +46,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.use_qk_norm = config.use_qk_norm
+        self.rotary_kernel = apply_rotary  # the platform may swap in a fused one (rotating in place)
         self.attn = Attention(attention_backend, self.num_heads, self.num_kv_heads, self.head_dim,
                               self.head_dim ** -0.5)
 
@@ -60,7 +61,7 @@ class LlamaAttention(nn.Module):
         if self.use_qk_norm:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
-        q, k = apply_rotary(qk, cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = self.rotary_kernel(qk, cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
         out = self.attn(q, k, v, kv_cache, metadata)  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -78,8 +79,9 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, cos_sin: CosSin, hidden: torch.Tensor, kv_cache: LayerKVCache,
                 metadata: AttentionMetadata) -> torch.Tensor:
         """[T, hidden_size] -> [T, hidden_size]."""
-        hidden = hidden + self.self_attn(cos_sin, self.input_layernorm(hidden), kv_cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        attended = self.self_attn(cos_sin, self.input_layernorm(hidden), kv_cache, metadata)
+        normed, hidden = self.post_attention_layernorm.add_and_norm(hidden, attended)
+        return hidden + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):

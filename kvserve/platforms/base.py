@@ -14,7 +14,7 @@ from kvserve.config import EngineConfig
 from kvserve.kv.kv_cache import available_memory_bytes, host_memory_bytes
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.layers.linear import Linear
-from kvserve.layers.norm import NormKernel, RMSNorm, rms_norm
+from kvserve.layers.norm import AddNormKernel, NormKernel, RMSNorm, rms_norm
 from kvserve.layers.quantization import WEIGHT_ONLY_METHODS, LinearMethod, UnquantizedLinearMethod, weight_only_method
 from kvserve.layers.quantization.checkpoint_config import checkpoint_quantization
 from kvserve.loader.gguf import GgufSource
@@ -22,6 +22,9 @@ from kvserve.loader.gguf import GgufSource
 if TYPE_CHECKING:
     from kvserve.runner.cuda_graphs import CapturedStep, StepFunction
     from kvserve.runner.model_runner import ModelRunner
+
+# Layer attributes holding a torch function that a platform may replace with a fused kernel (fused_kernels).
+_KERNEL_ATTRIBUTES = ("activation", "rotary_kernel")
 
 
 class Platform:
@@ -84,16 +87,31 @@ class Platform:
         """The RMSNorm implementation for a `dtype` model."""
         return rms_norm
 
+    def add_norm_kernel(self, dtype: torch.dtype) -> AddNormKernel | None:
+        """A kernel adding the residual inside RMSNorm for a `dtype` model, or None (torch adds, then norms)."""
+        return None
+
+    def fused_kernels(self, dtype: torch.dtype) -> dict[Callable, Callable]:
+        """Replacements for the torch functions layers hold as kernel attributes (GatedMLP.activation,
+        LlamaAttention.rotary_kernel), keyed by the function they replace."""
+        return {}
+
     def prepare_model(self, model: nn.Module, dtype: torch.dtype, quantization: str | None = None) -> None:
-        """Before loading: give every Linear (embeddings too) this platform's method for the weight format, and
-        every RMSNorm its kernel; a tied LM head then shares the embedding's new weight again."""
+        """Before loading: give every Linear (embeddings too) this platform's method for the weight format, every
+        RMSNorm its kernels, and every layer's kernel attributes their fused replacements; a tied LM head then
+        shares the embedding's new weight again."""
         method, kernel = self.linear_method(dtype, quantization), self.norm_kernel(dtype)
+        add_kernel, replacements = self.add_norm_kernel(dtype), self.fused_kernels(dtype)
         lm_head = getattr(model, "lm_head", None)
         for module in model.modules():
             if isinstance(module, Linear):
                 module.set_method(method.lm_head_method() if module is lm_head else method)
             elif isinstance(module, RMSNorm):
-                module.kernel = kernel
+                module.kernel, module.add_kernel = kernel, add_kernel
+            for name in _KERNEL_ATTRIBUTES:
+                function = getattr(module, name, None)
+                if function in replacements:
+                    setattr(module, name, replacements[function])
         if hasattr(model, "tie_weights"):
             model.tie_weights()
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvserve.kv.kv_spec import KVCacheSpec
+from kvserve.layers.norm import AddNormKernel, NormKernel
 from kvserve.platforms.base import Platform
 from kvserve.platforms.cuda_memory import GIB, kv_budget, read_gpu_memory
 from kvserve.runner.cuda_graphs import CapturedStep, StepFunction, cuda_graph_capture
@@ -33,6 +34,21 @@ class CudaPlatform(Platform):
             return None
         return triton_int
 
+    def norm_kernel(self, dtype: torch.dtype) -> NormKernel:
+        """RMSNorm in one Triton kernel (layers/triton_fused.py), where Triton is installed."""
+        fused = _triton_fused()
+        return super().norm_kernel(dtype) if fused is None else fused.rms_norm
+
+    def add_norm_kernel(self, dtype: torch.dtype) -> AddNormKernel | None:
+        """The residual add and the RMSNorm after it in one Triton kernel."""
+        fused = _triton_fused()
+        return None if fused is None else fused.add_rms_norm
+
+    def fused_kernels(self, dtype: torch.dtype) -> dict[Callable, Callable]:
+        """SiLU-and-mul and RoPE (in place) in Triton."""
+        fused = _triton_fused()
+        return {} if fused is None else fused.REPLACEMENTS
+
     def decode_graph_capture(self) -> Callable[[StepFunction], CapturedStep] | None:
         """CUDA graphs sharing one memory pool, unless enforce_eager."""
         return None if self.config.platform.enforce_eager else cuda_graph_capture()
@@ -51,3 +67,12 @@ class CudaPlatform(Platform):
                     "KV cache budget %.2f GiB (gpu_memory_utilization=%s)", (memory.peak_torch - scratch) / GIB,
                     memory.outside_torch / GIB, budget / GIB, config.cache.gpu_memory_utilization)
         return budget
+
+
+def _triton_fused() -> ModuleType | None:
+    """layers/triton_fused.py, or None without Triton (the torch kernels then serve)."""
+    try:
+        from kvserve.layers import triton_fused
+    except ImportError:
+        return None
+    return triton_fused
