@@ -258,9 +258,9 @@ def _tiny_llama(path: pathlib.Path, tokenizer: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> str:
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory, word_tokenizer: Any) -> str:
     """The checkpoint, written once for both KV-cache dtypes."""
-    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+    return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"), word_tokenizer)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])

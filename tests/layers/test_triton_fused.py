@@ -102,18 +102,18 @@ def use_fused_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Platform, "fused_kernels", lambda self, dtype: tf.REPLACEMENTS)
 
 
-def test_tiny_llama_greedy_tokens_match_with_fused_kernels(tmp_path: Any, tokenizer: Any,
+def test_tiny_llama_greedy_tokens_match_with_fused_kernels(tmp_path: Any, word_tokenizer: Any,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import transformers
 
     from kvserve import LLM, SamplingParams
 
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+    config = transformers.LlamaConfig(vocab_size=len(word_tokenizer), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.15)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    word_tokenizer.save_pretrained(tmp_path)
     prompts = [{"prompt_token_ids": [1, 520, 3000, 45, 8800, 17]}, {"prompt_token_ids": list(range(300, 340))}]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     options = {"model": str(tmp_path), "device": DEVICE, "attention_backend": "torch", "show_progress": False,

@@ -37,17 +37,17 @@ PARAMS = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in 
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> str:
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory, word_tokenizer: Any) -> str:
     """A 2-layer GQA Llama (4 heads / 2 KV heads of 16) with random weights."""
     import transformers
 
     path: pathlib.Path = tmp_path_factory.mktemp("tiny-llama-graphs")
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+    config = transformers.LlamaConfig(vocab_size=len(word_tokenizer), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.15)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    word_tokenizer.save_pretrained(path)
     return str(path)
 
 
