@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,18 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check kvserve tests benchmarks
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+# Wheels for the GPU machine (Python 3.12, no network; benchmarks/gpu_check.sh installs them there): what kvserve
+# and its GPU tests import that the device image lacks, at this venv's versions, into the git-ignored .whl/.
+GPU_WHEELS := gguf llguidance sniffio fastapi starlette pydantic pydantic-core annotated-types typing-inspection \
+	uvicorn
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_31_x86_64 -d .whl $$($(BIN)/python -c 'import importlib.metadata as m, sys; \
+		print(*(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(GPU_WHEELS))
+	@du -sh .whl
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_offline.py

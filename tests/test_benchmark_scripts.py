@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ["bench_gpu_throughput.py", "bench_gpu_latency.py"]
+SCRIPTS = ["bench_gpu_throughput.py", "bench_gpu_latency.py", "bench_gpu_batches.py"]
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -33,6 +34,15 @@ def test_exits_clearly_without_cuda(script: str) -> None:
     assert "needs an NVIDIA GPU" in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_check_exits_clearly_without_cuda(tmp_path: pathlib.Path) -> None:
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}, check=False)
+    assert result.returncode == 2
+    assert "sees no CUDA device; this check needs an NVIDIA GPU" in result.stderr
+    assert not list(tmp_path.iterdir())  # nothing ran
 
 
 CPU_SCRIPTS = [("bench_offline.py", "--kv-cache-memory"), ("bench_kv.py", "--cache-sizes"),
