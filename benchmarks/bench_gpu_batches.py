@@ -107,7 +107,6 @@ def run_transformers(path: pathlib.Path, prompts: dict[int, list[list[int]]],
     for size, batch in prompts.items():
         tpot, wall = generate(batch)
         results[size] = {"tpot_s": tpot, "wall_s": wall}
-    del model
     return results
 
 

@@ -56,7 +56,7 @@ def build_torch_metadata(common: CommonAttentionMetadata, with_decode_mask: bool
     metadata = TorchAttentionMetadata(
         slot_mapping=common.slot_mapping, num_decodes=num_decodes, decode_block_tables=decode_tables,
         decode_seq_lens=decode_seq_lens, decode_mask=mask,
-        prefills=[_prefill_seq(common, row) for row in range(num_decodes, common.num_reqs)],
+        prefills=[prefill_seq(common, row) for row in range(num_decodes, common.num_reqs)],
         int4=common.int4, window=common.window)
     if common.sliding_window is not None and not with_decode_mask:
         metadata.decode_key_starts, metadata.decode_key_ends = _sliding_key_ranges(common)
@@ -95,7 +95,7 @@ def _decode_mask(common: CommonAttentionMetadata, tables: torch.Tensor, seq_lens
     return window_visible(key_pos, query_pos[:, None], window.window, window.num_sinks)[:, None]
 
 
-def _prefill_seq(common: CommonAttentionMetadata, row: int) -> PrefillSeq:
+def prefill_seq(common: CommonAttentionMetadata, row: int) -> PrefillSeq:
     """A multi-token request's attention inputs: its row of the block table, int4 tail and window mask."""
     query_start = common.query_start_loc_host[row]
     query_len = common.query_start_loc_host[row + 1] - query_start

@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvserve.attention.backend import AttentionBackend, AttentionRequirements, CommonAttentionMetadata
+from kvserve.attention import mla
+from kvserve.attention.backend import AttentionBackend, AttentionRequirements, CommonAttentionMetadata, MLABackend
+from kvserve.attention.torch_metadata import PrefillSeq, prefill_seq
 from kvserve.kv.kv_cache import LayerKVCache
 
 # kv_cache_dtype -> the QUANT constexpr of the kernels (int4 has no kernel: the backend declares it unsupported).
@@ -486,20 +488,23 @@ class TritonAttentionMetadata:
     prefill_seq_lens: torch.Tensor  # [num_prefills] int32
     prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] long (a view)
     max_query_len: int  # of the prefills; 0 when there are none
+    prefills: list[PrefillSeq] = dataclasses.field(default_factory=list)  # MLA only: each prefill's latent inputs
 
 
-class TritonAttentionBackend(AttentionBackend):
-    """Split-KV decode and varlen prefill kernels over plain, int8 and fp8 caches (no int4, window or MLA)."""
+class TritonAttentionBackend(AttentionBackend, MLABackend):
+    """Split-KV decode and varlen prefill kernels over plain, int8 and fp8 caches (no int4 or window); MLA's latent
+    write and absorbed decode in triton_mla.py, its prefills' latents gathered with torch."""
 
     name = "triton"
     devices = ("cuda",)
     kv_cache_dtypes = frozenset({"float32", "float16", "bfloat16", *_QUANT_MODES} - {"auto"})
     supports_window = False
-    supports_mla = False
+    supports_mla = True
     supports_cuda_graphs = True  # the decode grid comes from the table's width, never from seq_lens on the host
 
     def __init__(self, needs: AttentionRequirements) -> None:
         self.check_supported(needs)
+        self.use_mla = needs.use_mla
 
     @classmethod
     def check_supported(cls, needs: AttentionRequirements) -> None:
@@ -527,7 +532,8 @@ class TritonAttentionBackend(AttentionBackend):
             query_start_loc=common.query_start_loc[num_decodes:].to(torch.int32),
             prefill_seq_lens=seq_lens[num_decodes:],
             prefill_block_tables=common.block_table[num_decodes:, :prefill_width],
-            max_query_len=common.max_query_len if has_prefills else 0)
+            max_query_len=common.max_query_len if has_prefills else 0,
+            prefills=[prefill_seq(common, row) for row in range(num_decodes, common.num_reqs)] if self.use_mla else [])
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 metadata: TritonAttentionMetadata, scale: float) -> torch.Tensor:
@@ -543,3 +549,24 @@ class TritonAttentionBackend(AttentionBackend):
                               metadata.prefill_block_tables, metadata.max_query_len, scale, out=output, key=key,
                               value=value)
         return output
+
+    def write_latent(self, latent: torch.Tensor, cache: LayerKVCache, metadata: TritonAttentionMetadata) -> None:
+        """MLA: store this step's latents [T, d_c + d_r] at their slots."""
+        from kvserve.attention import triton_mla
+
+        triton_mla.write_latent(latent, cache, metadata.slot_mapping)
+
+    def prefill_latents(self, latent: torch.Tensor, cache: LayerKVCache,
+                        metadata: TritonAttentionMetadata) -> list[tuple[slice, torch.Tensor]]:
+        """MLA: per prefill, (its rows, its latents [S, D]: the cached prefix read back, then this step's)."""
+        return [(slice(seq.query_start, seq.query_start + seq.query_len),
+                 mla.prefill_latents(latent[seq.query_start:seq.query_start + seq.query_len], cache, seq))
+                for seq in metadata.prefills]
+
+    def absorbed_decode(self, query: torch.Tensor, cache: LayerKVCache, metadata: TritonAttentionMetadata,
+                        kv_lora_rank: int, scale: float) -> torch.Tensor:
+        """MLA: latent queries [B, H, d_c + d_r] -> attention-weighted latents [B, H, d_c]."""
+        from kvserve.attention import triton_mla
+
+        return triton_mla.absorbed_decode(query, cache, metadata.decode_block_tables, metadata.decode_seq_lens,
+                                          kv_lora_rank, scale)

@@ -200,7 +200,6 @@ def test_mixed_batch_through_backend(kv_cache_dtype: str) -> None:
 @pytest.mark.parametrize(("kv_cache_dtype", "use_window", "use_mla", "message"), [
     ("int4", False, False, "kv_cache_dtype 'int4' is not supported"),
     ("float32", True, False, "it has no attention sinks \\+ sliding window"),
-    ("float32", False, True, "it has no Multi-head Latent Attention"),
 ])
 def test_what_the_kernels_cannot_serve_is_refused(kv_cache_dtype: str, use_window: bool, use_mla: bool,
                                                   message: str) -> None:
