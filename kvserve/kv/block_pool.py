@@ -63,6 +63,10 @@ class BlockPool:
             if self._ref_counts[block] == 0:
                 self._free[block] = None
 
+    def ref_counts(self) -> list[int]:
+        """Every block's reference count, by block id (a copy)."""
+        return list(self._ref_counts)
+
     def ref_count(self, block: int) -> int:
         """Current reference count of `block`."""
         return self._ref_counts[block]

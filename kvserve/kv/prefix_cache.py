@@ -72,6 +72,10 @@ class PrefixCache:
             self._hash_of_block[block] = key
         return True
 
+    def cached_blocks(self) -> list[int]:
+        """The blocks that hold a cached prefix block (in use or free), in no order."""
+        return list(self._hash_of_block)
+
     def evict(self, block: int) -> None:
         """Forget `block` (it is about to be overwritten); a no-op for uncached blocks."""
         block_hash = self._hash_of_block.pop(block, None)

@@ -25,11 +25,13 @@ from kvserve.server.auth import ApiKeyMiddleware
 from kvserve.server.config import ServerConfig
 from kvserve.server.drain import Drain, DrainingServer
 from kvserve.server.errors import OpenAIError, install_error_handlers, invalid_request, overloaded
+from kvserve.server.kv_view import router as kv_view_router
 from kvserve.server.limits import BodySizeLimitMiddleware, PromptLengthGuard
 from kvserve.server.logprobs import TokenText
 from kvserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvserve.server.openapi import install_openapi, sse
 from kvserve.server.paths import StripTrailingSlashMiddleware
+from kvserve.server.playground import install_playground
 from kvserve.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -275,6 +277,8 @@ def build_app(async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerC
     install_openapi(app)
     app.include_router(router)
     app.include_router(tokenize_router)
+    app.include_router(kv_view_router)
+    install_playground(app)
     # The same requests over a WebSocket: /v1/chat/completions/ws and /v1/completions/ws.
     app.include_router(socket_router({CHAT_PATH: SocketEndpoint(ChatCompletionRequest, chat_job),
                                       COMPLETIONS_PATH: SocketEndpoint(CompletionRequest, completion_job)}))

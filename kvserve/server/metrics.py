@@ -74,6 +74,15 @@ class ServerMetrics:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
 
+    def latency_totals(self) -> dict[str, float]:
+        """Sums and counts of the TTFT and ITL histograms so far (a watcher takes differences for recent means)."""
+        totals = {}
+        for name, histogram in (("ttft", self.ttft), ("itl", self.itl)):
+            for sample in histogram.collect()[0].samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    totals[f"{name}{sample.name[sample.name.rindex('_'):]}"] = sample.value
+        return totals
+
     # ---- EngineObserver -------------------------------------------------------------------
 
     def on_output(self, output: RequestOutput, now: float) -> None:
