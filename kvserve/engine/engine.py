@@ -8,7 +8,7 @@ import resource
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvserve.attention.backend import AttentionRequirements
 from kvserve.attention.selector import create_attention_backend
@@ -20,9 +20,12 @@ from kvserve.engine.request import Request, RequestStatus
 from kvserve.engine.scheduler import Scheduler, SpecDecodeStats
 from kvserve.engine.stop import check_stop
 from kvserve.inputs import InputProcessor, PromptInput, read_chat_template
+from kvserve.kv.dtypes import model_dtype_bytes
 from kvserve.kv.int4_residual import num_residual_slots, residual_bytes
 from kvserve.kv.kv_groups import KVCacheGroups, blocks_per_request, max_context
 from kvserve.kv.kv_manager import KVCacheManager
+from kvserve.kv.kv_memory import kv_memory_report, shape_from_hf_config
+from kvserve.kv.kv_snapshot import kv_snapshot
 from kvserve.kv.kv_spec import KVCacheSpec, bytes_per_block, bytes_per_token
 from kvserve.kv.sinks_window import SinksWindow, max_blocks_per_request
 from kvserve.loader.weights import open_model
@@ -444,6 +447,18 @@ class Engine:
             num_generation_tokens=sum(r.num_output_tokens for r in requests),
             num_preemptions=sum(r.num_preemptions for r in requests),
         )
+
+    def kv_snapshot(self) -> dict[str, Any]:
+        """The KV cache's blocks and the requests' block tables now (kv/kv_snapshot.py; the web page's view)."""
+        return kv_snapshot(self)
+
+    def kv_memory(self, context: int, batch: int) -> dict[str, Any]:
+        """`kvserve kv-memory --json` for this model: KV bytes per token of its attention and its MHA / GQA / MQA /
+        MLA equivalents in every KV dtype, and totals for `context` tokens x `batch` sequences."""
+        shape = shape_from_hf_config(self.model_config.extra, self.model_config.architecture)
+        dtype = self.config.load.dtype
+        report = kv_memory_report(shape, context=context, batch=batch, model_dtype_bytes=model_dtype_bytes(dtype))
+        return {**report.to_dict(), "model_dtype": dtype, "kv_cache_dtype": self.config.cache.kv_cache_dtype}
 
     def stats(self) -> EngineStats:
         """Current load, KV occupancy, memory and cumulative token counts."""

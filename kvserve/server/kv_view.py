@@ -8,9 +8,8 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 
-from kvserve.kv.dtypes import model_dtype_bytes
-from kvserve.kv.kv_memory import kv_memory_report, shape_from_hf_config
-from kvserve.kv.kv_snapshot import kv_snapshot
+from kvserve.engine.async_engine import EngineDeadError
+from kvserve.server.errors import OpenAIError
 
 router = APIRouter()
 
@@ -20,7 +19,10 @@ async def snapshot(request: Request) -> dict[str, Any]:
     """Every block's reference count, the cached blocks, each request's block table, and the engine's stats
     (kv/kv_snapshot.py); taken between two engine steps."""
     server = request.app.state.server
-    picture = await asyncio.wrap_future(server.async_engine.call(kv_snapshot))
+    try:
+        picture = await asyncio.wrap_future(server.async_engine.call(lambda engine: engine.kv_snapshot()))
+    except EngineDeadError as error:
+        raise OpenAIError(503, f"no KV snapshot: {error}", type="server_error", code="engine_dead") from None
     return {**picture, "latency": server.metrics.latency_totals()}
 
 
@@ -29,8 +31,4 @@ async def memory(request: Request, context: int = Query(4096, ge=1, le=2**24),
                  batch: int = Query(1, ge=1, le=2**16)) -> dict[str, Any]:
     """`kvserve kv-memory --json` for the loaded model: KV bytes per token of its attention and of its MHA / GQA /
     MQA / MLA equivalents, in every KV dtype, and the totals for `context` tokens x `batch` sequences."""
-    engine = request.app.state.server.async_engine.engine
-    shape = shape_from_hf_config(engine.model_config.extra, request.app.state.server.model_name)
-    dtype = engine.config.load.dtype
-    report = kv_memory_report(shape, context=context, batch=batch, model_dtype_bytes=model_dtype_bytes(dtype))
-    return {**report.to_dict(), "model_dtype": dtype, "kv_cache_dtype": engine.config.cache.kv_cache_dtype}
+    return request.app.state.server.async_engine.engine.kv_memory(context, batch)

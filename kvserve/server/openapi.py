@@ -49,12 +49,16 @@ def _error_codes(path: str, method: str, operation: dict[str, Any]) -> list[str]
     has_body = "requestBody" in operation
     if has_body:
         codes += ["400", "413"]
+    elif any(parameter.get("in") == "query" for parameter in operation.get("parameters", [])):
+        codes.append("400")  # a query parameter out of its range
     if is_api_path(path):
         codes.append("401")
     if has_body and is_api_path(path):
         codes.append("404")  # a model name
     if has_body and path.startswith("/v1"):
         codes += ["500", "503"]  # generation: the engine, admission
+    if path == "/v1/kv/snapshot":
+        codes.append("503")  # taken on the engine loop, which may be gone
     return codes
 
 

@@ -224,6 +224,19 @@ class FakeEngine:
         return RequestOutput(request_id, None, self.prompts[request_id], [completion], reason is not None,
                              metrics, error="RuntimeError: injected" if failed else None)
 
+    def kv_snapshot(self) -> dict[str, Any]:
+        """The real snapshot's shape: one block per request, no cached blocks."""
+        requests = [{"id": request_id, "status": "running", "num_prompt_tokens": 1, "num_output_tokens": 0,
+                     "num_computed_tokens": 1, "num_cached_tokens": 0, "num_preemptions": 0,
+                     "block_table": [index], "residual_block": None}
+                    for index, request_id in enumerate(self.requests)]
+        return {"time": time.time(), "num_blocks": 8, "block_size": 16, "kv_cache_dtype": "float32",
+                "num_kv_groups": 1, "kv_window": None, "ref_counts": [int(i < len(requests)) for i in range(8)],
+                "cached_blocks": [], "requests": requests, "stats": dataclasses.asdict(self.stats())}
+
+    def kv_memory(self, context: int, batch: int) -> dict[str, Any]:
+        return {"context": context, "batch": batch, "attention": []}
+
     def stats(self) -> EngineStats:
         # Zero for every field, so that the fake keeps up as EngineStats grows.
         zeros = {f.name: 0 for f in dataclasses.fields(EngineStats)}

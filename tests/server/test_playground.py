@@ -121,3 +121,19 @@ def test_kv_memory_describes_the_loaded_model(live) -> None:
     assert report["context"] == 1000 and report["model_dtype"] == "float32"
     bad = httpx.get(f"{live.url}/v1/kv/memory", params={"context": 0}, timeout=10)
     assert bad.status_code == 400 and "context" in bad.text
+
+
+def test_snapshot_without_an_engine_loop_is_a_503() -> None:
+    from fastapi.testclient import TestClient
+    from serve_harness import FakeEngine
+
+    from kvserve.engine.async_engine import AsyncEngine
+    from kvserve.server.api_server import build_app
+    from kvserve.server.config import ServerConfig
+    from kvserve.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    engine = AsyncEngine(FakeEngine(), metrics)  # its loop never started
+    response = TestClient(build_app(engine, metrics, ServerConfig(served_model_name="fake"))).get("/v1/kv/snapshot")
+    assert response.status_code == 503
+    assert response.json()["error"]["message"].startswith("no KV snapshot: the engine loop is not running")
