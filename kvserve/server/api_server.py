@@ -21,6 +21,7 @@ from kvserve.distributed.disaggregation import (
 from kvserve.distributed.executor import WorkerDiedError
 from kvserve.engine.async_engine import AsyncEngine, EngineDeadError, GenerateRequest, OverloadedError
 from kvserve.loader.weights import resolve_model_path
+from kvserve.server.audio import router as audio_router
 from kvserve.server.auth import ApiKeyMiddleware
 from kvserve.server.config import ServerConfig
 from kvserve.server.drain import Drain, DrainingServer
@@ -47,6 +48,7 @@ from kvserve.server.serving import CompletionFormatter, Formatter, OutputStream,
 from kvserve.server.streaming import ClosingStreamingResponse, unless_disconnected
 from kvserve.server.tokenize import router as tokenize_router
 from kvserve.server.tools import chat_formatter, constrain, tool_plan
+from kvserve.server.voice import install_voice
 from kvserve.server.websocket import SocketEndpoint, socket_router
 
 logger = logging.getLogger(__name__)
@@ -279,6 +281,8 @@ def build_app(async_engine: AsyncEngine, metrics: ServerMetrics, config: ServerC
     app.include_router(tokenize_router)
     app.include_router(kv_view_router)
     install_playground(app)
+    install_voice(app, config.tts, chat_job)  # /v1/voice and its socket
+    app.include_router(audio_router)  # /v1/audio/transcriptions and /v1/audio/speech
     # The same requests over a WebSocket: /v1/chat/completions/ws and /v1/completions/ws.
     app.include_router(socket_router({CHAT_PATH: SocketEndpoint(ChatCompletionRequest, chat_job),
                                       COMPLETIONS_PATH: SocketEndpoint(CompletionRequest, completion_job)}))

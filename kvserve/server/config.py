@@ -27,6 +27,9 @@ class ServerConfig:
     response_cache_size: int = field(default=0, metadata={
         "help": "whole responses of deterministic requests (temperature 0, or a seed) to keep and replay; "
                 "least recently used out first; 0 disables"})
+    tts: str = field(default="espeak-ng", metadata={
+        "help": "voice mode's text-to-speech engine: 'espeak-ng' (the Debian program) or 'piper' (better "
+                "sounding, slower; pip install 'kvserve[piper]')"})
     role: str | None = field(default=None, metadata={
         "help": "prefill/decode disaggregation: 'decode' serves requests and takes their prompts' KV blocks from "
                 "a 'prefill' instance, which computes them; unset: a plain server"})
@@ -35,6 +38,8 @@ class ServerConfig:
                 "instance; the prefill instance connects to it"})
 
     def __post_init__(self) -> None:
+        if self.tts not in ("espeak-ng", "piper"):
+            raise ValueError(f"tts must be 'espeak-ng' or 'piper', got {self.tts!r}")
         if self.role not in (None, "prefill", "decode"):
             raise ValueError(f"role must be 'prefill' or 'decode', got {self.role!r}")
         port = self.kv_transfer_address.rpartition(":")[2]

@@ -2,6 +2,7 @@
 import { askForKey, getJson } from "./api.js";
 import { Chat } from "./chat.js";
 import { KvView, showKvMemory } from "./kv.js";
+import { Voice } from "./voice.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -38,7 +39,9 @@ async function main() {
   }), { once: true });
   const view = new KvView();
   view.start();
-  window.kvserve = { chat, view }; // for the console (and the browser tests)
+  const voice = new Voice(chat);
+  window.kvserve = { chat, view, voice }; // for the console (and the browser tests)
+  voice.init().catch((error) => { $("voice-status").textContent = `voice mode: ${error.message}`; });
 }
 
 main().catch((error) => {

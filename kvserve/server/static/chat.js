@@ -63,6 +63,32 @@ export class Chat {
     };
   }
 
+  // A turn of voice mode: the transcript as the user's message, then the answer as the voice socket streams it.
+  voiceTurn(transcript) {
+    this.history.push({ role: "user", content: transcript });
+    this.addMessage("user").textContent = transcript;
+    const element = this.addMessage("assistant");
+    const body = document.createElement("div");
+    const stats = document.createElement("span");
+    stats.className = "stats";
+    element.append(body, stats);
+    element.dataset.state = "streaming";
+    let text = "";
+    return {
+      append: (delta) => {
+        text += delta;
+        body.innerHTML = renderMarkdown(text);
+        this.messages.scrollTop = this.messages.scrollHeight;
+      },
+      finish: (note) => {
+        element.dataset.state = "done";
+        if (text) this.history.push({ role: "assistant", content: text });
+        stats.textContent = note;
+        this.onChange?.();
+      },
+    };
+  }
+
   // Stream one answer to the history; its element shows the text as it comes, then TTFT, TPOT and tokens/s.
   async answer() {
     const element = this.addMessage("assistant");

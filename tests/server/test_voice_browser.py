@@ -1,0 +1,100 @@
+"""Voice mode in a real headless Chromium: its fake microphone plays a WAV that espeak-ng spoke, the page streams
+it to /v1/voice/ws, and the answer shows in the chat while its audio plays; without voice mode the microphone
+button is hidden and the page says why."""
+
+from __future__ import annotations
+
+import wave
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from serve_harness import FakeEngine, ThreadedServer
+from test_playground_browser import CHROMEDRIVER, CHROMIUM, errors, open_page, text, wait
+from test_voice import QUESTION, spoken, words
+
+from kvserve.engine.async_engine import AsyncEngine
+from kvserve.server import voice
+from kvserve.server.api_server import build_app
+from kvserve.server.config import ServerConfig
+from kvserve.server.metrics import ServerMetrics
+from kvserve.voice.availability import voice_unavailable
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="no chromium / chromedriver (Debian packages chromium, chromium-driver)")
+
+
+def chromium(*arguments: str) -> Any:
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900",
+                     *arguments):
+        options.add_argument(argument)
+    options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
+
+
+@pytest.fixture(scope="module")
+def microphone_browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Chromium whose microphone says QUESTION, then 2 s of silence, over and over."""
+    if voice_unavailable("espeak-ng"):
+        pytest.skip(voice_unavailable("espeak-ng"))
+    path = tmp_path_factory.mktemp("voice") / "question.wav"
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(16_000)
+        file.writeframes(spoken(QUESTION, silence_after_s=2.0))
+    driver = chromium("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                      f"--use-file-for-fake-audio-capture={path}", "--autoplay-policy=no-user-gesture-required")
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_a_spoken_question_is_answered_in_the_chat_and_aloud(live, microphone_browser) -> None:
+    browser = microphone_browser
+    open_page(browser, live.url)
+    mic = wait(browser, lambda: browser.find_element(By.ID, "mic").is_displayed() and browser.find_element(By.ID,
+                                                                                                           "mic"))
+    browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+    for field, value in (("temperature", "0"), ("max-tokens", "32")):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+    mic.click()
+    wait(browser, lambda: browser.execute_script("return window.kvserve.voice.turns.length") > 0, 120)
+    turn = browser.execute_script("return window.kvserve.voice.turns[0]")
+    print(f"\nvoice turn in Chromium: {turn}")
+    assert words(turn["transcript"]) == words(QUESTION)
+    assert browser.find_elements(By.CSS_SELECTOR, ".message.user")[-1].text == turn["transcript"]
+    answer = browser.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1]
+    assert answer.get_attribute("data-state") == "done" and "first audio" in answer.text
+    assert words(turn["answer"])[:4] == words(answer.text)[:4]
+    assert browser.execute_script("return window.kvserve.voice.audioFrames") > 0
+    assert text(browser, "mic") == "Talk"  # the microphone is off again
+    browser.save_screenshot("/tmp/kvserve-voice.png")
+    assert errors(browser) == []
+
+
+def test_without_voice_mode_the_button_is_hidden_and_the_page_says_why(monkeypatch) -> None:
+    reason = "voice mode is off: faster_whisper not installed (make run VOICE=1)"
+    monkeypatch.setattr(voice, "voice_unavailable", lambda tts: reason)
+    metrics = ServerMetrics()
+    async_engine = AsyncEngine(FakeEngine(step_s=0.001), metrics)  # type: ignore[arg-type]
+    async_engine.start()
+    driver = chromium()
+    try:
+        with ThreadedServer(build_app(async_engine, metrics, ServerConfig(served_model_name="fake"))) as server:
+            open_page(driver, server.url)
+            wait(driver, lambda: text(driver, "voice-status") == reason, 30)
+            assert not driver.find_element(By.ID, "mic").is_displayed()
+            assert errors(driver) == []
+    finally:
+        driver.quit()
+        async_engine.shutdown()
+
+
