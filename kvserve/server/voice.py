@@ -4,16 +4,19 @@ voice socket at /v1/voice/ws (the page's microphone button).
 The socket's protocol:
 - The client sends `{"type": "start", ...}` to listen for one utterance. Its other fields are the chat request
   of the answer (as POSTed to /v1/chat/completions; `messages` is the conversation before the utterance, and
-  the transcript is appended as the user's message; `stream` is implied), plus `voice`, `speed` (0.25-4) and
-  `silence_ms` (100-3000: how long a pause ends the utterance). A start while an answer is under way stops that
+  the transcript is appended as the user's message; `stream` is implied), plus `voice`, `speed` (0.25-4),
+  `silence_ms` (100-3000: how long a pause ends the utterance) and `speculate` (default true: begin the answer
+  in the pause, see below). A start while an answer is under way stops that
   answer first (barge-in).
 - Then binary frames: 16 kHz mono 16-bit little-endian PCM, any length. Silero VAD ends the utterance after
   `silence_ms` of silence that follows speech; `{"type": "end"}` ends it at once (push to talk), and 30 s of
-  audio end it too. Frames while not listening are dropped.
+  audio end it too. Frames while not listening are dropped. The answer begins speculatively ~100 ms into a pause
+  and is held back; if the pause ends the utterance its frames go out at once, if speech resumes it is dropped.
 - The server answers with text frames: `listening`, `speech_start`, `speech_end`, `transcript` {text}, `delta`
   {content} as the answer streams, `audio` {index, text, bytes} each followed by one binary frame (a WAV file of
-  that sentence), and `done` {transcript, answer, timings}: ms after the end of speech to the transcript, the
-  first token, the first sentence and the first audio sent. `{"type": "cancel"}` stops listening or answering.
+  that sentence), and `done` {transcript, answer, timings, speculative}: ms after the end of speech was
+  detected to the transcript, the first token, the first sentence (negative: during the pause) and the first
+  audio sent. `{"type": "cancel"}` stops listening or answering.
 - Errors are `{"type": "error", "error": {...}, "status_code": N}` frames, as the HTTP API's bodies; the socket
   stays usable. With an API key the upgrade needs it (server/auth.py). Closing the socket aborts the answer.
 """
@@ -25,6 +28,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter()
 ChatJob = Callable[[Any, ChatCompletionRequest], Awaitable[Any]]  # api_server.chat_job
-_VOICE_FIELDS = ("voice", "speed", "silence_ms")
+_VOICE_FIELDS = ("voice", "speed", "silence_ms", "speculate")
+PAUSE_FRAMES = 3  # VAD frames (32 ms) of silence after speech that begin a speculative answer
 
 
 class VoiceService:
@@ -98,7 +103,8 @@ class VoiceSession:
         self.voice: VoiceService = websocket.app.state.voice
         self.send_lock = asyncio.Lock()  # an audio event and its binary frame go out together
         self.listening: _Utterance | None = None
-        self.turn: asyncio.Task | None = None
+        self.turn: _Answering | None = None  # the answer under way
+        self.speculation: _Answering | None = None  # an answer begun in a pause, held back until it is the end
 
     async def serve(self) -> None:
         while True:
@@ -157,6 +163,9 @@ class VoiceSession:
             value = options[name]
             if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
                 raise OpenAIError(400, f"{name} must be a number in [{low}, {high}], got {value!r}", param=name)
+        options["speculate"] = command.get("speculate", True)
+        if not isinstance(options["speculate"], bool):
+            raise OpenAIError(400, f"speculate must be true or false, got {options['speculate']!r}", param="speculate")
         return options
 
     async def on_audio(self, data: bytes) -> None:
@@ -173,29 +182,57 @@ class VoiceSession:
             await self.send({"type": "speech_start"})
         if ended:
             await self.end_utterance()
+        else:
+            self.speculate(utterance)
+
+    def speculate(self, utterance: _Utterance) -> None:
+        """In a pause after speech, begin answering what was heard, held back; speech again cancels it."""
+        detector, speculation = utterance.detector, self.speculation
+        if not utterance.options["speculate"]:
+            return
+        if speculation is not None and speculation.speech_frames != detector.speech_frames:
+            speculation.task.cancel()  # the user went on talking: aborts its request, frees its blocks
+            self.speculation = speculation = None
+        if speculation is None and detector.speech_started and detector.trailing_silence >= PAUSE_FRAMES:
+            self.speculation = self.start_answer(utterance, TurnTimings(0.0), confirmed=False)
 
     async def end_utterance(self) -> None:
-        """Stop listening and answer what was heard, in the background."""
+        """Stop listening; answer what was heard in the background, or let the speculative answer of this very
+        speech through."""
         utterance, self.listening = self.listening, None
-        timings = TurnTimings(time.monotonic(), utterance.silence_ms if utterance.detector.ended else 0)
+        now = time.monotonic()
         await self.send({"type": "speech_end", "seconds": round(utterance.seconds, 2)})
-        self.turn = asyncio.create_task(self.answer(utterance, timings))
+        speculation, self.speculation = self.speculation, None
+        silence_ms = utterance.silence_ms if utterance.detector.ended else 0
+        if speculation is not None and speculation.speech_frames == utterance.detector.speech_frames:
+            self.turn = speculation
+            speculation.timings.silence_ms = silence_ms
+            await speculation.turn.confirm(now)
+            return
+        if speculation is not None:
+            speculation.task.cancel()
+        self.turn = self.start_answer(utterance, TurnTimings(now, silence_ms), confirmed=True)
 
-    async def answer(self, utterance: _Utterance, timings: TurnTimings) -> None:
+    def start_answer(self, utterance: _Utterance, timings: TurnTimings, confirmed: bool) -> _Answering:
         options = utterance.options
         turn = VoiceTurn(self.voice.transcriber, self.voice.synthesizer, self.send, self.send_audio,
-                         options["voice"], options["speed"])
+                         options["voice"], options["speed"], confirmed=confirmed)
+        task = asyncio.create_task(self.answer(turn, utterance.samples(), timings, options["chat"]))
+        return _Answering(turn, task, timings, utterance.detector.speech_frames)
+
+    async def answer(self, turn: VoiceTurn, samples: np.ndarray, timings: TurnTimings, chat: dict[str, Any]) -> None:
         try:
-            done = await turn.run(utterance.samples(), timings, lambda text: self.deltas(options["chat"], text))
-            logger.info("voice turn: %.1f s of speech, timings (ms after end of speech) %s",
-                        utterance.seconds, done["timings"])
+            done = await turn.run(samples, timings, lambda text: self.deltas(chat, text))
+            logger.info("voice turn (%s): %.1f s of audio, ms after the end of speech %s",
+                        "speculative" if turn.speculative else "after the pause", len(samples) / SAMPLE_RATE,
+                        done["timings"])
         except OpenAIError as error:
-            await self.send_error(error)
+            await turn.emit(_error_event(error))
         except (WebSocketDisconnect, asyncio.CancelledError):
             raise
         except Exception as error:
             logger.error("voice turn failed", exc_info=error)
-            await self.send_error(internal_error(f"internal error: {type(error).__name__}"))
+            await turn.emit(_error_event(internal_error(f"internal error: {type(error).__name__}")))
 
     async def deltas(self, chat: dict[str, Any], transcript: str) -> AsyncIterator[str]:
         """The answer's text deltas, from the same chat path as /v1/chat/completions."""
@@ -214,10 +251,13 @@ class VoiceSession:
             outputs.abort()  # a no-op once finished; frees the blocks of an answer cut short
 
     async def stop_turn(self) -> None:
-        if self.turn is not None and not self.turn.done():
-            self.turn.cancel()
-            await asyncio.wait({self.turn})
-        self.turn = None
+        """Cancel the answer under way and the speculative one, and wait for them to let go of their requests."""
+        tasks = [answering.task for answering in (self.turn, self.speculation) if answering is not None]
+        self.turn = self.speculation = None
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def send(self, event: dict[str, Any]) -> None:
         async with self.send_lock:
@@ -229,7 +269,21 @@ class VoiceSession:
             await self.websocket.send_bytes(audio)
 
     async def send_error(self, error: OpenAIError) -> None:
-        await self.send({"type": "error", "error": error.info.model_dump(), "status_code": error.status_code})
+        await self.send(_error_event(error))
+
+
+def _error_event(error: OpenAIError) -> dict[str, Any]:
+    return {"type": "error", "error": error.info.model_dump(), "status_code": error.status_code}
+
+
+@dataclass
+class _Answering:
+    """An answer's turn and task, and how much speech it answers."""
+
+    turn: VoiceTurn
+    task: asyncio.Task
+    timings: TurnTimings
+    speech_frames: int  # VAD frames of speech heard when it began
 
 
 class _Utterance:

@@ -125,7 +125,15 @@ def test_a_spoken_question_is_answered_aloud(live, question_pcm, transcriber) ->
     stages = ["transcript", "first_token", "first_sentence", "first_audio", "done"]
     assert [timings[stage] for stage in stages] == sorted(timings[stage] for stage in stages)
     assert timings["silence_ms"] == 500
+    assert done["speculative"]  # begun in the pause, on the same speech, and let through at its end
     wait_for_free_blocks(live.url)
+
+
+def test_without_speculation_the_answer_is_the_same_and_begins_after_the_pause(live, question_pcm) -> None:
+    speculative, _ = turn(live.url, question_pcm, temperature=0, max_tokens=16)
+    plain, _ = turn(live.url, question_pcm, temperature=0, max_tokens=16, speculate=False)
+    assert speculative[-1]["speculative"] and not plain[-1]["speculative"]
+    assert plain[-1]["answer"] == speculative[-1]["answer"] and plain[-1]["timings"]["transcript"] > 0
 
 
 def test_end_ends_the_utterance_without_waiting_for_a_pause(live) -> None:
@@ -137,12 +145,24 @@ def test_end_ends_the_utterance_without_waiting_for_a_pause(live) -> None:
     assert events[-1]["timings"]["silence_ms"] == 0
 
 
+def test_speech_after_a_short_pause_is_not_lost_to_the_early_transcript(live) -> None:
+    """A speculative answer begins in the pause after "Paris is the capital"; speech comes after, so it is
+    cancelled (its request aborted): the answer is to all of it, begun in the final pause."""
+    first, rest = spoken("Paris is the capital", silence_after_s=0.2), spoken("of France.", silence_after_s=1.5)
+    events, _ = turn(live.url, first + rest, temperature=0, max_tokens=4, silence_ms=1200)
+    heard = words(events[-1]["transcript"])
+    assert heard[:4] == words("Paris is the capital") and len(heard) > 4, heard  # Whisper hears "of France" badly
+    assert [event["type"] for event in events].count("transcript") == 1  # nothing of the cancelled one got out
+    assert not any(wait_for_free_blocks(live.url, timeout_s=5)["ref_counts"])
+
+
 @pytest.mark.parametrize(("start", "param"), [
     ({"temperature": -1}, "temperature"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"voice": "xx-nonsense"}, "voice"),
     ({"speed": 9}, "speed"),
     ({"silence_ms": "long"}, "silence_ms"),
+    ({"speculate": "yes"}, "speculate"),
     ({"messages": "hello"}, "messages"),
     ({"type": "listen"}, "type"),
 ])

