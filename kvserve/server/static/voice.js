@@ -147,12 +147,14 @@ export class Voice {
   }
 }
 
-// "heard 420 ms · first token 610 ms · first audio 830 ms after you stopped (+500 ms pause)"
+// "transcript 20 ms · first token 80 ms · first audio 260 ms after the 500 ms pause that ended your turn"
+// (negative: done during the pause, by the answer begun speculatively).
 function latencies(timings) {
-  const parts = [`heard ${Math.round(timings.transcript)} ms`];
+  const parts = [`transcript ${Math.round(timings.transcript)} ms`];
   if (timings.first_token !== undefined) parts.push(`first token ${Math.round(timings.first_token)} ms`);
   if (timings.first_audio !== undefined) parts.push(`first audio ${Math.round(timings.first_audio)} ms`);
-  return `${parts.join(" · ")} after you stopped (+${timings.silence_ms} ms pause to notice)`;
+  const pause = timings.silence_ms ? `the ${timings.silence_ms} ms pause that ended your turn` : "you ended your turn";
+  return `${parts.join(" · ")} after ${pause}`;
 }
 
 // Plays WAV files back to back, in the order they came.
