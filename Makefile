@@ -78,7 +78,7 @@ test: $(STAMP) browser $(VOICE_STAMP)
 
 # Wheels for the GPU machine (Python 3.12, no network; benchmarks/gpu_check.sh installs them there): what kvserve
 # and its GPU tests import that the device image lacks, at this venv's versions, into the git-ignored .whl/.
-GPU_WHEELS := gguf llguidance sniffio fastapi starlette pydantic pydantic-core annotated-types typing-inspection \
+GPU_WHEELS := gguf llguidance sniffio fastapi starlette pydantic pydantic-core annotated-types typing-inspection python-multipart \
 	uvicorn
 gpu-wheels: $(STAMP)
 	rm -rf .whl && mkdir -p .whl
