@@ -25,6 +25,7 @@ from kvserve.kv.kv_cache import LayerKVCache
 _QUANT_MODES = {"auto": 0, "int8": 1, "fp8": 2}
 _LOG2E = 1.4426950408889634
 DEFAULT_PARTITION_SIZE = 512  # keys per split-KV partition of the decode kernel
+MAX_PARTITIONS = 32  # split-KV partitions per row at most: wider tables get longer partitions
 
 
 # ---------------------------------------------------------------------------- device helpers
@@ -383,6 +384,18 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache, slot_m
         HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=block_d, QUANT=quant)
 
 
+def partitioning(table_tokens: int, partition_size: int) -> tuple[int, int]:
+    """(keys per partition, partitions) of the split-KV grid for block tables `table_tokens` keys wide.
+
+    The table's width (max_model_len under CUDA graphs) bounds every seq_len without a host sync, so the grid is
+    sized by it; `partition_size` doubles until at most MAX_PARTITIONS cover it. Uncapped, a 40,960-token table
+    would launch 80 programs per row and KV head, nearly all of them empty for short requests.
+    """
+    while triton.cdiv(table_tokens, partition_size) > MAX_PARTITIONS:
+        partition_size *= 2
+    return partition_size, triton.cdiv(table_tokens, partition_size)
+
+
 def decode_attention(query: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                      partition_size: int = DEFAULT_PARTITION_SIZE) -> torch.Tensor:
@@ -403,8 +416,7 @@ def decode_attention(query: torch.Tensor, cache: LayerKVCache, block_tables: tor
     k_scale, v_scale, block_size, strides, quant = _cache_args(cache)
     num_kv_heads = cache.key.shape[2]
     group = num_heads // num_kv_heads
-    # The table width bounds every seq_len from above without reading seq_lens on the host (no sync).
-    num_parts = triton.cdiv(block_tables.shape[1] * block_size, partition_size)
+    partition_size, num_parts = partitioning(block_tables.shape[1] * block_size, partition_size)
     block_d = triton.next_power_of_2(head_dim)
     if num_parts == 1:  # one partition: write the final output directly, no merge
         partial, lse = out, out

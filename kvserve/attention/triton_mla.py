@@ -24,6 +24,7 @@ from kvserve.attention.triton_attention import (
     _merge_kernel,
     _store_rows,
     _use_native_fp8,
+    partitioning,
 )
 from kvserve.kv.kv_cache import LayerKVCache
 
@@ -160,8 +161,7 @@ def absorbed_decode(query: torch.Tensor, cache: LayerKVCache, block_tables: torc
     if partition_size % _BLOCK_N:
         raise ValueError(f"partition_size must be a multiple of {_BLOCK_N}, got {partition_size}")
     k_scale, block_size, strides, quant = _latent_args(cache)
-    # The table width bounds every seq_len without reading seq_lens on the host (no sync; graph-safe).
-    num_parts = triton.cdiv(block_tables.shape[1] * block_size, partition_size)
+    partition_size, num_parts = partitioning(block_tables.shape[1] * block_size, partition_size)
     block_c = max(16, triton.next_power_of_2(kv_lora_rank))
     if num_parts == 1:
         partial, lse, partial_strides = out, out, (out.stride(0), out.stride(1), 0)

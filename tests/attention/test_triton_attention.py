@@ -142,6 +142,28 @@ def test_decode_matches_reference(head_dim: int, group: int, block_size: int, kv
     torch.testing.assert_close(out, expected, **TOL)
 
 
+def test_partitioning_caps_the_grid_of_a_wide_table() -> None:
+    assert ta.partitioning(2048, 512) == (512, 4)
+    assert ta.partitioning(40_960, 512) == (2048, 20)  # Qwen3's max_model_len: 20 partitions, not 80
+    assert ta.partitioning(ta.MAX_PARTITIONS * 512 + 1, 512) == (1024, ta.MAX_PARTITIONS // 2 + 1)
+
+
+def test_decode_with_the_partitions_capped_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table of 8 partitions' worth under a cap of 2: each partition covers four times the keys."""
+    monkeypatch.setattr(ta, "MAX_PARTITIONS", 2)
+    seq_lens = [2000, 5, 513, 1024]
+    step = make_step([(n, 1) for n in seq_lens], num_kv_heads=2, group=3, head_dim=64, block_size=16,
+                     kv_cache_dtype="int8", device=DEVICE)
+    expected, _ = run_reference(step)
+    md = step.metadata
+    ta.write_kv(step.key, step.value, step.cache, md.slot_mapping)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    assert ta.partitioning(md.decode_block_tables.shape[1] * 16, 256) == (1024, 2)
+    out = ta.decode_attention(step.query, step.cache, md.decode_block_tables, seq_lens_t, step.scale,
+                              partition_size=256)
+    torch.testing.assert_close(out, expected, **TOL)
+
+
 @pytest.mark.skipif(not HAS_NATIVE_FP8, reason="no e4m3 type before sm_89")
 def test_decode_native_fp8_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The sm_89+ hardware e4m3 decode (interpreted here) gives the same attention as the bit decode."""

@@ -89,6 +89,18 @@ def test_absorbed_decode_matches_torch(num_heads: int, latent: int, rope: int, k
     torch.testing.assert_close(out, expected, **TOL)
 
 
+def test_absorbed_decode_with_the_partitions_capped_matches_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three partitions' worth of keys under a cap of one partition: one program walks the whole table."""
+    monkeypatch.setattr(ta, "MAX_PARTITIONS", 1)
+    seq_lens = [1100, 37]
+    cache, tables = latent_cache(seq_lens, 32 + 8, "int8")
+    common = build_common_metadata(["a", "b"], [n - 1 for n in seq_lens], [1, 1], tables, 16, torch.device(DEVICE))
+    query = torch.randn(2, 4, 40, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    expected = mla.absorbed_decode(query, cache, build_torch_metadata(common), 32, 40**-0.5)
+    out = triton_mla.absorbed_decode(query, cache, common.block_table, common.seq_lens, 32, 40**-0.5)
+    torch.testing.assert_close(out, expected, **TOL)
+
+
 def test_tiny_deepseek_greedy_tokens_match_torch_backend(tmp_path: Any, word_tokenizer: Any) -> None:
     """Decodes on the latent kernels, prompts chunked over a cached prefix (prefill_latents), int8 latents too."""
     import transformers
