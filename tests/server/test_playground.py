@@ -64,7 +64,8 @@ def test_the_page_and_its_files_are_served_without_a_key(live) -> None:
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert '<script type="module" src="/static/app.js">' in page.text
     names = sorted(path.name for path in STATIC_DIR.iterdir())
-    assert names == ["api.js", "app.js", "chat.js", "index.html", "kv.js", "markdown.js", "style.css"]
+    assert names == ["api.js", "app.js", "chat.js", "index.html", "kv.js", "markdown.js", "mic-worklet.js", "style.css",
+                     "voice.js"]
     for name in names:
         response = httpx.get(f"{live.keyed_url}/static/{name}", timeout=10)
         assert response.status_code == 200

@@ -80,6 +80,24 @@ def test_a_spoken_question_is_answered_in_the_chat_and_aloud(live, microphone_br
     assert errors(browser) == []
 
 
+def test_stop_ends_a_spoken_answer_and_frees_its_blocks(live, microphone_browser) -> None:
+    browser = microphone_browser
+    open_page(browser, live.url)
+    mic = wait(browser, lambda: browser.find_element(By.ID, "mic").is_displayed() and browser.find_element(By.ID,
+                                                                                                           "mic"))
+    browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+    browser.find_element(By.ID, "max-tokens").clear()
+    browser.find_element(By.ID, "max-tokens").send_keys("400")
+    mic.click()
+    answer = wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, ".message.assistant"), 120)[-1]
+    wait(browser, lambda: answer.text.strip())
+    browser.find_element(By.ID, "stop").click()
+    assert answer.get_attribute("data-state") == "stopped" and "stopped" in answer.text
+    wait(browser, lambda: int(text(browser, "kv-used")) == 0)  # the server aborted the answer
+    assert browser.find_element(By.ID, "send").is_enabled() and text(browser, "mic") == "Talk"
+    assert errors(browser) == []
+
+
 def test_without_voice_mode_the_button_is_hidden_and_the_page_says_why(monkeypatch) -> None:
     reason = "voice mode is off: faster_whisper not installed (make run VOICE=1)"
     monkeypatch.setattr(voice, "voice_unavailable", lambda tts: reason)

@@ -11,12 +11,15 @@ async function main() {
   const model = models.data[0].id;
   $("model-name").textContent = model;
   const chat = new Chat(model);
+  const voice = new Voice(chat);
   const updateButtons = () => {
-    $("send").disabled = chat.busy;
-    $("stop").disabled = !chat.busy;
-    $("regenerate").disabled = chat.busy || chat.history.at(-1)?.role !== "assistant";
+    const busy = chat.busy || voice.state !== "idle";
+    $("send").disabled = busy;
+    $("stop").disabled = !busy;
+    $("regenerate").disabled = busy || chat.history.at(-1)?.role !== "assistant";
   };
   chat.onChange = updateButtons;
+  voice.onChange = updateButtons;
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
     const text = $("prompt").value.trim();
@@ -30,7 +33,7 @@ async function main() {
       $("composer").requestSubmit();
     }
   });
-  $("stop").addEventListener("click", () => chat.stop());
+  $("stop").addEventListener("click", () => { chat.stop(); voice.cancel(); });
   $("regenerate").addEventListener("click", () => chat.regenerate());
   $("clear").addEventListener("click", () => { chat.clear(); updateButtons(); });
   $("key-button").addEventListener("click", () => askForKey());
@@ -39,7 +42,6 @@ async function main() {
   }), { once: true });
   const view = new KvView();
   view.start();
-  const voice = new Voice(chat);
   window.kvserve = { chat, view, voice }; // for the console (and the browser tests)
   voice.init().catch((error) => { $("voice-status").textContent = `voice mode: ${error.message}`; });
 }

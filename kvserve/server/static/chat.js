@@ -81,7 +81,7 @@ export class Chat {
         this.messages.scrollTop = this.messages.scrollHeight;
       },
       finish: (note) => {
-        element.dataset.state = "done";
+        element.dataset.state = note === "stopped" ? "stopped" : "done";
         if (text) this.history.push({ role: "assistant", content: text });
         stats.textContent = note;
         this.onChange?.();

@@ -132,6 +132,17 @@ export class Voice {
     }
   }
 
+  // Stop listening or answering (the Stop button): the server aborts the answer, the page stops playing it.
+  cancel() {
+    if (this.state === "idle") return;
+    this.send({ type: "cancel" });
+    this.player.stop();
+    this.stopMicrophone();
+    this.answer?.finish("stopped");
+    this.answer = null;
+    this.setState("idle", "stopped");
+  }
+
   fail(message) {
     this.stopMicrophone();
     this.answer?.finish(`[${message}]`);
@@ -144,6 +155,7 @@ export class Voice {
     this.button.dataset.state = state;
     this.button.textContent = state === "listening" ? "● Listening (click to end)" : "Talk";
     $("voice-status").textContent = note;
+    this.onChange?.();
   }
 }
 
