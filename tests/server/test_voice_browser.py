@@ -56,16 +56,21 @@ def microphone_browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any
         driver.quit()
 
 
-def test_a_spoken_question_is_answered_in_the_chat_and_aloud(live, microphone_browser) -> None:
-    browser = microphone_browser
-    open_page(browser, live.url)
+def talk(browser: Any, url: str, max_tokens: int) -> None:
+    """Open the page, set greedy sampling and `max_tokens`, and press Talk (the fake microphone speaks)."""
+    open_page(browser, url)
     mic = wait(browser, lambda: browser.find_element(By.ID, "mic").is_displayed() and browser.find_element(By.ID,
                                                                                                            "mic"))
     browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
-    for field, value in (("temperature", "0"), ("max-tokens", "32")):
+    for field, value in (("temperature", "0"), ("max-tokens", str(max_tokens))):
         browser.find_element(By.ID, field).clear()
         browser.find_element(By.ID, field).send_keys(value)
     mic.click()
+
+
+def test_a_spoken_question_is_answered_in_the_chat_and_aloud(live, microphone_browser) -> None:
+    browser = microphone_browser
+    talk(browser, live.url, 32)
     wait(browser, lambda: browser.execute_script("return window.kvserve.voice.turns.length") > 0, 120)
     turn = browser.execute_script("return window.kvserve.voice.turns[0]")
     print(f"\nvoice turn in Chromium: {turn}")
@@ -82,13 +87,7 @@ def test_a_spoken_question_is_answered_in_the_chat_and_aloud(live, microphone_br
 
 def test_stop_ends_a_spoken_answer_and_frees_its_blocks(live, microphone_browser) -> None:
     browser = microphone_browser
-    open_page(browser, live.url)
-    mic = wait(browser, lambda: browser.find_element(By.ID, "mic").is_displayed() and browser.find_element(By.ID,
-                                                                                                           "mic"))
-    browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
-    browser.find_element(By.ID, "max-tokens").clear()
-    browser.find_element(By.ID, "max-tokens").send_keys("400")
-    mic.click()
+    talk(browser, live.url, 400)
     answer = wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, ".message.assistant"), 120)[-1]
     wait(browser, lambda: answer.text.strip())
     browser.find_element(By.ID, "stop").click()

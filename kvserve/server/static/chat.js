@@ -48,6 +48,17 @@ export class Chat {
     return element;
   }
 
+  // An assistant message being streamed: its text in `body`, its timings in `stats`.
+  addAnswer() {
+    const element = this.addMessage("assistant");
+    const body = document.createElement("div");
+    const stats = document.createElement("span");
+    stats.className = "stats";
+    element.append(body, stats);
+    element.dataset.state = "streaming";
+    return { element, body, stats };
+  }
+
   request() {
     const system = $("system-prompt").value.trim();
     const number = (id) => ($(id).value === "" ? undefined : Number($(id).value));
@@ -67,12 +78,7 @@ export class Chat {
   voiceTurn(transcript) {
     this.history.push({ role: "user", content: transcript });
     this.addMessage("user").textContent = transcript;
-    const element = this.addMessage("assistant");
-    const body = document.createElement("div");
-    const stats = document.createElement("span");
-    stats.className = "stats";
-    element.append(body, stats);
-    element.dataset.state = "streaming";
+    const { element, body, stats } = this.addAnswer();
     let text = "";
     return {
       append: (delta) => {
@@ -91,12 +97,7 @@ export class Chat {
 
   // Stream one answer to the history; its element shows the text as it comes, then TTFT, TPOT and tokens/s.
   async answer() {
-    const element = this.addMessage("assistant");
-    const body = document.createElement("div");
-    const stats = document.createElement("span");
-    stats.className = "stats";
-    element.append(body, stats);
-    element.dataset.state = "streaming";
+    const { element, body, stats } = this.addAnswer();
     this.controller = new AbortController();
     this.onChange?.();
     const started = performance.now();
