@@ -59,11 +59,11 @@ def build_torch_metadata(common: CommonAttentionMetadata, with_decode_mask: bool
         prefills=[prefill_seq(common, row) for row in range(num_decodes, common.num_reqs)],
         int4=common.int4, window=common.window)
     if common.sliding_window is not None and not with_decode_mask:
-        metadata.decode_key_starts, metadata.decode_key_ends = _sliding_key_ranges(common)
+        metadata.decode_key_starts, metadata.decode_key_ends = sliding_key_ranges(common)
     return metadata
 
 
-def _sliding_key_ranges(common: CommonAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+def sliding_key_ranges(common: CommonAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
     """Each decode's visible keys as [start, end) columns of its gathered table: end = seq_len - first key,
     start = end - window, at least 0."""
     num_decodes = common.num_decode_tokens

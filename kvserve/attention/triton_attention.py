@@ -18,7 +18,7 @@ import triton.language as tl
 
 from kvserve.attention import mla
 from kvserve.attention.backend import AttentionBackend, AttentionRequirements, CommonAttentionMetadata, MLABackend
-from kvserve.attention.torch_metadata import PrefillSeq, prefill_seq
+from kvserve.attention.torch_metadata import PrefillSeq, prefill_seq, sliding_key_ranges
 from kvserve.kv.kv_cache import LayerKVCache
 
 # kv_cache_dtype -> the QUANT constexpr of the kernels (int4 has no kernel: the backend declares it unsupported).
@@ -139,11 +139,12 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, tile, num_keys, block_table_ptr, block
                  key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row, use_fresh,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
                  FP8_NATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                 HAS_FRESH: tl.constexpr):
+                 HAS_FRESH: tl.constexpr, WINDOW: tl.constexpr):
     """One online-softmax step of rows q [M, D] over keys tile .. tile + BLOCK_N (those < num_keys).
 
-    IS_CAUSAL: row r sees only keys at positions <= q_pos[r]. HAS_FRESH and use_fresh: read the
-    keys from this step's unquantized key/value rows fresh_row + position instead of the cache.
+    IS_CAUSAL: row r sees only keys at positions <= q_pos[r], and with WINDOW > 0 only those > q_pos[r] - WINDOW.
+    HAS_FRESH and use_fresh: read the keys from this step's unquantized key/value rows fresh_row + position
+    instead of the cache.
     """
     dims = tl.arange(0, BLOCK_D)
     pos = tile + tl.arange(0, BLOCK_N)
@@ -179,13 +180,20 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, tile, num_keys, block_table_ptr, block
         in_seq = in_seq | is_fresh
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 units
     if IS_CAUSAL:
-        scores = tl.where((pos[None, :] <= q_pos[:, None]) & in_seq[None, :], scores, float("-inf"))
+        visible = (pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
+        if WINDOW > 0:
+            visible = visible & (pos[None, :] > q_pos[:, None] - WINDOW)
+        scores = tl.where(visible, scores, float("-inf"))
     else:
         scores = tl.where(in_seq[None, :], scores, float("-inf"))
-    # Every row sees at least one key in its first tile, so m_new is finite from then on.
+    # Without a window every row sees a key in its first tile, so m_new is finite from then on. With one, a row
+    # may see nothing in the first tiles: its exponents are then taken from 0 (-inf - -inf would be a NaN).
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
+    m_ref = m_new
+    if WINDOW > 0:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(scores - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -198,7 +206,7 @@ def _attend(q, q_pos, start, end, num_keys, block_table_ptr, block_size, kv_head
             key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row, use_fresh,
             BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
             QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr,
-            HAS_FRESH: tl.constexpr, INTERPRET: tl.constexpr):
+            HAS_FRESH: tl.constexpr, INTERPRET: tl.constexpr, WINDOW: tl.constexpr = 0):
     """Rows q [M, D] over the key tiles start .. end: (running max, sum, unnormalized output [M, D])."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -212,7 +220,7 @@ def _attend(q, q_pos, start, end, num_keys, block_table_ptr, block_size, kv_head
                                          stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                                          key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row,
                                          use_fresh, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION,
-                                         IS_CAUSAL, HAS_FRESH)
+                                         IS_CAUSAL, HAS_FRESH, WINDOW)
             tile += BLOCK_N
     else:  # a for loop, which the compiler software-pipelines
         for tile in range(start, end, BLOCK_N):
@@ -221,25 +229,32 @@ def _attend(q, q_pos, start, end, num_keys, block_table_ptr, block_size, kv_head
                                          stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                                          key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row,
                                          use_fresh, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION,
-                                         IS_CAUSAL, HAS_FRESH)
+                                         IS_CAUSAL, HAS_FRESH, WINDOW)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
-                   out_ptr, lse_ptr, qk_scale, num_queries_per_kv, block_size,
+                   key_starts_ptr, out_ptr, lse_ptr, qk_scale, num_queries_per_kv, block_size,
                    stride_qb, stride_qh, stride_bt,
                    stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh,
                    stride_ob, stride_oh, stride_op, stride_lb, stride_lh,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    PARTITION_SIZE: tl.constexpr, QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, INTERPRET: tl.constexpr):
-    """Program (request, KV head, partition): the KV head's query heads over one slice of the keys."""
+                   DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, INTERPRET: tl.constexpr,
+                   HAS_STARTS: tl.constexpr):
+    """Program (request, KV head, partition): the KV head's query heads over one slice of the keys.
+
+    The request's keys are its table's columns [0, seq_len), or [key_start, seq_len) with HAS_STARTS (a sliding
+    window: the partitions then cover the window only).
+    """
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
     start = part * PARTITION_SIZE
+    if HAS_STARTS:
+        start += tl.load(key_starts_ptr + req)
     if start >= seq_len:  # partitions past this request's end: the merge never reads them
         return
     end = tl.minimum(start + PARTITION_SIZE, seq_len)
@@ -264,14 +279,17 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
 
 
 @triton.jit
-def _merge_kernel(part_ptr, lse_ptr, seq_lens_ptr, out_ptr,
+def _merge_kernel(part_ptr, lse_ptr, seq_lens_ptr, key_starts_ptr, out_ptr,
                   stride_pb, stride_ph, stride_pp, stride_lb, stride_lh, stride_ob, stride_oh,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-                  PARTITION_SIZE: tl.constexpr):
+                  PARTITION_SIZE: tl.constexpr, HAS_STARTS: tl.constexpr):
     """Program (request, query head): log-sum-exp weighted sum of the partitions' normalized outputs."""
     req = tl.program_id(0)
     head = tl.program_id(1)
-    num_parts = tl.cdiv(tl.load(seq_lens_ptr + req), PARTITION_SIZE)
+    num_keys = tl.load(seq_lens_ptr + req)
+    if HAS_STARTS:
+        num_keys -= tl.load(key_starts_ptr + req)
+    num_parts = tl.cdiv(num_keys, PARTITION_SIZE)
     parts = tl.arange(0, BLOCK_P)
     dims = tl.arange(0, BLOCK_D)
     is_part = parts < num_parts
@@ -287,17 +305,20 @@ def _merge_kernel(part_ptr, lse_ptr, seq_lens_ptr, out_ptr,
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
-                    query_start_loc_ptr, out_ptr, key_ptr, value_ptr, qk_scale, num_queries_per_kv, block_size,
+                    first_keys_ptr, query_start_loc_ptr, out_ptr, key_ptr, value_ptr, qk_scale, num_queries_per_kv,
+                    block_size,
                     stride_qt, stride_qh, stride_bt,
                     stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, stride_ot, stride_oh,
                     stride_kt, stride_kh, stride_vt, stride_vh,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
                     BLOCK_N: tl.constexpr, QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, HAS_FRESH: tl.constexpr, INTERPRET: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, HAS_FRESH: tl.constexpr, INTERPRET: tl.constexpr,
+                    WINDOW: tl.constexpr):
     """Program (query tile, sequence, KV head): BLOCK_Q new tokens x the KV head's query heads, causal.
 
     HAS_FRESH: a sequence with no cached prefix attends over its unquantized new K/V rather than
-    their quantized copies in the cache, as torch_ref does.
+    their quantized copies in the cache, as torch_ref does. WINDOW > 0: a sliding-window layer; query q sees keys
+    q - WINDOW < k <= q, and the sequence's table starts at key position first_keys[seq] (column 0).
     """
     q_tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -319,15 +340,22 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
     q_mask = is_row[:, None] & (dims < HEAD_DIM)[None, :]
     q_rows = (query_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh
     q = tl.load(q_ptr + q_rows + dims[None, :], mask=q_mask, other=0.0)
-    # Query i of the chunk sits at position num_cached + i and sees keys 0 ..= that position.
-    q_pos = num_cached + tok
-    num_keys = tl.minimum(seq_len, num_cached + first + BLOCK_Q)  # causal: no key past the tile's last query
-    m_i, l_i, acc = _attend(q, q_pos, 0, num_keys, num_keys, block_tables_ptr + seq * stride_bt, block_size,
+    # Query i of the chunk sits at position num_cached + i and sees keys 0 ..= that position; in table columns,
+    # counted from the table's first key (0 but for sliding windows).
+    first_key = 0
+    if WINDOW > 0:
+        first_key = tl.load(first_keys_ptr + seq)
+    q_pos = num_cached - first_key + tok
+    num_keys = tl.minimum(seq_len, num_cached + first + BLOCK_Q) - first_key  # causal: none past the last query
+    lowest = 0
+    if WINDOW > 0:  # the tile's first query sees no key before this one
+        lowest = tl.maximum(num_cached - first_key + first - WINDOW + 1, 0)
+    m_i, l_i, acc = _attend(q, q_pos, lowest, num_keys, num_keys, block_tables_ptr + seq * stride_bt, block_size,
                             kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                             stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                             key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, query_start,
                             num_cached == 0, BLOCK_Q * BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE,
-                            DOT_PRECISION, True, HAS_FRESH, INTERPRET)
+                            DOT_PRECISION, True, HAS_FRESH, INTERPRET, WINDOW)
     out = acc / l_i[:, None]
     o_rows = (query_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh
     tl.store(out_ptr + o_rows + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -398,12 +426,14 @@ def partitioning(table_tokens: int, partition_size: int) -> tuple[int, int]:
 
 def decode_attention(query: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                     partition_size: int = DEFAULT_PARTITION_SIZE) -> torch.Tensor:
+                     partition_size: int = DEFAULT_PARTITION_SIZE,
+                     key_starts: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per request: query [B, Hq, D], tables [B, max_blocks], seq_lens [B] -> [B, Hq, D].
 
     Split-KV (Flash-Decoding): the keys of a request are cut into partitions of `partition_size`
     that run in parallel, and a second kernel merges them by log-sum-exp. One program serves all
     Hq / Hkv query heads of a KV head, so each K/V tile is read once per group (GQA).
+    key_starts [B] (a sliding window): each request attends to its table's columns [key_starts, seq_lens) only.
     """
     batch, num_heads, head_dim = query.shape
     out = torch.empty_like(query) if out is None else out
@@ -425,27 +455,31 @@ def decode_attention(query: torch.Tensor, cache: LayerKVCache, block_tables: tor
         partial = torch.empty(batch, num_heads, num_parts, head_dim, dtype=torch.float32, device=query.device)
         lse = torch.empty(batch, num_heads, num_parts, dtype=torch.float32, device=query.device)
         partial_strides = partial.stride()[:3]
+    has_starts = key_starts is not None
+    key_starts = key_starts if has_starts else seq_lens  # never read without a window
     _decode_kernel[(batch, num_kv_heads, num_parts)](
-        query, cache.key, cache.value, k_scale, v_scale, block_tables, seq_lens, partial, lse,
+        query, cache.key, cache.value, k_scale, v_scale, block_tables, seq_lens, key_starts, partial, lse,
         scale * _LOG2E, group, block_size,
         query.stride(0), query.stride(1), block_tables.stride(0), *strides,
         *partial_strides, lse.stride(0), lse.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=_BLOCK_N,
         PARTITION_SIZE=partition_size, QUANT=quant, FP8_NATIVE=_use_native_fp8(query.device),
-        DOT_PRECISION=_dot_precision(query.dtype), STORE_LSE=num_parts > 1, INTERPRET=IS_INTERPRETED, num_warps=4)
+        DOT_PRECISION=_dot_precision(query.dtype), STORE_LSE=num_parts > 1, INTERPRET=IS_INTERPRETED,
+        HAS_STARTS=has_starts, num_warps=4)
     if num_parts > 1:
         _merge_kernel[(batch, num_heads)](
-            partial, lse, seq_lens, out, *partial.stride()[:3], lse.stride(0), lse.stride(1),
+            partial, lse, seq_lens, key_starts, out, *partial.stride()[:3], lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=triton.next_power_of_2(num_parts),
-            PARTITION_SIZE=partition_size, num_warps=4)
+            PARTITION_SIZE=partition_size, HAS_STARTS=has_starts, num_warps=4)
     return out
 
 
 def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc: torch.Tensor,
                       seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, scale: float,
                       out: torch.Tensor | None = None, key: torch.Tensor | None = None,
-                      value: torch.Tensor | None = None) -> torch.Tensor:
+                      value: torch.Tensor | None = None, first_keys: torch.Tensor | None = None,
+                      window: int = 0) -> torch.Tensor:
     """Causal varlen attention over the paged cache, all sequences in one launch.
 
     query [T, Hq, D] packs each sequence's new tokens at query_start_loc [S + 1]; seq_lens [S]
@@ -453,6 +487,8 @@ def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc:
     in the cache (write_kv first). Rows of `out` outside the sequences are left untouched.
     key/value [T, Hkv, D] (optional, quantized caches): a sequence without a cached prefix then
     attends over these full-precision rows instead of their quantized copies, like torch_ref.
+    window > 0 (a sliding-window layer): query q sees keys q - window < k <= q, and each table row starts at key
+    position first_keys [S] (the blocks before it are gone).
     Not measured yet: on GPU, compare with SDPA / FlashAttention over gathered K/V.
     """
     _, num_heads, head_dim = query.shape
@@ -474,14 +510,17 @@ def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc:
     elif key.stride(-1) != 1 or value.stride(-1) != 1:
         key, value = key.contiguous(), value.contiguous()
     grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    if window <= 0 or first_keys is None:
+        window, first_keys = 0, seq_lens  # never read
     _prefill_kernel[grid](
-        query, cache.key, cache.value, k_scale, v_scale, block_tables, seq_lens, query_start_loc, out, key, value,
+        query, cache.key, cache.value, k_scale, v_scale, block_tables, seq_lens, first_keys, query_start_loc, out,
+        key, value,
         scale * _LOG2E, group, block_size,
         query.stride(0), query.stride(1), block_tables.stride(0), *strides, out.stride(0), out.stride(1),
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_N=_BLOCK_N,
         QUANT=quant, FP8_NATIVE=_use_native_fp8(query.device), DOT_PRECISION=_dot_precision(query.dtype),
-        HAS_FRESH=has_fresh, INTERPRET=IS_INTERPRETED, num_warps=4 if block_d <= 64 else 8)
+        HAS_FRESH=has_fresh, INTERPRET=IS_INTERPRETED, WINDOW=window, num_warps=4 if block_d <= 64 else 8)
     return out
 
 
@@ -501,16 +540,23 @@ class TritonAttentionMetadata:
     prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] long (a view)
     max_query_len: int  # of the prefills; 0 when there are none
     prefills: list[PrefillSeq] = dataclasses.field(default_factory=list)  # MLA only: each prefill's latent inputs
+    # A sliding-window KV group: the window, each decode's first visible column (decode_seq_lens are then its
+    # table's last column + 1) and each prefill's first key position (its table's column 0).
+    sliding_window: int = 0
+    decode_key_starts: torch.Tensor | None = None  # [num_decodes] int32
+    prefill_first_keys: torch.Tensor | None = None  # [num_prefills] int32
 
 
 class TritonAttentionBackend(AttentionBackend, MLABackend):
-    """Split-KV decode and varlen prefill kernels over plain, int8 and fp8 caches (no int4 or window); MLA's latent
-    write and absorbed decode in triton_mla.py, its prefills' latents gathered with torch."""
+    """Split-KV decode and varlen prefill kernels over plain, int8 and fp8 caches, sliding-window layers included
+    (no int4, no sinks + window); MLA's latent write and absorbed decode in triton_mla.py, its prefills' latents
+    gathered with torch."""
 
     name = "triton"
     devices = ("cuda",)
     kv_cache_dtypes = frozenset({"float32", "float16", "bfloat16", *_QUANT_MODES} - {"auto"})
     supports_window = False
+    supports_sliding_window = True
     supports_mla = True
     supports_cuda_graphs = True  # the decode grid comes from the table's width, never from seq_lens on the host
 
@@ -537,7 +583,7 @@ class TritonAttentionBackend(AttentionBackend, MLABackend):
         decode_width = max(num_blocks[:num_decodes], default=0)
         prefill_width = max(num_blocks[num_decodes:], default=1)
         has_prefills = common.num_reqs > num_decodes
-        return TritonAttentionMetadata(
+        metadata = TritonAttentionMetadata(
             slot_mapping=common.slot_mapping, num_decodes=num_decodes,
             decode_block_tables=common.block_table[:num_decodes, :decode_width],
             decode_seq_lens=seq_lens[:num_decodes],
@@ -546,6 +592,12 @@ class TritonAttentionBackend(AttentionBackend, MLABackend):
             prefill_block_tables=common.block_table[num_decodes:, :prefill_width],
             max_query_len=common.max_query_len if has_prefills else 0,
             prefills=[prefill_seq(common, row) for row in range(num_decodes, common.num_reqs)] if self.use_mla else [])
+        if common.sliding_window is not None:
+            starts, ends = sliding_key_ranges(common)
+            metadata.sliding_window = common.sliding_window
+            metadata.decode_key_starts, metadata.decode_seq_lens = starts.to(torch.int32), ends.to(torch.int32)
+            metadata.prefill_first_keys = common.first_key_position[num_decodes:].to(torch.int32)
+        return metadata
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 metadata: TritonAttentionMetadata, scale: float) -> torch.Tensor:
@@ -555,11 +607,11 @@ class TritonAttentionBackend(AttentionBackend, MLABackend):
         num_decodes = metadata.num_decodes
         if num_decodes:
             decode_attention(query[:num_decodes], cache, metadata.decode_block_tables, metadata.decode_seq_lens,
-                             scale, out=output[:num_decodes])
+                             scale, out=output[:num_decodes], key_starts=metadata.decode_key_starts)
         if metadata.max_query_len:
             prefill_attention(query, cache, metadata.query_start_loc, metadata.prefill_seq_lens,
                               metadata.prefill_block_tables, metadata.max_query_len, scale, out=output, key=key,
-                              value=value)
+                              value=value, first_keys=metadata.prefill_first_keys, window=metadata.sliding_window)
         return output
 
     def write_latent(self, latent: torch.Tensor, cache: LayerKVCache, metadata: TritonAttentionMetadata) -> None:

@@ -179,7 +179,8 @@ def absorbed_decode(query: torch.Tensor, cache: LayerKVCache, block_tables: torc
         STORE_LSE=num_parts > 1, INTERPRET=IS_INTERPRETED, num_warps=8 if block_c >= 256 else 4)
     if num_parts > 1:
         _merge_kernel[(batch, num_heads)](
-            partial, lse, seq_lens, out, *partial.stride()[:3], lse.stride(0), lse.stride(1),
+            partial, lse, seq_lens, seq_lens, out, *partial.stride()[:3], lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1), HEAD_DIM=kv_lora_rank, BLOCK_D=block_c,
-            BLOCK_P=triton.next_power_of_2(num_parts), PARTITION_SIZE=partition_size, num_warps=4)
+            BLOCK_P=triton.next_power_of_2(num_parts), PARTITION_SIZE=partition_size, HAS_STARTS=False,
+            num_warps=4)
     return out
