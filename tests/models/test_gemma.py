@@ -52,13 +52,22 @@ def reference(model: transformers.PreTrainedModel, prompt: list[int]) -> list[in
     return output[0, len(prompt):].tolist()
 
 
+def reference_logprobs(model: transformers.PreTrainedModel, prompt: list[int], tokens: list[int]) -> list[float]:
+    """Each generated token's log-probability under one forward over prompt + tokens: these tiny models' greedy
+    tokens barely depend on what attention sees (they mostly repeat the prompt's last token), their logprobs do."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+
+
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def gemma_dir(request, tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp(request.param)
     model = make_gemma(len(tokenizer), LAYOUTS[request.param])
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path, [reference(model, prompt) for prompt in PROMPTS]
+    tokens = [reference(model, prompt) for prompt in PROMPTS]
+    return path, tokens, [reference_logprobs(model, p, t) for p, t in zip(PROMPTS, tokens, strict=True)]
 
 
 @pytest.mark.parametrize("options", [
@@ -69,17 +78,20 @@ def gemma_dir(request, tmp_path_factory, tokenizer):
     {"attention_backend": "torch"},  # masks instead of the compiled kernel's key ranges
 ], ids=["batched", "chunked", "preempted", "int8", "torch-attention"])
 def test_tiny_gemma_matches_transformers(gemma_dir, options):
-    path, expected = gemma_dir
+    path, expected, expected_logprobs = gemma_dir
     llm = LLM(model=str(path), show_progress=False, **{"kv_cache_memory": 8 * 2**20, **options})
-    params = SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True, logprobs=1)
     for attempt in ("miss", "hit"):  # the second pass starts from cached prefixes
         outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
         got = [output.outputs[0].token_ids for output in outputs]
         if options.get("kv_cache_dtype") == "int8":  # lossy: most tokens still agree
             agree = sum(a == b for g, e in zip(got, expected, strict=True) for a, b in zip(g, e, strict=True))
             assert agree >= 0.8 * len(PROMPTS) * NUM_NEW_TOKENS, attempt
-        else:
-            assert got == expected, attempt
+            continue
+        assert got == expected, attempt
+        logprobs = [[step[token] for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]
+                    for o in outputs]
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(expected_logprobs), atol=1e-4, rtol=0)
     assert llm.engine.kv_manager.pool.num_free_blocks == llm.engine.kv_manager.num_blocks  # nothing leaked
 
 
