@@ -145,7 +145,7 @@ def test_a_backend_without_soft_caps_says_so():
     ({"speculative_model": "same", "num_speculative_tokens": 2}, "draft_model.*sliding-window"),
 ])
 def test_what_sliding_window_layers_cannot_run_is_refused(gemma_dir, options, message):
-    path, _ = gemma_dir
+    path, _, _ = gemma_dir
     if options.get("speculative_model") == "same":
         options = {**options, "speculative_model": str(path)}
     with pytest.raises(ValueError, match=message):
@@ -156,7 +156,7 @@ def test_a_long_request_holds_all_global_blocks_and_only_the_local_window(gemma_
     from kvserve.kv.kv_groups import blocks_per_request
     from kvserve.kv.sinks_window import EVICTED
 
-    path, expected = gemma_dir
+    path, expected, _ = gemma_dir
     chunk, size = 16, 4
     llm = LLM(model=str(path), show_progress=False, kv_cache_memory=8 * 2**20, block_size=size,
               max_num_batched_tokens=chunk)

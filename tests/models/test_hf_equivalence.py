@@ -67,14 +67,26 @@ def test_tiny_model_matches_transformers(case, tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path)
 
     llm = LLM(model=str(tmp_path), kv_cache_memory=8 * 2**20, show_progress=False)
-    params = SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True, logprobs=1)
     ours = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     for prompt, output in zip(PROMPTS, ours, strict=True):
         with torch.no_grad():
             expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=NUM_NEW_TOKENS,
                                          do_sample=False, eos_token_id=None,
                                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-        assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
+        tokens = output.outputs[0].token_ids
+        assert tokens == expected[0, len(prompt):].tolist()
+        # Tiny random models often repeat a token whatever attention sees; the log-probabilities do not.
+        logprobs = [step[token] for step, token in zip(output.outputs[0].logprobs, tokens, strict=True)]
+        torch.testing.assert_close(torch.tensor(logprobs), reference_logprobs(hf_model, prompt, tokens),
+                                   atol=1e-4, rtol=0)
+
+
+def reference_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Each generated token's log-probability under one forward over prompt + tokens."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0]
 
 
 BASE_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
