@@ -356,6 +356,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
                             key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, query_start,
                             num_cached == 0, BLOCK_Q * BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE,
                             DOT_PRECISION, True, HAS_FRESH, INTERPRET, WINDOW)
+    if WINDOW > 0:  # padding rows past the sequence see no key in the window: 0 / 0, never stored
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     o_rows = (query_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh
     tl.store(out_ptr + o_rows + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
