@@ -163,11 +163,24 @@ static void span_scores16(const float *restrict query, const paged_kv *kv, const
     }
 }
 
+/* sums[16 c ..] += p[j] rows[j][column + 16 c ..] over the tile's n tokens in order, for `width` (1-4) vectors of
+ * sums held in registers. */
+static inline __attribute__((always_inline)) void values_fma(const float *p, const float *const *rows, int64_t column,
+                                                             int64_t n, int width, float *sums) {
+    __m512 acc[4];
+    for (int c = 0; c < width; c++) acc[c] = _mm512_loadu_ps(sums + 16 * c);
+    for (int64_t j = 0; j < n; j++) {
+        const __m512 pj = _mm512_set1_ps(p[j]);
+        for (int c = 0; c < width; c++) acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(rows[j] + column + 16 * c), acc[c]);
+    }
+    for (int c = 0; c < width; c++) _mm512_storeu_ps(sums + 16 * c, acc[c]);
+}
+
 /* attend_span's values pass for head dims that are multiples of 16: partial [num_heads, head_dim] += p v over the
  * span, 16 tokens at a time with each head's sums in registers (the loops kept them in memory: every token's
  * multiply-add waited on the last one's store). Per value the same fused multiply-adds in token order as the loops,
  * so the same bits. `converted` [16, Hkv * D] and `value_scales` [Hkv, 16] are scratch. */
-static void span_values16(const float *restrict scores, const paged_kv *kv, const int64_t *restrict table,
+static void span_values16(float *restrict scores, const paged_kv *kv, const int64_t *restrict table,
                           int64_t first, int64_t last, float *restrict partial, float *restrict value_scales,
                           float *restrict converted, int64_t num_kv_heads, int64_t group, int64_t head_dim,
                           int64_t block_size) {
@@ -178,21 +191,18 @@ static void span_values16(const float *restrict scores, const paged_kv *kv, cons
         const int64_t n = last - t0 < SCORE_TILE ? last - t0 : SCORE_TILE;
         tile_rows(kv->value, kv->value_scale, table, t0, n, last, rows, value_scales, converted, num_kv_heads,
                   token_stride, block_size);
+        float *p = scores + t0 - first;  // the tile's weights, p [num_heads, len]
+        if (int8)  // every head's weights scaled before any is read: a read right after its store stalled
+            for (int64_t h = 0; h < num_heads; h++)
+                for (int64_t j = 0; j < n; j++) p[h * len + j] *= value_scales[(h / group) * 16 + j];
         for (int64_t h = 0; h < num_heads; h++) {
-            const int64_t kv_head = h / group, column = kv_head * head_dim;
-            float p[SCORE_TILE];
-            for (int64_t j = 0; j < n; j++)
-                p[j] = scores[h * len + t0 - first + j] * (int8 ? value_scales[kv_head * 16 + j] : 1.0f);
+            const int64_t column = (h / group) * head_dim;
             for (int64_t d = 0; d < head_dim; d += 64) {  // four vectors of sums at a time: four chains in flight
-                const int64_t width = head_dim - d < 64 ? (head_dim - d) / 16 : 4;
-                __m512 acc[4];
-                for (int c = 0; c < width; c++) acc[c] = _mm512_loadu_ps(partial + h * head_dim + d + 16 * c);
-                for (int64_t j = 0; j < n; j++) {
-                    const __m512 pj = _mm512_set1_ps(p[j]);
-                    for (int c = 0; c < width; c++)
-                        acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(rows[j] + column + d + 16 * c), acc[c]);
-                }
-                for (int c = 0; c < width; c++) _mm512_storeu_ps(partial + h * head_dim + d + 16 * c, acc[c]);
+                float *sums = partial + h * head_dim + d;
+                if (head_dim - d >= 64)  // a constant width keeps the sums in registers (a variable one spilled them)
+                    values_fma(p + h * len, rows, column + d, n, 4, sums);
+                else
+                    values_fma(p + h * len, rows, column + d, n, (int)(head_dim - d) / 16, sums);
             }
         }
     }
