@@ -1,6 +1,6 @@
 """KV-cache schemes on the bundled SmolLM2-135M: quality, size, capacity and speed, side by side in one run.
 
-For each kv_cache_dtype (auto = float32 here, int8, fp8, int4):
+For each kv_cache_dtype (auto = float32 here, float16, bfloat16, int8, fp8, int4):
 - perplexity on WikiText-2 test (`--num-tokens` of it, 0 = the whole split), cut into `--seq-len`-token
   sequences fed `--chunk` tokens per step, so every later chunk reads the earlier ones from the cache;
 - bytes per token (scales included), and how many concurrent 1,000-token requests a 256 MiB budget holds
@@ -30,7 +30,7 @@ from kvserve import LLM, SamplingParams
 from kvserve.engine.perplexity import perplexity
 
 DATA_FILE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test.txt"
-SCHEMES = ("auto", "int8", "fp8", "int4")
+SCHEMES = ("auto", "float16", "bfloat16", "int8", "fp8", "int4")
 CAPACITY_BUDGET = 256 * 2**20
 CAPACITY_TOKENS = 1000
 SPEED_CONTEXT = 1000

@@ -132,8 +132,8 @@ class CacheConfig:
     block_size: int | None = field(default=None, metadata={
         "help": f"tokens per KV-cache block; default {DEFAULT_BLOCK_SIZE}, or kv_residual_tokens with int4"})
     kv_cache_dtype: str = field(default="auto", metadata={
-        "help": "KV-cache storage: auto (the model dtype), int8 or fp8 (e4m3) with per-token scales, or int4 "
-                "(KIVI: keys per channel per block, values per token)"})
+        "help": "KV-cache storage: auto (the model dtype), float32 / float16 / bfloat16, int8 or fp8 (e4m3) with "
+                "per-token scales, or int4 (KIVI: keys per channel per block, values per token)"})
     kv_cache_memory: str | int | None = field(default=None, metadata={
         "help": "KV-cache size: bytes, or with a unit (1GiB, 512MiB, 2GB); default: kv_cache_memory_fraction of "
                 "total memory (CPU) or what gpu_memory_utilization leaves (CUDA)"})

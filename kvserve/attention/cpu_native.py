@@ -1,6 +1,7 @@
 """CPU paged attention with a compiled decode kernel (native/paged_decode.c); prefill and the rest stay on torch_ref.
 
-The kernel reads float32 caches and int8 ones (codes and per-token scales, a quarter of the bytes).
+The kernel reads float32, float16 and bfloat16 caches (half the bytes, widened to float32 as read) and int8 ones
+(codes and per-token scales, a quarter of the bytes).
 
 Why: a batched decode step on torch copies every sequence's blocks into a padded tensor, then SDPA reads the
 copy again, so the KV cache is streamed about three times per layer. The C kernel reads each block once, in
@@ -20,8 +21,6 @@ from kvserve.attention.torch_backend import TorchAttentionBackend
 from kvserve.attention.torch_metadata import TorchAttentionMetadata, build_torch_metadata
 from kvserve.kv.kv_cache import LayerKVCache
 
-KERNEL_KV_DTYPES = ("float32", "int8")  # the caches native/paged_decode.c reads
-
 
 def available() -> bool:
     """Whether the compiled kernel can run here."""
@@ -29,11 +28,11 @@ def available() -> bool:
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """The torch backend with the decode rows of float32 and int8 caches on the compiled kernel.
+    """The torch backend with the decode rows of float32, float16, bfloat16 and int8 caches on the compiled kernel.
 
-    Whether the kernel runs is decided once, here, from the cache: it reads float32 or int8 keys and values of
-    one width without a window. fp8 / int4 / bfloat16 caches, windows and MLA run torch_ref's decode (the
-    fastest CPU path for them today).
+    Whether the kernel runs is decided once, here, from the cache: it reads those keys and values of one width
+    without attention sinks + window. fp8 / int4 caches and MLA run torch_ref's decode (the fastest CPU path for
+    them today).
     """
 
     name = "cpu"
@@ -41,7 +40,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
     def __init__(self, needs: AttentionRequirements) -> None:
         super().__init__(needs)
-        self.use_kernel = (needs.kv_cache_dtype in KERNEL_KV_DTYPES and not needs.use_window
+        self.use_kernel = (needs.kv_cache_dtype in native.PAGED_KV_DTYPES and not needs.use_window
                            and not needs.use_mla and needs.logits_soft_cap is None)
 
     @classmethod
@@ -65,29 +64,26 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
 
 def decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
-    """One query token per sequence: query [B, Hq, D] -> [B, Hq, D].
+    """One query token per sequence: query [B, Hq, D] -> [B, Hq, D] (computed in float32, returned in query's dtype).
 
     The kernel trusts the block tables: the runner's metadata builder has checked once per step that every
     sequence fits its table.
     """
     batch, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = cache.key.shape
-    query = query.contiguous()
+    query32 = query.contiguous().float()
     tables, seq_lens = metadata.decode_block_tables, metadata.decode_seq_lens  # contiguous long [B, nb], [B]
     starts = None  # all keys from the table's first
     if metadata.decode_key_starts is not None:  # a sliding window: [start, end) of each table
         starts, seq_lens = metadata.decode_key_starts, metadata.decode_key_ends
-    out = torch.empty_like(query)
-    kernels = native.load("paged_decode")
-    shape = (batch, num_kv_heads, num_heads // num_kv_heads, head_dim, block_size, tables.shape[1], scale)
-    ranges = (seq_lens.data_ptr(), None if starts is None else starts.data_ptr())
-    if cache.is_quantized:  # int8 codes [nb, bs, Hkv, D], scales [nb, bs, Hkv, 1]
-        status = kernels.paged_decode_i8(query.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr(),
-                                         cache.key_scale.data_ptr(), cache.value_scale.data_ptr(), tables.data_ptr(),
-                                         *ranges, out.data_ptr(), *shape)
-    else:
-        status = kernels.paged_decode_f32(query.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr(),
-                                          tables.data_ptr(), *ranges, out.data_ptr(), *shape)
+    out = torch.empty_like(query32)
+    # int8: codes [nb, bs, Hkv, D] and scales [nb, bs, Hkv, 1]; float32 / float16 / bfloat16: elements, no scales
+    scales = (cache.key_scale.data_ptr(), cache.value_scale.data_ptr()) if cache.is_quantized else (None, None)
+    kind = native.paged_kv_kind(cache.key.dtype)
+    status = native.load("paged_decode").paged_decode_kv(
+        query32.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr(), *scales, kind, tables.data_ptr(),
+        seq_lens.data_ptr(), None if starts is None else starts.data_ptr(), out.data_ptr(), batch, num_kv_heads,
+        num_heads // num_kv_heads, head_dim, block_size, tables.shape[1], scale)
     if status != 0:
         raise MemoryError("paged decode attention could not allocate its score buffers")
-    return out
+    return out.to(query.dtype)

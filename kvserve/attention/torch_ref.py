@@ -22,13 +22,16 @@ DEQUANT_SEGMENT_TOKENS = 1024
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
-    """Store this step's keys/values [T, Hkv, D] at their slots, quantizing on the way in if the cache is."""
+    """Store this step's keys/values [T, Hkv, D] at their slots, quantizing on the way in if the cache is, or
+    rounding to its dtype (a float16 / bfloat16 cache of a float32 model)."""
     if cache.is_quantized:
         key, key_scale = quantize(key, cache.kv_cache_dtype)
         _flat(cache.key_scale).index_copy_(0, slot_mapping, key_scale)
         if value.shape[-1]:  # MLA caches no separate value (value_dim 0): nothing to scale
             value, value_scale = quantize(value, cache.kv_cache_dtype)
             _flat(cache.value_scale).index_copy_(0, slot_mapping, value_scale)
+    else:
+        key, value = key.to(cache.key.dtype), value.to(cache.value.dtype)
     _flat(cache.key).index_copy_(0, slot_mapping, key)
     if value.shape[-1]:
         _flat(cache.value).index_copy_(0, slot_mapping, value)
@@ -42,7 +45,8 @@ def _flat(cache: torch.Tensor) -> torch.Tensor:
 
 def gather_kv(cache: LayerKVCache, block_tables: torch.Tensor, dtype: torch.dtype,
               tails: ResidualTails | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read whole blocks, dequantized block by block: tables [B, nb] -> keys, values [B, H, nb * bs, D].
+    """Read whole blocks, dequantized block by block (or widened: a 16-bit cache of a float32 model): tables [B, nb]
+    -> keys, values [B, H, nb * bs, D] in `dtype`.
 
     int4: the incomplete tail blocks named by `tails` are read from the full-precision residual instead.
     """
@@ -53,6 +57,8 @@ def gather_kv(cache: LayerKVCache, block_tables: torch.Tensor, dtype: torch.dtyp
         keys = dequantize(keys, _gather(cache.key_scale, block_tables), dtype)
         if values.shape[-1]:
             values = dequantize(values, _gather(cache.value_scale, block_tables), dtype)
+    elif keys.dtype != dtype:
+        keys, values = keys.to(dtype), values.to(dtype)
     return keys, values
 
 

@@ -86,6 +86,16 @@ def _dequantize(codes, scale, QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr):
 
 
 @triton.jit
+def _bfloat16_rne(x):
+    """float32 -> bfloat16 rounded to nearest, ties to even, NaN to 0x7FC0: torch's rounding, spelled out in integers
+    because the interpreter's conversion truncates."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _store_rows(src_ptr, stride_src_t, stride_src_h, cache_ptr, scale_ptr, tok, head, block, offset, is_valid,
                 stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr):
@@ -97,7 +107,9 @@ def _store_rows(src_ptr, stride_src_t, stride_src_h, cache_ptr, scale_ptr, tok, 
     slot_off = block * stride_cb + offset * stride_cs + head * stride_ch  # [R]
     dst = cache_ptr + slot_off[:, None] + dims[None, :]
     if QUANT == 0:
-        tl.store(dst, rows, mask=mask)
+        if dst.dtype.element_ty == tl.bfloat16 and rows.dtype == tl.float32:  # a float32 model's bfloat16 cache
+            rows = _bfloat16_rne(rows)
+        tl.store(dst, rows, mask=mask)  # (to a float16 cache, rounded to nearest even)
     else:
         # Same float32 math as kv_quant.quantize: scale = max(absmax, 1e-8) / qmax, codes = x / scale.
         rows = rows.to(tl.float32)
@@ -316,8 +328,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
                     WINDOW: tl.constexpr):
     """Program (query tile, sequence, KV head): BLOCK_Q new tokens x the KV head's query heads, causal.
 
-    HAS_FRESH: a sequence with no cached prefix attends over its unquantized new K/V rather than
-    their quantized copies in the cache, as torch_ref does. WINDOW > 0: a sliding-window layer; query q sees keys
+    HAS_FRESH: a sequence with no cached prefix attends over its new K/V rather than their quantized (or rounded)
+    copies in the cache, as torch_ref does. WINDOW > 0: a sliding-window layer; query q sees keys
     q - WINDOW < k <= q, and the sequence's table starts at key position first_keys[seq] (column 0).
     """
     q_tile = tl.program_id(0)
@@ -506,7 +518,8 @@ def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc:
     block_g = triton.next_power_of_2(group)
     block_q = max(1, _PREFILL_ROWS // block_g)  # tokens per program; rows = block_q * block_g >= 16
     block_d = triton.next_power_of_2(head_dim)
-    has_fresh = quant != 0 and key is not None and value is not None
+    # A lossy cache (quantized, or 16-bit under a float32 model): a prompt with nothing cached reads its fresh K/V.
+    has_fresh = key is not None and value is not None and (quant != 0 or cache.key.dtype != key.dtype)
     if not has_fresh:
         key = value = query  # never read
     elif key.stride(-1) != 1 or value.stride(-1) != 1:

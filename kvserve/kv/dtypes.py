@@ -97,7 +97,9 @@ KV_DTYPES: dict[str, KVDtype] = {d.name: d for d in (
 
 MODEL_DTYPES = tuple(name for name, d in KV_DTYPES.items() if d.element_bytes is not None and not d.is_quantized)
 QUANTIZED_KV_DTYPES = tuple(name for name, d in KV_DTYPES.items() if d.is_quantized)
-KV_CACHE_DTYPES = ("auto", *QUANTIZED_KV_DTYPES)  # the values of the kv_cache_dtype option
+# The values of the kv_cache_dtype option: the model dtype, a float dtype of its own (a float32 model's cache in
+# float16 or bfloat16: half the bytes, as llama.cpp's default f16 cache), or a quantized format.
+KV_CACHE_DTYPES = ("auto", *MODEL_DTYPES, *QUANTIZED_KV_DTYPES)
 STORAGE_DTYPES = (*MODEL_DTYPES, *QUANTIZED_KV_DTYPES)  # what a layer's cache spec may store
 
 

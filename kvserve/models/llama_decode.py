@@ -2,8 +2,8 @@
 
 The module path pays Python and torch dispatch for ~20 ops per layer, more than the 4-bit matmuls themselves
 take at batch 1. `FusedLlamaDecode` describes the loaded model to the kernel once (weight pointers, norms, the
-KV-cache tensors) and then runs the layers of a step whose tokens are all single-token decodes on float32 or
-int8 caches. Same kernels as the module path (GGUF blocks or float32 rows, RMSNorm, paged decode attention); RoPE and
+KV-cache tensors) and then runs the layers of a step whose tokens are all single-token decodes on float32, 16-bit
+or int8 caches. Same kernels as the module path (GGUF blocks or float32 rows, RMSNorm, paged decode attention); RoPE and
 SiLU in C. Batches beyond the kernels' rows run split: the modules' matmuls, the rest of each layer in C. Anything
 else (prefill chunks, fp8 / int4 caches, windows, Qwen3's QK-norm) returns None and the caller runs the modules.
 """
@@ -44,7 +44,8 @@ class _Linear(ctypes.Structure):
 class _Layer(ctypes.Structure):
     _fields_ = [("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p), ("qkv", _Linear),
                 ("o", _Linear), ("gate_up", _Linear), ("down", _Linear), ("key_cache", ctypes.c_void_p),
-                ("value_cache", ctypes.c_void_p), ("key_scale", ctypes.c_void_p), ("value_scale", ctypes.c_void_p)]
+                ("value_cache", ctypes.c_void_p), ("key_scale", ctypes.c_void_p), ("value_scale", ctypes.c_void_p),
+                ("kv_kind", ctypes.c_int64)]
 
 
 class _Shape(ctypes.Structure):
@@ -84,7 +85,7 @@ class FusedLlamaDecode:
     def supports(model: nn.Module, kv_caches: list[LayerKVCache], decode_kernel: bool) -> bool:
         """Whether the model and caches are what the kernel computes: a Llama without QK-norm, float32, every
         Linear on GGUF blocks or float32 rows, caches the paged decode kernel reads (`decode_kernel`: the
-        attention backend chose it, which it does for float32 and int8 caches without a window)."""
+        attention backend chose it, which it does for float32, float16, bfloat16 and int8 caches without a window)."""
         if type(model).__name__ not in ("LlamaForCausalLM", "Phi3ForCausalLM") or model.config.use_qk_norm \
                 or not decode_kernel:
             return False
@@ -147,7 +148,8 @@ def _layer(layer: nn.Module, cache: LayerKVCache) -> _Layer:
     return _Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                   _linear(attention.qkv_proj), _linear(attention.o_proj), _linear(mlp.gate_up_proj),
                   _linear(mlp.down_proj), cache.key.data_ptr(), cache.value.data_ptr(),
-                  *(None if scale is None else scale.data_ptr() for scale in (cache.key_scale, cache.value_scale)))
+                  *(None if scale is None else scale.data_ptr() for scale in (cache.key_scale, cache.value_scale)),
+                  native.paged_kv_kind(cache.key.dtype))
 
 
 def _linear(layer: Linear) -> _Linear:

@@ -31,20 +31,29 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-signed-zer
          "-fno-trapping-math", "-shared", "-fPIC")
 # The GGUF block formats gguf_matmul.c computes on (ggml type names, lower case).
 GGUF_KERNEL_TYPES = ("f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
+# The KV-cache storage dtypes paged_decode.c reads, in its enum kv_kind's order.
+PAGED_KV_DTYPES = ("float32", "int8", "float16", "bfloat16")
+
+
+def paged_kv_kind(dtype: object) -> int:
+    """paged_decode.c's enum kv_kind for a cache tensor's torch dtype (one of PAGED_KV_DTYPES)."""
+    return PAGED_KV_DTYPES.index(str(dtype).removeprefix("torch."))
+
+
 # Formats with eight rows interleaved (layers/gguf_ops.py: interleave_rows8): 8-bit-activation kernels only.
 INTERLEAVED_TYPES = ("q4_0x8", "q4_1x8", "q8_0x8")
 _PTR, _INT64, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # Every exported C function: library -> {function: (return type, argument types)}, set once at load.
 SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
-    "paged_decode": {"paged_decode_f32": (ctypes.c_int, [_PTR] * 7 + [_INT64] * 6 + [_FLOAT]),
-                     "paged_decode_i8": (ctypes.c_int, [_PTR] * 9 + [_INT64] * 6 + [_FLOAT])},
+    "paged_decode": {"paged_decode_kv": (ctypes.c_int, [_PTR] * 5 + [_INT64] + [_PTR] * 4 + [_INT64] * 6 + [_FLOAT])},
     "gemv": {"gemv_f32": (None, [_PTR] * 3 + [_INT64] * 2)},
     "rms_norm": {"rms_norm_f32": (None, [_PTR] * 3 + [_INT64] * 2 + [_FLOAT])},
     "llama_decode": {"llama_decode_layers": (ctypes.c_int, [_PTR] * 3 + [_INT64] + [_PTR] * 5 + [_INT64]),
                      "llama_decode_attention": (ctypes.c_int, [_PTR] * 2 + [_INT64] + [_PTR] * 3 + [_INT64]
                                                 + [_PTR] * 5 + [_INT64]),
                      "llama_silu_mul": (None, [_PTR] * 2 + [_INT64] * 2),
-                     "quantize_rows_i8": (None, [_PTR] * 3 + [_INT64] * 2)},
+                     "quantize_rows_i8": (None, [_PTR] * 3 + [_INT64] * 2),
+                     "round_to_16bit": (None, [_PTR] * 2 + [_INT64] * 2)},
     "gguf_int8": {
         "gguf_quantize_activations": (None, [_PTR] * 2 + [_INT64] * 2),
         **{f"gguf_int8_matmul_{kind}": (None, [_PTR] * 3 + [_INT64] * 4)

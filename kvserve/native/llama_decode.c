@@ -4,7 +4,7 @@
  * token on 2 cores, more than the 4-bit weights take to stream). Here each layer is the same kernels in a row,
  * without leaving C: RMSNorm (rms_norm.c), QKV on GGUF blocks or float32 rows (gguf_matmul.c), RoPE, the
  * K/V rows into their cache slots, paged decode attention (paged_decode.c), O, residual, RMSNorm, gate/up,
- * SiLU * up, down, residual. Only batches of single-token decodes on float32 or int8 caches come here
+ * SiLU * up, down, residual. Only batches of single-token decodes on caches paged_decode.c reads come here
  * (models/llama_decode.py decides); everything else stays on the module path.
  */
 #include <math.h>
@@ -49,8 +49,9 @@ typedef struct {  // a Linear: its runs, and its bias or NULL
 typedef struct {
     const float *input_norm, *post_attention_norm;  // [H]
     linear qkv, o, gate_up, down;
-    void *key_cache, *value_cache;  // [num_blocks, block_size, Hkv, D] float32, or int8 codes with
-    float *key_scale, *value_scale;  // [num_blocks, block_size, Hkv] (NULL for float32)
+    void *key_cache, *value_cache;  // [num_blocks, block_size, Hkv, D] of kv_kind (paged_decode.c), int8 codes with
+    float *key_scale, *value_scale;  // [num_blocks, block_size, Hkv] (NULL for the others)
+    int64_t kv_kind;                 // enum kv_kind
 } layer;
 
 typedef struct {
@@ -114,14 +115,43 @@ void quantize_rows_i8(const float *x, int8_t *codes, float *scales, int64_t rows
     }
 }
 
-/* One token's K or V row [Hkv, D] into its cache slot: float32 as is, or int8 codes and a scale per head. */
-static void store_row(const float *row, void *cache, float *scales, int64_t slot, int64_t num_kv_heads,
+/* x rounded to bfloat16's bits as torch rounds it: to nearest, ties to even; NaN to the quiet NaN 0x7FC0. */
+static inline uint16_t bfloat16_bits(float x) {
+    union { float f; uint32_t u; } bits = {.f = x};
+    if (x != x) return 0x7FC0;
+    return (uint16_t)((bits.u + 0x7FFF + ((bits.u >> 16) & 1)) >> 16);
+}
+
+/* row [n] -> float16 or bfloat16 (`bf16`) elements, rounded to nearest even as torch's .to() does. */
+void round_to_16bit(const float *row, uint16_t *out, int64_t n, int64_t bf16) {
+    int64_t e = 0;
+#ifdef __AVX512F__
+    if (!bf16)
+        for (; e + 16 <= n; e += 16)
+            _mm256_storeu_si256((__m256i *)(out + e), _mm512_cvtps_ph(_mm512_loadu_ps(row + e),
+                                                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; e < n; e++) {
+        if (bf16) {
+            out[e] = bfloat16_bits(row[e]);
+        } else {
+            const _Float16 half = (_Float16)row[e];
+            memcpy(out + e, &half, sizeof(half));
+        }
+    }
+}
+
+/* One token's K or V row [Hkv, D] into its cache slot: float32 as is, float16 / bfloat16 rounded, or int8 codes
+ * and a scale per head. */
+static void store_row(const float *row, void *cache, float *scales, int64_t kind, int64_t slot, int64_t num_kv_heads,
                       int64_t head_dim) {
-    const int64_t offset = slot * num_kv_heads * head_dim;
-    if (scales == NULL)
-        memcpy((float *)cache + offset, row, sizeof(float) * num_kv_heads * head_dim);
-    else
+    const int64_t offset = slot * num_kv_heads * head_dim, n = num_kv_heads * head_dim;
+    if (kind == KV_F32)
+        memcpy((float *)cache + offset, row, sizeof(float) * n);
+    else if (kind == KV_I8)
         quantize_rows_i8(row, (int8_t *)cache + offset, scales + slot * num_kv_heads, num_kv_heads, head_dim);
+    else
+        round_to_16bit(row, (uint16_t *)cache + offset, n, kind == KV_BF16);
 }
 
 /* A layer's attention between its QKV and O matmuls: RoPE on the queries and keys of qkv [B, (Hq + 2 Hkv) D] (in
@@ -137,10 +167,10 @@ static int attend(const layer *L, const shape *s, float *qkv, float *query, floa
         float *row = qkv + b * qkv_width;  // [Hq + 2 Hkv, D]: queries, keys, values
         for (int64_t h = 0; h < Hq + Hkv; h++) rotate(row + h * D, cos + b * D, sin + b * D, D);
         memcpy(query + b * Hq * D, row, sizeof(float) * Hq * D);
-        store_row(row + Hq * D, L->key_cache, L->key_scale, slots[b], Hkv, D);
-        store_row(row + (Hq + Hkv) * D, L->value_cache, L->value_scale, slots[b], Hkv, D);
+        store_row(row + Hq * D, L->key_cache, L->key_scale, L->kv_kind, slots[b], Hkv, D);
+        store_row(row + (Hq + Hkv) * D, L->value_cache, L->value_scale, L->kv_kind, slots[b], Hkv, D);
     }
-    const paged_kv kv = {L->key_cache, L->value_cache, L->key_scale, L->value_scale};
+    const paged_kv kv = {L->key_cache, L->value_cache, L->key_scale, L->value_scale, (int)L->kv_kind};
     return paged_decode(query, &kv, tables, seq_lens, NULL, attended, batch, Hkv, Hq / Hkv, D, s->block_size,
                         max_blocks, s->scale);
 }

@@ -1,11 +1,13 @@
-/* Paged decode attention for float32 and int8 CPU caches: one query token per sequence, read in place.
+/* Paged decode attention for float32, float16, bfloat16 and int8 CPU caches: one query token per sequence, read in
+ * place.
  *
  * The pure-torch path copies every sequence's blocks into a padded [B, L, Hkv, D] tensor before SDPA
  * reads them again; here each sequence's task walks its block table and reads each key and value row
  * once, up to its own length. The threads share spans of the sequences (below). Used by attention/cpu_native.py.
  *
  * query, out  [num_seqs, num_kv_heads * group, head_dim]   (query head h * group + g uses KV head h)
- * key, value  [num_blocks, block_size, num_kv_heads, head_dim] float32, or int8 codes with
+ * key, value  [num_blocks, block_size, num_kv_heads, head_dim] float32, float16 or bfloat16 (converted to float32
+ *             as read: exact), or int8 codes with
  * key_scale, value_scale [num_blocks, block_size, num_kv_heads] float32 (kv_cache_dtype int8: x = code * scale,
  *             applied as torch_ref does: q . k = (q . codes) * key_scale, p v = (p * value_scale) codes)
  * tables      [num_seqs, max_blocks] block ids;  seq_lens [num_seqs] tokens to attend (>= 1)
@@ -41,26 +43,53 @@ static inline float exp_nonpositive(float x) {
     return p * two_n.f;
 }
 
-typedef struct {  // one layer's paged cache; scales NULL: float32 rows, else int8 codes
+/* What a cache's elements are (kv/dtypes.py's storage dtypes the kernel reads). */
+enum kv_kind { KV_F32 = 0, KV_I8 = 1, KV_F16 = 2, KV_BF16 = 3 };
+
+static inline int64_t element_bytes(int kind) { return kind == KV_F32 ? 4 : kind == KV_I8 ? 1 : 2; }
+
+typedef struct {  // one layer's paged cache; key_scale / value_scale only for KV_I8 (else NULL)
     const void *key, *value;
     const float *key_scale, *value_scale;
+    int kind;  // enum kv_kind
 } paged_kv;
 
-/* A cache row [Hkv * D] as floats: in place for float32; int8 codes are converted into `converted` (their scales
- * are applied by the caller, as torch_ref does). */
-static inline const float *float_row(const void *cache, int int8, int64_t token, int64_t token_stride,
+/* A cache row [Hkv * D] as floats: in place for float32; other elements are converted into `converted` (exactly:
+ * every float16, bfloat16 and int8 value is a float32; int8's scales are applied by the caller, as torch_ref does). */
+static inline const float *float_row(const void *cache, int kind, int64_t token, int64_t token_stride,
                                      float *restrict converted) {
-    if (!int8) return (const float *)cache + token * token_stride;
-    const int8_t *codes = (const int8_t *)cache + token * token_stride;
+    if (kind == KV_F32) return (const float *)cache + token * token_stride;
+    int64_t e = 0;
+    if (kind == KV_I8) {
+        const int8_t *codes = (const int8_t *)cache + token * token_stride;
 #pragma omp simd
-    for (int64_t e = 0; e < token_stride; e++) converted[e] = (float)codes[e];
+        for (e = 0; e < token_stride; e++) converted[e] = (float)codes[e];
+        return converted;
+    }
+    const uint16_t *halves = (const uint16_t *)cache + token * token_stride;
+#ifdef __AVX512F__
+    for (; e + 16 <= token_stride; e += 16) {
+        const __m256i h = _mm256_loadu_si256((const __m256i *)(halves + e));
+        _mm512_storeu_ps(converted + e, kind == KV_F16 ? _mm512_cvtph_ps(h)
+                                                       : _mm512_castsi512_ps(_mm512_slli_epi32(
+                                                             _mm512_cvtepu16_epi32(h), 16)));
+    }
+#endif
+    for (; e < token_stride; e++) {
+        if (kind == KV_F16) {
+            converted[e] = (float)((const _Float16 *)halves)[e];
+        } else {
+            union { uint32_t u; float f; } bits = {.u = (uint32_t)halves[e] << 16};
+            converted[e] = bits.f;
+        }
+    }
     return converted;
 }
 
 /* Asks for token `token`'s row of the next block while this one is read: block ids are scattered, so the
  * hardware prefetcher cannot guess them (~10% of a cold decode step). */
-static inline void prefetch_row(const void *cache, int int8, int64_t token, int64_t token_stride) {
-    const int64_t row_bytes = token_stride * (int8 ? 1 : (int64_t)sizeof(float));
+static inline void prefetch_row(const void *cache, int kind, int64_t token, int64_t token_stride) {
+    const int64_t row_bytes = token_stride * element_bytes(kind);
     const char *row = (const char *)cache + token * row_bytes;
     for (int64_t offset = 0; offset < row_bytes; offset += 64) __builtin_prefetch(row + offset);
 }
@@ -98,19 +127,18 @@ static inline __m512 lane_sums16(const float *v) {  // v [16, 16]
     return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
-/* Tokens t0 .. t0 + n - 1's rows of one cache (keys or values) as floats: float32 in place, int8 codes converted into
- * converted[j] [Hkv * D] with their scales into scales [Hkv, 16]; the next block's row prefetched as attend_span
+/* Tokens t0 .. t0 + n - 1's rows of one cache (keys or values) as floats: float32 in place, others converted into
+ * converted[j] [Hkv * D], int8's scales into scales [Hkv, 16]; the next block's row prefetched as attend_span
  * does. */
-static inline void tile_rows(const void *cache, const float *cache_scales, const int64_t *restrict table, int64_t t0,
-                             int64_t n, int64_t last, const float **rows, float *restrict scales,
+static inline void tile_rows(const void *cache, int kind, const float *cache_scales, const int64_t *restrict table,
+                             int64_t t0, int64_t n, int64_t last, const float **rows, float *restrict scales,
                              float *restrict converted, int64_t num_kv_heads, int64_t token_stride,
                              int64_t block_size) {
-    const int int8 = cache_scales != NULL;
     for (int64_t j = 0; j < n; j++) {
         const int64_t t = t0 + j, b = t / block_size, i = t % block_size, token = table[b] * block_size + i;
-        if (t + block_size < last) prefetch_row(cache, int8, table[b + 1] * block_size + i, token_stride);
-        rows[j] = float_row(cache, int8, token, token_stride, converted + j * token_stride);
-        if (int8)
+        if (t + block_size < last) prefetch_row(cache, kind, table[b + 1] * block_size + i, token_stride);
+        rows[j] = float_row(cache, kind, token, token_stride, converted + j * token_stride);
+        if (kind == KV_I8)
             for (int64_t kv_head = 0; kv_head < num_kv_heads; kv_head++)
                 scales[kv_head * 16 + j] = cache_scales[token * num_kv_heads + kv_head];
     }
@@ -139,12 +167,12 @@ static void span_scores16(const float *restrict query, const paged_kv *kv, const
                           int64_t first, int64_t last, float *restrict scores, float *restrict dots,
                           float *restrict key_scales, float *restrict converted, int64_t num_kv_heads, int64_t group,
                           int64_t head_dim, int64_t block_size, float scale) {
-    const int int8 = kv->key_scale != NULL;
+    const int int8 = kv->kind == KV_I8;
     const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim, len = last - first;
     const float *rows[SCORE_TILE];
     for (int64_t t0 = first; t0 < last; t0 += SCORE_TILE) {
         const int64_t n = last - t0 < SCORE_TILE ? last - t0 : SCORE_TILE;
-        tile_rows(kv->key, kv->key_scale, table, t0, n, last, rows, key_scales, converted, num_kv_heads, token_stride,
+        tile_rows(kv->key, kv->kind, kv->key_scale, table, t0, n, last, rows, key_scales, converted, num_kv_heads, token_stride,
                   block_size);
         for (int64_t h = 0; h < num_heads; h++) {
             const float *q = query + h * head_dim;
@@ -184,12 +212,12 @@ static void span_values16(float *restrict scores, const paged_kv *kv, const int6
                           int64_t first, int64_t last, float *restrict partial, float *restrict value_scales,
                           float *restrict converted, int64_t num_kv_heads, int64_t group, int64_t head_dim,
                           int64_t block_size) {
-    const int int8 = kv->key_scale != NULL;
+    const int int8 = kv->kind == KV_I8;
     const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim, len = last - first;
     const float *rows[SCORE_TILE];
     for (int64_t t0 = first; t0 < last; t0 += SCORE_TILE) {
         const int64_t n = last - t0 < SCORE_TILE ? last - t0 : SCORE_TILE;
-        tile_rows(kv->value, kv->value_scale, table, t0, n, last, rows, value_scales, converted, num_kv_heads,
+        tile_rows(kv->value, kv->kind, kv->value_scale, table, t0, n, last, rows, value_scales, converted, num_kv_heads,
                   token_stride, block_size);
         float *p = scores + t0 - first;  // the tile's weights, p [num_heads, len]
         if (int8)  // every head's weights scaled before any is read: a read right after its store stalled
@@ -217,7 +245,7 @@ static void attend_span(const float *restrict query, const paged_kv *kv, const i
                         int64_t first, int64_t last, float *restrict partial, float *restrict scores,
                         float *restrict converted, float *restrict dots, int64_t num_kv_heads, int64_t group,
                         int64_t head_dim, int64_t block_size, float scale) {
-    const int int8 = kv->key_scale != NULL;
+    const int int8 = kv->kind == KV_I8;
     const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim, len = last - first;
     /* scores [num_heads, len] = q . k * scale: one pass over the keys */
 #ifdef __AVX512F__
@@ -228,8 +256,8 @@ static void attend_span(const float *restrict query, const paged_kv *kv, const i
 #endif
     for (int64_t t = first, b = first / block_size, i = first % block_size; t < last; t++) {  // block b, row i
         const int64_t token = table[b] * block_size + i;
-        if (t + block_size < last) prefetch_row(kv->key, int8, table[b + 1] * block_size + i, token_stride);
-        const float *row = float_row(kv->key, int8, token, token_stride, converted);
+        if (t + block_size < last) prefetch_row(kv->key, kv->kind, table[b + 1] * block_size + i, token_stride);
+        const float *row = float_row(kv->key, kv->kind, token, token_stride, converted);
         for (int64_t h = 0; h < num_heads; h++) {
             const int64_t kv_head = h / group;
             const float *k = row + kv_head * head_dim, *q = query + h * head_dim;
@@ -267,8 +295,8 @@ static void attend_span(const float *restrict query, const paged_kv *kv, const i
 #endif
     for (int64_t t = first, b = first / block_size, i = first % block_size; t < last; t++) {
         const int64_t token = table[b] * block_size + i;
-        if (t + block_size < last) prefetch_row(kv->value, int8, table[b + 1] * block_size + i, token_stride);
-        const float *row = float_row(kv->value, int8, token, token_stride, converted);
+        if (t + block_size < last) prefetch_row(kv->value, kv->kind, table[b + 1] * block_size + i, token_stride);
+        const float *row = float_row(kv->value, kv->kind, token, token_stride, converted);
         for (int64_t h = 0; h < num_heads; h++) {
             const int64_t kv_head = h / group;
             const float *v = row + kv_head * head_dim;
@@ -304,7 +332,7 @@ static void merge_spans(const float *restrict partials, int64_t count, float *re
     }
 }
 
-/* Every sequence's decode over one layer's cache (int8 codes where kv->key_scale is set). Returns 0, or -1 if a
+/* Every sequence's decode over one layer's cache (its elements as kv->kind says). Returns 0, or -1 if a
  * buffer could not be allocated. */
 static int paged_decode(const float *query, const paged_kv *kv, const int64_t *tables, const int64_t *seq_lens,
                         const int64_t *starts, float *out, int64_t num_seqs, int64_t num_kv_heads, int64_t group,
@@ -330,7 +358,7 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
     int failed = 0;
 #pragma omp parallel
     {
-        // scores [Hq, SPAN_TOKENS], int8's converted rows [16, Hkv * D], then span_scores16's dots [Hq, 16, 16] and
+        // scores [Hq, SPAN_TOKENS], converted rows [16, Hkv * D], then span_scores16's dots [Hq, 16, 16] and
         // key scales [Hkv, 16]
         float *scores = malloc(sizeof(float) * (size_t)(num_heads * span + 16 * num_kv_heads * head_dim +
                                                         num_heads * 256 + num_kv_heads * 16));
@@ -360,20 +388,12 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
     return failed ? -1 : 0;
 }
 
-int paged_decode_f32(const float *query, const float *key, const float *value, const int64_t *tables,
-                     const int64_t *seq_lens, const int64_t *starts, float *out, int64_t num_seqs,
-                     int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t block_size, int64_t max_blocks,
-                     float scale) {
-    const paged_kv kv = {key, value, NULL, NULL};
-    return paged_decode(query, &kv, tables, seq_lens, starts, out, num_seqs, num_kv_heads, group, head_dim,
-                        block_size, max_blocks, scale);
-}
-
-int paged_decode_i8(const float *query, const int8_t *key, const int8_t *value, const float *key_scale,
-                    const float *value_scale, const int64_t *tables, const int64_t *seq_lens, const int64_t *starts,
-                    float *out, int64_t num_seqs, int64_t num_kv_heads, int64_t group, int64_t head_dim,
-                    int64_t block_size, int64_t max_blocks, float scale) {
-    const paged_kv kv = {key, value, key_scale, value_scale};
+/* The exported entry: a cache of `kind` (enum kv_kind; key_scale and value_scale only for KV_I8, else NULL). */
+int paged_decode_kv(const float *query, const void *key, const void *value, const float *key_scale,
+                    const float *value_scale, int64_t kind, const int64_t *tables, const int64_t *seq_lens,
+                    const int64_t *starts, float *out, int64_t num_seqs, int64_t num_kv_heads, int64_t group,
+                    int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
+    const paged_kv kv = {key, value, key_scale, value_scale, (int)kind};
     return paged_decode(query, &kv, tables, seq_lens, starts, out, num_seqs, num_kv_heads, group, head_dim,
                         block_size, max_blocks, scale);
 }

@@ -27,6 +27,7 @@ SHAPES = [  # (num_kv_heads, group, head_dim, block_size)
     (1, 4, 128, 8),  # MQA (Gemma 3 270M: 4 / 1), head_dim 128
     (2, 4, 16, 4),
     (2, 2, 24, 8),  # a head dim that is not a multiple of 16: the kernel's plain loops, not its AVX-512 ones
+    (3, 1, 8, 4),  # token rows of 24 values: a 16-bit row is widened 16 values at a time, then its tail one by one
 ]
 REQUESTS = [(1, 1), (16, 1), (17, 1), (40, 1), (5, 1), (33, 5), (9, 9)]  # (seq_len, query_len): 5 decodes, 2 prefills
 CPU = torch.device("cpu")
@@ -47,10 +48,11 @@ def _both(step) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @needs_kernel
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"hkv{s[0]}-g{s[1]}-d{s[2]}-bs{s[3]}")
 def test_mixed_step_matches_torch_ref(shape, kv_cache_dtype):
-    """float32 and int8 caches (torch_ref dequantizes the same codes: the same math, so float rounding apart)."""
+    """float32, float16, bfloat16 and int8 caches of a float32 model (torch_ref widens or dequantizes the same stored
+    values: the same math, so float rounding apart)."""
     num_kv_heads, group, head_dim, block_size = shape
     step = make_step(REQUESTS, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim, block_size=block_size,
                      kv_cache_dtype=kv_cache_dtype)
@@ -60,7 +62,7 @@ def test_mixed_step_matches_torch_ref(shape, kv_cache_dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "float16", "bfloat16", "int8"])
 def test_many_decodes_share_the_threads(kv_cache_dtype):
     """64 sequences of 1-300 tokens: every row is a sequence of its own length (no padding leaks in)."""
     gen = torch.Generator().manual_seed(1)
@@ -98,10 +100,10 @@ def test_a_row_gives_the_same_bits_alone_or_among_others(first_len: int):
 
     def attend(rows: slice) -> torch.Tensor:
         out = torch.empty_like(query[rows])
-        status = kernels.paged_decode_f32(query[rows].data_ptr(), key.data_ptr(), value.data_ptr(),
-                                          tables[rows].data_ptr(), seq_lens[rows].data_ptr(), None, out.data_ptr(),
-                                          out.shape[0], num_kv_heads, group, head_dim, block_size, max_blocks,
-                                          0.125)
+        status = kernels.paged_decode_kv(query[rows].data_ptr(), key.data_ptr(), value.data_ptr(), None, None,
+                                         native.PAGED_KV_DTYPES.index("float32"), tables[rows].data_ptr(),
+                                         seq_lens[rows].data_ptr(), None, out.data_ptr(), out.shape[0], num_kv_heads,
+                                         group, head_dim, block_size, max_blocks, 0.125)
         assert status == 0
         return out
 
@@ -111,13 +113,10 @@ def test_a_row_gives_the_same_bits_alone_or_among_others(first_len: int):
 
 
 @needs_kernel
-@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "bfloat16"])
-def test_other_caches_stay_on_torch_ref(kv_cache_dtype, monkeypatch):
-    """The kernel reads float32 and int8 only: for other caches the cpu backend runs torch_ref's decode, so the outputs
-    are identical (the choice is made once, when the backend is created)."""
-    dtype = torch.bfloat16 if kv_cache_dtype == "bfloat16" else torch.float32
-    step = make_step(REQUESTS, num_kv_heads=2, group=2, head_dim=32, block_size=8,
-                     kv_cache_dtype="auto" if kv_cache_dtype == "bfloat16" else kv_cache_dtype, dtype=dtype)
+def test_other_caches_stay_on_torch_ref(monkeypatch):
+    """The kernel reads float32, float16, bfloat16 and int8 only: for an fp8 cache the cpu backend runs torch_ref's
+    decode, so the outputs are identical (the choice is made once, when the backend is created)."""
+    step = make_step(REQUESTS, num_kv_heads=2, group=2, head_dim=32, block_size=8, kv_cache_dtype="fp8")
     monkeypatch.setattr(cpu_native, "decode", lambda *args: pytest.fail("the kernel ran"))
     assert not backend_for("cpu", step).use_kernel
     actual, expected = _both(step)

@@ -52,7 +52,7 @@ def run_reference(step: Step) -> tuple[torch.Tensor, LayerKVCache]:
 # ---------------------------------------------------------------------------- write_kv
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "float16", "bfloat16", "int8", "fp8"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_write_kv_is_bit_exact(kv_cache_dtype: str, head_dim: int) -> None:
     step = make_step([(40, 1), (300, 200)], num_kv_heads=3, group=1, head_dim=head_dim, block_size=16,
@@ -208,7 +208,7 @@ def test_prefill_matches_reference(head_dim: int, group: int, block_size: int, k
 # ---------------------------------------------------------------------------- the backend
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "float16", "bfloat16", "int8", "fp8"])
 def test_mixed_batch_through_backend(kv_cache_dtype: str) -> None:
     requests = [(1, 1), (260, 1), (777, 1), (150, 150), (600, 90)]  # 3 decodes, a prompt, a chunk after a prefix
     step = make_step(requests, num_kv_heads=2, group=3, head_dim=64, block_size=16,

@@ -28,7 +28,7 @@ def test_spec_bytes_and_budget():
 
 
 def test_table_names_the_option_values_and_the_storage_dtypes():
-    assert KV_CACHE_DTYPES == ("auto", "int8", "int4", "fp8")
+    assert KV_CACHE_DTYPES == ("auto", "float32", "float16", "bfloat16", "int8", "int4", "fp8")
     assert set(MODEL_DTYPES) == {"float32", "float16", "bfloat16"}
     assert set(STORAGE_DTYPES) == set(KV_DTYPES) - {"auto"}
     assert [name for name in KV_DTYPES if kv_dtype(name).is_quantized] == ["int8", "int4", "fp8"]

@@ -132,6 +132,41 @@ def test_int8_cache_rows_are_quantized_as_the_modules_do() -> None:
     assert torch.equal(codes, expected_codes) and torch.equal(scales, expected_scales.squeeze(1))
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["float16", "bfloat16"])
+def test_16bit_cache_decode_steps_match_the_modules(kv_cache_dtype: str) -> None:
+    """A float32 model's float16 / bfloat16 cache: the fused step rounds its K/V rows as torch does and widens
+    them as read; an ulp of difference before rounding moves a value by one 16-bit ulp at most (a wrong rounding or
+    element size is off far more)."""
+    llm = _llm(kv_cache_dtype=kv_cache_dtype)
+    fused = llm.engine.runner.model.fused_decode
+    try:
+        assert llm.engine.runner.kv_caches[0].key.dtype == getattr(torch, kv_cache_dtype)
+        assert 4 in _compare_every_step(llm, PROMPTS, tolerance=1e-3)
+        fused.max_tokens = 3
+        assert set(_compare_split_steps(llm, PROMPTS, tolerance=1e-3)[1]) == {4}
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_cache_rows_are_rounded_as_torch_does(dtype: torch.dtype) -> None:
+    """The fused step's float16 / bfloat16 K/V rows, bit for bit torch's .to(dtype): ties to even, overflow, NaN,
+    infinities, subnormals."""
+    kernels = native.load("llama_decode")
+    if kernels is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(4099, generator=gen) * torch.logspace(-42, 38, 4099).clamp(max=3e38)
+    special = [float("nan"), float("inf"), -float("inf"), 65520.0, 65519.0, 1e-8, -0.0, 1.0 + 2**-11, 1.0 + 3 * 2**-11,
+               1.0 + 2**-8, 1.0 + 3 * 2**-8, 1e-40]  # ties of float16 and bfloat16 just past 1.0, both ways
+    rows[:len(special)] = torch.tensor(special)
+    out = torch.empty(rows.shape, dtype=torch.int16)
+    kernels.round_to_16bit(rows.data_ptr(), out.data_ptr(), rows.numel(), int(dtype == torch.bfloat16))
+    expected = rows.to(dtype).view(torch.int16)
+    nan = rows.isnan()
+    assert torch.equal(out[~nan], expected[~nan]) and out[nan].view(dtype).isnan().all()
+
+
 def test_int8_cache_greedy_tokens_equal_the_module_paths() -> None:
     fused = _llm(kv_cache_dtype="int8")
     modules = LLM(kv_cache_memory=32 * 2**20, kv_cache_dtype="int8", cpu_fused_decode=False, show_progress=False)
@@ -170,7 +205,7 @@ def test_greedy_tokens_equal_the_module_paths(gguf: LLM) -> None:
 
 
 def test_steps_it_cannot_run_go_to_the_modules() -> None:
-    # An fp8 KV cache: the kernel reads float32 and int8 caches only.
+    # An fp8 KV cache: the kernel reads float32, 16-bit and int8 caches only.
     llm = LLM(kv_cache_memory=32 * 2**20, kv_cache_dtype="fp8", show_progress=False)
     try:
         assert llm.engine.runner.model.fused_decode is None
