@@ -31,17 +31,10 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-signed-zer
          "-fno-trapping-math", "-shared", "-fPIC")
 # The GGUF block formats gguf_matmul.c computes on (ggml type names, lower case).
 GGUF_KERNEL_TYPES = ("f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
-# The KV-cache storage dtypes paged_decode.c reads, in its enum kv_kind's order.
-PAGED_KV_DTYPES = ("float32", "int8", "float16", "bfloat16")
-
-
-def paged_kv_kind(dtype: object) -> int:
-    """paged_decode.c's enum kv_kind for a cache tensor's torch dtype (one of PAGED_KV_DTYPES)."""
-    return PAGED_KV_DTYPES.index(str(dtype).removeprefix("torch."))
-
-
 # Formats with eight rows interleaved (layers/gguf_ops.py: interleave_rows8): 8-bit-activation kernels only.
 INTERLEAVED_TYPES = ("q4_0x8", "q4_1x8", "q8_0x8")
+# The KV-cache storage dtypes paged_decode.c reads, in its enum kv_kind's order.
+PAGED_KV_DTYPES = ("float32", "int8", "float16", "bfloat16")
 _PTR, _INT64, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # Every exported C function: library -> {function: (return type, argument types)}, set once at load.
 SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
@@ -68,6 +61,11 @@ SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
         "int4_matmul": (None, [_PTR] * 5 + [_INT64] * 5),
     },
 }
+
+
+def paged_kv_kind(dtype: object) -> int:
+    """paged_decode.c's enum kv_kind for a cache tensor's torch dtype (one of PAGED_KV_DTYPES)."""
+    return PAGED_KV_DTYPES.index(str(dtype).removeprefix("torch."))
 
 
 def cache_dir() -> pathlib.Path:

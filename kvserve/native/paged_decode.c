@@ -59,14 +59,14 @@ typedef struct {  // one layer's paged cache; key_scale / value_scale only for K
 static inline const float *float_row(const void *cache, int kind, int64_t token, int64_t token_stride,
                                      float *restrict converted) {
     if (kind == KV_F32) return (const float *)cache + token * token_stride;
-    int64_t e = 0;
     if (kind == KV_I8) {
         const int8_t *codes = (const int8_t *)cache + token * token_stride;
 #pragma omp simd
-        for (e = 0; e < token_stride; e++) converted[e] = (float)codes[e];
+        for (int64_t e = 0; e < token_stride; e++) converted[e] = (float)codes[e];
         return converted;
     }
-    const uint16_t *halves = (const uint16_t *)cache + token * token_stride;
+    const uint16_t *halves = (const uint16_t *)cache + token * token_stride;  // float16 or bfloat16 bits
+    int64_t e = 0;
 #ifdef __AVX512F__
     for (; e + 16 <= token_stride; e += 16) {
         const __m256i h = _mm256_loadu_si256((const __m256i *)(halves + e));
