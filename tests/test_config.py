@@ -49,7 +49,8 @@ def test_config_is_frozen_and_replaceable():
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"dtype": "float64"}, r"dtype must be one of \['bfloat16', 'float16', 'float32'\], got 'float64'"),
-    ({"kv_cache_dtype": "int2"}, r"kv_cache_dtype must be one of \['auto', 'int8', 'int4', 'fp8'\]"),
+    ({"kv_cache_dtype": "int2"},
+     r"kv_cache_dtype must be one of \['auto', 'float32', 'float16', 'bfloat16', 'int8', 'int4', 'fp8'\]"),
     ({"block_size": 0}, r"block_size must be >= 1, got 0"),
     ({"kv_cache_memory": 0}, r"kv_cache_memory must be >= 1, got 0"),
     ({"kv_cache_memory": "1 gigabyte"}, r"kv_cache_memory must be bytes or a size like 1GiB / 512MiB, got '1 gig"),
