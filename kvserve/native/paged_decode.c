@@ -172,8 +172,8 @@ static void span_scores16(const float *restrict query, const paged_kv *kv, const
     const float *rows[SCORE_TILE];
     for (int64_t t0 = first; t0 < last; t0 += SCORE_TILE) {
         const int64_t n = last - t0 < SCORE_TILE ? last - t0 : SCORE_TILE;
-        tile_rows(kv->key, kv->kind, kv->key_scale, table, t0, n, last, rows, key_scales, converted, num_kv_heads, token_stride,
-                  block_size);
+        tile_rows(kv->key, kv->kind, kv->key_scale, table, t0, n, last, rows, key_scales, converted, num_kv_heads,
+                  token_stride, block_size);
         for (int64_t h = 0; h < num_heads; h++) {
             const float *q = query + h * head_dim;
             const int64_t column = (h / group) * head_dim;
@@ -199,7 +199,8 @@ static inline __attribute__((always_inline)) void values_fma(const float *p, con
     for (int c = 0; c < width; c++) acc[c] = _mm512_loadu_ps(sums + 16 * c);
     for (int64_t j = 0; j < n; j++) {
         const __m512 pj = _mm512_set1_ps(p[j]);
-        for (int c = 0; c < width; c++) acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(rows[j] + column + 16 * c), acc[c]);
+        for (int c = 0; c < width; c++)
+            acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(rows[j] + column + 16 * c), acc[c]);
     }
     for (int c = 0; c < width; c++) _mm512_storeu_ps(sums + 16 * c, acc[c]);
 }
