@@ -13,10 +13,14 @@
  * tables      [num_seqs, max_blocks] block ids;  seq_lens [num_seqs] tokens to attend (>= 1)
  * starts      [num_seqs] the first of them each sequence sees (a sliding window), or NULL: all from 0
  *
- * int8 codes are a quarter of float32's bytes: a smaller cache, not a faster step. The per-(token, head) dot
- * products bound this kernel, not the bytes (float32 from a cold and a warm cache measured the same). With AVX-512,
- * 16 tokens at a time: their products' sums across lanes together (span_scores16), and p v with each head's sums
- * in registers (span_values16); a batch-1 decode over 600 int8 tokens, 30 layers: 1.6-1.75 -> 1.05 ms.
+ * Rows with the same block table (the single-token rows of a request verifying drafts: runner/attention_inputs.py) are attended
+ * together, each key and value row read once for all of them; every row still rounds as it does alone.
+ *
+ * With AVX-512, 16 tokens at a time: their products' sums across lanes together (span_scores16), and p v with each
+ * head's sums in registers (span_values16), each key and value vector loaded once for the query heads of its KV
+ * head. Warm, the per-(token, head) products bound this kernel; a float32 cache from memory costs twice as much
+ * (30 layers of 600 tokens, one row, one thread: 4.1 ms from a cold cache against 1.8 warm). Five verify rows
+ * over 600 tokens, warm, one thread: 8.3 ms as five sequences, 5.9 together.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -144,29 +148,53 @@ static inline void tile_rows(const void *cache, int kind, const float *cache_sca
     }
 }
 
-/* out[j] [16] = the 16 partial sums of q . keys[j][column ..] for `count` (1 or 4) tokens: a product of the first 16
- * values, then fused multiply-adds in order, the same operations whatever `count`. */
-static inline __attribute__((always_inline)) void dot_vectors(const float *q, const float *const *keys,
-                                                              int64_t column, int64_t head_dim, int count,
-                                                              float *out) {
-    __m512 acc[4];
-    const __m512 q0 = _mm512_loadu_ps(q);
-    for (int j = 0; j < count; j++) acc[j] = _mm512_mul_ps(q0, _mm512_loadu_ps(keys[j] + column));
-    for (int64_t d = 16; d < head_dim; d += 16) {
-        const __m512 qd = _mm512_loadu_ps(q + d);
-        for (int j = 0; j < count; j++) acc[j] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(keys[j] + column + d), acc[j]);
+/* out[i * 256 + 16 j ..] = the 16 partial sums of q_i . keys[j][column ..] for `nq` query vectors (q_i at q + i
+ * head_dim: heads of one KV head) and `count` tokens (each 1-4): a product of the first 16 values, then fused
+ * multiply-adds in order, the same operations whatever nq and count. Each key vector is loaded once for the nq
+ * queries (one load per product had bound the pass). */
+static inline __attribute__((always_inline)) void dot_block(const float *q, int nq, const float *const *keys,
+                                                            int64_t column, int64_t head_dim, int count, float *out) {
+    __m512 acc[4][4], k[4];
+    for (int j = 0; j < count; j++) k[j] = _mm512_loadu_ps(keys[j] + column);
+    for (int i = 0; i < nq; i++) {
+        const __m512 q0 = _mm512_loadu_ps(q + i * head_dim);
+        for (int j = 0; j < count; j++) acc[i][j] = _mm512_mul_ps(q0, k[j]);
     }
-    for (int j = 0; j < count; j++) _mm512_storeu_ps(out + 16 * j, acc[j]);
+    for (int64_t d = 16; d < head_dim; d += 16) {
+        for (int j = 0; j < count; j++) k[j] = _mm512_loadu_ps(keys[j] + column + d);
+        for (int i = 0; i < nq; i++) {
+            const __m512 qd = _mm512_loadu_ps(q + i * head_dim + d);
+            for (int j = 0; j < count; j++) acc[i][j] = _mm512_fmadd_ps(qd, k[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < nq; i++)
+        for (int j = 0; j < count; j++) _mm512_storeu_ps(out + i * 256 + j * 16, acc[i][j]);
 }
 
-/* attend_span's keys pass for head dims that are multiples of 16: scores [num_heads, len] = q . k (* key scale)
- * * scale. Each (token, head) product stays 16 partial sums until a tile of 16 tokens is summed across lanes at
- * once (lane_sums16): the per-product reductions were 60% of a batch-1 decode's attention. `dots` [num_heads,
- * 16, 16] and `key_scales` [num_kv_heads, 16] are scratch. */
-static void span_scores16(const float *restrict query, const paged_kv *kv, const int64_t *restrict table,
-                          int64_t first, int64_t last, float *restrict scores, float *restrict dots,
-                          float *restrict key_scales, float *restrict converted, int64_t num_kv_heads, int64_t group,
-                          int64_t head_dim, int64_t block_size, float scale) {
+/* dot_block over a tile's n tokens, four at a time (four chains in flight), for nq (1-4) queries. A constant nq
+ * in each call keeps the sums in registers. */
+static inline void tile_dots(const float *q, int nq, const float *const *keys, int64_t column, int64_t head_dim,
+                             int64_t n, float *out) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) switch (nq) {
+        case 1: dot_block(q, 1, keys + j, column, head_dim, 4, out + j * 16); break;
+        case 2: dot_block(q, 2, keys + j, column, head_dim, 4, out + j * 16); break;
+        case 3: dot_block(q, 3, keys + j, column, head_dim, 4, out + j * 16); break;
+        default: dot_block(q, 4, keys + j, column, head_dim, 4, out + j * 16);
+    }
+    for (; j < n; j++) dot_block(q, nq, keys + j, column, head_dim, 1, out + j * 16);
+}
+
+/* attend_span's keys pass for head dims that are multiples of 16: scores [rows, num_heads, len] = q . k (* key
+ * scale) * scale, row r's up to its own last token lasts[r]. Each (token, head) product stays 16 partial sums until
+ * a tile of 16 tokens is summed across lanes at once (lane_sums16): the per-product reductions were 60% of a
+ * batch-1 decode's attention. A tile's rows are read once for every row and head. `dots` [num_heads, 16, 16] and
+ * `key_scales` [num_kv_heads, 16] are scratch. */
+static void span_scores16(const float *restrict query, int64_t num_rows, const int64_t *restrict lasts,
+                          const paged_kv *kv, const int64_t *restrict table, int64_t first, int64_t last,
+                          float *restrict scores, float *restrict dots, float *restrict key_scales,
+                          float *restrict converted, int64_t num_kv_heads, int64_t group, int64_t head_dim,
+                          int64_t block_size, float scale) {
     const int int8 = kv->kind == KV_I8;
     const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim, len = last - first;
     const float *rows[SCORE_TILE];
@@ -174,45 +202,57 @@ static void span_scores16(const float *restrict query, const paged_kv *kv, const
         const int64_t n = last - t0 < SCORE_TILE ? last - t0 : SCORE_TILE;
         tile_rows(kv->key, kv->kind, kv->key_scale, table, t0, n, last, rows, key_scales, converted, num_kv_heads,
                   token_stride, block_size);
-        for (int64_t h = 0; h < num_heads; h++) {
-            const float *q = query + h * head_dim;
-            const int64_t column = (h / group) * head_dim;
-            float *tile = dots + h * 256;
-            int64_t j = 0;
-            for (; j + 4 <= n; j += 4)  // four tokens' chains interleaved (one alone waits on its FMAs' latency)
-                dot_vectors(q, rows + j, column, head_dim, 4, tile + j * 16);
-            for (; j < n; j++) dot_vectors(q, rows + j, column, head_dim, 1, tile + j * 16);
-            for (; j < SCORE_TILE; j++) _mm512_storeu_ps(tile + j * 16, _mm512_setzero_ps());  // past the span
-            __m512 sums = lane_sums16(tile);
-            if (int8) sums = _mm512_mul_ps(sums, _mm512_loadu_ps(key_scales + (h / group) * 16));
-            _mm512_mask_storeu_ps(scores + h * len + t0 - first, (__mmask16)((1u << n) - 1),
-                                  _mm512_mul_ps(sums, _mm512_set1_ps(scale)));
+        for (int64_t r = 0; r < num_rows; r++) {
+            const int64_t valid = lasts[r] - t0 < n ? lasts[r] - t0 : n;  // row r's tokens in the tile
+            if (valid <= 0) continue;
+            const float *q_row = query + r * num_heads * head_dim;
+            for (int64_t kv_head = 0; kv_head < num_kv_heads; kv_head++)
+                for (int64_t g = 0; g < group; g += 4) {  // up to four query heads of the KV head at a time
+                    const int64_t h = kv_head * group + g;
+                    tile_dots(q_row + h * head_dim, group - g < 4 ? (int)(group - g) : 4, rows, kv_head * head_dim,
+                              head_dim, n, dots + h * 256);
+                }
+            for (int64_t h = 0; h < num_heads; h++) {
+                float *tile = dots + h * 256;
+                for (int64_t j = n; j < SCORE_TILE; j++) _mm512_storeu_ps(tile + j * 16, _mm512_setzero_ps());
+                __m512 sums = lane_sums16(tile);
+                if (int8) sums = _mm512_mul_ps(sums, _mm512_loadu_ps(key_scales + (h / group) * 16));
+                _mm512_mask_storeu_ps(scores + (r * num_heads + h) * len + t0 - first, (__mmask16)((1u << valid) - 1),
+                                      _mm512_mul_ps(sums, _mm512_set1_ps(scale)));
+            }
         }
     }
 }
 
-/* sums[16 c ..] += p[j] rows[j][column + 16 c ..] over the tile's n tokens in order, for `width` (1-4) vectors of
- * sums held in registers. */
-static inline __attribute__((always_inline)) void values_fma(const float *p, const float *const *rows, int64_t column,
-                                                             int64_t n, int width, float *sums) {
-    __m512 acc[4];
-    for (int c = 0; c < width; c++) acc[c] = _mm512_loadu_ps(sums + 16 * c);
+/* sums[i * head_dim + 16 c ..] += p[i * len + j] rows[j][column + 16 c ..] over the tile's n tokens in order, for
+ * `nq` (1-4) heads of one KV head and `width` (1-4) vectors of each head's sums, held in registers. Each value
+ * vector is loaded once for the nq heads. */
+static inline __attribute__((always_inline)) void values_fma(const float *p, int64_t len, int nq,
+                                                             const float *const *rows, int64_t column, int64_t n,
+                                                             int width, float *sums, int64_t head_dim) {
+    __m512 acc[4][4], v[4];
+    for (int i = 0; i < nq; i++)
+        for (int c = 0; c < width; c++) acc[i][c] = _mm512_loadu_ps(sums + i * head_dim + 16 * c);
     for (int64_t j = 0; j < n; j++) {
-        const __m512 pj = _mm512_set1_ps(p[j]);
-        for (int c = 0; c < width; c++)
-            acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(rows[j] + column + 16 * c), acc[c]);
+        for (int c = 0; c < width; c++) v[c] = _mm512_loadu_ps(rows[j] + column + 16 * c);
+        for (int i = 0; i < nq; i++) {
+            const __m512 pj = _mm512_set1_ps(p[i * len + j]);
+            for (int c = 0; c < width; c++) acc[i][c] = _mm512_fmadd_ps(pj, v[c], acc[i][c]);
+        }
     }
-    for (int c = 0; c < width; c++) _mm512_storeu_ps(sums + 16 * c, acc[c]);
+    for (int i = 0; i < nq; i++)
+        for (int c = 0; c < width; c++) _mm512_storeu_ps(sums + i * head_dim + 16 * c, acc[i][c]);
 }
 
-/* attend_span's values pass for head dims that are multiples of 16: partial [num_heads, head_dim] += p v over the
- * span, 16 tokens at a time with each head's sums in registers (the loops kept them in memory: every token's
- * multiply-add waited on the last one's store). Per value the same fused multiply-adds in token order as the loops,
- * so the same bits. `converted` [16, Hkv * D] and `value_scales` [Hkv, 16] are scratch. */
-static void span_values16(float *restrict scores, const paged_kv *kv, const int64_t *restrict table,
-                          int64_t first, int64_t last, float *restrict partial, float *restrict value_scales,
-                          float *restrict converted, int64_t num_kv_heads, int64_t group, int64_t head_dim,
-                          int64_t block_size) {
+/* attend_span's values pass for head dims that are multiples of 16: partials[r] [num_heads, head_dim] += p v over
+ * row r's tokens of the span, 16 tokens at a time with the sums in registers (the loops kept them in memory: every
+ * token's multiply-add waited on the last one's store). Per value the same fused multiply-adds in token order as
+ * the loops, so the same bits. A tile's rows are read once for every row and head. `converted` [16, Hkv * D] and
+ * `value_scales` [Hkv, 16] are scratch. */
+static void span_values16(float *restrict scores, int64_t num_rows, const int64_t *restrict lasts,
+                          const paged_kv *kv, const int64_t *restrict table, int64_t first, int64_t last,
+                          float *const *partials, float *restrict value_scales, float *restrict converted,
+                          int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t block_size) {
     const int int8 = kv->kind == KV_I8;
     const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim, len = last - first;
     const float *rows[SCORE_TILE];
@@ -220,41 +260,67 @@ static void span_values16(float *restrict scores, const paged_kv *kv, const int6
         const int64_t n = last - t0 < SCORE_TILE ? last - t0 : SCORE_TILE;
         tile_rows(kv->value, kv->kind, kv->value_scale, table, t0, n, last, rows, value_scales, converted, num_kv_heads,
                   token_stride, block_size);
-        float *p = scores + t0 - first;  // the tile's weights, p [num_heads, len]
-        if (int8)  // every head's weights scaled before any is read: a read right after its store stalled
-            for (int64_t h = 0; h < num_heads; h++)
-                for (int64_t j = 0; j < n; j++) p[h * len + j] *= value_scales[(h / group) * 16 + j];
-        for (int64_t h = 0; h < num_heads; h++) {
-            const int64_t column = (h / group) * head_dim;
-            for (int64_t d = 0; d < head_dim; d += 64) {  // four vectors of sums at a time: four chains in flight
-                float *sums = partial + h * head_dim + d;
-                if (head_dim - d >= 64)  // a constant width keeps the sums in registers (a variable one spilled them)
-                    values_fma(p + h * len, rows, column + d, n, 4, sums);
-                else
-                    values_fma(p + h * len, rows, column + d, n, (int)(head_dim - d) / 16, sums);
-            }
+        for (int64_t r = 0; r < num_rows; r++) {
+            const int64_t valid = lasts[r] - t0 < n ? lasts[r] - t0 : n;  // row r's tokens in the tile
+            if (valid <= 0) continue;
+            float *p = scores + r * num_heads * len + t0 - first;  // the tile's weights, p [num_heads, len]
+            if (int8)  // every head's weights scaled before any is read: a read right after its store stalled
+                for (int64_t h = 0; h < num_heads; h++)
+                    for (int64_t j = 0; j < valid; j++) p[h * len + j] *= value_scales[(h / group) * 16 + j];
+            for (int64_t kv_head = 0; kv_head < num_kv_heads; kv_head++)
+                for (int64_t g = 0; g < group; g += 4) {  // up to four query heads of the KV head at a time
+                    const int64_t h = kv_head * group + g, nq = group - g < 4 ? group - g : 4;
+                    for (int64_t d = 0; d < head_dim; d += 64) {
+                        const int64_t column = kv_head * head_dim + d;
+                        float *sums = partials[r] + h * head_dim + d;
+                        if (head_dim - d < 64)  // the tail a head at a time
+                            for (int64_t i = 0; i < nq; i++)
+                                values_fma(p + (h + i) * len, len, 1, rows, column, valid, (int)(head_dim - d) / 16,
+                                           sums + i * head_dim, head_dim);
+                        else if (nq == 1)  // constant widths keep the sums in registers (variable ones spilled)
+                            values_fma(p + h * len, len, 1, rows, column, valid, 4, sums, head_dim);
+                        else if (nq == 2)
+                            values_fma(p + h * len, len, 2, rows, column, valid, 4, sums, head_dim);
+                        else if (nq == 3)
+                            values_fma(p + h * len, len, 3, rows, column, valid, 4, sums, head_dim);
+                        else
+                            values_fma(p + h * len, len, 4, rows, column, valid, 4, sums, head_dim);
+                    }
+                }
         }
     }
 }
 #endif
 
-/* Tokens [first, last) of one sequence, every head. Keys and values are read token row by token row: all KV
- * heads of a token are contiguous, so a block is one sequential stream (per-head tasks striding over the rows
- * ran 2.4-4.3x slower from a cold cache). Scratch: scores [num_heads, SPAN_TOKENS], `converted` [16, Hkv * D]
- * (int8 rows as floats), `dots` [num_heads * 256 + Hkv * 16] (the AVX-512 passes' tiles and scales). */
-static void attend_span(const float *restrict query, const paged_kv *kv, const int64_t *restrict table,
-                        int64_t first, int64_t last, float *restrict partial, float *restrict scores,
-                        float *restrict converted, float *restrict dots, int64_t num_kv_heads, int64_t group,
-                        int64_t head_dim, int64_t block_size, float scale) {
+/* exp(score - the span's max) per query head of one row (scores [num_heads, stride], the first len of each), the
+ * max and the sum into its partial, whose p @ v sums are zeroed. */
+static void span_softmax(float *restrict scores, int64_t len, int64_t stride, float *restrict partial,
+                         int64_t num_heads, int64_t head_dim) {
+    for (int64_t h = 0; h < num_heads; h++) {
+        float *s = scores + h * stride;
+        float max = s[0];
+#pragma omp simd reduction(max : max)
+        for (int64_t t = 0; t < len; t++) max = s[t] > max ? s[t] : max;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; t++) {
+            s[t] = exp_nonpositive(s[t] - max);
+            sum += s[t];
+        }
+        partial[num_heads * head_dim + h] = max;
+        partial[num_heads * (head_dim + 1) + h] = sum;
+    }
+    memset(partial, 0, sizeof(float) * num_heads * head_dim);
+}
+
+/* One row over tokens [first, last) without the AVX-512 passes: plain loops, a token row at a time. */
+static void attend_span_loops(const float *restrict query, const paged_kv *kv, const int64_t *restrict table,
+                              int64_t first, int64_t last, float *restrict partial, float *restrict scores,
+                              float *restrict converted, int64_t num_kv_heads, int64_t group, int64_t head_dim,
+                              int64_t block_size, float scale) {
     const int int8 = kv->kind == KV_I8;
     const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim, len = last - first;
     /* scores [num_heads, len] = q . k * scale: one pass over the keys */
-#ifdef __AVX512F__
-    if (head_dim % 16 == 0)
-        span_scores16(query, kv, table, first, last, scores, dots, dots + num_heads * 256, converted, num_kv_heads,
-                      group, head_dim, block_size, scale);
-    else
-#endif
     for (int64_t t = first, b = first / block_size, i = first % block_size; t < last; t++) {  // block b, row i
         const int64_t token = table[b] * block_size + i;
         if (t + block_size < last) prefetch_row(kv->key, kv->kind, table[b + 1] * block_size + i, token_stride);
@@ -270,30 +336,8 @@ static void attend_span(const float *restrict query, const paged_kv *kv, const i
         }
         if (++i == block_size) i = 0, b++;
     }
-    /* exp(score - the span's max) per query head, and their sum */
-    for (int64_t h = 0; h < num_heads; h++) {
-        float *s = scores + h * len;
-        float max = s[0];
-#pragma omp simd reduction(max : max)
-        for (int64_t t = 0; t < len; t++) max = s[t] > max ? s[t] : max;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < len; t++) {
-            s[t] = exp_nonpositive(s[t] - max);
-            sum += s[t];
-        }
-        partial[num_heads * head_dim + h] = max;
-        partial[num_heads * (head_dim + 1) + h] = sum;
-    }
-    memset(partial, 0, sizeof(float) * num_heads * head_dim);
+    span_softmax(scores, len, len, partial, num_heads, head_dim);
     /* p @ v per head, unnormalized: one pass over the values */
-#ifdef __AVX512F__
-    if (head_dim % 16 == 0) {
-        span_values16(scores, kv, table, first, last, partial, dots + num_heads * 256, converted, num_kv_heads, group,
-                      head_dim, block_size);
-        return;
-    }
-#endif
     for (int64_t t = first, b = first / block_size, i = first % block_size; t < last; t++) {
         const int64_t token = table[b] * block_size + i;
         if (t + block_size < last) prefetch_row(kv->value, kv->kind, table[b + 1] * block_size + i, token_stride);
@@ -308,6 +352,38 @@ static void attend_span(const float *restrict query, const paged_kv *kv, const i
         }
         if (++i == block_size) i = 0, b++;
     }
+}
+
+/* Rows that share one block table over tokens [first, last), every head: a sequence's decode, or the single-token
+ * rows of a request verifying drafts (runner/attention_inputs.py), which then read each key and value row once for
+ * all of them. Row r (query [num_rows, num_heads, head_dim]) attends up to its own lasts[r]; one that ends before
+ * `first` has no partial here (NULL). Keys and values are read token row by token row: all KV heads of a token
+ * are contiguous, so a block is one sequential stream (per-head tasks striding over the rows ran 2.4-4.3x slower
+ * from a cold cache). Scratch: scores [num_rows, num_heads, SPAN_TOKENS], `converted` [16, Hkv * D] (rows of
+ * other dtypes as floats), `dots` [num_heads * 256 + Hkv * 16] (the AVX-512 passes' tiles and scales). */
+static void attend_span(const float *restrict query, int64_t num_rows, const int64_t *restrict lasts,
+                        const paged_kv *kv, const int64_t *restrict table, int64_t first, int64_t last,
+                        float *const *partials, float *restrict scores, float *restrict converted,
+                        float *restrict dots, int64_t num_kv_heads, int64_t group, int64_t head_dim,
+                        int64_t block_size, float scale) {
+    const int64_t num_heads = num_kv_heads * group, len = last - first;
+#ifdef __AVX512F__
+    if (head_dim % 16 == 0) {
+        span_scores16(query, num_rows, lasts, kv, table, first, last, scores, dots, dots + num_heads * 256,
+                      converted, num_kv_heads, group, head_dim, block_size, scale);
+        for (int64_t r = 0; r < num_rows; r++)
+            if (lasts[r] > first)
+                span_softmax(scores + r * num_heads * len, (lasts[r] < last ? lasts[r] : last) - first, len,
+                             partials[r], num_heads, head_dim);
+        span_values16(scores, num_rows, lasts, kv, table, first, last, partials, dots + num_heads * 256, converted,
+                      num_kv_heads, group, head_dim, block_size);
+        return;
+    }
+#endif
+    for (int64_t r = 0; r < num_rows; r++)
+        if (lasts[r] > first)
+            attend_span_loops(query + r * num_heads * head_dim, kv, table, first, lasts[r] < last ? lasts[r] : last,
+                              partials[r], scores, converted, num_kv_heads, group, head_dim, block_size, scale);
 }
 
 /* out [num_heads, head_dim] from a sequence's `count` spans' partials: each span's sums rescaled to the largest
@@ -333,6 +409,21 @@ static void merge_spans(const float *restrict partials, int64_t count, float *re
     }
 }
 
+/* Consecutive rows with the same block table and first key are attended together (attend_span), at most this
+ * many: a verify step's drafts plus one. */
+#define MAX_SHARED_ROWS 8
+
+/* How many rows from `seq` on share its block table and first key (1 .. MAX_SHARED_ROWS). */
+static int64_t shared_rows(const int64_t *tables, const int64_t *starts, int64_t seq, int64_t num_seqs,
+                           int64_t max_blocks) {
+    int64_t count = 1;
+    while (count < MAX_SHARED_ROWS && seq + count < num_seqs &&
+           (starts == NULL || starts[seq + count] == starts[seq]) &&
+           memcmp(tables + (seq + count) * max_blocks, tables + seq * max_blocks, sizeof(int64_t) * max_blocks) == 0)
+        count++;
+    return count;
+}
+
 /* Every sequence's decode over one layer's cache (its elements as kv->kind says). Returns 0, or -1 if a
  * buffer could not be allocated. */
 static int paged_decode(const float *query, const paged_kv *kv, const int64_t *tables, const int64_t *seq_lens,
@@ -340,41 +431,59 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
                         int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
     const int64_t num_heads = num_kv_heads * group, span = SPAN_TOKENS;
     if (num_seqs == 0) return 0;
-    // first_span [num_seqs + 1]: sequence s owns spans first_span[s] .. first_span[s + 1] - 1
+    // first_span [num_seqs + 1]: sequence s owns spans first_span[s] .. first_span[s + 1] - 1; a task is span
+    // task_span[t] of the task_rows[t] rows from task_seq[t] (as many tasks as spans at most)
     int64_t *first_span = malloc(sizeof(int64_t) * (size_t)(num_seqs + 1));
     if (first_span == NULL) return -1;
     first_span[0] = 0;
     for (int64_t seq = 0; seq < num_seqs; seq++)
         first_span[seq + 1] = first_span[seq] + (seq_lens[seq] - (starts ? starts[seq] : 0) + span - 1) / span;
     const int64_t num_spans = first_span[num_seqs];
-    int64_t *span_seq = malloc(sizeof(int64_t) * (size_t)num_spans);
+    int64_t *task_seq = malloc(sizeof(int64_t) * (size_t)num_spans * 3), *task_rows = task_seq + num_spans,
+            *task_span = task_rows + num_spans;
     const int64_t stride = partial_floats(num_heads, head_dim);
     float *partials = aligned_alloc(64, sizeof(float) * (size_t)(num_spans * stride));
-    if (span_seq == NULL || partials == NULL) {
-        free(first_span), free(span_seq), free(partials);
+    if (task_seq == NULL || partials == NULL) {
+        free(first_span), free(task_seq), free(partials);
         return -1;
     }
-    for (int64_t seq = 0; seq < num_seqs; seq++)
-        for (int64_t c = first_span[seq]; c < first_span[seq + 1]; c++) span_seq[c] = seq;
+    int64_t num_tasks = 0;
+    for (int64_t seq = 0, rows; seq < num_seqs; seq += rows) {
+        rows = shared_rows(tables, starts, seq, num_seqs, max_blocks);
+        int64_t most = 0;  // the rows' largest span count
+        for (int64_t r = 0; r < rows; r++)
+            most = first_span[seq + r + 1] - first_span[seq + r] > most ? first_span[seq + r + 1] - first_span[seq + r]
+                                                                      : most;
+        for (int64_t c = 0; c < most; c++, num_tasks++)
+            task_seq[num_tasks] = seq, task_rows[num_tasks] = rows, task_span[num_tasks] = c;
+    }
     int failed = 0;
 #pragma omp parallel
     {
-        // scores [Hq, SPAN_TOKENS], converted rows [16, Hkv * D], then span_scores16's dots [Hq, 16, 16] and
-        // key scales [Hkv, 16]
-        float *scores = malloc(sizeof(float) * (size_t)(num_heads * span + 16 * num_kv_heads * head_dim +
+        // scores [MAX_SHARED_ROWS, Hq, SPAN_TOKENS], converted rows [16, Hkv * D], then span_scores16's dots
+        // [Hq, 16, 16] and key scales [Hkv, 16]
+        const int64_t score_floats = MAX_SHARED_ROWS * num_heads * span;
+        float *scores = malloc(sizeof(float) * (size_t)(score_floats + 16 * num_kv_heads * head_dim +
                                                         num_heads * 256 + num_kv_heads * 16));
         if (scores == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < num_spans; c++) {
+        for (int64_t task = 0; task < num_tasks; task++) {
             if (scores == NULL) continue;
-            const int64_t seq = span_seq[c], first = (starts ? starts[seq] : 0) + (c - first_span[seq]) * span;
-            const int64_t last = first + span < seq_lens[seq] ? first + span : seq_lens[seq];
-            attend_span(query + seq * num_heads * head_dim, kv, tables + seq * max_blocks, first, last,
-                        partials + c * stride, scores, scores + num_heads * span,
-                        scores + num_heads * span + 16 * num_kv_heads * head_dim, num_kv_heads, group, head_dim,
+            const int64_t seq = task_seq[task], rows = task_rows[task], c = task_span[task];
+            const int64_t first = (starts ? starts[seq] : 0) + c * span;
+            int64_t last = first;  // the end of the span for the longest row
+            float *row_partials[MAX_SHARED_ROWS];
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t end = first + span < seq_lens[seq + r] ? first + span : seq_lens[seq + r];
+                last = end > last ? end : last;
+                row_partials[r] = end > first ? partials + (first_span[seq + r] + c) * stride : NULL;
+            }
+            attend_span(query + seq * num_heads * head_dim, rows, seq_lens + seq, kv, tables + seq * max_blocks,
+                        first, last, row_partials, scores, scores + score_floats,
+                        scores + score_floats + 16 * num_kv_heads * head_dim, num_kv_heads, group, head_dim,
                         block_size, scale);
         }
         free(scores);
@@ -385,7 +494,7 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
                             first_span[seq + 1] - first_span[seq], out + seq * num_heads * head_dim, num_heads,
                             head_dim);
     }
-    free(first_span), free(span_seq), free(partials);
+    free(first_span), free(task_seq), free(partials);
     return failed ? -1 : 0;
 }
 

@@ -85,30 +85,41 @@ def test_long_sequences_split_into_spans_match_torch_ref(block_size):
 
 
 @needs_kernel
-@pytest.mark.parametrize("first_len", [700, 766], ids=["within-a-span", "across-a-span-end"])
-def test_a_row_gives_the_same_bits_alone_or_among_others(first_len: int):
-    """Spans depend on a sequence's length only: a decode row (one sequence) and the same row among the rows of a
-    request verifying drafts (several sequences) round alike, bit for bit; 766-770 cross a span end (128 tokens),
-    so the shorter rows have one span fewer."""
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "int8", "bfloat16"])
+@pytest.mark.parametrize("shape", SHAPES[:5], ids=lambda s: f"hkv{s[0]}-g{s[1]}-d{s[2]}-bs{s[3]}")
+@pytest.mark.parametrize(("first_len", "num_rows"), [(700, 5), (766, 5), (250, 11)],
+                         ids=["within-a-span", "across-a-span-end", "more-rows-than-share-a-read"])
+def test_a_row_gives_the_same_bits_alone_or_among_others(first_len: int, num_rows: int, shape, kv_cache_dtype):
+    """Rows with one block table (a request verifying drafts) share each key and value read, and spans depend on a
+    row's length only: each row rounds as it does alone (one sequence), bit for bit. 766-770 cross a span end (128
+    tokens), so the shorter rows have one span fewer; 11 rows are more than the kernel attends together (8)."""
     kernels = native.load("paged_decode")
     gen = torch.Generator().manual_seed(3)
-    num_kv_heads, group, head_dim, block_size, max_blocks = 3, 3, 64, 16, 49
-    key, value = (torch.randn(64, block_size, num_kv_heads, head_dim, generator=gen) for _ in range(2))
-    query = torch.randn(5, num_kv_heads * group, head_dim, generator=gen)
-    tables = torch.randperm(64, generator=gen)[:max_blocks].repeat(5, 1).contiguous()  # one sequence's rows
-    seq_lens = torch.arange(first_len, first_len + 5)
+    num_kv_heads, group, head_dim, block_size = shape
+    max_blocks = (first_len + num_rows + block_size - 1) // block_size
+    key, value = (torch.randn(max_blocks + 8, block_size, num_kv_heads, head_dim, generator=gen) for _ in range(2))
+    scales = (None, None)
+    if kv_cache_dtype == "int8":
+        key, value = ((x * 40).clamp(-127, 127).to(torch.int8) for x in (key, value))
+        scales = tuple(torch.rand(max_blocks + 8, block_size, num_kv_heads, 1, generator=gen) for _ in range(2))
+    elif kv_cache_dtype != "float32":
+        key, value = key.to(getattr(torch, kv_cache_dtype)), value.to(getattr(torch, kv_cache_dtype))
+    query = torch.randn(num_rows, num_kv_heads * group, head_dim, generator=gen)
+    tables = torch.randperm(max_blocks + 8, generator=gen)[:max_blocks].repeat(num_rows, 1).contiguous()
+    seq_lens = torch.arange(first_len, first_len + num_rows)
 
     def attend(rows: slice) -> torch.Tensor:
         out = torch.empty_like(query[rows])
-        status = kernels.paged_decode_kv(query[rows].data_ptr(), key.data_ptr(), value.data_ptr(), None, None,
-                                         native.PAGED_KV_DTYPES.index("float32"), tables[rows].data_ptr(),
+        status = kernels.paged_decode_kv(query[rows].data_ptr(), key.data_ptr(), value.data_ptr(),
+                                         *(None if x is None else x.data_ptr() for x in scales),
+                                         native.paged_kv_kind(key.dtype), tables[rows].data_ptr(),
                                          seq_lens[rows].data_ptr(), None, out.data_ptr(), out.shape[0], num_kv_heads,
                                          group, head_dim, block_size, max_blocks, 0.125)
         assert status == 0
         return out
 
-    together = attend(slice(0, 5))
-    for row in range(5):
+    together = attend(slice(0, num_rows))
+    for row in range(num_rows):
         assert torch.equal(attend(slice(row, row + 1)), together[row:row + 1])
 
 
