@@ -13,8 +13,8 @@
  * tables      [num_seqs, max_blocks] block ids;  seq_lens [num_seqs] tokens to attend (>= 1)
  * starts      [num_seqs] the first of them each sequence sees (a sliding window), or NULL: all from 0
  *
- * Rows with the same block table (the single-token rows of a request verifying drafts: runner/attention_inputs.py) are attended
- * together, each key and value row read once for all of them; every row still rounds as it does alone.
+ * Rows with the same block table (the single-token rows of a request verifying drafts: runner/attention_inputs.py)
+ * are attended together, each key and value row read once for all of them; every row rounds as it does alone.
  *
  * With AVX-512, 16 tokens at a time: their products' sums across lanes together (span_scores16), and p v with each
  * head's sums in registers (span_values16), each key and value vector loaded once for the query heads of its KV
