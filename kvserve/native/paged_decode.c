@@ -18,9 +18,10 @@
  *
  * With AVX-512, 16 tokens at a time: their products' sums across lanes together (span_scores16), and p v with each
  * head's sums in registers (span_values16), each key and value vector loaded once for the query heads of its KV
- * head. Warm, the per-(token, head) products bound this kernel; a float32 cache from memory costs twice as much
- * (30 layers of 600 tokens, one row, one thread: 4.1 ms from a cold cache against 1.8 warm). Five verify rows
- * over 600 tokens, warm, one thread: 8.3 ms as five sequences, 5.9 together.
+ * head and widened in registers. Warm, the per-(token, head) products bound this kernel; a float32 cache from
+ * memory costs twice as much (30 layers of 600 tokens, one row, one thread: 4.1 ms from a cold cache against 1.8
+ * warm). 30 layers, warm, one thread, int8 cache: one row over 600 tokens 1.44 -> 1.03 ms and 16 rows over ~150
+ * 8.3 -> 5.8 ms from widening in registers; five verify rows over 600 tokens 9.1 ms as five sequences, 4.3 together.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -131,17 +132,28 @@ static inline __m512 lane_sums16(const float *v) {  // v [16, 16]
     return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
-/* Tokens t0 .. t0 + n - 1's rows of one cache (keys or values) as floats: float32 in place, others converted into
- * converted[j] [Hkv * D], int8's scales into scales [Hkv, 16]; the next block's row prefetched as attend_span
- * does. */
+/* 16 elements of a cache row from `index` on, as floats: widened in registers (exactly: every float16, bfloat16
+ * and int8 value is a float32). Widening each tile into a buffer first had cost a quarter of an int8 decode. */
+static inline __attribute__((always_inline)) __m512 widened16(const void *row, int kind, int64_t index) {
+    if (kind == KV_F32) return _mm512_loadu_ps((const float *)row + index);
+    if (kind == KV_I8) {
+        const __m128i codes = _mm_loadu_si128((const __m128i *)((const int8_t *)row + index));
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+    }
+    const __m256i halves = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + index));
+    return kind == KV_F16 ? _mm512_cvtph_ps(halves)
+                          : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
+
+/* Where tokens t0 .. t0 + n - 1's rows of one cache (keys or values) start, int8's scales into scales [Hkv, 16];
+ * the next block's row prefetched as attend_span does. */
 static inline void tile_rows(const void *cache, int kind, const float *cache_scales, const int64_t *restrict table,
-                             int64_t t0, int64_t n, int64_t last, const float **rows, float *restrict scales,
-                             float *restrict converted, int64_t num_kv_heads, int64_t token_stride,
-                             int64_t block_size) {
+                             int64_t t0, int64_t n, int64_t last, const void **rows, float *restrict scales,
+                             int64_t num_kv_heads, int64_t token_stride, int64_t block_size) {
     for (int64_t j = 0; j < n; j++) {
         const int64_t t = t0 + j, b = t / block_size, i = t % block_size, token = table[b] * block_size + i;
         if (t + block_size < last) prefetch_row(cache, kind, table[b + 1] * block_size + i, token_stride);
-        rows[j] = float_row(cache, kind, token, token_stride, converted + j * token_stride);
+        rows[j] = (const char *)cache + token * token_stride * element_bytes(kind);
         if (kind == KV_I8)
             for (int64_t kv_head = 0; kv_head < num_kv_heads; kv_head++)
                 scales[kv_head * 16 + j] = cache_scales[token * num_kv_heads + kv_head];
@@ -152,16 +164,17 @@ static inline void tile_rows(const void *cache, int kind, const float *cache_sca
  * head_dim: heads of one KV head) and `count` tokens (each 1-4): a product of the first 16 values, then fused
  * multiply-adds in order, the same operations whatever nq and count. Each key vector is loaded once for the nq
  * queries (one load per product had bound the pass). */
-static inline __attribute__((always_inline)) void dot_block(const float *q, int nq, const float *const *keys,
-                                                            int64_t column, int64_t head_dim, int count, float *out) {
+static inline __attribute__((always_inline)) void dot_block(const float *q, int nq, const void *const *keys,
+                                                            int kind, int64_t column, int64_t head_dim, int count,
+                                                            float *out) {
     __m512 acc[4][4], k[4];
-    for (int j = 0; j < count; j++) k[j] = _mm512_loadu_ps(keys[j] + column);
+    for (int j = 0; j < count; j++) k[j] = widened16(keys[j], kind, column);
     for (int i = 0; i < nq; i++) {
         const __m512 q0 = _mm512_loadu_ps(q + i * head_dim);
         for (int j = 0; j < count; j++) acc[i][j] = _mm512_mul_ps(q0, k[j]);
     }
     for (int64_t d = 16; d < head_dim; d += 16) {
-        for (int j = 0; j < count; j++) k[j] = _mm512_loadu_ps(keys[j] + column + d);
+        for (int j = 0; j < count; j++) k[j] = widened16(keys[j], kind, column + d);
         for (int i = 0; i < nq; i++) {
             const __m512 qd = _mm512_loadu_ps(q + i * head_dim + d);
             for (int j = 0; j < count; j++) acc[i][j] = _mm512_fmadd_ps(qd, k[j], acc[i][j]);
@@ -173,16 +186,17 @@ static inline __attribute__((always_inline)) void dot_block(const float *q, int 
 
 /* dot_block over a tile's n tokens, four at a time (four chains in flight), for nq (1-4) queries. A constant nq
  * in each call keeps the sums in registers. */
-static inline void tile_dots(const float *q, int nq, const float *const *keys, int64_t column, int64_t head_dim,
-                             int64_t n, float *out) {
+static inline __attribute__((always_inline)) void tile_dots(const float *q, int nq, const void *const *keys,
+                                                            int kind, int64_t column, int64_t head_dim, int64_t n,
+                                                            float *out) {
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) switch (nq) {
-        case 1: dot_block(q, 1, keys + j, column, head_dim, 4, out + j * 16); break;
-        case 2: dot_block(q, 2, keys + j, column, head_dim, 4, out + j * 16); break;
-        case 3: dot_block(q, 3, keys + j, column, head_dim, 4, out + j * 16); break;
-        default: dot_block(q, 4, keys + j, column, head_dim, 4, out + j * 16);
+        case 1: dot_block(q, 1, keys + j, kind, column, head_dim, 4, out + j * 16); break;
+        case 2: dot_block(q, 2, keys + j, kind, column, head_dim, 4, out + j * 16); break;
+        case 3: dot_block(q, 3, keys + j, kind, column, head_dim, 4, out + j * 16); break;
+        default: dot_block(q, 4, keys + j, kind, column, head_dim, 4, out + j * 16);
     }
-    for (; j < n; j++) dot_block(q, nq, keys + j, column, head_dim, 1, out + j * 16);
+    for (; j < n; j++) dot_block(q, nq, keys + j, kind, column, head_dim, 1, out + j * 16);
 }
 
 /* attend_span's keys pass for head dims that are multiples of 16: scores [rows, num_heads, len] = q . k (* key
@@ -190,18 +204,18 @@ static inline void tile_dots(const float *q, int nq, const float *const *keys, i
  * a tile of 16 tokens is summed across lanes at once (lane_sums16): the per-product reductions were 60% of a
  * batch-1 decode's attention. A tile's rows are read once for every row and head. `dots` [num_heads, 16, 16] and
  * `key_scales` [num_kv_heads, 16] are scratch. */
-static void span_scores16(const float *restrict query, int64_t num_rows, const int64_t *restrict lasts,
-                          const paged_kv *kv, const int64_t *restrict table, int64_t first, int64_t last,
-                          float *restrict scores, float *restrict dots, float *restrict key_scales,
-                          float *restrict converted, int64_t num_kv_heads, int64_t group, int64_t head_dim,
-                          int64_t block_size, float scale) {
-    const int int8 = kv->kind == KV_I8;
+static inline __attribute__((always_inline)) void span_scores16_of(
+    const float *restrict query, int64_t num_rows, const int64_t *restrict lasts, const paged_kv *kv, int kind,
+    const int64_t *restrict table, int64_t first, int64_t last, float *restrict scores, float *restrict dots,
+    float *restrict key_scales, int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t block_size,
+    float scale) {
+    const int int8 = kind == KV_I8;
     const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim, len = last - first;
-    const float *rows[SCORE_TILE];
+    const void *rows[SCORE_TILE];
     for (int64_t t0 = first; t0 < last; t0 += SCORE_TILE) {
         const int64_t n = last - t0 < SCORE_TILE ? last - t0 : SCORE_TILE;
-        tile_rows(kv->key, kv->kind, kv->key_scale, table, t0, n, last, rows, key_scales, converted, num_kv_heads,
-                  token_stride, block_size);
+        tile_rows(kv->key, kind, kv->key_scale, table, t0, n, last, rows, key_scales, num_kv_heads, token_stride,
+                  block_size);
         for (int64_t r = 0; r < num_rows; r++) {
             const int64_t valid = lasts[r] - t0 < n ? lasts[r] - t0 : n;  // row r's tokens in the tile
             if (valid <= 0) continue;
@@ -209,8 +223,8 @@ static void span_scores16(const float *restrict query, int64_t num_rows, const i
             for (int64_t kv_head = 0; kv_head < num_kv_heads; kv_head++)
                 for (int64_t g = 0; g < group; g += 4) {  // up to four query heads of the KV head at a time
                     const int64_t h = kv_head * group + g;
-                    tile_dots(q_row + h * head_dim, group - g < 4 ? (int)(group - g) : 4, rows, kv_head * head_dim,
-                              head_dim, n, dots + h * 256);
+                    tile_dots(q_row + h * head_dim, group - g < 4 ? (int)(group - g) : 4, rows, kind,
+                              kv_head * head_dim, head_dim, n, dots + h * 256);
                 }
             for (int64_t h = 0; h < num_heads; h++) {
                 float *tile = dots + h * 256;
@@ -224,17 +238,33 @@ static void span_scores16(const float *restrict query, int64_t num_rows, const i
     }
 }
 
+/* span_scores16_of for the cache's kind, a constant in each call (the widening inlined). */
+static void span_scores16(const float *restrict query, int64_t num_rows, const int64_t *restrict lasts,
+                          const paged_kv *kv, const int64_t *restrict table, int64_t first, int64_t last,
+                          float *restrict scores, float *restrict dots, float *restrict key_scales,
+                          int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t block_size, float scale) {
+#define SCORES_OF(kind) span_scores16_of(query, num_rows, lasts, kv, kind, table, first, last, scores, dots, \
+                                         key_scales, num_kv_heads, group, head_dim, block_size, scale)
+    switch (kv->kind) {
+        case KV_F32: SCORES_OF(KV_F32); break;
+        case KV_I8: SCORES_OF(KV_I8); break;
+        case KV_F16: SCORES_OF(KV_F16); break;
+        default: SCORES_OF(KV_BF16);
+    }
+#undef SCORES_OF
+}
+
 /* sums[i * head_dim + 16 c ..] += p[i * len + j] rows[j][column + 16 c ..] over the tile's n tokens in order, for
  * `nq` (1-4) heads of one KV head and `width` (1-4) vectors of each head's sums, held in registers. Each value
  * vector is loaded once for the nq heads. */
 static inline __attribute__((always_inline)) void values_fma(const float *p, int64_t len, int nq,
-                                                             const float *const *rows, int64_t column, int64_t n,
-                                                             int width, float *sums, int64_t head_dim) {
+                                                             const void *const *rows, int kind, int64_t column,
+                                                             int64_t n, int width, float *sums, int64_t head_dim) {
     __m512 acc[4][4], v[4];
     for (int i = 0; i < nq; i++)
         for (int c = 0; c < width; c++) acc[i][c] = _mm512_loadu_ps(sums + i * head_dim + 16 * c);
     for (int64_t j = 0; j < n; j++) {
-        for (int c = 0; c < width; c++) v[c] = _mm512_loadu_ps(rows[j] + column + 16 * c);
+        for (int c = 0; c < width; c++) v[c] = widened16(rows[j], kind, column + 16 * c);
         for (int i = 0; i < nq; i++) {
             const __m512 pj = _mm512_set1_ps(p[i * len + j]);
             for (int c = 0; c < width; c++) acc[i][c] = _mm512_fmadd_ps(pj, v[c], acc[i][c]);
@@ -247,19 +277,19 @@ static inline __attribute__((always_inline)) void values_fma(const float *p, int
 /* attend_span's values pass for head dims that are multiples of 16: partials[r] [num_heads, head_dim] += p v over
  * row r's tokens of the span, 16 tokens at a time with the sums in registers (the loops kept them in memory: every
  * token's multiply-add waited on the last one's store). Per value the same fused multiply-adds in token order as
- * the loops, so the same bits. A tile's rows are read once for every row and head. `converted` [16, Hkv * D] and
- * `value_scales` [Hkv, 16] are scratch. */
-static void span_values16(float *restrict scores, int64_t num_rows, const int64_t *restrict lasts,
-                          const paged_kv *kv, const int64_t *restrict table, int64_t first, int64_t last,
-                          float *const *partials, float *restrict value_scales, float *restrict converted,
-                          int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t block_size) {
-    const int int8 = kv->kind == KV_I8;
+ * the loops, so the same bits. A tile's rows are read once for every row and head. `value_scales` [Hkv, 16] is
+ * scratch. */
+static inline __attribute__((always_inline)) void span_values16_of(
+    float *restrict scores, int64_t num_rows, const int64_t *restrict lasts, const paged_kv *kv, int kind,
+    const int64_t *restrict table, int64_t first, int64_t last, float *const *partials, float *restrict value_scales,
+    int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t block_size) {
+    const int int8 = kind == KV_I8;
     const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim, len = last - first;
-    const float *rows[SCORE_TILE];
+    const void *rows[SCORE_TILE];
     for (int64_t t0 = first; t0 < last; t0 += SCORE_TILE) {
         const int64_t n = last - t0 < SCORE_TILE ? last - t0 : SCORE_TILE;
-        tile_rows(kv->value, kv->kind, kv->value_scale, table, t0, n, last, rows, value_scales, converted, num_kv_heads,
-                  token_stride, block_size);
+        tile_rows(kv->value, kind, kv->value_scale, table, t0, n, last, rows, value_scales, num_kv_heads, token_stride,
+                  block_size);
         for (int64_t r = 0; r < num_rows; r++) {
             const int64_t valid = lasts[r] - t0 < n ? lasts[r] - t0 : n;  // row r's tokens in the tile
             if (valid <= 0) continue;
@@ -275,20 +305,35 @@ static void span_values16(float *restrict scores, int64_t num_rows, const int64_
                         float *sums = partials[r] + h * head_dim + d;
                         if (head_dim - d < 64)  // the tail a head at a time
                             for (int64_t i = 0; i < nq; i++)
-                                values_fma(p + (h + i) * len, len, 1, rows, column, valid, (int)(head_dim - d) / 16,
-                                           sums + i * head_dim, head_dim);
+                                values_fma(p + (h + i) * len, len, 1, rows, kind, column, valid,
+                                           (int)(head_dim - d) / 16, sums + i * head_dim, head_dim);
                         else if (nq == 1)  // constant widths keep the sums in registers (variable ones spilled)
-                            values_fma(p + h * len, len, 1, rows, column, valid, 4, sums, head_dim);
+                            values_fma(p + h * len, len, 1, rows, kind, column, valid, 4, sums, head_dim);
                         else if (nq == 2)
-                            values_fma(p + h * len, len, 2, rows, column, valid, 4, sums, head_dim);
+                            values_fma(p + h * len, len, 2, rows, kind, column, valid, 4, sums, head_dim);
                         else if (nq == 3)
-                            values_fma(p + h * len, len, 3, rows, column, valid, 4, sums, head_dim);
+                            values_fma(p + h * len, len, 3, rows, kind, column, valid, 4, sums, head_dim);
                         else
-                            values_fma(p + h * len, len, 4, rows, column, valid, 4, sums, head_dim);
+                            values_fma(p + h * len, len, 4, rows, kind, column, valid, 4, sums, head_dim);
                     }
                 }
         }
     }
+}
+/* span_values16_of for the cache's kind, a constant in each call (the widening inlined). */
+static void span_values16(float *restrict scores, int64_t num_rows, const int64_t *restrict lasts,
+                          const paged_kv *kv, const int64_t *restrict table, int64_t first, int64_t last,
+                          float *const *partials, float *restrict value_scales, int64_t num_kv_heads, int64_t group,
+                          int64_t head_dim, int64_t block_size) {
+#define VALUES_OF(kind) span_values16_of(scores, num_rows, lasts, kv, kind, table, first, last, partials, \
+                                         value_scales, num_kv_heads, group, head_dim, block_size)
+    switch (kv->kind) {
+        case KV_F32: VALUES_OF(KV_F32); break;
+        case KV_I8: VALUES_OF(KV_I8); break;
+        case KV_F16: VALUES_OF(KV_F16); break;
+        default: VALUES_OF(KV_BF16);
+    }
+#undef VALUES_OF
 }
 #endif
 
@@ -359,8 +404,8 @@ static void attend_span_loops(const float *restrict query, const paged_kv *kv, c
  * all of them. Row r (query [num_rows, num_heads, head_dim]) attends up to its own lasts[r]; one that ends before
  * `first` has no partial here (NULL). Keys and values are read token row by token row: all KV heads of a token
  * are contiguous, so a block is one sequential stream (per-head tasks striding over the rows ran 2.4-4.3x slower
- * from a cold cache). Scratch: scores [num_rows, num_heads, SPAN_TOKENS], `converted` [16, Hkv * D] (rows of
- * other dtypes as floats), `dots` [num_heads * 256 + Hkv * 16] (the AVX-512 passes' tiles and scales). */
+ * from a cold cache). Scratch: scores [num_rows, num_heads, SPAN_TOKENS], `converted` [Hkv * D] (the loops' row
+ * of another dtype as floats), `dots` [num_heads * 256 + Hkv * 16] (the AVX-512 passes' tiles and scales). */
 static void attend_span(const float *restrict query, int64_t num_rows, const int64_t *restrict lasts,
                         const paged_kv *kv, const int64_t *restrict table, int64_t first, int64_t last,
                         float *const *partials, float *restrict scores, float *restrict converted,
@@ -370,12 +415,12 @@ static void attend_span(const float *restrict query, int64_t num_rows, const int
 #ifdef __AVX512F__
     if (head_dim % 16 == 0) {
         span_scores16(query, num_rows, lasts, kv, table, first, last, scores, dots, dots + num_heads * 256,
-                      converted, num_kv_heads, group, head_dim, block_size, scale);
+                      num_kv_heads, group, head_dim, block_size, scale);
         for (int64_t r = 0; r < num_rows; r++)
             if (lasts[r] > first)
                 span_softmax(scores + r * num_heads * len, (lasts[r] < last ? lasts[r] : last) - first, len,
                              partials[r], num_heads, head_dim);
-        span_values16(scores, num_rows, lasts, kv, table, first, last, partials, dots + num_heads * 256, converted,
+        span_values16(scores, num_rows, lasts, kv, table, first, last, partials, dots + num_heads * 256,
                       num_kv_heads, group, head_dim, block_size);
         return;
     }
@@ -460,10 +505,10 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
     int failed = 0;
 #pragma omp parallel
     {
-        // scores [MAX_SHARED_ROWS, Hq, SPAN_TOKENS], converted rows [16, Hkv * D], then span_scores16's dots
+        // scores [MAX_SHARED_ROWS, Hq, SPAN_TOKENS], a converted row [Hkv * D], then span_scores16's dots
         // [Hq, 16, 16] and key scales [Hkv, 16]
         const int64_t score_floats = MAX_SHARED_ROWS * num_heads * span;
-        float *scores = malloc(sizeof(float) * (size_t)(score_floats + 16 * num_kv_heads * head_dim +
+        float *scores = malloc(sizeof(float) * (size_t)(score_floats + num_kv_heads * head_dim +
                                                         num_heads * 256 + num_kv_heads * 16));
         if (scores == NULL) {
 #pragma omp atomic write
@@ -483,7 +528,7 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
             }
             attend_span(query + seq * num_heads * head_dim, rows, seq_lens + seq, kv, tables + seq * max_blocks,
                         first, last, row_partials, scores, scores + score_floats,
-                        scores + score_floats + 16 * num_kv_heads * head_dim, num_kv_heads, group, head_dim,
+                        scores + score_floats + num_kv_heads * head_dim, num_kv_heads, group, head_dim,
                         block_size, scale);
         }
         free(scores);
