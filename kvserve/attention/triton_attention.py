@@ -151,12 +151,13 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, tile, num_keys, block_table_ptr, block
                  key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row, use_fresh,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
                  FP8_NATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                 HAS_FRESH: tl.constexpr, WINDOW: tl.constexpr):
+                 HAS_FRESH: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr):
     """One online-softmax step of rows q [M, D] over keys tile .. tile + BLOCK_N (those < num_keys).
 
     IS_CAUSAL: row r sees only keys at positions <= q_pos[r], and with WINDOW > 0 only those > q_pos[r] - WINDOW.
     HAS_FRESH and use_fresh: read the keys from this step's unquantized key/value rows fresh_row + position
-    instead of the cache.
+    instead of the cache. SOFT_CAP > 0: scores s become cap * tanh(s / cap) (Gemma 2), SOFT_CAP = cap in log2
+    units (cap * log2(e)).
     """
     dims = tl.arange(0, BLOCK_D)
     pos = tile + tl.arange(0, BLOCK_N)
@@ -191,6 +192,8 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, tile, num_keys, block_table_ptr, block
         v = tl.where(fresh_mask, fresh_v.to(q.dtype), v)
         in_seq = in_seq | is_fresh
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 units
+    if SOFT_CAP > 0:  # tanh(x) = 1 - 2 / (e^2x + 1), e^2x = 2^(2 log2(e) x): no tanh in tl's core ops
+        scores = SOFT_CAP * (1.0 - 2.0 / (tl.exp2(scores * (2.0 * 1.4426950408889634 / SOFT_CAP)) + 1.0))
     if IS_CAUSAL:
         visible = (pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
         if WINDOW > 0:
@@ -218,7 +221,8 @@ def _attend(q, q_pos, start, end, num_keys, block_table_ptr, block_size, kv_head
             key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row, use_fresh,
             BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
             QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr,
-            HAS_FRESH: tl.constexpr, INTERPRET: tl.constexpr, WINDOW: tl.constexpr = 0):
+            HAS_FRESH: tl.constexpr, INTERPRET: tl.constexpr, WINDOW: tl.constexpr = 0,
+            SOFT_CAP: tl.constexpr = 0.0):
     """Rows q [M, D] over the key tiles start .. end: (running max, sum, unnormalized output [M, D])."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -232,7 +236,7 @@ def _attend(q, q_pos, start, end, num_keys, block_table_ptr, block_size, kv_head
                                          stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                                          key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row,
                                          use_fresh, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION,
-                                         IS_CAUSAL, HAS_FRESH, WINDOW)
+                                         IS_CAUSAL, HAS_FRESH, WINDOW, SOFT_CAP)
             tile += BLOCK_N
     else:  # a for loop, which the compiler software-pipelines
         for tile in range(start, end, BLOCK_N):
@@ -241,7 +245,7 @@ def _attend(q, q_pos, start, end, num_keys, block_table_ptr, block_size, kv_head
                                          stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                                          key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row,
                                          use_fresh, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION,
-                                         IS_CAUSAL, HAS_FRESH, WINDOW)
+                                         IS_CAUSAL, HAS_FRESH, WINDOW, SOFT_CAP)
     return m_i, l_i, acc
 
 
@@ -254,7 +258,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    PARTITION_SIZE: tl.constexpr, QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, INTERPRET: tl.constexpr,
-                   HAS_STARTS: tl.constexpr):
+                   HAS_STARTS: tl.constexpr, SOFT_CAP: tl.constexpr):
     """Program (request, KV head, partition): the KV head's query heads over one slice of the keys.
 
     The request's keys are its table's columns [0, seq_len), or [key_start, seq_len) with HAS_STARTS (a sliding
@@ -282,7 +286,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
                             stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                             q_ptr, q_ptr, 0, 0, 0, 0, 0, False,  # no fresh K/V: decode reads the cache only
                             BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION, False, False,
-                            INTERPRET)
+                            INTERPRET, 0, SOFT_CAP)
     out = acc / l_i[:, None]
     tl.store(out_ptr + req * stride_ob + head[:, None] * stride_oh + part * stride_op + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -325,7 +329,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
                     BLOCK_N: tl.constexpr, QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, HAS_FRESH: tl.constexpr, INTERPRET: tl.constexpr,
-                    WINDOW: tl.constexpr):
+                    WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr):
     """Program (query tile, sequence, KV head): BLOCK_Q new tokens x the KV head's query heads, causal.
 
     HAS_FRESH: a sequence with no cached prefix attends over its new K/V rather than their quantized (or rounded)
@@ -367,7 +371,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
                             stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                             key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, query_start,
                             num_cached == 0, BLOCK_Q * BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE,
-                            DOT_PRECISION, True, HAS_FRESH, INTERPRET, WINDOW)
+                            DOT_PRECISION, True, HAS_FRESH, INTERPRET, WINDOW, SOFT_CAP)
     if WINDOW > 0:  # padding rows past the sequence see no key in the window: 0 / 0, never stored
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
@@ -401,6 +405,11 @@ def _cache_args(cache: LayerKVCache) -> tuple[torch.Tensor, torch.Tensor, int, t
     if cache.value.stride() != cache.key.stride() or (quant and v_scale.stride() != k_scale.stride()):
         raise ValueError("key and value caches must share a layout (strides)")
     return k_scale, v_scale, cache.key.shape[1], strides, quant
+
+
+def _log2_cap(soft_cap: float | None) -> float:
+    """The kernels' SOFT_CAP: the cap in the log2 units their scores are in, 0.0 for none."""
+    return 0.0 if soft_cap is None else soft_cap * _LOG2E
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -441,13 +450,14 @@ def partitioning(table_tokens: int, partition_size: int) -> tuple[int, int]:
 def decode_attention(query: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                      partition_size: int = DEFAULT_PARTITION_SIZE,
-                     key_starts: torch.Tensor | None = None) -> torch.Tensor:
+                     key_starts: torch.Tensor | None = None, soft_cap: float | None = None) -> torch.Tensor:
     """One query token per request: query [B, Hq, D], tables [B, max_blocks], seq_lens [B] -> [B, Hq, D].
 
     Split-KV (Flash-Decoding): the keys of a request are cut into partitions of `partition_size`
     that run in parallel, and a second kernel merges them by log-sum-exp. One program serves all
     Hq / Hkv query heads of a KV head, so each K/V tile is read once per group (GQA).
     key_starts [B] (a sliding window): each request attends to its table's columns [key_starts, seq_lens) only.
+    soft_cap: scaled scores become soft_cap * tanh(scores / soft_cap) before the softmax (Gemma 2).
     """
     batch, num_heads, head_dim = query.shape
     out = torch.empty_like(query) if out is None else out
@@ -479,7 +489,7 @@ def decode_attention(query: torch.Tensor, cache: LayerKVCache, block_tables: tor
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=_BLOCK_N,
         PARTITION_SIZE=partition_size, QUANT=quant, FP8_NATIVE=_use_native_fp8(query.device),
         DOT_PRECISION=_dot_precision(query.dtype), STORE_LSE=num_parts > 1, INTERPRET=IS_INTERPRETED,
-        HAS_STARTS=has_starts, num_warps=4)
+        HAS_STARTS=has_starts, SOFT_CAP=_log2_cap(soft_cap), num_warps=4)
     if num_parts > 1:
         _merge_kernel[(batch, num_heads)](
             partial, lse, seq_lens, key_starts, out, *partial.stride()[:3], lse.stride(0), lse.stride(1),
@@ -493,7 +503,7 @@ def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc:
                       seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, scale: float,
                       out: torch.Tensor | None = None, key: torch.Tensor | None = None,
                       value: torch.Tensor | None = None, first_keys: torch.Tensor | None = None,
-                      window: int = 0) -> torch.Tensor:
+                      window: int = 0, soft_cap: float | None = None) -> torch.Tensor:
     """Causal varlen attention over the paged cache, all sequences in one launch.
 
     query [T, Hq, D] packs each sequence's new tokens at query_start_loc [S + 1]; seq_lens [S]
@@ -502,7 +512,7 @@ def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc:
     key/value [T, Hkv, D] (optional, quantized caches): a sequence without a cached prefix then
     attends over these full-precision rows instead of their quantized copies, like torch_ref.
     window > 0 (a sliding-window layer): query q sees keys q - window < k <= q, and each table row starts at key
-    position first_keys [S] (the blocks before it are gone).
+    position first_keys [S] (the blocks before it are gone). soft_cap: as decode_attention's.
     Not measured yet: on GPU, compare with SDPA / FlashAttention over gathered K/V.
     """
     _, num_heads, head_dim = query.shape
@@ -535,7 +545,8 @@ def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc:
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_N=_BLOCK_N,
         QUANT=quant, FP8_NATIVE=_use_native_fp8(query.device), DOT_PRECISION=_dot_precision(query.dtype),
-        HAS_FRESH=has_fresh, INTERPRET=IS_INTERPRETED, WINDOW=window, num_warps=4 if block_d <= 64 else 8)
+        HAS_FRESH=has_fresh, INTERPRET=IS_INTERPRETED, WINDOW=window, SOFT_CAP=_log2_cap(soft_cap),
+        num_warps=4 if block_d <= 64 else 8)
     return out
 
 
@@ -563,21 +574,23 @@ class TritonAttentionMetadata:
 
 
 class TritonAttentionBackend(AttentionBackend, MLABackend):
-    """Split-KV decode and varlen prefill kernels over plain, int8 and fp8 caches, sliding-window layers included
-    (no int4, no sinks + window); MLA's latent write and absorbed decode in triton_mla.py, its prefills' latents
-    gathered with torch."""
+    """Split-KV decode and varlen prefill kernels over plain, int8 and fp8 caches, sliding-window layers and logit
+    soft caps included (no int4, no sinks + window); MLA's latent write and absorbed decode in triton_mla.py, its
+    prefills' latents gathered with torch."""
 
     name = "triton"
     devices = ("cuda",)
     kv_cache_dtypes = frozenset({"float32", "float16", "bfloat16", *_QUANT_MODES} - {"auto"})
     supports_window = False
     supports_sliding_window = True
+    supports_logits_soft_cap = True
     supports_mla = True
     supports_cuda_graphs = True  # the decode grid comes from the table's width, never from seq_lens on the host
 
     def __init__(self, needs: AttentionRequirements) -> None:
         self.check_supported(needs)
         self.use_mla = needs.use_mla
+        self.logits_soft_cap = needs.logits_soft_cap
 
     @classmethod
     def check_supported(cls, needs: AttentionRequirements) -> None:
@@ -622,11 +635,13 @@ class TritonAttentionBackend(AttentionBackend, MLABackend):
         num_decodes = metadata.num_decodes
         if num_decodes:
             decode_attention(query[:num_decodes], cache, metadata.decode_block_tables, metadata.decode_seq_lens,
-                             scale, out=output[:num_decodes], key_starts=metadata.decode_key_starts)
+                             scale, out=output[:num_decodes], key_starts=metadata.decode_key_starts,
+                             soft_cap=self.logits_soft_cap)
         if metadata.max_query_len:
             prefill_attention(query, cache, metadata.query_start_loc, metadata.prefill_seq_lens,
                               metadata.prefill_block_tables, metadata.max_query_len, scale, out=output, key=key,
-                              value=value, first_keys=metadata.prefill_first_keys, window=metadata.sliding_window)
+                              value=value, first_keys=metadata.prefill_first_keys, window=metadata.sliding_window,
+                              soft_cap=self.logits_soft_cap)
         return output
 
     def write_latent(self, latent: torch.Tensor, cache: LayerKVCache, metadata: TritonAttentionMetadata) -> None:

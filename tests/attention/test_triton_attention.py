@@ -219,6 +219,21 @@ def test_mixed_batch_through_backend(kv_cache_dtype: str) -> None:
     torch.testing.assert_close(out, expected, **TOL)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_soft_capped_scores_match_reference(kv_cache_dtype: str) -> None:
+    """Gemma 2's attention logit soft cap in both kernels (decodes, a prompt, a chunk after a prefix): a cap of 1.5
+    moves these scores (about N(0, 1)) well past the tolerance, so a kernel that skipped it would fail."""
+    requests = [(1, 1), (260, 1), (150, 150), (600, 90)]
+    step = make_step(requests, num_kv_heads=2, group=3, head_dim=64, block_size=16,
+                     kv_cache_dtype=kv_cache_dtype, device=DEVICE)
+    cache = clone_cache(step.cache)
+    expected = torch_ref.paged_attention(step.query, step.key, step.value, cache, step.metadata, step.scale,
+                                         soft_cap=1.5)
+    needs = AttentionRequirements(torch.device(DEVICE), step.kv_cache_dtype, False, False, logits_soft_cap=1.5)
+    out = run_backend(create_attention_backend("triton", needs), step)
+    torch.testing.assert_close(out, expected, **TOL)
+
+
 @pytest.mark.parametrize(("kv_cache_dtype", "use_window", "use_mla", "message"), [
     ("int4", False, False, "kv_cache_dtype 'int4' is not supported"),
     ("float32", True, False, "it has no attention sinks \\+ sliding window"),

@@ -76,7 +76,8 @@ def gemma_dir(request, tmp_path_factory, tokenizer):
     {"kv_cache_memory": 60 * 4 * 2 * 32 * 4 * 2, "block_size": 4, "max_num_batched_tokens": 16},  # preemption
     {"kv_cache_dtype": "int8"},
     {"attention_backend": "torch"},  # masks instead of the compiled kernel's key ranges
-], ids=["batched", "chunked", "preempted", "int8", "torch-attention"])
+    {"attention_backend": "triton", "block_size": 4},  # the GPU kernels (interpreted on a CPU), windows sliding
+], ids=["batched", "chunked", "preempted", "int8", "torch-attention", "triton-attention"])
 def test_tiny_gemma_matches_transformers(gemma_dir, options):
     path, expected, expected_logprobs = gemma_dir
     llm = LLM(model=str(path), show_progress=False, **{"kv_cache_memory": 8 * 2**20, **options})
@@ -133,11 +134,14 @@ def test_a_backend_without_soft_caps_says_so():
     from kvserve.attention.backend import AttentionRequirements
     from kvserve.attention.selector import backend_class
 
-    triton_backend = backend_class("triton")
+    class NoSoftCaps(backend_class("triton")):
+        supports_logits_soft_cap = False
+
     cuda = torch.device("cuda")
-    triton_backend.check_supported(AttentionRequirements(cuda, "float16", False, False, use_sliding_window=True))
+    capped = AttentionRequirements(cuda, "float16", False, False, use_sliding_window=True, logits_soft_cap=50.0)
+    backend_class("triton").check_supported(capped)
     with pytest.raises(ValueError, match="soft-capping"):
-        triton_backend.check_supported(AttentionRequirements(cuda, "float16", False, False, logits_soft_cap=50.0))
+        NoSoftCaps.check_supported(capped)
 
 
 @pytest.mark.parametrize("options, message", [
