@@ -145,8 +145,8 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return output
 
 
-def _rotate(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor],
-            rows: slice | torch.Tensor) -> torch.Tensor:
+def rotate_heads(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor],
+                 rows: slice | torch.Tensor) -> torch.Tensor:
     """Rotate heads x [n, H, D] by the RoPE angles of `rows` (rotate-half layout)."""
     cos, sin = rotation[0][rows], rotation[1][rows]
     half = x.shape[-1] // 2
@@ -165,7 +165,7 @@ def _decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMe
     window = metadata.window
     if cache.is_quantized:
         # Every row may use the sink query: for rows with delta = 0 it is the query itself (cos 1, sin 0).
-        sinks = _rotate(query, window.sink_rotation, slice(0, batch)).view(grouped.shape) if window else None
+        sinks = rotate_heads(query, window.sink_rotation, slice(0, batch)).view(grouped.shape) if window else None
         out = _attend_quantized(grouped, sinks, cache, metadata.decode_block_tables, metadata.decode_mask, tails,
                                 window.num_sinks if window else 0, scale, soft_cap)
         return out.reshape(batch, num_heads, -1)
@@ -178,7 +178,7 @@ def _decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMe
     if window is not None and window.decode_in_window.any():
         # Queries past sinks + window score the sinks from a shifted position; the others were plain causal.
         rows = window.decode_in_window.nonzero().flatten()
-        sinks = _rotate(query[rows], window.sink_rotation, rows).view(-1, *grouped.shape[1:])
+        sinks = rotate_heads(query[rows], window.sink_rotation, rows).view(-1, *grouped.shape[1:])
         out[rows] = _window_attention(grouped[rows], sinks, keys[rows], values[rows], metadata.decode_mask[rows],
                                       window.num_sinks, scale)
     return out.reshape(batch, num_heads, -1)
@@ -231,7 +231,7 @@ def _prefill_with_window(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         out[:num_plain] = _prefill(query[:num_plain], key[:num_plain], value[:num_plain], cache, head, scale)
     num_tokens, num_heads, head_dim = query.shape
     late = slice(num_plain, num_tokens)
-    sink_query = _rotate(query[late], window.sink_rotation, slice(rows.start + num_plain, rows.stop))
+    sink_query = rotate_heads(query[late], window.sink_rotation, slice(rows.start + num_plain, rows.stop))
     if cache.is_quantized:
         out[late] = _prefill_quantized(query[late], sink_query, cache, seq, seq.key_mask[late], window.num_sinks,
                                        scale)

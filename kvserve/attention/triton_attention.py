@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvserve.attention import mla
+from kvserve.attention import mla, torch_ref
 from kvserve.attention.backend import AttentionBackend, AttentionRequirements, CommonAttentionMetadata, MLABackend
 from kvserve.attention.torch_metadata import PrefillSeq, prefill_seq, sliding_key_ranges
 from kvserve.kv.kv_cache import LayerKVCache
@@ -149,15 +149,19 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, tile, num_keys, block_table_ptr, block
                  k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                  stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                  key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row, use_fresh,
+                 held_ptr, sink_q, num_sinks, stream_window,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
                  FP8_NATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                 HAS_FRESH: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr):
+                 HAS_FRESH: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, STREAMING: tl.constexpr):
     """One online-softmax step of rows q [M, D] over keys tile .. tile + BLOCK_N (those < num_keys).
 
     IS_CAUSAL: row r sees only keys at positions <= q_pos[r], and with WINDOW > 0 only those > q_pos[r] - WINDOW.
     HAS_FRESH and use_fresh: read the keys from this step's unquantized key/value rows fresh_row + position
     instead of the cache. SOFT_CAP > 0: scores s become cap * tanh(s / cap) (Gemma 2), SOFT_CAP = cap in log2
     units (cap * log2(e)).
+    STREAMING (attention sinks + window, kv/window_layout.py): the table's columns are the kept blocks, whose
+    logical block numbers are held_ptr's; row r sees key positions < num_sinks and those in
+    (q_pos[r] - stream_window, q_pos[r]], and scores the sinks with its sink query sink_q [M, D].
     """
     dims = tl.arange(0, BLOCK_D)
     pos = tile + tl.arange(0, BLOCK_N)
@@ -192,9 +196,18 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, tile, num_keys, block_table_ptr, block
         v = tl.where(fresh_mask, fresh_v.to(q.dtype), v)
         in_seq = in_seq | is_fresh
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 units
+    if STREAMING:
+        key_pos = tl.load(held_ptr + pos // block_size, mask=in_seq, other=0) * block_size + offset
+        if tile < num_sinks:  # the sinks are the first columns (their blocks are never evicted)
+            sink_scores = tl.dot(sink_q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            scores = tl.where((key_pos < num_sinks)[None, :], sink_scores, scores)
     if SOFT_CAP > 0:  # tanh(x) = 1 - 2 / (e^2x + 1), e^2x = 2^(2 log2(e) x): no tanh in tl's core ops
         scores = SOFT_CAP * (1.0 - 2.0 / (tl.exp2(scores * (2.0 * 1.4426950408889634 / SOFT_CAP)) + 1.0))
-    if IS_CAUSAL:
+    if STREAMING:
+        key_pos = key_pos[None, :]
+        visible = (key_pos <= q_pos[:, None]) & ((key_pos < num_sinks) | (key_pos > q_pos[:, None] - stream_window))
+        scores = tl.where(visible & in_seq[None, :], scores, float("-inf"))
+    elif IS_CAUSAL:
         visible = (pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
         if WINDOW > 0:
             visible = visible & (pos[None, :] > q_pos[:, None] - WINDOW)
@@ -205,7 +218,7 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, tile, num_keys, block_table_ptr, block
     # may see nothing in the first tiles: its exponents are then taken from 0 (-inf - -inf would be a NaN).
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     m_ref = m_new
-    if WINDOW > 0:
+    if WINDOW > 0 or STREAMING:
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_ref)
     p = tl.exp2(scores - m_ref[:, None])
@@ -219,10 +232,11 @@ def _attend(q, q_pos, start, end, num_keys, block_table_ptr, block_size, kv_head
             k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
             stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
             key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row, use_fresh,
+            held_ptr, sink_q, num_sinks, stream_window,
             BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
             QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr,
-            HAS_FRESH: tl.constexpr, INTERPRET: tl.constexpr, WINDOW: tl.constexpr = 0,
-            SOFT_CAP: tl.constexpr = 0.0):
+            HAS_FRESH: tl.constexpr, INTERPRET: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
+            STREAMING: tl.constexpr):
     """Rows q [M, D] over the key tiles start .. end: (running max, sum, unnormalized output [M, D])."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -235,8 +249,9 @@ def _attend(q, q_pos, start, end, num_keys, block_table_ptr, block_size, kv_head
                                          kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                                          stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                                          key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row,
-                                         use_fresh, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION,
-                                         IS_CAUSAL, HAS_FRESH, WINDOW, SOFT_CAP)
+                                         use_fresh, held_ptr, sink_q, num_sinks, stream_window, HEAD_DIM, BLOCK_D,
+                                         BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION, IS_CAUSAL, HAS_FRESH, WINDOW,
+                                         SOFT_CAP, STREAMING)
             tile += BLOCK_N
     else:  # a for loop, which the compiler software-pipelines
         for tile in range(start, end, BLOCK_N):
@@ -244,25 +259,28 @@ def _attend(q, q_pos, start, end, num_keys, block_table_ptr, block_size, kv_head
                                          kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                                          stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                                          key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row,
-                                         use_fresh, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION,
-                                         IS_CAUSAL, HAS_FRESH, WINDOW, SOFT_CAP)
+                                         use_fresh, held_ptr, sink_q, num_sinks, stream_window, HEAD_DIM, BLOCK_D,
+                                         BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION, IS_CAUSAL, HAS_FRESH, WINDOW,
+                                         SOFT_CAP, STREAMING)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
                    key_starts_ptr, out_ptr, lse_ptr, qk_scale, num_queries_per_kv, block_size,
+                   sink_q_ptr, held_ptr, positions_ptr, num_sinks, stream_window,
                    stride_qb, stride_qh, stride_bt,
                    stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh,
                    stride_ob, stride_oh, stride_op, stride_lb, stride_lh,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    PARTITION_SIZE: tl.constexpr, QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr, INTERPRET: tl.constexpr,
-                   HAS_STARTS: tl.constexpr, SOFT_CAP: tl.constexpr):
+                   HAS_STARTS: tl.constexpr, SOFT_CAP: tl.constexpr, STREAMING: tl.constexpr):
     """Program (request, KV head, partition): the KV head's query heads over one slice of the keys.
 
     The request's keys are its table's columns [0, seq_len), or [key_start, seq_len) with HAS_STARTS (a sliding
-    window: the partitions then cover the window only).
+    window: the partitions then cover the window only). STREAMING: sinks + window (_attend_tile); seq_len counts
+    the table's columns, the query sits at positions[req], its sink query at sink_q_ptr (laid out as q_ptr).
     """
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -280,13 +298,20 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     head = kv_head * num_queries_per_kv + group
     is_head = group < num_queries_per_kv
     q_mask = is_head[:, None] & (dims < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + req * stride_qb + head[:, None] * stride_qh + dims[None, :], mask=q_mask, other=0.0)
-    m_i, l_i, acc = _attend(q, group, start, end, end, block_tables_ptr + req * stride_bt, block_size, kv_head,
+    q_rows = req * stride_qb + head[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_ptr + q_rows, mask=q_mask, other=0.0)
+    q_pos = group  # unread without STREAMING
+    sink_q = q
+    if STREAMING:
+        q_pos = tl.zeros([BLOCK_G], tl.int64) + tl.load(positions_ptr + req)
+        sink_q = tl.load(sink_q_ptr + q_rows, mask=q_mask, other=0.0)
+    m_i, l_i, acc = _attend(q, q_pos, start, end, end, block_tables_ptr + req * stride_bt, block_size, kv_head,
                             k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                             stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                             q_ptr, q_ptr, 0, 0, 0, 0, 0, False,  # no fresh K/V: decode reads the cache only
+                            held_ptr + req * stride_bt, sink_q, num_sinks, stream_window,
                             BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION, False, False,
-                            INTERPRET, 0, SOFT_CAP)
+                            INTERPRET, 0, SOFT_CAP, STREAMING)
     out = acc / l_i[:, None]
     tl.store(out_ptr + req * stride_ob + head[:, None] * stride_oh + part * stride_op + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -322,19 +347,20 @@ def _merge_kernel(part_ptr, lse_ptr, seq_lens_ptr, key_starts_ptr, out_ptr,
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
                     first_keys_ptr, query_start_loc_ptr, out_ptr, key_ptr, value_ptr, qk_scale, num_queries_per_kv,
-                    block_size,
+                    block_size, sink_q_ptr, held_ptr, columns_ptr, num_sinks, stream_window,
                     stride_qt, stride_qh, stride_bt,
                     stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, stride_ot, stride_oh,
                     stride_kt, stride_kh, stride_vt, stride_vh,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
                     BLOCK_N: tl.constexpr, QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, HAS_FRESH: tl.constexpr, INTERPRET: tl.constexpr,
-                    WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr):
+                    WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, STREAMING: tl.constexpr):
     """Program (query tile, sequence, KV head): BLOCK_Q new tokens x the KV head's query heads, causal.
 
     HAS_FRESH: a sequence with no cached prefix attends over its new K/V rather than their quantized (or rounded)
     copies in the cache, as torch_ref does. WINDOW > 0: a sliding-window layer; query q sees keys
-    q - WINDOW < k <= q, and the sequence's table starts at key position first_keys[seq] (column 0).
+    q - WINDOW < k <= q, and the sequence's table starts at key position first_keys[seq] (column 0). STREAMING:
+    sinks + window (_attend_tile) over the table's columns[seq] columns, sink queries at sink_q_ptr (as q_ptr).
     """
     q_tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -356,6 +382,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
     q_mask = is_row[:, None] & (dims < HEAD_DIM)[None, :]
     q_rows = (query_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh
     q = tl.load(q_ptr + q_rows + dims[None, :], mask=q_mask, other=0.0)
+    sink_q = q
+    if STREAMING:
+        sink_q = tl.load(sink_q_ptr + q_rows + dims[None, :], mask=q_mask, other=0.0)
     # Query i of the chunk sits at position num_cached + i and sees keys 0 ..= that position; in table columns,
     # counted from the table's first key (0 but for sliding windows).
     first_key = 0
@@ -366,13 +395,16 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
     lowest = 0
     if WINDOW > 0:  # the tile's first query sees no key before this one
         lowest = tl.maximum(num_cached - first_key + first - WINDOW + 1, 0)
+    if STREAMING:  # every kept column: the rule is on key positions, which columns no longer equal
+        num_keys = tl.load(columns_ptr + seq)
     m_i, l_i, acc = _attend(q, q_pos, lowest, num_keys, num_keys, block_tables_ptr + seq * stride_bt, block_size,
                             kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                             stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                             key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, query_start,
-                            num_cached == 0, BLOCK_Q * BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE,
-                            DOT_PRECISION, True, HAS_FRESH, INTERPRET, WINDOW, SOFT_CAP)
-    if WINDOW > 0:  # padding rows past the sequence see no key in the window: 0 / 0, never stored
+                            num_cached == 0, held_ptr + seq * stride_bt, sink_q, num_sinks, stream_window,
+                            BLOCK_Q * BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE,
+                            DOT_PRECISION, True, HAS_FRESH, INTERPRET, WINDOW, SOFT_CAP, STREAMING)
+    if WINDOW > 0 or STREAMING:  # padding rows past the sequence may see no key: 0 / 0, never stored
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
     o_rows = (query_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh
@@ -405,6 +437,41 @@ def _cache_args(cache: LayerKVCache) -> tuple[torch.Tensor, torch.Tensor, int, t
     if cache.value.stride() != cache.key.stride() or (quant and v_scale.stride() != k_scale.stride()):
         raise ValueError("key and value caches must share a layout (strides)")
     return k_scale, v_scale, cache.key.shape[1], strides, quant
+
+
+@dataclass
+class SinksWindowRows:
+    """Attention sinks + window (kv/window_layout.py's WindowMetadata) for the kernels, one row per request."""
+
+    num_sinks: int
+    window: int
+    sink_query: torch.Tensor  # [T, Hq, D], laid out as the query: each token's query rotated for the sinks
+    held_columns: torch.Tensor  # [R, max_blocks] int32, laid out as the block table: each column's logical block
+    num_keys: torch.Tensor  # [R] int32: the kept blocks' slots up to the request's last token
+    positions: torch.Tensor  # [R] long: a decode's query position (prefills: unread)
+
+    def rows(self, requests: slice, tokens: slice) -> SinksWindowRows:
+        """These requests' rows and these tokens' sink queries."""
+        return SinksWindowRows(self.num_sinks, self.window, self.sink_query[tokens], self.held_columns[requests],
+                               self.num_keys[requests], self.positions[requests])
+
+
+def _streaming_args(rows: SinksWindowRows | None, query: torch.Tensor, block_tables: torch.Tensor,
+                    lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """The kernels' (sink queries, held columns, positions, key counts, num_sinks, window); stand-ins never read
+    without sinks + window."""
+    if rows is None:
+        return query, block_tables, lengths, lengths, 0, 0
+    held_rows, row_stride = rows.held_columns.shape[0], rows.held_columns.stride(0)
+    if not _same_layout(rows.sink_query, query) or (held_rows > 1 and row_stride != block_tables.stride(0)):
+        raise ValueError("sink queries and held columns must be laid out as the queries and the block table")
+    return rows.sink_query, rows.held_columns, rows.positions, rows.num_keys, rows.num_sinks, rows.window
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the kernels may index `a` with `b`'s strides: the same shape and strides (those of size-1 dims are
+    never used)."""
+    return a.shape == b.shape and all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape, strict=True) if n > 1)
 
 
 def _log2_cap(soft_cap: float | None) -> float:
@@ -450,7 +517,8 @@ def partitioning(table_tokens: int, partition_size: int) -> tuple[int, int]:
 def decode_attention(query: torch.Tensor, cache: LayerKVCache, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                      partition_size: int = DEFAULT_PARTITION_SIZE,
-                     key_starts: torch.Tensor | None = None, soft_cap: float | None = None) -> torch.Tensor:
+                     key_starts: torch.Tensor | None = None, soft_cap: float | None = None,
+                     sinks_window: SinksWindowRows | None = None) -> torch.Tensor:
     """One query token per request: query [B, Hq, D], tables [B, max_blocks], seq_lens [B] -> [B, Hq, D].
 
     Split-KV (Flash-Decoding): the keys of a request are cut into partitions of `partition_size`
@@ -458,6 +526,7 @@ def decode_attention(query: torch.Tensor, cache: LayerKVCache, block_tables: tor
     Hq / Hkv query heads of a KV head, so each K/V tile is read once per group (GQA).
     key_starts [B] (a sliding window): each request attends to its table's columns [key_starts, seq_lens) only.
     soft_cap: scaled scores become soft_cap * tanh(scores / soft_cap) before the softmax (Gemma 2).
+    sinks_window: attention sinks + window; seq_lens then count each table's kept keys (sinks_window.num_keys).
     """
     batch, num_heads, head_dim = query.shape
     out = torch.empty_like(query) if out is None else out
@@ -481,15 +550,16 @@ def decode_attention(query: torch.Tensor, cache: LayerKVCache, block_tables: tor
         partial_strides = partial.stride()[:3]
     has_starts = key_starts is not None
     key_starts = key_starts if has_starts else seq_lens  # never read without a window
+    sink_query, held, positions, _, num_sinks, window = _streaming_args(sinks_window, query, block_tables, seq_lens)
     _decode_kernel[(batch, num_kv_heads, num_parts)](
         query, cache.key, cache.value, k_scale, v_scale, block_tables, seq_lens, key_starts, partial, lse,
-        scale * _LOG2E, group, block_size,
+        scale * _LOG2E, group, block_size, sink_query, held, positions, num_sinks, window,
         query.stride(0), query.stride(1), block_tables.stride(0), *strides,
         *partial_strides, lse.stride(0), lse.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=_BLOCK_N,
         PARTITION_SIZE=partition_size, QUANT=quant, FP8_NATIVE=_use_native_fp8(query.device),
         DOT_PRECISION=_dot_precision(query.dtype), STORE_LSE=num_parts > 1, INTERPRET=IS_INTERPRETED,
-        HAS_STARTS=has_starts, SOFT_CAP=_log2_cap(soft_cap), num_warps=4)
+        HAS_STARTS=has_starts, SOFT_CAP=_log2_cap(soft_cap), STREAMING=sinks_window is not None, num_warps=4)
     if num_parts > 1:
         _merge_kernel[(batch, num_heads)](
             partial, lse, seq_lens, key_starts, out, *partial.stride()[:3], lse.stride(0), lse.stride(1),
@@ -503,7 +573,8 @@ def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc:
                       seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, scale: float,
                       out: torch.Tensor | None = None, key: torch.Tensor | None = None,
                       value: torch.Tensor | None = None, first_keys: torch.Tensor | None = None,
-                      window: int = 0, soft_cap: float | None = None) -> torch.Tensor:
+                      window: int = 0, soft_cap: float | None = None,
+                      sinks_window: SinksWindowRows | None = None) -> torch.Tensor:
     """Causal varlen attention over the paged cache, all sequences in one launch.
 
     query [T, Hq, D] packs each sequence's new tokens at query_start_loc [S + 1]; seq_lens [S]
@@ -512,7 +583,8 @@ def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc:
     key/value [T, Hkv, D] (optional, quantized caches): a sequence without a cached prefix then
     attends over these full-precision rows instead of their quantized copies, like torch_ref.
     window > 0 (a sliding-window layer): query q sees keys q - window < k <= q, and each table row starts at key
-    position first_keys [S] (the blocks before it are gone). soft_cap: as decode_attention's.
+    position first_keys [S] (the blocks before it are gone). soft_cap: as decode_attention's. sinks_window:
+    attention sinks + window (StreamingLLM), each table holding the kept blocks.
     Not measured yet: on GPU, compare with SDPA / FlashAttention over gathered K/V.
     """
     _, num_heads, head_dim = query.shape
@@ -537,16 +609,18 @@ def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc:
     grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
     if window <= 0 or first_keys is None:
         window, first_keys = 0, seq_lens  # never read
+    sink_query, held, _, num_keys, num_sinks, stream_window = _streaming_args(sinks_window, query, block_tables,
+                                                                              seq_lens)
     _prefill_kernel[grid](
         query, cache.key, cache.value, k_scale, v_scale, block_tables, seq_lens, first_keys, query_start_loc, out,
         key, value,
-        scale * _LOG2E, group, block_size,
+        scale * _LOG2E, group, block_size, sink_query, held, num_keys, num_sinks, stream_window,
         query.stride(0), query.stride(1), block_tables.stride(0), *strides, out.stride(0), out.stride(1),
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_N=_BLOCK_N,
         QUANT=quant, FP8_NATIVE=_use_native_fp8(query.device), DOT_PRECISION=_dot_precision(query.dtype),
         HAS_FRESH=has_fresh, INTERPRET=IS_INTERPRETED, WINDOW=window, SOFT_CAP=_log2_cap(soft_cap),
-        num_warps=4 if block_d <= 64 else 8)
+        STREAMING=sinks_window is not None, num_warps=4 if block_d <= 64 else 8)
     return out
 
 
@@ -571,17 +645,20 @@ class TritonAttentionMetadata:
     sliding_window: int = 0
     decode_key_starts: torch.Tensor | None = None  # [num_decodes] int32
     prefill_first_keys: torch.Tensor | None = None  # [num_prefills] int32
+    # Attention sinks + window: the kept blocks' columns (every request's row) and the sink queries' rotation.
+    sinks_window: SinksWindowRows | None = None
+    sink_rotation: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) [T, 1, D]
 
 
 class TritonAttentionBackend(AttentionBackend, MLABackend):
-    """Split-KV decode and varlen prefill kernels over plain, int8 and fp8 caches, sliding-window layers and logit
-    soft caps included (no int4, no sinks + window); MLA's latent write and absorbed decode in triton_mla.py, its
-    prefills' latents gathered with torch."""
+    """Split-KV decode and varlen prefill kernels over plain, int8 and fp8 caches, sliding-window layers, attention
+    sinks + window and logit soft caps included (no int4); MLA's latent write and absorbed decode in triton_mla.py,
+    its prefills' latents gathered with torch."""
 
     name = "triton"
     devices = ("cuda",)
     kv_cache_dtypes = frozenset({"float32", "float16", "bfloat16", *_QUANT_MODES} - {"auto"})
-    supports_window = False
+    supports_window = True
     supports_sliding_window = True
     supports_logits_soft_cap = True
     supports_mla = True
@@ -625,6 +702,8 @@ class TritonAttentionBackend(AttentionBackend, MLABackend):
             metadata.sliding_window = common.sliding_window
             metadata.decode_key_starts, metadata.decode_seq_lens = starts.to(torch.int32), ends.to(torch.int32)
             metadata.prefill_first_keys = common.first_key_position[num_decodes:].to(torch.int32)
+        if common.window is not None:
+            metadata.sinks_window, metadata.sink_rotation = _sinks_window_rows(common), common.window.sink_rotation
         return metadata
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
@@ -633,15 +712,24 @@ class TritonAttentionBackend(AttentionBackend, MLABackend):
         write_kv(key, value, cache, metadata.slot_mapping)
         output = torch.empty_like(query)
         num_decodes = metadata.num_decodes
+        decode_rows = prefill_rows = None
+        decode_lens = metadata.decode_seq_lens
+        if metadata.sinks_window is not None:
+            query = query.contiguous()  # the sink queries' layout
+            rows = dataclasses.replace(metadata.sinks_window, sink_query=torch_ref.rotate_heads(
+                query, metadata.sink_rotation, slice(0, query.shape[0])).contiguous())
+            decode_rows = rows.rows(slice(0, num_decodes), slice(0, num_decodes))
+            prefill_rows = rows.rows(slice(num_decodes, None), slice(None))
+            decode_lens = decode_rows.num_keys
         if num_decodes:
-            decode_attention(query[:num_decodes], cache, metadata.decode_block_tables, metadata.decode_seq_lens,
+            decode_attention(query[:num_decodes], cache, metadata.decode_block_tables, decode_lens,
                              scale, out=output[:num_decodes], key_starts=metadata.decode_key_starts,
-                             soft_cap=self.logits_soft_cap)
+                             soft_cap=self.logits_soft_cap, sinks_window=decode_rows)
         if metadata.max_query_len:
             prefill_attention(query, cache, metadata.query_start_loc, metadata.prefill_seq_lens,
                               metadata.prefill_block_tables, metadata.max_query_len, scale, out=output, key=key,
                               value=value, first_keys=metadata.prefill_first_keys, window=metadata.sliding_window,
-                              soft_cap=self.logits_soft_cap)
+                              soft_cap=self.logits_soft_cap, sinks_window=prefill_rows)
         return output
 
     def write_latent(self, latent: torch.Tensor, cache: LayerKVCache, metadata: TritonAttentionMetadata) -> None:
@@ -664,3 +752,21 @@ class TritonAttentionBackend(AttentionBackend, MLABackend):
 
         return triton_mla.absorbed_decode(query, cache, metadata.decode_block_tables, metadata.decode_seq_lens,
                                           kv_lora_rank, scale)
+
+
+def _sinks_window_rows(common: CommonAttentionMetadata) -> SinksWindowRows:
+    """The window's held block columns as a tensor laid out as the block table, each request's kept keys (up to its
+    last token), and each request's first query position (a decode's only one). The sink queries are filled in per
+    layer (forward)."""
+    window, table = common.window, common.block_table
+    held = torch.zeros(table.shape, dtype=torch.int32)
+    for row, columns in enumerate(window.held_columns):
+        held[row, :len(columns)] = torch.tensor(columns, dtype=torch.int32)
+    # Columns up to the sequence's last token: the last kept block's later slots are unwritten (stale, maybe NaN).
+    size = common.block_size
+    num_keys = torch.tensor([(len(columns) - 1) * size + (length - 1) % size + 1
+                             for columns, length in zip(window.held_columns, common.seq_lens_host, strict=True)],
+                            dtype=torch.int32)
+    device = table.device
+    return SinksWindowRows(window.num_sinks, window.window, table.new_empty(0), held.to(device), num_keys.to(device),
+                           common.positions[common.query_start_loc[:-1]])
