@@ -395,7 +395,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
     lowest = 0
     if WINDOW > 0:  # the tile's first query sees no key before this one
         lowest = tl.maximum(num_cached - first_key + first - WINDOW + 1, 0)
-    if STREAMING:  # every kept column: the rule is on key positions, which columns no longer equal
+    if STREAMING:  # the kept columns up to the last token: the rule is on key positions, not on columns
         num_keys = tl.load(columns_ptr + seq)
     m_i, l_i, acc = _attend(q, q_pos, lowest, num_keys, num_keys, block_tables_ptr + seq * stride_bt, block_size,
                             kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,

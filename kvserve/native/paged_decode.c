@@ -320,6 +320,7 @@ static inline __attribute__((always_inline)) void span_values16_of(
         }
     }
 }
+
 /* span_values16_of for the cache's kind, a constant in each call (the widening inlined). */
 static void span_values16(float *restrict scores, int64_t num_rows, const int64_t *restrict lasts,
                           const paged_kv *kv, const int64_t *restrict table, int64_t first, int64_t last,
