@@ -145,6 +145,18 @@ static inline __attribute__((always_inline)) __m512 widened16(const void *row, i
                           : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
 }
 
+/* call(K) with the cache's kind as the compile-time constant K: each kind gets its own copy of the pass, with
+ * widened16 inlined for that kind alone. */
+#define WITH_CONSTANT_KIND(kind, call)                                                                        \
+    do {                                                                                                       \
+        switch (kind) {                                                                                        \
+            case KV_F32: call(KV_F32); break;                                                                  \
+            case KV_I8: call(KV_I8); break;                                                                    \
+            case KV_F16: call(KV_F16); break;                                                                  \
+            default: call(KV_BF16);                                                                            \
+        }                                                                                                      \
+    } while (0)
+
 /* Where tokens t0 .. t0 + n - 1's rows of one cache (keys or values) start, int8's scales into scales [Hkv, 16];
  * the next block's row prefetched as attend_span does. */
 static inline void tile_rows(const void *cache, int kind, const float *cache_scales, const int64_t *restrict table,
@@ -245,12 +257,7 @@ static void span_scores16(const float *restrict query, int64_t num_rows, const i
                           int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t block_size, float scale) {
 #define SCORES_OF(kind) span_scores16_of(query, num_rows, lasts, kv, kind, table, first, last, scores, dots, \
                                          key_scales, num_kv_heads, group, head_dim, block_size, scale)
-    switch (kv->kind) {
-        case KV_F32: SCORES_OF(KV_F32); break;
-        case KV_I8: SCORES_OF(KV_I8); break;
-        case KV_F16: SCORES_OF(KV_F16); break;
-        default: SCORES_OF(KV_BF16);
-    }
+    WITH_CONSTANT_KIND(kv->kind, SCORES_OF);
 #undef SCORES_OF
 }
 
@@ -328,12 +335,7 @@ static void span_values16(float *restrict scores, int64_t num_rows, const int64_
                           int64_t head_dim, int64_t block_size) {
 #define VALUES_OF(kind) span_values16_of(scores, num_rows, lasts, kv, kind, table, first, last, partials, \
                                          value_scales, num_kv_heads, group, head_dim, block_size)
-    switch (kv->kind) {
-        case KV_F32: VALUES_OF(KV_F32); break;
-        case KV_I8: VALUES_OF(KV_I8); break;
-        case KV_F16: VALUES_OF(KV_F16); break;
-        default: VALUES_OF(KV_BF16);
-    }
+    WITH_CONSTANT_KIND(kv->kind, VALUES_OF);
 #undef VALUES_OF
 }
 #endif
