@@ -234,6 +234,17 @@ def test_soft_capped_scores_match_reference(kv_cache_dtype: str) -> None:
     torch.testing.assert_close(out, expected, **TOL)
 
 
+def test_sink_queries_laid_out_unlike_the_queries_are_refused() -> None:
+    """The kernels index the sink queries with the queries' strides: a transposed copy must not be read."""
+    step = make_step([(40, 1), (33, 1)], num_kv_heads=2, group=3, head_dim=64, block_size=16, device=DEVICE)
+    tables, lengths = step.metadata.decode_block_tables, torch.tensor([40, 33], dtype=torch.int32, device=DEVICE)
+    sink_query = step.query.transpose(0, 1).contiguous().transpose(0, 1)  # same shape, other strides
+    rows = ta.SinksWindowRows(4, 8, sink_query, tables.to(torch.int32), lengths, lengths.long())
+    with pytest.raises(ValueError, match="sink queries and held columns must be laid out as the queries and the "
+                                         "block table"):
+        ta.decode_attention(step.query, step.cache, tables, lengths, step.scale, sinks_window=rows)
+
+
 def test_an_int4_cache_is_refused() -> None:
     """Asked for by name, triton refuses an int4 cache at construction; auto takes the torch backend instead."""
     needs = AttentionRequirements(torch.device(DEVICE), "int4", use_window=False, use_mla=False)
