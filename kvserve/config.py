@@ -313,7 +313,8 @@ class PlatformConfig:
     cpu_gguf_int8_activations: bool = field(default=False, metadata={
         "help": "GGUF weights on the CPU: round activations to 8 bits per 32 values and multiply in integers, as "
                 "llama.cpp does, on Q4_0 / Q4_1 / Q8_0 weights kept in tiles of 8 rows (3-4x faster; a relative "
-                "error of about 5e-3 per product, and outputs that may move with chunking at near-ties); off: float32 "
+                "error of about 5e-3 per product, and outputs that may move with chunking at near-ties); with an int8 "
+                "KV cache, decode queries are rounded to 8 bits per head for Q.K as well; off: float32 "
                 "activations, the dequantized model up to rounding"})
     cpu_packed_weights: bool = field(default=True, metadata={
         "help": "CPU float32: also keep every linear weight in oneDNN's packed layout, for steps of several "

@@ -75,6 +75,7 @@ class AttentionRequirements:
     use_mla: bool  # Multi-head Latent Attention: one latent "head", no separate value
     use_sliding_window: bool = False  # a KV group whose layers see only their last W tokens (kv/kv_groups.py)
     logits_soft_cap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax (Gemma 2)
+    int8_queries: bool = False  # an int8 cache's decodes round their queries to 8 bits for Q.K (the cpu backend)
 
 
 class AttentionBackend(ABC):

@@ -12,6 +12,8 @@ compiler the engine stays on torch.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kvserve import native
@@ -42,6 +44,9 @@ class CpuAttentionBackend(TorchAttentionBackend):
         super().__init__(needs)
         self.use_kernel = (needs.kv_cache_dtype in native.PAGED_KV_DTYPES and not needs.use_window
                            and not needs.use_mla and needs.logits_soft_cap is None)
+        # int8 caches under cpu_gguf_int8_activations: Q.K in integers, as llama.cpp computes it on a q8_0 K cache
+        self.int8_queries = self.use_kernel and needs.int8_queries and needs.kv_cache_dtype == "int8"
+        self._decode = functools.partial(decode, int8_queries=self.int8_queries) if self.use_kernel else None
 
     @classmethod
     def check_supported(cls, needs: AttentionRequirements) -> None:
@@ -59,12 +64,14 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
         """torch_ref.paged_attention, with the decodes on the kernel where it serves this cache."""
-        return torch_ref.paged_attention(query, key, value, cache, metadata, scale,
-                                         decode=decode if self.use_kernel else None, soft_cap=self.logits_soft_cap)
+        return torch_ref.paged_attention(query, key, value, cache, metadata, scale, decode=self._decode,
+                                         soft_cap=self.logits_soft_cap)
 
 
-def decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
+def decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata, scale: float,
+           int8_queries: bool = False) -> torch.Tensor:
     """One query token per sequence: query [B, Hq, D] -> [B, Hq, D] (computed in float32, returned in query's dtype).
+    `int8_queries` (an int8 cache): each query head rounded to 8 bits as the keys are, Q.K summed in integers.
 
     The kernel trusts the block tables: the runner's metadata builder has checked once per step that every
     sequence fits its table.
@@ -81,9 +88,9 @@ def decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMet
     scales = (cache.key_scale.data_ptr(), cache.value_scale.data_ptr()) if cache.is_quantized else (None, None)
     kind = native.paged_kv_kind(cache.key.dtype)
     status = native.load("paged_decode").paged_decode_kv(
-        query32.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr(), *scales, kind, tables.data_ptr(),
-        seq_lens.data_ptr(), None if starts is None else starts.data_ptr(), out.data_ptr(), batch, num_kv_heads,
-        num_heads // num_kv_heads, head_dim, block_size, tables.shape[1], scale)
+        query32.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr(), *scales, kind, int(int8_queries),
+        tables.data_ptr(), seq_lens.data_ptr(), None if starts is None else starts.data_ptr(), out.data_ptr(), batch,
+        num_kv_heads, num_heads // num_kv_heads, head_dim, block_size, tables.shape[1], scale)
     if status != 0:
         raise MemoryError("paged decode attention could not allocate its score buffers")
     return out.to(query.dtype)

@@ -512,7 +512,8 @@ def attention_backend_for(config: EngineConfig, model_config: ModelConfig, devic
     return create_attention_backend(config.platform.attention_backend, AttentionRequirements(
         device, config.cache.storage_dtype(config.load.dtype), use_window=bool(config.cache.kv_window),
         use_mla=architecture.uses_mla, use_sliding_window=architecture.uses_sliding_window(model_config),
-        logits_soft_cap=architecture.logits_soft_cap(model_config)))
+        logits_soft_cap=architecture.logits_soft_cap(model_config),
+        int8_queries=config.platform.cpu_gguf_int8_activations))
 
 
 def default_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:

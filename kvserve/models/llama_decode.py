@@ -51,14 +51,14 @@ class _Layer(ctypes.Structure):
 class _Shape(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("hidden", "num_heads", "num_kv_heads", "head_dim",
                                                      "intermediate", "block_size", "num_layers",
-                                                     "int8_activations")] + \
+                                                     "int8_activations", "int8_queries")] + \
                [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
 class FusedLlamaDecode:
     """The kernel's description of one loaded Llama model and its KV caches."""
 
-    def __init__(self, model: nn.Module, kv_caches: list[LayerKVCache]) -> None:
+    def __init__(self, model: nn.Module, kv_caches: list[LayerKVCache], int8_queries: bool = False) -> None:
         config = model.config
         layers = model.model.layers
         method = layers[0].mlp.down_proj.method
@@ -75,7 +75,8 @@ class FusedLlamaDecode:
                                                                                              strict=True)))
         self.shape = _Shape(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
                             config.intermediate_size, kv_caches[0].key.shape[1], len(layers),
-                            int(getattr(method, "int8_activations", False)), layers[0].input_layernorm.eps,
+                            int(getattr(method, "int8_activations", False)), int(int8_queries),
+                            layers[0].input_layernorm.eps,
                             layers[0].self_attn.attn.scale)
         library = native.load("llama_decode")
         self.kernel = library.llama_decode_layers

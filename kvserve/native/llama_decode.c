@@ -57,6 +57,7 @@ typedef struct {
 typedef struct {
     int64_t hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size, num_layers;
     int64_t int8_activations;  // block formats multiply 8-bit activations (gguf_int8.c)
+    int64_t int8_queries;      // int8 caches: queries rounded to 8 bits for Q.K (paged_decode.c's query_codes)
     float eps, scale;
 } shape;
 
@@ -98,21 +99,6 @@ __attribute__((optimize("fp-contract=off"))) static void rotate(float *x, const 
 static inline float silu(float x) {
     const float e = exp_nonpositive(-fabsf(x));
     return (x >= 0.0f ? x : x * e) / (1.0f + e);
-}
-
-/* x [rows, dim] -> int8 codes [rows, dim] and a scale per row, as kv/kv_quant.py's quantize computes them:
- * scale = max(absmax, 1e-8) / 127, code = x / scale rounded half to even, clamped to +-127. */
-void quantize_rows_i8(const float *x, int8_t *codes, float *scales, int64_t rows, int64_t dim) {
-    for (int64_t r = 0; r < rows; r++, x += dim, codes += dim) {
-        float absmax = 0.0f;
-        for (int64_t d = 0; d < dim; d++) absmax = fabsf(x[d]) > absmax ? fabsf(x[d]) : absmax;
-        const float scale = (absmax > 1e-8f ? absmax : 1e-8f) / 127.0f;
-        for (int64_t d = 0; d < dim; d++) {
-            const float code = rintf(x[d] / scale);
-            codes[d] = (int8_t)(code < -127.0f ? -127.0f : code > 127.0f ? 127.0f : code);
-        }
-        scales[r] = scale;
-    }
 }
 
 /* x rounded to bfloat16's bits as torch rounds it: to nearest, ties to even; NaN to the quiet NaN 0x7FC0. */
@@ -170,7 +156,8 @@ static int attend(const layer *L, const shape *s, float *qkv, float *query, floa
         store_row(row + Hq * D, L->key_cache, L->key_scale, L->kv_kind, slots[b], Hkv, D);
         store_row(row + (Hq + Hkv) * D, L->value_cache, L->value_scale, L->kv_kind, slots[b], Hkv, D);
     }
-    const paged_kv kv = {L->key_cache, L->value_cache, L->key_scale, L->value_scale, (int)L->kv_kind};
+    const paged_kv kv = {L->key_cache, L->value_cache, L->key_scale, L->value_scale, (int)L->kv_kind,
+                         (int)s->int8_queries};
     return paged_decode(query, &kv, tables, seq_lens, NULL, attended, batch, Hkv, Hq / Hkv, D, s->block_size,
                         max_blocks, s->scale);
 }

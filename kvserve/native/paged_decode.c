@@ -22,7 +22,12 @@
  * memory costs twice as much (30 layers of 600 tokens, one row, one thread: 4.1 ms from a cold cache against 1.8
  * warm). 30 layers, warm, one thread, int8 cache: one row over 600 tokens 1.44 -> 1.03 ms and 16 rows over ~150
  * 8.3 -> 5.8 ms from widening in registers; five verify rows over 600 tokens 9.1 ms as five sequences, 4.3 together.
+ *
+ * int8_queries (an int8 cache under cpu_gguf_int8_activations): Q.K on 8-bit query codes, summed exactly in
+ * integers (query_codes); with AVX-512 VNNI each KV head's keys are transposed 16 at a time so that one instruction
+ * takes 4 bytes of a query against 16 keys (int8_span_scores), with no sums across lanes.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,8 +61,61 @@ static inline int64_t element_bytes(int kind) { return kind == KV_F32 ? 4 : kind
 typedef struct {  // one layer's paged cache; key_scale / value_scale only for KV_I8 (else NULL)
     const void *key, *value;
     const float *key_scale, *value_scale;
-    int kind;  // enum kv_kind
+    int kind;          // enum kv_kind
+    int int8_queries;  // KV_I8 only: the queries rounded to 8 bits for Q.K (query_codes below)
 } paged_kv;
+
+/* x [rows, dim] -> int8 codes [rows, dim] and a scale per row, as kv/kv_quant.py's quantize computes them:
+ * scale = max(absmax, 1e-8) / 127, code = x / scale rounded half to even, clamped to +-127. */
+void quantize_rows_i8(const float *x, int8_t *codes, float *scales, int64_t rows, int64_t dim) {
+    for (int64_t r = 0; r < rows; r++, x += dim, codes += dim) {
+        float absmax = 0.0f;
+        for (int64_t d = 0; d < dim; d++) absmax = fabsf(x[d]) > absmax ? fabsf(x[d]) : absmax;
+        const float scale = (absmax > 1e-8f ? absmax : 1e-8f) / 127.0f;
+        for (int64_t d = 0; d < dim; d++) {
+            const float code = rintf(x[d] / scale);
+            codes[d] = (int8_t)(code < -127.0f ? -127.0f : code > 127.0f ? 127.0f : code);
+        }
+        scales[r] = scale;
+    }
+}
+
+/* Queries rounded to 8 bits for Q.K against an int8 cache (paged_kv.int8_queries; llama.cpp rounds them so for its
+ * q8_0 K cache), per (row, head) as quantize_rows_i8 rounds keys. A score is then ((float)(q codes . k codes) * key
+ * scale) * (query scale * scale): integer products summed exactly, so every path below gives the same bits. */
+typedef struct {
+    int8_t *codes;   // [rows, num_heads, padded]: head_dim codes, then zeros up to a multiple of 64
+    int32_t *sums;   // [rows, num_heads] each head's codes summed (the VNNI pass's unsigned keys add 128 * sum)
+    float *scales;   // [rows, num_heads] query scale * softmax scale
+    int64_t padded;  // head_dim rounded up to a multiple of 64
+} query_codes;
+
+/* query [count, head_dim] -> q's codes, sums and scales for `count` (row, head) vectors. */
+static void quantize_queries(const float *query, int64_t count, int64_t head_dim, float scale, const query_codes *q) {
+    for (int64_t v = 0; v < count; v++) {
+        int8_t *codes = q->codes + v * q->padded;
+        float step;
+        quantize_rows_i8(query + v * head_dim, codes, &step, 1, head_dim);
+        memset(codes + head_dim, 0, (size_t)(q->padded - head_dim));
+        int32_t sum = 0;
+        for (int64_t d = 0; d < head_dim; d++) sum += codes[d];
+        q->sums[v] = sum, q->scales[v] = step * scale;
+    }
+}
+
+/* q's rows from `row` on (a task's rows). */
+static inline query_codes rows_from(const query_codes *q, int64_t row, int64_t num_heads) {
+    return (query_codes){q->codes + row * num_heads * q->padded, q->sums + row * num_heads,
+                         q->scales + row * num_heads, q->padded};
+}
+
+/* One (row, head)'s score against an int8 key [head_dim], as query_codes says. */
+static inline float int8_score(const int8_t *q, const int8_t *k, int64_t head_dim, float key_scale,
+                               float query_scale) {
+    int32_t dot = 0;
+    for (int64_t d = 0; d < head_dim; d++) dot += (int32_t)q[d] * k[d];
+    return (float)dot * key_scale * query_scale;
+}
 
 /* A cache row [Hkv * D] as floats: in place for float32; other elements are converted into `converted` (exactly:
  * every float16, bfloat16 and int8 value is a float32; int8's scales are applied by the caller, as torch_ref does). */
@@ -261,6 +319,119 @@ static void span_scores16(const float *restrict query, int64_t num_rows, const i
 #undef SCORES_OF
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* t[i] lane j <- t[j] lane i: a 16 x 16 transpose of 32-bit elements (a key's 4-byte groups into a lane per key). */
+static inline __attribute__((always_inline)) void transpose16x16(__m512i *t) {
+    __m512i a[16];
+    for (int i = 0; i < 16; i += 2) {  // 128-bit lane k: t[i]'s and t[i+1]'s elements 4k, 4k+1 (lo), 4k+2, 4k+3 (hi)
+        a[i] = _mm512_unpacklo_epi32(t[i], t[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi32(t[i], t[i + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) {  // 128-bit lane k of t[g + m]: element 4k + m of t[g] .. t[g + 3]
+        t[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
+        t[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
+        t[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
+        t[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
+    }
+    for (int m = 0; m < 4; m++) {  // then 128-bit lane k of t[4G + m] into lane G of t[4k + m]
+        const __m512i x0 = _mm512_shuffle_i32x4(t[m], t[4 + m], 0x44), x1 = _mm512_shuffle_i32x4(t[m], t[4 + m], 0xEE);
+        const __m512i x2 = _mm512_shuffle_i32x4(t[8 + m], t[12 + m], 0x44);
+        const __m512i x3 = _mm512_shuffle_i32x4(t[8 + m], t[12 + m], 0xEE);
+        t[m] = _mm512_shuffle_i32x4(x0, x2, 0x88), t[4 + m] = _mm512_shuffle_i32x4(x0, x2, 0xDD);
+        t[8 + m] = _mm512_shuffle_i32x4(x1, x3, 0x88), t[12 + m] = _mm512_shuffle_i32x4(x1, x3, 0xDD);
+    }
+}
+
+/* acc[i] lane j += (key j's 64 bytes + 128) . q[i]'s 64 codes, for `nq` (1-4) queries: t[g] lane j holds key j's
+ * bytes 4g .. 4g + 3 made unsigned (VNNI multiplies unsigned bytes by signed ones). Two sums per query keep more
+ * chains in flight; integer sums, so their order does not matter. */
+static inline __attribute__((always_inline)) void vnni_dots(const __m512i *t, const int8_t *const *q, int nq,
+                                                            __m512i *acc) {
+    __m512i even[4], odd[4];
+    for (int i = 0; i < nq; i++) even[i] = acc[i], odd[i] = _mm512_setzero_si512();
+    for (int g = 0; g < 16; g += 2)
+        for (int i = 0; i < nq; i++) {
+            int32_t even_quad, odd_quad;  // q's bytes 4g .. 4g + 3 and 4g + 4 .. 4g + 7
+            memcpy(&even_quad, q[i] + 4 * g, sizeof(even_quad));
+            memcpy(&odd_quad, q[i] + 4 * g + 4, sizeof(odd_quad));
+            even[i] = _mm512_dpbusd_epi32(even[i], t[g], _mm512_set1_epi32(even_quad));
+            odd[i] = _mm512_dpbusd_epi32(odd[i], t[g + 1], _mm512_set1_epi32(odd_quad));
+        }
+    for (int i = 0; i < nq; i++) acc[i] = _mm512_add_epi32(even[i], odd[i]);
+}
+
+/* The (row, head) vectors v .. v + nq - 1 of one KV head against the tile's transposed bytes c .. c + 63 (t): their
+ * integer sums carried in `sums` [., 16] between pieces, and after the last piece the scores of the `valid` keys
+ * into out [nq, len] (query_codes' formula; the 128 that made the keys unsigned taken back as 128 * sum(q)). */
+static inline __attribute__((always_inline)) void int8_tile_scores(const query_codes *q8, int64_t v, int nq,
+                                                                   const __m512i *t, int64_t c, int64_t head_dim,
+                                                                   int32_t *restrict sums, const float *key_scales,
+                                                                   float *out, int64_t len, int64_t valid) {
+    __m512i acc[4];
+    const int8_t *q[4];
+    for (int i = 0; i < nq; i++) {
+        q[i] = q8->codes + (v + i) * q8->padded + c;
+        acc[i] = c == 0 ? _mm512_setzero_si512() : _mm512_loadu_si512(sums + (v + i) * 16);
+    }
+    switch (nq) {  // a constant count keeps the sums in registers
+        case 1: vnni_dots(t, q, 1, acc); break;
+        case 2: vnni_dots(t, q, 2, acc); break;
+        case 3: vnni_dots(t, q, 3, acc); break;
+        default: vnni_dots(t, q, 4, acc);
+    }
+    if (c + 64 < head_dim) {
+        for (int i = 0; i < nq; i++) _mm512_storeu_si512(sums + (v + i) * 16, acc[i]);
+        return;
+    }
+    const __m512 key_scale = _mm512_loadu_ps(key_scales);
+    for (int i = 0; i < nq; i++) {
+        const __m512i dot = _mm512_sub_epi32(acc[i], _mm512_set1_epi32(128 * q8->sums[v + i]));
+        _mm512_mask_storeu_ps(out + i * len, (__mmask16)((1u << valid) - 1),
+                              _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), key_scale),
+                                            _mm512_set1_ps(q8->scales[v + i])));
+    }
+}
+
+/* attend_span's keys pass for int8 keys and query codes, 16 keys at a time: each KV head's 64-byte pieces of the
+ * tile's keys transposed so that a key's products sum in a lane of its own (no sums across lanes), then one VNNI
+ * instruction per 4 bytes of a query covers all 16 keys; the transpose is shared by every row and head of the KV
+ * head. scores [rows, num_heads, len] as span_scores16 leaves them; scratch `sums` [rows * num_heads, 16] (head_dim
+ * over 64) and `key_scales` [Hkv, 16]. */
+static void int8_span_scores(const query_codes *q8, int64_t num_rows, const int64_t *restrict lasts,
+                             const paged_kv *kv, const int64_t *restrict table, int64_t first, int64_t last,
+                             float *restrict scores, int32_t *restrict sums, float *restrict key_scales,
+                             int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t block_size) {
+    const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim, len = last - first;
+    const void *rows[SCORE_TILE];
+    for (int64_t t0 = first; t0 < last; t0 += SCORE_TILE) {
+        const int64_t n = last - t0 < SCORE_TILE ? last - t0 : SCORE_TILE;
+        tile_rows(kv->key, KV_I8, kv->key_scale, table, t0, n, last, rows, key_scales, num_kv_heads, token_stride,
+                  block_size);
+        for (int64_t j = n; j < SCORE_TILE; j++) rows[j] = rows[0];  // lanes past the span: computed, never stored
+        for (int64_t kv_head = 0; kv_head < num_kv_heads; kv_head++)
+            for (int64_t c = 0; c < head_dim; c += 64) {
+                const int64_t width = head_dim - c < 64 ? head_dim - c : 64;
+                const __mmask64 bytes = width == 64 ? ~0ull : (1ull << width) - 1;  // past head_dim: 0 (q's are 0)
+                __m512i t[16];
+                for (int j = 0; j < 16; j++) {
+                    const int8_t *key = (const int8_t *)rows[j] + kv_head * head_dim + c;
+                    t[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(bytes, key), _mm512_set1_epi8((char)0x80));
+                }
+                transpose16x16(t);
+                for (int64_t r = 0; r < num_rows; r++) {
+                    const int64_t valid = lasts[r] - t0 < n ? lasts[r] - t0 : n;  // row r's keys in the tile
+                    if (valid <= 0) continue;
+                    for (int64_t g = 0; g < group; g += 4) {  // up to four query heads of the KV head at a time
+                        const int64_t v = r * num_heads + kv_head * group + g;
+                        int8_tile_scores(q8, v, group - g < 4 ? (int)(group - g) : 4, t, c, head_dim, sums,
+                                         key_scales + kv_head * 16, scores + v * len + t0 - first, len, valid);
+                    }
+                }
+            }
+    }
+}
+#endif
+
 /* sums[i * head_dim + 16 c ..] += p[i * len + j] rows[j][column + 16 c ..] over the tile's n tokens in order, for
  * `nq` (1-4) heads of one KV head and `width` (1-4) vectors of each head's sums, held in registers. Each value
  * vector is loaded once for the nq heads. */
@@ -361,14 +532,29 @@ static void span_softmax(float *restrict scores, int64_t len, int64_t stride, fl
     memset(partial, 0, sizeof(float) * num_heads * head_dim);
 }
 
-/* One row over tokens [first, last) without the AVX-512 passes: plain loops, a token row at a time. */
-static void attend_span_loops(const float *restrict query, const paged_kv *kv, const int64_t *restrict table,
-                              int64_t first, int64_t last, float *restrict partial, float *restrict scores,
-                              float *restrict converted, int64_t num_kv_heads, int64_t group, int64_t head_dim,
-                              int64_t block_size, float scale) {
+/* One row's scores [num_heads, stride] (the first last - first of each) over int8 keys [first, last), from its
+ * query codes q8: plain loops. */
+static void int8_row_scores(const query_codes *q8, const paged_kv *kv, const int64_t *restrict table, int64_t first,
+                            int64_t last, float *restrict scores, int64_t stride, int64_t num_kv_heads, int64_t group,
+                            int64_t head_dim, int64_t block_size) {
+    const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim;
+    for (int64_t t = first; t < last; t++) {
+        const int64_t token = table[t / block_size] * block_size + t % block_size;
+        for (int64_t h = 0; h < num_heads; h++) {
+            const int64_t kv_head = h / group;
+            scores[h * stride + t - first] =
+                int8_score(q8->codes + h * q8->padded, (const int8_t *)kv->key + token * token_stride +
+                           kv_head * head_dim, head_dim, kv->key_scale[token * num_kv_heads + kv_head], q8->scales[h]);
+        }
+    }
+}
+
+/* One row's scores [num_heads, last - first] over keys [first, last): plain loops, a token row at a time. */
+static void float_row_scores(const float *restrict query, const paged_kv *kv, const int64_t *restrict table,
+                             int64_t first, int64_t last, float *restrict scores, float *restrict converted,
+                             int64_t num_kv_heads, int64_t group, int64_t head_dim, int64_t block_size, float scale) {
     const int int8 = kv->kind == KV_I8;
     const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim, len = last - first;
-    /* scores [num_heads, len] = q . k * scale: one pass over the keys */
     for (int64_t t = first, b = first / block_size, i = first % block_size; t < last; t++) {  // block b, row i
         const int64_t token = table[b] * block_size + i;
         if (t + block_size < last) prefetch_row(kv->key, kv->kind, table[b + 1] * block_size + i, token_stride);
@@ -384,6 +570,22 @@ static void attend_span_loops(const float *restrict query, const paged_kv *kv, c
         }
         if (++i == block_size) i = 0, b++;
     }
+}
+
+/* One row over tokens [first, last) without the AVX-512 passes: plain loops, a token row at a time. `q8`: the row's
+ * query codes, or NULL for float queries. */
+static void attend_span_loops(const float *restrict query, const query_codes *q8, const paged_kv *kv,
+                              const int64_t *restrict table, int64_t first, int64_t last, float *restrict partial,
+                              float *restrict scores, float *restrict converted, int64_t num_kv_heads, int64_t group,
+                              int64_t head_dim, int64_t block_size, float scale) {
+    const int int8 = kv->kind == KV_I8;
+    const int64_t num_heads = num_kv_heads * group, token_stride = num_kv_heads * head_dim, len = last - first;
+    /* scores [num_heads, len] = q . k * scale: one pass over the keys */
+    if (q8)
+        int8_row_scores(q8, kv, table, first, last, scores, len, num_kv_heads, group, head_dim, block_size);
+    else
+        float_row_scores(query, kv, table, first, last, scores, converted, num_kv_heads, group, head_dim, block_size,
+                         scale);
     span_softmax(scores, len, len, partial, num_heads, head_dim);
     /* p @ v per head, unnormalized: one pass over the values */
     for (int64_t t = first, b = first / block_size, i = first % block_size; t < last; t++) {
@@ -409,29 +611,46 @@ static void attend_span_loops(const float *restrict query, const paged_kv *kv, c
  * are contiguous, so a block is one sequential stream (per-head tasks striding over the rows ran 2.4-4.3x slower
  * from a cold cache). Scratch: scores [num_rows, num_heads, SPAN_TOKENS], `converted` [Hkv * D] (the loops' row
  * of another dtype as floats), `dots` [num_heads * 256 + Hkv * 16] (the AVX-512 passes' tiles and scales). */
-static void attend_span(const float *restrict query, int64_t num_rows, const int64_t *restrict lasts,
-                        const paged_kv *kv, const int64_t *restrict table, int64_t first, int64_t last,
-                        float *const *partials, float *restrict scores, float *restrict converted,
+static void attend_span(const float *restrict query, const query_codes *q8, int64_t num_rows,
+                        const int64_t *restrict lasts, const paged_kv *kv, const int64_t *restrict table, int64_t first,
+                        int64_t last, float *const *partials, float *restrict scores, float *restrict converted,
                         float *restrict dots, int64_t num_kv_heads, int64_t group, int64_t head_dim,
                         int64_t block_size, float scale) {
     const int64_t num_heads = num_kv_heads * group, len = last - first;
 #ifdef __AVX512F__
     if (head_dim % 16 == 0) {
-        span_scores16(query, num_rows, lasts, kv, table, first, last, scores, dots, dots + num_heads * 256,
-                      num_kv_heads, group, head_dim, block_size, scale);
+        float *key_scales = dots + num_heads * 256;
+        if (q8 == NULL)
+            span_scores16(query, num_rows, lasts, kv, table, first, last, scores, dots, key_scales, num_kv_heads,
+                          group, head_dim, block_size, scale);
+        else
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+            int8_span_scores(q8, num_rows, lasts, kv, table, first, last, scores, (int32_t *)dots, key_scales,
+                             num_kv_heads, group, head_dim, block_size);
+#else
+            for (int64_t r = 0; r < num_rows; r++) {
+                const query_codes row = rows_from(q8, r, num_heads);
+                if (lasts[r] > first)
+                    int8_row_scores(&row, kv, table, first, lasts[r] < last ? lasts[r] : last,
+                                    scores + r * num_heads * len, len, num_kv_heads, group, head_dim, block_size);
+            }
+#endif
         for (int64_t r = 0; r < num_rows; r++)
             if (lasts[r] > first)
                 span_softmax(scores + r * num_heads * len, (lasts[r] < last ? lasts[r] : last) - first, len,
                              partials[r], num_heads, head_dim);
-        span_values16(scores, num_rows, lasts, kv, table, first, last, partials, dots + num_heads * 256,
-                      num_kv_heads, group, head_dim, block_size);
+        span_values16(scores, num_rows, lasts, kv, table, first, last, partials, key_scales, num_kv_heads, group,
+                      head_dim, block_size);
         return;
     }
 #endif
-    for (int64_t r = 0; r < num_rows; r++)
+    for (int64_t r = 0; r < num_rows; r++) {
+        const query_codes row = q8 ? rows_from(q8, r, num_heads) : (query_codes){0};
         if (lasts[r] > first)
-            attend_span_loops(query + r * num_heads * head_dim, kv, table, first, lasts[r] < last ? lasts[r] : last,
-                              partials[r], scores, converted, num_kv_heads, group, head_dim, block_size, scale);
+            attend_span_loops(query + r * num_heads * head_dim, q8 ? &row : NULL, kv, table, first,
+                              lasts[r] < last ? lasts[r] : last, partials[r], scores, converted, num_kv_heads, group,
+                              head_dim, block_size, scale);
+    }
 }
 
 /* out [num_heads, head_dim] from a sequence's `count` spans' partials: each span's sums rescaled to the largest
@@ -491,8 +710,16 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
             *task_span = task_rows + num_spans;
     const int64_t stride = partial_floats(num_heads, head_dim);
     float *partials = aligned_alloc(64, sizeof(float) * (size_t)(num_spans * stride));
-    if (task_seq == NULL || partials == NULL) {
-        free(first_span), free(task_seq), free(partials);
+    // int8 queries: every row's codes [num_seqs * Hq, padded], then their sums and scales [num_seqs * Hq] each
+    const int int8_queries = kv->kind == KV_I8 && kv->int8_queries;
+    query_codes q8 = {NULL, NULL, NULL, (head_dim + 63) / 64 * 64};
+    const int64_t vectors = num_seqs * num_heads;
+    if (int8_queries && (q8.codes = malloc((size_t)(vectors * (q8.padded + 8)))) != NULL) {
+        q8.sums = (int32_t *)(q8.codes + vectors * q8.padded), q8.scales = (float *)(q8.sums + vectors);
+        quantize_queries(query, vectors, head_dim, scale, &q8);
+    }
+    if (task_seq == NULL || partials == NULL || (int8_queries && q8.codes == NULL)) {
+        free(first_span), free(task_seq), free(partials), free(q8.codes);
         return -1;
     }
     int64_t num_tasks = 0;
@@ -529,8 +756,9 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
                 last = end > last ? end : last;
                 row_partials[r] = end > first ? partials + (first_span[seq + r] + c) * stride : NULL;
             }
-            attend_span(query + seq * num_heads * head_dim, rows, seq_lens + seq, kv, tables + seq * max_blocks,
-                        first, last, row_partials, scores, scores + score_floats,
+            const query_codes task_q8 = int8_queries ? rows_from(&q8, seq, num_heads) : (query_codes){0};
+            attend_span(query + seq * num_heads * head_dim, int8_queries ? &task_q8 : NULL, rows, seq_lens + seq, kv,
+                        tables + seq * max_blocks, first, last, row_partials, scores, scores + score_floats,
                         scores + score_floats + num_kv_heads * head_dim, num_kv_heads, group, head_dim,
                         block_size, scale);
         }
@@ -542,16 +770,17 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
                             first_span[seq + 1] - first_span[seq], out + seq * num_heads * head_dim, num_heads,
                             head_dim);
     }
-    free(first_span), free(task_seq), free(partials);
+    free(first_span), free(task_seq), free(partials), free(q8.codes);
     return failed ? -1 : 0;
 }
 
-/* The exported entry: a cache of `kind` (enum kv_kind; key_scale and value_scale only for KV_I8, else NULL). */
+/* The exported entry: a cache of `kind` (enum kv_kind; key_scale and value_scale only for KV_I8, else NULL), with
+ * `int8_queries` (KV_I8 only) the queries rounded to 8 bits for Q.K. */
 int paged_decode_kv(const float *query, const void *key, const void *value, const float *key_scale,
-                    const float *value_scale, int64_t kind, const int64_t *tables, const int64_t *seq_lens,
-                    const int64_t *starts, float *out, int64_t num_seqs, int64_t num_kv_heads, int64_t group,
-                    int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
-    const paged_kv kv = {key, value, key_scale, value_scale, (int)kind};
+                    const float *value_scale, int64_t kind, int64_t int8_queries, const int64_t *tables,
+                    const int64_t *seq_lens, const int64_t *starts, float *out, int64_t num_seqs, int64_t num_kv_heads,
+                    int64_t group, int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
+    const paged_kv kv = {key, value, key_scale, value_scale, (int)kind, (int)int8_queries};
     return paged_decode(query, &kv, tables, seq_lens, starts, out, num_seqs, num_kv_heads, group, head_dim,
                         block_size, max_blocks, scale);
 }

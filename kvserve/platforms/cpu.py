@@ -84,7 +84,8 @@ class CpuPlatform(Platform):
         if not (self.config.platform.cpu_fused_decode and self.use_native_kernels and not sharded
                 and FusedLlamaDecode.supports(model, kv_caches, decode_kernel)):
             return None
-        return FusedLlamaDecode(model, kv_caches)
+        # the attention backend's Q.K (cpu_native.py): the module path's decodes and these must round alike
+        return FusedLlamaDecode(model, kv_caches, getattr(attention_backend, "int8_queries", False))
 
     def norm_kernel(self, dtype: torch.dtype) -> NormKernel:
         """The compiled RMSNorm (one pass instead of ~6 torch ops) where the native kernels run."""

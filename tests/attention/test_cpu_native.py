@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from kvserve.attention.backend import AttentionRequirements
 from kvserve.attention.cpu_native import CpuAttentionBackend
 from kvserve.attention.selector import create_attention_backend
 from kvserve.attention.torch_backend import TorchAttentionBackend
+from kvserve.kv import kv_quant
 from kvserve.runner.attention_inputs import build_common_metadata
 
 HAS_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
@@ -34,8 +37,8 @@ CPU = torch.device("cpu")
 
 
 def needs(kv_cache_dtype: str = "float32", device: torch.device = CPU, use_window: bool = False,
-          use_mla: bool = False) -> AttentionRequirements:
-    return AttentionRequirements(device, kv_cache_dtype, use_window, use_mla)
+          use_mla: bool = False, int8_queries: bool = False) -> AttentionRequirements:
+    return AttentionRequirements(device, kv_cache_dtype, use_window, use_mla, int8_queries=int8_queries)
 
 
 def _both(step) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,16 +87,20 @@ def test_long_sequences_split_into_spans_match_torch_ref(block_size):
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
 
 
-@needs_kernel
-@pytest.mark.parametrize("kv_cache_dtype", ["float32", "int8", "bfloat16"])
-@pytest.mark.parametrize("shape", SHAPES[:5], ids=lambda s: f"hkv{s[0]}-g{s[1]}-d{s[2]}-bs{s[3]}")
-@pytest.mark.parametrize(("first_len", "num_rows"), [(700, 5), (766, 5), (250, 11)],
-                         ids=["within-a-span", "across-a-span-end", "more-rows-than-share-a-read"])
-def test_a_row_gives_the_same_bits_alone_or_among_others(first_len: int, num_rows: int, shape, kv_cache_dtype):
-    """Rows with one block table (a request verifying drafts) share each key and value read, and spans depend on a
-    row's length only: each row rounds as it does alone (one sequence), bit for bit. 766-770 cross a span end (128
-    tokens), so the shorter rows have one span fewer; 11 rows are more than the kernel attends together (8)."""
-    kernels = native.load("paged_decode")
+@dataclass
+class RowsCase:
+    """A random paged cache and query rows that share one block table, row r attending seq_lens[r] tokens."""
+
+    key: torch.Tensor  # [num_blocks, block_size, Hkv, D]: float32 / 16-bit, or int8 codes
+    value: torch.Tensor
+    scales: tuple[torch.Tensor, torch.Tensor] | tuple[None, None]  # int8: [num_blocks, block_size, Hkv, 1] each
+    query: torch.Tensor  # [rows, Hq, D]
+    tables: torch.Tensor  # [rows, max_blocks]
+    seq_lens: torch.Tensor  # [rows]
+    group: int
+
+
+def _rows_case(shape, kv_cache_dtype: str, first_len: int, num_rows: int, scale_size: float = 1.0) -> RowsCase:
     gen = torch.Generator().manual_seed(3)
     num_kv_heads, group, head_dim, block_size = shape
     max_blocks = (first_len + num_rows + block_size - 1) // block_size
@@ -101,26 +108,105 @@ def test_a_row_gives_the_same_bits_alone_or_among_others(first_len: int, num_row
     scales = (None, None)
     if kv_cache_dtype == "int8":
         key, value = ((x * 40).clamp(-127, 127).to(torch.int8) for x in (key, value))
-        scales = tuple(torch.rand(max_blocks + 8, block_size, num_kv_heads, 1, generator=gen) for _ in range(2))
+        scales = tuple(torch.rand(max_blocks + 8, block_size, num_kv_heads, 1, generator=gen) * scale_size
+                       for _ in range(2))
     elif kv_cache_dtype != "float32":
         key, value = key.to(getattr(torch, kv_cache_dtype)), value.to(getattr(torch, kv_cache_dtype))
     query = torch.randn(num_rows, num_kv_heads * group, head_dim, generator=gen)
     tables = torch.randperm(max_blocks + 8, generator=gen)[:max_blocks].repeat(num_rows, 1).contiguous()
-    seq_lens = torch.arange(first_len, first_len + num_rows)
+    return RowsCase(key, value, scales, query, tables, torch.arange(first_len, first_len + num_rows), group)
 
-    def attend(rows: slice) -> torch.Tensor:
-        out = torch.empty_like(query[rows])
-        status = kernels.paged_decode_kv(query[rows].data_ptr(), key.data_ptr(), value.data_ptr(),
-                                         *(None if x is None else x.data_ptr() for x in scales),
-                                         native.paged_kv_kind(key.dtype), tables[rows].data_ptr(),
-                                         seq_lens[rows].data_ptr(), None, out.data_ptr(), out.shape[0], num_kv_heads,
-                                         group, head_dim, block_size, max_blocks, 0.125)
-        assert status == 0
-        return out
 
-    together = attend(slice(0, num_rows))
+def _attend(case: RowsCase, rows: slice = slice(None), int8_queries: bool = False, kernels=None) -> torch.Tensor:
+    """The kernel's attention of case's rows `rows` (scale 1/8)."""
+    kernels = kernels or native.load("paged_decode")
+    query, (_, block_size, num_kv_heads, head_dim) = case.query[rows], case.key.shape
+    out = torch.empty_like(query)
+    status = kernels.paged_decode_kv(query.data_ptr(), case.key.data_ptr(), case.value.data_ptr(),
+                                     *(None if x is None else x.data_ptr() for x in case.scales),
+                                     native.paged_kv_kind(case.key.dtype), int(int8_queries),
+                                     case.tables[rows].data_ptr(), case.seq_lens[rows].data_ptr(), None,
+                                     out.data_ptr(), out.shape[0], num_kv_heads, case.group, head_dim, block_size,
+                                     case.tables.shape[1], 0.125)
+    assert status == 0
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "int8", "int8-queries", "bfloat16"])
+@pytest.mark.parametrize("shape", SHAPES[:5], ids=lambda s: f"hkv{s[0]}-g{s[1]}-d{s[2]}-bs{s[3]}")
+@pytest.mark.parametrize(("first_len", "num_rows"), [(700, 5), (766, 5), (250, 11)],
+                         ids=["within-a-span", "across-a-span-end", "more-rows-than-share-a-read"])
+def test_a_row_gives_the_same_bits_alone_or_among_others(first_len: int, num_rows: int, shape, kv_cache_dtype):
+    """Rows with one block table (a request verifying drafts) share each key and value read, and spans depend on a
+    row's length only: each row rounds as it does alone (one sequence), bit for bit. 766-770 cross a span end (128
+    tokens), so the shorter rows have one span fewer; 11 rows are more than the kernel attends together (8)."""
+    case = _rows_case(shape, kv_cache_dtype.removesuffix("-queries"), first_len, num_rows)
+    int8_queries = kv_cache_dtype == "int8-queries"
+    together = _attend(case, int8_queries=int8_queries)
     for row in range(num_rows):
-        assert torch.equal(attend(slice(row, row + 1)), together[row:row + 1])
+        assert torch.equal(_attend(case, slice(row, row + 1), int8_queries), together[row:row + 1])
+
+
+def _int8_query_attention(case: RowsCase) -> torch.Tensor:
+    """paged_decode.c's attention with int8 queries, from its definition: each query head rounded as kv_quant rounds
+    keys, score = ((float32)(q codes . k codes) * key scale) * (q scale * 1/8) in float32; softmax and p v in
+    float64."""
+    codes, query_scale = kv_quant.quantize(case.query, "int8")  # [R, Hq, D], [R, Hq, 1]
+    block_size = case.key.shape[1]
+    key_scale, value_scale = case.scales
+    rows = []
+    for row, length in enumerate(case.seq_lens.tolist()):
+        blocks = case.tables[row, :(length + block_size - 1) // block_size]
+
+        def tokens(x: torch.Tensor, blocks=blocks, length=length) -> torch.Tensor:  # [nb, bs, Hkv, .] -> [n, Hq, .]
+            return x[blocks].flatten(0, 1)[:length].repeat_interleave(case.group, dim=1)
+
+        dots = (codes[row, :, None].long() * tokens(case.key).long().transpose(0, 1)).sum(-1)  # [Hq, length]
+        scores = (dots.float() * tokens(key_scale)[..., 0].T) * (query_scale[row] * 0.125)
+        weights = torch.softmax(scores.double(), dim=-1)
+        rows.append(torch.einsum("hn,nhd->hd", weights, tokens(case.value).double() * tokens(value_scale).double()))
+    return torch.stack(rows).float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"hkv{s[0]}-g{s[1]}-d{s[2]}-bs{s[3]}")
+def test_int8_queries_match_their_definition(shape):
+    """cpu_gguf_int8_activations with an int8 cache: Q.K on 8-bit queries (VNNI over transposed keys where the CPU
+    has it and head_dim is a multiple of 16, else plain loops) is the rounding its definition says, not float
+    queries': those are off by much more than the tolerance."""
+    case = _rows_case(shape, "int8", first_len=300, num_rows=3, scale_size=0.02)
+    expected = _int8_query_attention(case)
+    torch.testing.assert_close(_attend(case, int8_queries=True), expected, atol=1e-6, rtol=1e-5)  # measured 6e-8
+    assert (_attend(case) - expected).abs().max() > 1e-5  # measured 4e-5 (head_dim 8) to 2e-3
+
+
+@needs_kernel
+@pytest.mark.skipif("avx512_vnni" not in pathlib.Path("/proc/cpuinfo").read_text(errors="replace")
+                    if pathlib.Path("/proc/cpuinfo").exists() else True, reason="no AVX-512 VNNI here")
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3]], ids=["d64", "d128", "d16"])
+def test_int8_queries_give_the_same_bits_without_vnni(shape, monkeypatch, tmp_path):
+    """The VNNI pass (keys transposed and made unsigned) against paged_decode.c built without VNNI (integer loops
+    per row): exact integer sums, so the same bits."""
+    case = _rows_case(shape, "int8", first_len=300, num_rows=5)
+    with_vnni = _attend(case, int8_queries=True)
+    monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-mno-avx512vnni"))
+    native.load.cache_clear()
+    try:
+        without = _attend(case, int8_queries=True, kernels=native.load("paged_decode"))
+    finally:
+        monkeypatch.undo()
+        native.load.cache_clear()
+    assert torch.equal(with_vnni, without)
+
+
+@needs_kernel
+def test_int8_queries_are_for_int8_caches_on_the_kernel():
+    assert CpuAttentionBackend(needs("int8", int8_queries=True)).int8_queries
+    assert not CpuAttentionBackend(needs("int8")).int8_queries
+    assert not CpuAttentionBackend(needs("float16", int8_queries=True)).int8_queries
+    assert not CpuAttentionBackend(needs("int8", use_window=True, int8_queries=True)).int8_queries
 
 
 @needs_kernel
@@ -146,7 +232,8 @@ def test_window_and_mla_stay_on_torch_ref():
 def test_the_kernel_is_what_runs_the_decodes(monkeypatch):
     calls: list[int] = []
     real = cpu_native.decode
-    monkeypatch.setattr(cpu_native, "decode", lambda q, *rest: calls.append(q.shape[0]) or real(q, *rest))
+    monkeypatch.setattr(cpu_native, "decode", lambda q, *rest, **options: calls.append(q.shape[0])
+                        or real(q, *rest, **options))
     step = make_step(REQUESTS, num_kv_heads=3, group=3, head_dim=64, block_size=16)
     _both(step)
     assert calls == [5]

@@ -69,24 +69,44 @@ def test_without_the_compiled_kernels_the_file_is_dequantized() -> None:
         llm.engine.shutdown()
 
 
+def _assert_leaves_only_at_near_ties(exact: LLM, rounded: LLM) -> None:
+    """Where `rounded`'s greedy text first leaves `exact`'s on PROMPTS, its token was in exact's top 5 there,
+    within 0.5 nats of exact's choice (a wrong kernel leaves at a confident token)."""
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=5)
+    pairs = zip(exact.generate(PROMPTS, params, use_tqdm=False), rounded.generate(PROMPTS, params, use_tqdm=False),
+                strict=True)
+    for exact_output, rounded_output in pairs:
+        exact_ids, rounded_ids = exact_output.outputs[0].token_ids, rounded_output.outputs[0].token_ids
+        first = next((i for i, (a, b) in enumerate(zip(exact_ids, rounded_ids, strict=True)) if a != b), None)
+        if first is None:
+            continue
+        # Same context up to `first`: the exact model's view of the token the rounded path chose there.
+        ranked = exact_output.outputs[0].logprobs[first]
+        assert rounded_ids[first] in ranked, "the rounded path chose a token outside the exact model's top 5"
+        assert ranked[exact_ids[first]] - ranked[rounded_ids[first]] < 0.5
+
+
 def test_int8_activations_leave_the_greedy_path_only_at_near_ties(native: LLM) -> None:
     # cpu_gguf_int8_activations rounds activations to 8 bits (llama.cpp's arithmetic): lossy, so the greedy text
     # may leave the float path's, but only where the float model itself nearly tied. Measured first differing
-    # token on these prompts: 23, 0, 7 and never (of 32), each time at a float top-2 gap under 0.3 nats; a wrong
-    # kernel leaves at a confident token.
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=5)
+    # token on these prompts: 23, 0, 7 and never (of 32), each time at a float top-2 gap under 0.3 nats.
     int8 = LLM(kv_cache_memory=32 * 2**20, cpu_gguf_int8_activations=True, show_progress=False)
     try:
-        pairs = zip(native.generate(PROMPTS, params, use_tqdm=False), int8.generate(PROMPTS, params, use_tqdm=False),
-                    strict=True)
-        for exact, rounded in pairs:
-            exact_ids, rounded_ids = exact.outputs[0].token_ids, rounded.outputs[0].token_ids
-            first = next((i for i, (a, b) in enumerate(zip(exact_ids, rounded_ids, strict=True)) if a != b), None)
-            if first is None:
-                continue
-            # Same context up to `first`: the float model's view of the token the 8-bit path chose there.
-            ranked = exact.outputs[0].logprobs[first]
-            assert rounded_ids[first] in ranked, "the 8-bit path chose a token outside the float model's top 5"
-            assert ranked[exact_ids[first]] - ranked[rounded_ids[first]] < 0.5
+        _assert_leaves_only_at_near_ties(native, int8)
     finally:
         int8.engine.shutdown()
+
+
+def test_int8_activations_and_queries_on_an_int8_cache_leave_only_at_near_ties() -> None:
+    # With an int8 cache the 8-bit path also rounds the decode queries for Q.K (llama.cpp's q8_0 K cache): against
+    # float activations and queries on the same int8 cache, the text leaves only at near ties as well. Measured
+    # first differing token: 5, 0, 8 and never, at top-2 gaps of 0.13, 0.04 and 0.23 nats (rounding the queries
+    # alone, against 8-bit activations with float queries: 5, never, 7, never; gaps 0.02 and 0.3).
+    exact, rounded = (LLM(kv_cache_memory=32 * 2**20, kv_cache_dtype="int8", cpu_gguf_int8_activations=int8,
+                          show_progress=False) for int8 in (False, True))
+    try:
+        assert rounded.engine.runner.attention_backend.int8_queries
+        _assert_leaves_only_at_near_ties(exact, rounded)
+    finally:
+        exact.engine.shutdown()
+        rounded.engine.shutdown()

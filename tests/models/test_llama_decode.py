@@ -214,6 +214,18 @@ def test_steps_it_cannot_run_go_to_the_modules() -> None:
         llm.engine.shutdown()
 
 
+def test_an_int8_cache_with_8bit_activations_rounds_the_queries_on_both_paths() -> None:
+    """cpu_gguf_int8_activations with an int8 cache: the attention backend (the module path's decodes, in mixed
+    steps) and the fused step both take Q.K on 8-bit queries, so a request's tokens do not depend on which ran."""
+    llm = _llm(cpu_gguf_int8_activations=True, kv_cache_dtype="int8")
+    try:
+        runner = llm.engine.runner
+        assert runner.attention_backend.int8_queries and runner.model.fused_decode.shape.int8_queries == 1
+        assert 4 in _compare_every_step(llm, PROMPTS, tolerance=1e-2, outliers=1e-2)
+    finally:
+        llm.engine.shutdown()
+
+
 def test_gguf_decode_steps_with_8bit_activations_match_the_modules() -> None:
     """cpu_gguf_int8_activations: both paths read the interleaved Q4_1 tiles with the same kernels. Looser: where
     the paths' float inputs differ by an ulp an 8-bit code can flip, and 30 layers carry it on (measured: most

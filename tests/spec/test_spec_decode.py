@@ -37,14 +37,15 @@ def test_bundled_greedy_output_is_identical_with_drafts(options, bundled_prompts
 
 
 @pytest.mark.parametrize("options", [{"quantization": "none"}, {"cpu_gguf_int8_activations": True},
+                                     {"cpu_gguf_int8_activations": True, "kv_cache_dtype": "int8"},
                                      {"kv_cache_dtype": "float16"}, {"kv_cache_dtype": "int8"},
                                      {"kv_cache_dtype": "int4"},
                                      {"kv_window": 48, "kv_sinks": 4}])
 def test_bundled_greedy_output_is_identical_with_drafts_on_other_paths(options, bundled_prompts):
-    """float32 weights and 8-bit activations (batch-invariant kernels) verify on the fused step; int8 and int4
-    caches on their kernels (a float16 cache too; int4: no draft fills a block, which would be quantized with it);
-    sinks + a window that slides during the output, evicting by the accepted tokens (each against itself without
-    drafts)."""
+    """float32 weights and 8-bit activations (batch-invariant kernels) verify on the fused step (with an int8
+    cache, on 8-bit queries too); int8 and int4 caches on their kernels (a float16 cache too; int4: no draft fills
+    a block, which would be quantized with it); sinks + a window that slides during the output, evicting by the
+    accepted tokens (each against itself without drafts)."""
     plain = generate_ids(LLM(show_progress=False, **options), bundled_prompts)
     speculative = LLM(show_progress=False, **options, **NGRAM)
     assert generate_ids(speculative, bundled_prompts) == plain
