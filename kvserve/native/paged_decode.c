@@ -610,7 +610,8 @@ static void attend_span_loops(const float *restrict query, const query_codes *q8
  * `first` has no partial here (NULL). Keys and values are read token row by token row: all KV heads of a token
  * are contiguous, so a block is one sequential stream (per-head tasks striding over the rows ran 2.4-4.3x slower
  * from a cold cache). Scratch: scores [num_rows, num_heads, SPAN_TOKENS], `converted` [Hkv * D] (the loops' row
- * of another dtype as floats), `dots` [num_heads * 256 + Hkv * 16] (the AVX-512 passes' tiles and scales). */
+ * of another dtype as floats), `dots` [num_heads * 256 + Hkv * 16] (the AVX-512 passes' tiles and scales; the
+ * int8-query pass's integer sums in the tiles' place). `q8`: the rows' query codes, or NULL for float queries. */
 static void attend_span(const float *restrict query, const query_codes *q8, int64_t num_rows,
                         const int64_t *restrict lasts, const paged_kv *kv, const int64_t *restrict table, int64_t first,
                         int64_t last, float *const *partials, float *restrict scores, float *restrict converted,
