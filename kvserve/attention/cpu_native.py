@@ -12,8 +12,6 @@ compiler the engine stays on torch.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from kvserve import native
@@ -46,7 +44,6 @@ class CpuAttentionBackend(TorchAttentionBackend):
                            and not needs.use_mla and needs.logits_soft_cap is None)
         # int8 caches under cpu_gguf_int8_activations: Q.K in integers, as llama.cpp computes it on a q8_0 K cache
         self.int8_queries = self.use_kernel and needs.int8_queries and needs.kv_cache_dtype == "int8"
-        self._decode = functools.partial(decode, int8_queries=self.int8_queries) if self.use_kernel else None
 
     @classmethod
     def check_supported(cls, needs: AttentionRequirements) -> None:
@@ -64,8 +61,14 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 metadata: TorchAttentionMetadata, scale: float) -> torch.Tensor:
         """torch_ref.paged_attention, with the decodes on the kernel where it serves this cache."""
-        return torch_ref.paged_attention(query, key, value, cache, metadata, scale, decode=self._decode,
+        return torch_ref.paged_attention(query, key, value, cache, metadata, scale,
+                                         decode=self._decode if self.use_kernel else None,
                                          soft_cap=self.logits_soft_cap)
+
+    def _decode(self, query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """`decode` with this backend's queries (looked up per call, so a test may wrap it)."""
+        return decode(query, cache, metadata, scale, self.int8_queries)
 
 
 def decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata, scale: float,

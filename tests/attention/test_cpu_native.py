@@ -232,8 +232,7 @@ def test_window_and_mla_stay_on_torch_ref():
 def test_the_kernel_is_what_runs_the_decodes(monkeypatch):
     calls: list[int] = []
     real = cpu_native.decode
-    monkeypatch.setattr(cpu_native, "decode", lambda q, *rest, **options: calls.append(q.shape[0])
-                        or real(q, *rest, **options))
+    monkeypatch.setattr(cpu_native, "decode", lambda q, *rest: calls.append(q.shape[0]) or real(q, *rest))
     step = make_step(REQUESTS, num_kv_heads=3, group=3, head_dim=64, block_size=16)
     _both(step)
     assert calls == [5]
