@@ -324,7 +324,7 @@ class PlatformConfig:
                 "at start-up per batch-size bucket (1, 2, 4, ... max_num_seqs) where the attention backend allows"})
     attention_backend: str = field(default="auto", metadata={
         "help": "paged attention: torch (pure torch, any device and cache), cpu (torch with float32, 16-bit and "
-                "int8 decodes on a compiled kernel), triton (CUDA kernels; no int4), or auto (triton on CUDA, cpu "
+                "int8 decodes on a compiled kernel), triton (CUDA kernels), or auto (triton on CUDA, cpu "
                 "on the CPU, where they build and serve the cache; else torch)"})
 
     def __post_init__(self) -> None:

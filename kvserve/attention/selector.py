@@ -1,7 +1,7 @@
 """Chooses the attention backend once, at engine construction, from the `attention_backend` option.
 
 auto: on CUDA the Triton kernels where triton imports (else torch); on the CPU the compiled decode kernel
-where it builds (else torch); each only if it serves the model's cache (int4, a window and MLA take torch).
+where it builds (else torch); a backend that cannot serve the model's cache is passed over.
 """
 
 from __future__ import annotations

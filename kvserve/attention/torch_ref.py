@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -223,8 +224,11 @@ def _prefill_with_window(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     """A prompt chunk under sinks + window: queries before S + W are plain causal, later ones see sinks + window."""
     num_cached = seq.seq_len - seq.query_len
     num_plain = min(max(window.num_sinks + window.window - num_cached, 0), seq.query_len)
+    # A lossy cache and nothing cached before: every row reads this chunk's fresh K/V, as a prompt without a window
+    # does (nothing is evicted yet, so key columns are positions).
+    fresh = num_cached == 0 and (cache.is_quantized or cache.key.dtype != key.dtype)
     if num_plain == seq.query_len:
-        return _prefill(query, key, value, cache, seq, scale)
+        return _prefill(query, key, value, cache, dataclasses.replace(seq, key_mask=None) if fresh else seq, scale)
     out = torch.empty_like(query)
     if num_plain:  # nothing is evicted while some query still sees everything before it
         head = PrefillSeq(seq.query_start, num_plain, num_cached + num_plain, seq.block_table, seq.residual)
@@ -232,18 +236,21 @@ def _prefill_with_window(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     num_tokens, num_heads, head_dim = query.shape
     late = slice(num_plain, num_tokens)
     sink_query = rotate_heads(query[late], window.sink_rotation, slice(rows.start + num_plain, rows.stop))
-    if cache.is_quantized:
-        out[late] = _prefill_quantized(query[late], sink_query, cache, seq, seq.key_mask[late], window.num_sinks,
-                                       scale)
+    mask = seq.key_mask[late]
+    if fresh:  # [n, Hkv, D] -> [1, Hkv, n, D]
+        keys, values, mask = key.transpose(0, 1)[None], value.transpose(0, 1)[None], mask[:, :num_tokens]
+    elif cache.is_quantized:
+        out[late] = _prefill_quantized(query[late], sink_query, cache, seq, mask, window.num_sinks, scale)
         return out
-    keys, values = gather_kv(cache, seq.block_table[None], query.dtype, seq.residual)  # [1, Hkv, L, D]
+    else:
+        keys, values = gather_kv(cache, seq.block_table[None], query.dtype, seq.residual)  # [1, Hkv, L, D]
     num_kv_heads = keys.shape[1]
 
     def by_kv_head(x: torch.Tensor) -> torch.Tensor:  # [n, Hq, D] -> [Hkv, G, n, D]
         return x.reshape(x.shape[0], num_kv_heads, -1, head_dim).permute(1, 2, 0, 3)
 
     out_late = _window_attention(by_kv_head(query[late]), by_kv_head(sink_query), keys[0, :, None],
-                                 values[0, :, None], seq.key_mask[late], window.num_sinks, scale)
+                                 values[0, :, None], mask, window.num_sinks, scale)
     out[late] = out_late.permute(2, 0, 1, 3).reshape(-1, num_heads, head_dim)  # [Hkv, G, n, D] -> [n, Hq, D]
     return out
 

@@ -19,10 +19,11 @@ import triton.language as tl
 from kvserve.attention import mla, torch_ref
 from kvserve.attention.backend import AttentionBackend, AttentionRequirements, CommonAttentionMetadata, MLABackend
 from kvserve.attention.torch_metadata import PrefillSeq, prefill_seq, sliding_key_ranges
+from kvserve.kv.int4_residual import Int4WritePlan, ResidualTails
 from kvserve.kv.kv_cache import LayerKVCache
 
-# kv_cache_dtype -> the QUANT constexpr of the kernels (int4 has no kernel: the backend declares it unsupported).
-_QUANT_MODES = {"auto": 0, "int8": 1, "fp8": 2}
+# kv_cache_dtype -> the QUANT constexpr of the kernels (int4: KIVI's layout, kv/int4_residual.py).
+_QUANT_MODES = {"auto": 0, "int8": 1, "fp8": 2, "int4": 3}
 _LOG2E = 1.4426950408889634
 DEFAULT_PARTITION_SIZE = 512  # keys per split-KV partition of the decode kernel
 MAX_PARTITIONS = 32  # split-KV partitions per row at most: wider tables get longer partitions
@@ -83,6 +84,16 @@ def _dequantize(codes, scale, QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr):
     else:
         values = _fp8_decode(codes)
     return values * scale
+
+
+@triton.jit
+def _int4_dequantize(packed, dims, scale, zero, HEAD_DIM: tl.constexpr):
+    """Packed bytes [N, D], each loaded at both of its channels, and float16 scales / zero points broadcastable to
+    [N, D] -> float32 values code * scale + zero [N, D]. Channel i < D / 2 is a byte's low nibble, i + D / 2 its
+    high one (kv_quant.pack_int4)."""
+    shift = tl.where(dims >= HEAD_DIM // 2, 4, 0)
+    codes = (packed.to(tl.int32) >> shift[None, :]) & 15
+    return codes.to(tl.float32) * scale.to(tl.float32) + zero.to(tl.float32)
 
 
 @triton.jit
@@ -150,6 +161,7 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, tile, num_keys, block_table_ptr, block
                  stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                  key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row, use_fresh,
                  held_ptr, sink_q, num_sinks, stream_window,
+                 k_zero_ptr, v_zero_ptr, stride_pb, stride_ph, res_k_ptr, res_v_ptr, stride_rs, stride_rh, tail_column,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
                  FP8_NATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr,
                  HAS_FRESH: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, STREAMING: tl.constexpr):
@@ -162,6 +174,9 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, tile, num_keys, block_table_ptr, block
     STREAMING (attention sinks + window, kv/window_layout.py): the table's columns are the kept blocks, whose
     logical block numbers are held_ptr's; row r sees key positions < num_sinks and those in
     (q_pos[r] - stream_window, q_pos[r]], and scores the sinks with its sink query sink_q [M, D].
+    QUANT 3 (int4): codes [.., D / 2]; key scales / zero points per channel and block at k_scale_ptr / k_zero_ptr
+    (strides stride_pb, stride_ph), value ones per token (as int8's scales); table column tail_column (-1: none) is
+    the request's incomplete block, read from its full-precision residual slot res_k_ptr / res_v_ptr instead.
     """
     dims = tl.arange(0, BLOCK_D)
     pos = tile + tl.arange(0, BLOCK_N)
@@ -174,10 +189,24 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, tile, num_keys, block_table_ptr, block
     offset = pos % block_size
     slot_off = block * stride_cb + offset * stride_cs + kv_head * stride_ch  # [N]
     mask = in_seq[:, None] & (dims < HEAD_DIM)[None, :]
+    code_dims = dims
+    if QUANT == 3:  # channels i and i + D / 2 share a byte
+        code_dims = dims % (HEAD_DIM // 2)
     # Masked rows load 0: a NaN left in an unused cache slot must not reach p @ V.
-    k = tl.load(k_cache_ptr + slot_off[:, None] + dims[None, :], mask=mask, other=0)  # [N, D]
-    v = tl.load(v_cache_ptr + slot_off[:, None] + dims[None, :], mask=mask, other=0)
-    if QUANT != 0:
+    k = tl.load(k_cache_ptr + slot_off[:, None] + code_dims[None, :], mask=mask, other=0)  # [N, D]
+    v = tl.load(v_cache_ptr + slot_off[:, None] + code_dims[None, :], mask=mask, other=0)
+    if QUANT == 3:
+        param_off = (block * stride_pb + kv_head * stride_ph)[:, None] + dims[None, :]  # the key block's channels
+        k = _int4_dequantize(k, dims, tl.load(k_scale_ptr + param_off, mask=mask, other=0.0),
+                             tl.load(k_zero_ptr + param_off, mask=mask, other=0.0), HEAD_DIM)
+        scale_off = block * stride_sb + offset * stride_ss + kv_head * stride_sh
+        v = _int4_dequantize(v, dims, tl.load(v_scale_ptr + scale_off, mask=in_seq, other=0.0)[:, None],
+                             tl.load(v_zero_ptr + scale_off, mask=in_seq, other=0.0)[:, None], HEAD_DIM)
+        tail_mask = mask & (pos // block_size == tail_column)[:, None]
+        residual_off = (offset * stride_rs + kv_head * stride_rh)[:, None] + dims[None, :]
+        k = tl.where(tail_mask, tl.load(res_k_ptr + residual_off, mask=tail_mask, other=0.0).to(tl.float32), k)
+        v = tl.where(tail_mask, tl.load(res_v_ptr + residual_off, mask=tail_mask, other=0.0).to(tl.float32), v)
+    elif QUANT != 0:
         scale_off = block * stride_sb + offset * stride_ss + kv_head * stride_sh
         k_scale = tl.load(k_scale_ptr + scale_off, mask=in_seq, other=0.0)
         v_scale = tl.load(v_scale_ptr + scale_off, mask=in_seq, other=0.0)
@@ -233,6 +262,7 @@ def _attend(q, q_pos, start, end, num_keys, block_table_ptr, block_size, kv_head
             stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
             key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row, use_fresh,
             held_ptr, sink_q, num_sinks, stream_window,
+            k_zero_ptr, v_zero_ptr, stride_pb, stride_ph, res_k_ptr, res_v_ptr, stride_rs, stride_rh, tail_column,
             BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
             QUANT: tl.constexpr, FP8_NATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_CAUSAL: tl.constexpr,
             HAS_FRESH: tl.constexpr, INTERPRET: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
@@ -249,7 +279,9 @@ def _attend(q, q_pos, start, end, num_keys, block_table_ptr, block_size, kv_head
                                          kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                                          stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                                          key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row,
-                                         use_fresh, held_ptr, sink_q, num_sinks, stream_window, HEAD_DIM, BLOCK_D,
+                                         use_fresh, held_ptr, sink_q, num_sinks, stream_window, k_zero_ptr,
+                                         v_zero_ptr, stride_pb, stride_ph, res_k_ptr, res_v_ptr, stride_rs, stride_rh,
+                                         tail_column, HEAD_DIM, BLOCK_D,
                                          BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION, IS_CAUSAL, HAS_FRESH, WINDOW,
                                          SOFT_CAP, STREAMING)
             tile += BLOCK_N
@@ -259,7 +291,9 @@ def _attend(q, q_pos, start, end, num_keys, block_table_ptr, block_size, kv_head
                                          kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                                          stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                                          key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, fresh_row,
-                                         use_fresh, held_ptr, sink_q, num_sinks, stream_window, HEAD_DIM, BLOCK_D,
+                                         use_fresh, held_ptr, sink_q, num_sinks, stream_window, k_zero_ptr,
+                                         v_zero_ptr, stride_pb, stride_ph, res_k_ptr, res_v_ptr, stride_rs, stride_rh,
+                                         tail_column, HEAD_DIM, BLOCK_D,
                                          BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION, IS_CAUSAL, HAS_FRESH, WINDOW,
                                          SOFT_CAP, STREAMING)
     return m_i, l_i, acc
@@ -269,6 +303,8 @@ def _attend(q, q_pos, start, end, num_keys, block_table_ptr, block_size, kv_head
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
                    key_starts_ptr, out_ptr, lse_ptr, qk_scale, num_queries_per_kv, block_size,
                    sink_q_ptr, held_ptr, positions_ptr, num_sinks, stream_window,
+                   k_zero_ptr, v_zero_ptr, res_k_ptr, res_v_ptr, tail_columns_ptr, tail_slots_ptr,
+                   stride_pb, stride_ph, stride_rb, stride_rs, stride_rh,
                    stride_qb, stride_qh, stride_bt,
                    stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh,
                    stride_ob, stride_oh, stride_op, stride_lb, stride_lh,
@@ -281,6 +317,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     The request's keys are its table's columns [0, seq_len), or [key_start, seq_len) with HAS_STARTS (a sliding
     window: the partitions then cover the window only). STREAMING: sinks + window (_attend_tile); seq_len counts
     the table's columns, the query sits at positions[req], its sink query at sink_q_ptr (laid out as q_ptr).
+    int4: the request's incomplete block is table column tail_columns[req] (-1: none), its residual slot
+    tail_slots[req].
     """
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -305,11 +343,14 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bl
     if STREAMING:
         q_pos = tl.zeros([BLOCK_G], tl.int64) + tl.load(positions_ptr + req)
         sink_q = tl.load(sink_q_ptr + q_rows, mask=q_mask, other=0.0)
+    residual_row = tl.load(tail_slots_ptr + req) * stride_rb  # int4 only (else never read)
     m_i, l_i, acc = _attend(q, q_pos, start, end, end, block_tables_ptr + req * stride_bt, block_size, kv_head,
                             k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                             stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                             q_ptr, q_ptr, 0, 0, 0, 0, 0, False,  # no fresh K/V: decode reads the cache only
                             held_ptr + req * stride_bt, sink_q, num_sinks, stream_window,
+                            k_zero_ptr, v_zero_ptr, stride_pb, stride_ph, res_k_ptr + residual_row,
+                            res_v_ptr + residual_row, stride_rs, stride_rh, tl.load(tail_columns_ptr + req),
                             BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE, DOT_PRECISION, False, False,
                             INTERPRET, 0, SOFT_CAP, STREAMING)
     out = acc / l_i[:, None]
@@ -348,6 +389,8 @@ def _merge_kernel(part_ptr, lse_ptr, seq_lens_ptr, key_starts_ptr, out_ptr,
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
                     first_keys_ptr, query_start_loc_ptr, out_ptr, key_ptr, value_ptr, qk_scale, num_queries_per_kv,
                     block_size, sink_q_ptr, held_ptr, columns_ptr, num_sinks, stream_window,
+                    k_zero_ptr, v_zero_ptr, res_k_ptr, res_v_ptr, tail_columns_ptr, tail_slots_ptr,
+                    stride_pb, stride_ph, stride_rb, stride_rs, stride_rh,
                     stride_qt, stride_qh, stride_bt,
                     stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, stride_ot, stride_oh,
                     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -361,6 +404,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
     copies in the cache, as torch_ref does. WINDOW > 0: a sliding-window layer; query q sees keys
     q - WINDOW < k <= q, and the sequence's table starts at key position first_keys[seq] (column 0). STREAMING:
     sinks + window (_attend_tile) over the table's columns[seq] columns, sink queries at sink_q_ptr (as q_ptr).
+    int4: as the decode kernel's, per sequence.
     """
     q_tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -397,11 +441,14 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, b
         lowest = tl.maximum(num_cached - first_key + first - WINDOW + 1, 0)
     if STREAMING:  # the kept columns up to the last token: the rule is on key positions, not on columns
         num_keys = tl.load(columns_ptr + seq)
+    residual_row = tl.load(tail_slots_ptr + seq) * stride_rb  # int4 only (else never read)
     m_i, l_i, acc = _attend(q, q_pos, lowest, num_keys, num_keys, block_tables_ptr + seq * stride_bt, block_size,
                             kv_head, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                             stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, stride_sh, qk_scale,
                             key_ptr, value_ptr, stride_kt, stride_kh, stride_vt, stride_vh, query_start,
                             num_cached == 0, held_ptr + seq * stride_bt, sink_q, num_sinks, stream_window,
+                            k_zero_ptr, v_zero_ptr, stride_pb, stride_ph, res_k_ptr + residual_row,
+                            res_v_ptr + residual_row, stride_rs, stride_rh, tl.load(tail_columns_ptr + seq),
                             BLOCK_Q * BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_N, QUANT, FP8_NATIVE,
                             DOT_PRECISION, True, HAS_FRESH, INTERPRET, WINDOW, SOFT_CAP, STREAMING)
     if WINDOW > 0 or STREAMING:  # padding rows past the sequence may see no key: 0 / 0, never stored
@@ -429,14 +476,53 @@ def _use_native_fp8(device: torch.device) -> bool:
 
 
 def _cache_args(cache: LayerKVCache) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, ...], int]:
-    """Scale tensors (the codes themselves when unquantized: never read), strides and QUANT constexpr."""
+    """Scale tensors (the codes themselves when unquantized: never read), strides and QUANT constexpr.
+
+    The scale strides are the per-token scales' (int4: the values'; its keys' per-channel ones are _int4_args').
+    """
     quant = _QUANT_MODES[cache.kv_cache_dtype]
     k_scale = cache.key_scale if quant else cache.key
     v_scale = cache.value_scale if quant else cache.value
-    strides = (*cache.key.stride()[:3], *k_scale.stride()[:3])  # [N, bs, H, D]: block, slot, head
-    if cache.value.stride() != cache.key.stride() or (quant and v_scale.stride() != k_scale.stride()):
+    strides = (*cache.key.stride()[:3], *v_scale.stride()[:3])  # [N, bs, H, D]: block, slot, head
+    if cache.value.stride() != cache.key.stride() or (quant in (1, 2) and v_scale.stride() != k_scale.stride()):
         raise ValueError("key and value caches must share a layout (strides)")
     return k_scale, v_scale, cache.key.shape[1], strides, quant
+
+
+@dataclass
+class ResidualColumns:
+    """int4 caches: each request's incomplete block, which the kernels read from its full-precision residual slot
+    (kv/int4_residual.py) instead of its codes."""
+
+    columns: torch.Tensor  # [R] int32: the block's column in the request's table, -1 for none
+    slots: torch.Tensor  # [R] int32: the request's residual slot
+
+    @classmethod
+    def of(cls, tails: ResidualTails, num_rows: int, device: torch.device) -> ResidualColumns:
+        """The tails of rows `tails.rows`; the other rows have none."""
+        columns = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
+        slots = torch.zeros(num_rows, dtype=torch.int32, device=device)
+        columns[tails.rows] = tails.blocks.to(torch.int32)
+        slots[tails.rows] = tails.slots.to(torch.int32)
+        return cls(columns, slots)
+
+
+def _int4_args(cache: LayerKVCache, residual: ResidualColumns | None, stand_in: torch.Tensor) -> tuple:
+    """The kernels' int4 arguments: zero points, residual slots, each row's tail column and slot, the keys'
+    per-channel parameter strides (block, head) and the residual's (slot, token, head). Stand-ins (never read) for
+    other caches; without `residual` no request has a tail."""
+    if not cache.is_int4:
+        return cache.key, cache.key, cache.key, cache.key, stand_in, stand_in, 0, 0, 0, 0, 0
+    if residual is None:
+        residual = ResidualColumns(torch.full_like(stand_in, -1, dtype=torch.int32),
+                                   torch.zeros_like(stand_in, dtype=torch.int32))
+    keys, values = cache.residual_key, cache.residual_value
+    if cache.key_zero.stride() != cache.key_scale.stride() or cache.value_zero.stride() != \
+            cache.value_scale.stride() or values.stride() != keys.stride():
+        raise ValueError("an int4 cache's scales and zero points, and its residual keys and values, must share "
+                         "their layouts (strides)")
+    return (cache.key_zero, cache.value_zero, keys, values, residual.columns, residual.slots,
+            cache.key_scale.stride(0), cache.key_scale.stride(2), *keys.stride()[:3])
 
 
 @dataclass
@@ -487,6 +573,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def write_kv(key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache, slot_mapping: torch.Tensor) -> None:
     """Store keys/values [T, Hkv, D] at their slots (negative = skip), quantizing for int8/fp8 caches."""
     num_tokens, num_kv_heads, head_dim = key.shape
+    if cache.is_int4:
+        raise ValueError("an int4 cache is written block by block from its residual (torch_ref.write_kv_int4)")
     if num_tokens == 0:
         return
     if key.stride(-1) != 1 or value.stride(-1) != 1:
@@ -518,7 +606,8 @@ def decode_attention(query: torch.Tensor, cache: LayerKVCache, block_tables: tor
                      seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                      partition_size: int = DEFAULT_PARTITION_SIZE,
                      key_starts: torch.Tensor | None = None, soft_cap: float | None = None,
-                     sinks_window: SinksWindowRows | None = None) -> torch.Tensor:
+                     sinks_window: SinksWindowRows | None = None,
+                     residual: ResidualColumns | None = None) -> torch.Tensor:
     """One query token per request: query [B, Hq, D], tables [B, max_blocks], seq_lens [B] -> [B, Hq, D].
 
     Split-KV (Flash-Decoding): the keys of a request are cut into partitions of `partition_size`
@@ -527,6 +616,7 @@ def decode_attention(query: torch.Tensor, cache: LayerKVCache, block_tables: tor
     key_starts [B] (a sliding window): each request attends to its table's columns [key_starts, seq_lens) only.
     soft_cap: scaled scores become soft_cap * tanh(scores / soft_cap) before the softmax (Gemma 2).
     sinks_window: attention sinks + window; seq_lens then count each table's kept keys (sinks_window.num_keys).
+    residual (an int4 cache): each request's incomplete block, read from its residual slot.
     """
     batch, num_heads, head_dim = query.shape
     out = torch.empty_like(query) if out is None else out
@@ -554,6 +644,7 @@ def decode_attention(query: torch.Tensor, cache: LayerKVCache, block_tables: tor
     _decode_kernel[(batch, num_kv_heads, num_parts)](
         query, cache.key, cache.value, k_scale, v_scale, block_tables, seq_lens, key_starts, partial, lse,
         scale * _LOG2E, group, block_size, sink_query, held, positions, num_sinks, window,
+        *_int4_args(cache, residual, seq_lens),
         query.stride(0), query.stride(1), block_tables.stride(0), *strides,
         *partial_strides, lse.stride(0), lse.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=_BLOCK_N,
@@ -574,7 +665,8 @@ def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc:
                       out: torch.Tensor | None = None, key: torch.Tensor | None = None,
                       value: torch.Tensor | None = None, first_keys: torch.Tensor | None = None,
                       window: int = 0, soft_cap: float | None = None,
-                      sinks_window: SinksWindowRows | None = None) -> torch.Tensor:
+                      sinks_window: SinksWindowRows | None = None,
+                      residual: ResidualColumns | None = None) -> torch.Tensor:
     """Causal varlen attention over the paged cache, all sequences in one launch.
 
     query [T, Hq, D] packs each sequence's new tokens at query_start_loc [S + 1]; seq_lens [S]
@@ -584,7 +676,7 @@ def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc:
     attends over these full-precision rows instead of their quantized copies, like torch_ref.
     window > 0 (a sliding-window layer): query q sees keys q - window < k <= q, and each table row starts at key
     position first_keys [S] (the blocks before it are gone). soft_cap: as decode_attention's. sinks_window:
-    attention sinks + window (StreamingLLM), each table holding the kept blocks.
+    attention sinks + window (StreamingLLM), each table holding the kept blocks. residual: as decode_attention's.
     Not measured yet: on GPU, compare with SDPA / FlashAttention over gathered K/V.
     """
     _, num_heads, head_dim = query.shape
@@ -615,6 +707,7 @@ def prefill_attention(query: torch.Tensor, cache: LayerKVCache, query_start_loc:
         query, cache.key, cache.value, k_scale, v_scale, block_tables, seq_lens, first_keys, query_start_loc, out,
         key, value,
         scale * _LOG2E, group, block_size, sink_query, held, num_keys, num_sinks, stream_window,
+        *_int4_args(cache, residual, seq_lens),
         query.stride(0), query.stride(1), block_tables.stride(0), *strides, out.stride(0), out.stride(1),
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_N=_BLOCK_N,
@@ -648,12 +741,17 @@ class TritonAttentionMetadata:
     # Attention sinks + window: the kept blocks' columns (every request's row) and the sink queries' rotation.
     sinks_window: SinksWindowRows | None = None
     sink_rotation: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) [T, 1, D]
+    # An int4 cache: the step's write plan, and the decodes' and prefills' incomplete blocks.
+    int4: Int4WritePlan | None = None
+    decode_residual: ResidualColumns | None = None
+    prefill_residual: ResidualColumns | None = None
 
 
 class TritonAttentionBackend(AttentionBackend, MLABackend):
-    """Split-KV decode and varlen prefill kernels over plain, int8 and fp8 caches, sliding-window layers, attention
-    sinks + window and logit soft caps included (no int4); MLA's latent write and absorbed decode in triton_mla.py,
-    its prefills' latents gathered with torch."""
+    """Split-KV decode and varlen prefill kernels over plain, int8, fp8 and int4 caches, sliding-window layers,
+    attention sinks + window and logit soft caps included; MLA's latent write and absorbed decode in triton_mla.py,
+    its prefills' latents gathered with torch. An int4 cache's blocks are quantized by torch ops as they complete
+    (torch_ref.write_kv_int4)."""
 
     name = "triton"
     devices = ("cuda",)
@@ -704,12 +802,21 @@ class TritonAttentionBackend(AttentionBackend, MLABackend):
             metadata.prefill_first_keys = common.first_key_position[num_decodes:].to(torch.int32)
         if common.window is not None:
             metadata.sinks_window, metadata.sink_rotation = _sinks_window_rows(common), common.window.sink_rotation
+        if common.int4 is not None:
+            device = common.block_table.device
+            metadata.int4 = common.int4
+            metadata.decode_residual = ResidualColumns.of(common.int4.decode_tails, num_decodes, device)
+            metadata.prefill_residual = ResidualColumns.of(_numbered(common.int4.prefill_tails, device),
+                                                           common.num_reqs - num_decodes, device)
         return metadata
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
                 metadata: TritonAttentionMetadata, scale: float) -> torch.Tensor:
         """Write K/V, then the decode and prefill kernels: query [T, Hq, D] -> [T, Hq, D]."""
-        write_kv(key, value, cache, metadata.slot_mapping)
+        if metadata.int4 is not None:
+            torch_ref.write_kv_int4(key, value, cache, metadata.int4)
+        else:
+            write_kv(key, value, cache, metadata.slot_mapping)
         output = torch.empty_like(query)
         num_decodes = metadata.num_decodes
         decode_rows = prefill_rows = None
@@ -724,12 +831,14 @@ class TritonAttentionBackend(AttentionBackend, MLABackend):
         if num_decodes:
             decode_attention(query[:num_decodes], cache, metadata.decode_block_tables, decode_lens,
                              scale, out=output[:num_decodes], key_starts=metadata.decode_key_starts,
-                             soft_cap=self.logits_soft_cap, sinks_window=decode_rows)
+                             soft_cap=self.logits_soft_cap, sinks_window=decode_rows,
+                             residual=metadata.decode_residual)
         if metadata.max_query_len:
             prefill_attention(query, cache, metadata.query_start_loc, metadata.prefill_seq_lens,
                               metadata.prefill_block_tables, metadata.max_query_len, scale, out=output, key=key,
                               value=value, first_keys=metadata.prefill_first_keys, window=metadata.sliding_window,
-                              soft_cap=self.logits_soft_cap, sinks_window=prefill_rows)
+                              soft_cap=self.logits_soft_cap, sinks_window=prefill_rows,
+                              residual=metadata.prefill_residual)
         return output
 
     def write_latent(self, latent: torch.Tensor, cache: LayerKVCache, metadata: TritonAttentionMetadata) -> None:
@@ -752,6 +861,17 @@ class TritonAttentionBackend(AttentionBackend, MLABackend):
 
         return triton_mla.absorbed_decode(query, cache, metadata.decode_block_tables, metadata.decode_seq_lens,
                                           kv_lora_rank, scale)
+
+
+def _numbered(tails: list[ResidualTails | None], device: torch.device) -> ResidualTails:
+    """The prefills' tails (each request's own, row 0 of one) as one ResidualTails over the prefills' rows."""
+    present = [(row, tail) for row, tail in enumerate(tails) if tail is not None]
+    if not present:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return ResidualTails(empty, empty, empty)
+    rows = torch.tensor([row for row, _ in present], dtype=torch.long, device=device)
+    return ResidualTails(rows, torch.cat([tail.blocks for _, tail in present]),
+                         torch.cat([tail.slots for _, tail in present]))
 
 
 def _sinks_window_rows(common: CommonAttentionMetadata) -> SinksWindowRows:

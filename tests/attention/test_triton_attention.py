@@ -31,7 +31,10 @@ from kvserve.attention.backend import AttentionRequirements  # noqa: E402
 from kvserve.attention.selector import create_attention_backend  # noqa: E402
 from kvserve.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from kvserve.config import EngineConfig  # noqa: E402
-from kvserve.kv.kv_cache import LayerKVCache  # noqa: E402
+from kvserve.kv.int4_residual import Int4ResidualLayout  # noqa: E402
+from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches  # noqa: E402
+from kvserve.kv.kv_spec import KVCacheSpec  # noqa: E402
+from kvserve.runner.attention_inputs import build_common_metadata  # noqa: E402
 
 if not ta.IS_INTERPRETED and not torch.cuda.is_available():
     pytest.skip("triton_attention was imported without TRITON_INTERPRET=1 and there is no GPU",
@@ -245,14 +248,58 @@ def test_sink_queries_laid_out_unlike_the_queries_are_refused() -> None:
         ta.decode_attention(step.query, step.cache, tables, lengths, step.scale, sinks_window=rows)
 
 
-def test_an_int4_cache_is_refused() -> None:
-    """Asked for by name, triton refuses an int4 cache at construction; auto takes the torch backend instead."""
+# Steps of (request, new tokens), decodes first: a long prompt (two decode partitions), prompts ending inside a
+# block, a chunk after a cached prefix whose first block was incomplete, a prompt ending on a block's end.
+INT4_STEPS = [
+    [("a", 700), ("b", 45), ("c", 37)],
+    [("a", 1), ("b", 1), ("c", 20), ("d", 32)],
+    [("a", 1), ("b", 1), ("c", 1), ("d", 1)],
+]
+
+
+@pytest.mark.parametrize("kv_residual", ["read", "ignored"])
+def test_an_int4_cache_matches_the_torch_backend_step_by_step(kv_residual: str) -> None:
+    """KIVI int4: each step through both backends on their own caches gives the same attention (and the same cache:
+    both write with torch_ref.write_kv_int4). "ignored": the kernels told of no incomplete block read stale codes
+    there, so the same check must fail (this test's own mutation)."""
+    block_size, num_kv_heads, group, head_dim, num_blocks = 16, 2, 3, 64, 80
+    spec = KVCacheSpec(num_kv_heads, head_dim, head_dim, "int4", group_size=block_size)
+    gen = torch.Generator().manual_seed(0)
+    free = torch.randperm(num_blocks, generator=gen).tolist()  # shuffled physical blocks
     needs = AttentionRequirements(torch.device(DEVICE), "int4", use_window=False, use_mla=False)
-    with pytest.raises(ValueError, match="attention_backend='triton' cannot serve this model: kv_cache_dtype 'int4' "
-                                         "is not supported"):
-        create_attention_backend("triton", needs)
-    if DEVICE == "cuda":
-        assert type(create_attention_backend("auto", needs)) is TorchAttentionBackend
+    backends = {name: create_attention_backend(name, needs) for name in ("torch", "triton")}
+    caches = {name: allocate_kv_caches([spec], num_blocks, block_size, DEVICE, num_residual_slots=4)[0]
+              for name in backends}
+    layout = Int4ResidualLayout(4, block_size)
+    tables: dict[str, list[int]] = {}
+    computed: dict[str, int] = {}
+    mismatches = 0
+    for step in INT4_STEPS:
+        for request, count in step:
+            table = tables.setdefault(request, [])
+            computed.setdefault(request, 0)
+            while len(table) * block_size < computed[request] + count:
+                table.append(free.pop())
+        requests = [request for request, _ in step]
+        common = build_common_metadata(requests, [computed[r] for r in requests], [n for _, n in step],
+                                       [tables[r] for r in requests], block_size, torch.device(DEVICE), int4=layout)
+        num_tokens = common.num_tokens
+        query = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=gen).to(DEVICE)
+        kv = torch.randn(num_tokens, 2 * num_kv_heads, head_dim, generator=gen).to(DEVICE)
+        out = {}
+        for name, backend in backends.items():
+            metadata = backend.build_metadata(common)
+            if name == "triton" and kv_residual == "ignored":
+                metadata.decode_residual = metadata.prefill_residual = None
+            out[name] = backend.forward(query, kv[:, :num_kv_heads], kv[:, num_kv_heads:], caches[name], metadata,
+                                        head_dim ** -0.5)
+        mismatches += not torch.allclose(out["triton"], out["torch"], **TOL)
+        for field in ("key", "value", "key_scale", "value_scale", "key_zero", "value_zero", "residual_key",
+                      "residual_value"):
+            assert torch.equal(getattr(caches["triton"], field), getattr(caches["torch"], field)), field
+        for request, count in step:
+            computed[request] += count
+    assert mismatches == (0 if kv_residual == "read" else 2)  # steps 2 and 3 have incomplete blocks to read
 
 
 def test_metadata_is_derived_from_the_common_metadata() -> None:
@@ -306,10 +353,11 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, word_tokenizer: Any) ->
     return _tiny_llama(tmp_path_factory.mktemp("tiny-llama"), word_tokenizer)
 
 
-@pytest.mark.parametrize(("kv_cache_dtype", "window"), [("auto", {}), ("fp8", {}),
+@pytest.mark.parametrize(("kv_cache_dtype", "window"), [("auto", {}), ("fp8", {}), ("int4", {}),
                                                       ("auto", {"kv_window": 24, "kv_sinks": 5}),
-                                                      ("int8", {"kv_window": 24, "kv_sinks": 5})],
-                         ids=["auto", "fp8", "sinks-window", "sinks-window-int8"])
+                                                      ("int8", {"kv_window": 24, "kv_sinks": 5}),
+                                                      ("int4", {"kv_window": 24, "kv_sinks": 5, "block_size": 16})],
+                         ids=["auto", "fp8", "int4", "sinks-window", "sinks-window-int8", "sinks-window-int4"])
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # the interpreter's numpy meeting a NaN: a stale slot read
 def test_tiny_llama_greedy_tokens_match_torch_path(tiny_llama: str, kv_cache_dtype: str, window: dict) -> None:
     """Attention sinks + window: the 70-token prompt and the decodes run past the 24-token window (blocks of 16)."""
@@ -322,7 +370,8 @@ def test_tiny_llama_greedy_tokens_match_torch_path(tiny_llama: str, kv_cache_dty
     tokens = {}
     for backend in ("torch", "triton"):
         llm = LLM(model=tiny_llama, device=DEVICE, kv_cache_memory=4 * 2**20, max_num_batched_tokens=32,
-                  kv_cache_dtype=kv_cache_dtype, attention_backend=backend, show_progress=False, **window)
+                  max_num_seqs=4, kv_cache_dtype=kv_cache_dtype, attention_backend=backend, show_progress=False,
+                  **window)
         assert llm.engine.attention_backend.name == backend
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert tokens["triton"] == tokens["torch"]
