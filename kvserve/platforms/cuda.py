@@ -54,19 +54,38 @@ class CudaPlatform(Platform):
         return None if self.config.platform.enforce_eager else cuda_graph_capture()
 
     def kv_cache_budget(self, runner: ModelRunner, specs: list[KVCacheSpec], max_model_len: int) -> int:
-        """What gpu_memory_utilization leaves after the largest step (see platforms/cuda_memory.py)."""
+        """What gpu_memory_utilization leaves after the largest step and the decode graphs' memory pool (see
+        platforms/cuda_memory.py)."""
         config, device = self.config, self.device
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        block_size = config.cache.resolved_block_size
         scratch = runner.profile_step(specs, min(config.scheduler.max_num_batched_tokens, max_model_len),
-                                      config.scheduler.max_num_seqs, config.cache.resolved_block_size)
+                                      config.scheduler.max_num_seqs, block_size)
         memory = read_gpu_memory(device)
         torch.cuda.empty_cache()
-        budget = kv_budget(memory, config.cache.gpu_memory_utilization, scratch)
-        logger.info("profiling step: peak %.2f GiB without its scratch cache, %.2f GiB outside torch; "
-                    "KV cache budget %.2f GiB (gpu_memory_utilization=%s)", (memory.peak_torch - scratch) / GIB,
-                    memory.outside_torch / GIB, budget / GIB, config.cache.gpu_memory_utilization)
+        graph_bytes = self._decode_graph_bytes(runner, specs, block_size)
+        budget = kv_budget(memory, config.cache.gpu_memory_utilization, scratch, graph_bytes)
+        logger.info("profiling step: peak %.2f GiB without its scratch cache, %.2f GiB outside torch, decode graphs "
+                    "%.2f GiB; KV cache budget %.2f GiB (gpu_memory_utilization=%s)",
+                    (memory.peak_torch - scratch) / GIB, memory.outside_torch / GIB, graph_bytes / GIB, budget / GIB,
+                    config.cache.gpu_memory_utilization)
         return budget
+
+    def _decode_graph_bytes(self, runner: ModelRunner, specs: list[KVCacheSpec], block_size: int) -> int:
+        """Device memory the decode graphs hold: every bucket captured over a scratch cache into a pool of its
+        own, measured, then released (0 where no graphs will be captured)."""
+        device = self.device
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_reserved(device)
+        graphs = runner.scratch_decode_graphs(specs, block_size)
+        if graphs is None:
+            return 0
+        torch.cuda.synchronize(device)
+        used = torch.cuda.memory_reserved(device) - before
+        del graphs  # the graphs and their pool
+        torch.cuda.empty_cache()
+        return used
 
 
 def _triton_fused() -> ModuleType | None:

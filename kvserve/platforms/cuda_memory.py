@@ -2,9 +2,11 @@
 
 At start-up the runner runs one step as large as the scheduler can ever make (`max_num_batched_tokens`
 of prefill, `max_num_seqs` rows of logits) over a scratch cache; torch's peak allocation then covers the
-weights and every activation. The KV cache gets the rest of the allowed share:
+weights and every activation. The decode graphs, captured after the cache is allocated, hold a memory pool of
+their own: it is measured by capturing them once over a one-block scratch cache. The KV cache gets the rest of
+the allowed share:
 
-    budget = total * gpu_memory_utilization - memory outside torch - (peak - scratch cache)
+    budget = total * gpu_memory_utilization - memory outside torch - (peak - scratch cache) - graph pool
 """
 
 from __future__ import annotations
@@ -33,14 +35,16 @@ def read_gpu_memory(device: torch.device) -> GpuMemory:
                      torch.cuda.max_memory_allocated(device))
 
 
-def kv_budget(memory: GpuMemory, utilization: float, scratch_bytes: int) -> int:
-    """Bytes left for the KV cache; ValueError when the model and one step already use the whole share."""
+def kv_budget(memory: GpuMemory, utilization: float, scratch_bytes: int, graph_bytes: int = 0) -> int:
+    """Bytes left for the KV cache; ValueError when the model, one step and the decode graphs already use the whole
+    share."""
     allowed = int(memory.total * utilization)
-    in_use = memory.outside_torch + memory.peak_torch - scratch_bytes
+    in_use = memory.outside_torch + memory.peak_torch - scratch_bytes + graph_bytes
     if allowed <= in_use:
         raise ValueError(
             f"gpu_memory_utilization={utilization} allows {allowed / GIB:.2f} GiB of the GPU's "
             f"{memory.total / GIB:.2f} GiB, but the weights and the largest step already use {in_use / GIB:.2f} GiB "
-            f"(outside torch {memory.outside_torch / GIB:.2f} GiB): nothing is left for the KV cache; raise "
-            "gpu_memory_utilization or lower max_num_batched_tokens / max_num_seqs")
+            f"(outside torch {memory.outside_torch / GIB:.2f} GiB, decode graphs {graph_bytes / GIB:.2f} GiB): "
+            "nothing is left for the KV cache; raise gpu_memory_utilization, lower max_num_batched_tokens / "
+            "max_num_seqs, or set enforce_eager")
     return allowed - in_use

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,7 +32,7 @@ from kvserve.loader.weights import ModelSource
 from kvserve.models.registry import build_model
 from kvserve.platforms import Platform
 from kvserve.runner.attention_inputs import build_common_metadata, single_token_rows
-from kvserve.runner.cuda_graphs import DecodeGraphs
+from kvserve.runner.cuda_graphs import CapturedStep, DecodeGraphs, StepFunction
 from kvserve.runner.input_batch import CachedRequestState, InputBatch, StepBatch
 from kvserve.runner.prompt_logprobs import compute_prompt_logprobs
 from kvserve.sample.sampler import Sampler, SamplingMetadata
@@ -103,14 +103,22 @@ class ModelRunner:
             self.int4 = Int4ResidualLayout(num_residual_slots, block_size)
         if self.draft is not None:
             self.draft.allocate_kv_cache(draft_specs, num_blocks, block_size, dtype)
-        self._capture_graphs()
+        self._capture_graphs(specs)
 
-    def _capture_graphs(self) -> None:
-        """Capture the decode graphs where the platform, the backend and the cache allow (else every step runs
-        eagerly). A failed capture is logged and leaves the eager path: slower, still exact."""
+    def _graph_capture(self, specs: list[KVCacheSpec]) -> Callable[[StepFunction], CapturedStep] | None:
+        """The platform's graph capture where the backend and a cache of these specs allow decode graphs, else
+        None (every step runs eagerly)."""
         capture = self.platform.decode_graph_capture()
         if (capture is None or not self.attention_backend.supports_cuda_graphs or tp_group().world_size > 1
-                or self.kv_groups.num_groups > 1 or self.int4 is not None or self.model.fused_decode is not None):
+                or KVCacheGroups.from_specs(specs).num_groups > 1 or any(spec.dtype == "int4" for spec in specs)):
+            return None
+        return capture
+
+    def _capture_graphs(self, specs: list[KVCacheSpec]) -> None:
+        """Capture the decode graphs where the platform, the backend and the cache allow. A failed capture is
+        logged and leaves the eager path: slower, still exact."""
+        capture = self._graph_capture(specs)
+        if capture is None or self.model.fused_decode is not None:
             return
         graphs = DecodeGraphs(self.model, self.attention_backend, self.kv_caches, self.max_num_seqs,
                               -(-self.max_model_len // self.block_size), self.block_size, self.device)
@@ -121,6 +129,20 @@ class ModelRunner:
                            "the capture", type(error).__name__, error)
             return
         self.graphs = graphs
+
+    @torch.inference_mode()
+    def scratch_decode_graphs(self, specs: list[KVCacheSpec], block_size: int) -> DecodeGraphs | None:
+        """The decode graphs the cache of these specs will get, captured now over a one-block scratch cache into
+        a memory pool of their own: what the platform measures to set their pool aside from the KV budget (they
+        are captured after the cache is allocated). None where no graphs will be captured."""
+        capture = self._graph_capture(specs)
+        if capture is None:
+            return None
+        scratch = allocate_kv_caches(specs, 1, block_size, self.device, self.dtype)
+        graphs = DecodeGraphs(self.model, self.attention_backend, scratch, self.max_num_seqs,
+                              -(-self.max_model_len // block_size), block_size, self.device)
+        graphs.capture(capture)
+        return graphs
 
     @torch.inference_mode()
     def profile_step(self, specs: list[KVCacheSpec], num_tokens: int, num_rows: int, block_size: int) -> int:

@@ -16,6 +16,13 @@ def test_budget_is_the_share_minus_peak_without_scratch_and_outside_use():
     assert kv_budget(memory, 0.9, scratch_bytes=GIB // 2) == 72 * GIB - 1 * GIB - (5 * GIB - GIB // 2)
 
 
+def test_budget_sets_the_decode_graphs_pool_aside():
+    memory = GpuMemory(total=80 * GIB, outside_torch=1 * GIB, peak_torch=5 * GIB)
+    assert kv_budget(memory, 0.9, scratch_bytes=0, graph_bytes=GIB // 4) == 72 * GIB - 6 * GIB - GIB // 4
+    with pytest.raises(ValueError, match=r"decode graphs 2.00 GiB\): .* or set enforce_eager"):
+        kv_budget(memory, 0.1, scratch_bytes=0, graph_bytes=2 * GIB)
+
+
 def test_budget_error_names_the_field_and_the_numbers():
     memory = GpuMemory(total=8 * GIB, outside_torch=1 * GIB, peak_torch=4 * GIB)
     with pytest.raises(ValueError, match=r"gpu_memory_utilization=0.5 allows 4.00 GiB .* already use 5.00 GiB"):

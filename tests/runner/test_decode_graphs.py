@@ -7,6 +7,7 @@ GPU, test_decode_graphs_on_cuda captures real graphs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from typing import Any
@@ -94,6 +95,27 @@ def test_ngram_verify_rows_replay_too(tiny_llama: str, eager_graphs_on_cpu: None
     replayed, llm = generate(tiny_llama, **spec)
     assert replayed == eager
     assert sum(llm.engine.runner.graphs.num_replays.values())
+
+
+def test_scratch_graphs_capture_every_bucket_over_a_cache_of_their_own(tiny_llama: str,
+                                                                       eager_graphs_on_cpu: None) -> None:
+    """What the CUDA platform measures before sizing the KV cache: the same buckets, over one scratch block; the
+    engine's own cache and graphs are untouched. None where no graphs will be captured."""
+    tokens, llm = generate(tiny_llama)
+    runner = llm.engine.runner
+    specs = runner.model.kv_cache_specs(llm.engine.config.cache.storage_dtype(llm.engine.config.load.dtype))
+    cache = [(layer.key.clone(), layer.value.clone()) for layer in runner.kv_caches]
+    scratch = runner.scratch_decode_graphs(specs, block_size=16)
+    assert sorted(scratch.steps) == capture_sizes(5) and scratch is not runner.graphs
+    assert all(layer.key.shape[0] == 1 for layer in scratch.kv_caches)
+    assert scratch.static.block_table.shape == runner.graphs.static.block_table.shape  # the same split-KV grid
+    for layer, (key, value) in zip(runner.kv_caches, cache, strict=True):
+        assert torch.equal(layer.key, key) and torch.equal(layer.value, value)
+    assert generate(tiny_llama)[0] == tokens
+    int4 = [dataclasses.replace(spec, dtype="int4", group_size=16) for spec in specs]
+    assert runner.scratch_decode_graphs(int4, block_size=16) is None  # int4's per-step plan is not captured
+    eager = generate(tiny_llama, enforce_eager=True)[1].engine.runner
+    assert eager.scratch_decode_graphs(specs, block_size=16) is None
 
 
 def test_backends_that_read_host_lengths_run_eagerly(tiny_llama: str, eager_graphs_on_cpu: None) -> None:
