@@ -1,7 +1,8 @@
 """CPU paged attention with a compiled decode kernel (native/paged_decode.c); prefill and the rest stay on torch_ref.
 
-The kernel reads float32, float16 and bfloat16 caches (half the bytes, widened to float32 as read) and int8 ones
-(codes and per-token scales, a quarter of the bytes).
+The kernel reads float32, float16 and bfloat16 caches (half the bytes, widened to float32 as read), int8 ones
+(codes and per-token scales, a quarter of the bytes) and KIVI int4 ones (codes dequantized as read, each request's
+incomplete block from its residual slot).
 
 Why: a batched decode step on torch copies every sequence's blocks into a padded tensor, then SDPA reads the
 copy again, so the KV cache is streamed about three times per layer. The C kernel reads each block once, in
@@ -28,11 +29,12 @@ def available() -> bool:
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """The torch backend with the decode rows of float32, float16, bfloat16 and int8 caches on the compiled kernel.
+    """The torch backend with the decode rows of float32, float16, bfloat16, int8 and int4 caches on the compiled
+    kernel.
 
     Whether the kernel runs is decided once, here, from the cache: it reads those keys and values of one width
-    without attention sinks + window. fp8 / int4 caches and MLA run torch_ref's decode (the fastest CPU path for
-    them today).
+    without attention sinks + window. fp8 caches and MLA run torch_ref's decode (the fastest CPU path for them
+    today).
     """
 
     name = "cpu"
@@ -40,7 +42,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
     def __init__(self, needs: AttentionRequirements) -> None:
         super().__init__(needs)
-        self.use_kernel = (needs.kv_cache_dtype in native.PAGED_KV_DTYPES and not needs.use_window
+        self.use_kernel = (needs.kv_cache_dtype in (*native.PAGED_KV_DTYPES, "int4") and not needs.use_window
                            and not needs.use_mla and needs.logits_soft_cap is None)
         # int8 caches under cpu_gguf_int8_activations: Q.K in integers, as llama.cpp computes it on a q8_0 K cache
         self.int8_queries = self.use_kernel and needs.int8_queries and needs.kv_cache_dtype == "int8"
@@ -87,6 +89,11 @@ def decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMet
     if metadata.decode_key_starts is not None:  # a sliding window: [start, end) of each table
         starts, seq_lens = metadata.decode_key_starts, metadata.decode_key_ends
     out = torch.empty_like(query32)
+    if cache.is_int4:
+        status = _decode_int4(query32, cache, metadata, scale, out)
+        if status != 0:
+            raise MemoryError("paged decode attention could not allocate its score buffers")
+        return out.to(query.dtype)
     # int8: codes [nb, bs, Hkv, D] and scales [nb, bs, Hkv, 1]; float32 / float16 / bfloat16: elements, no scales
     scales = (cache.key_scale.data_ptr(), cache.value_scale.data_ptr()) if cache.is_quantized else (None, None)
     kind = native.paged_kv_kind(cache.key.dtype)
@@ -97,3 +104,18 @@ def decode(query: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMet
     if status != 0:
         raise MemoryError("paged decode attention could not allocate its score buffers")
     return out.to(query.dtype)
+
+
+def _decode_int4(query32: torch.Tensor, cache: LayerKVCache, metadata: TorchAttentionMetadata, scale: float,
+                 out: torch.Tensor) -> int:
+    """decode's int4 call: codes [nb, bs, Hkv, D / 2], float16 key parameters [nb, 1, Hkv, D] and value ones
+    [nb, bs, Hkv, 1], the residual [slots, bs, Hkv, D] in the model's dtype. Returns the C status."""
+    batch, num_heads, head_dim = query32.shape
+    _, block_size, num_kv_heads, _ = cache.key.shape
+    tables, residual = metadata.decode_block_tables, metadata.decode_residual
+    parameters = (cache.key_scale, cache.key_zero, cache.value_scale, cache.value_zero)
+    return native.load("paged_decode").paged_decode_int4(
+        query32.data_ptr(), cache.key.data_ptr(), cache.value.data_ptr(), *(p.data_ptr() for p in parameters),
+        cache.residual_key.data_ptr(), cache.residual_value.data_ptr(), native.paged_kv_kind(cache.residual_key.dtype),
+        residual.columns.data_ptr(), residual.slots.data_ptr(), tables.data_ptr(), metadata.decode_seq_lens.data_ptr(),
+        out.data_ptr(), batch, num_kv_heads, num_heads // num_kv_heads, head_dim, block_size, tables.shape[1], scale)

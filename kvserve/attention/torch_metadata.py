@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.attention.backend import CommonAttentionMetadata
-from kvserve.kv.int4_residual import Int4WritePlan, ResidualTails
+from kvserve.kv.int4_residual import Int4WritePlan, ResidualColumns, ResidualTails
 from kvserve.kv.window_layout import WindowMetadata, key_positions, window_visible
 
 
@@ -40,6 +40,8 @@ class TorchAttentionMetadata:
     # A sliding-window KV group, for kernels: each decode attends to its table's keys [start, end) (long [B]).
     decode_key_starts: torch.Tensor | None = None
     decode_key_ends: torch.Tensor | None = None
+    # An int4 cache, for kernels: each decode's incomplete block, read from its residual slot (long [B] each).
+    decode_residual: ResidualColumns | None = None
 
 
 def build_torch_metadata(common: CommonAttentionMetadata, with_decode_mask: bool = True) -> TorchAttentionMetadata:
@@ -60,6 +62,9 @@ def build_torch_metadata(common: CommonAttentionMetadata, with_decode_mask: bool
         int4=common.int4, window=common.window)
     if common.sliding_window is not None and not with_decode_mask:
         metadata.decode_key_starts, metadata.decode_key_ends = sliding_key_ranges(common)
+    if common.int4 is not None and not with_decode_mask:
+        metadata.decode_residual = ResidualColumns.of(common.int4.decode_tails, num_decodes, decode_tables.device,
+                                                      torch.long)
     return metadata
 
 

@@ -19,7 +19,7 @@ import triton.language as tl
 from kvserve.attention import mla, torch_ref
 from kvserve.attention.backend import AttentionBackend, AttentionRequirements, CommonAttentionMetadata, MLABackend
 from kvserve.attention.torch_metadata import PrefillSeq, prefill_seq, sliding_key_ranges
-from kvserve.kv.int4_residual import Int4WritePlan, ResidualTails
+from kvserve.kv.int4_residual import Int4WritePlan, ResidualColumns, ResidualTails
 from kvserve.kv.kv_cache import LayerKVCache
 
 # kv_cache_dtype -> the QUANT constexpr of the kernels (int4: KIVI's layout, kv/int4_residual.py).
@@ -487,24 +487,6 @@ def _cache_args(cache: LayerKVCache) -> tuple[torch.Tensor, torch.Tensor, int, t
     if cache.value.stride() != cache.key.stride() or (quant in (1, 2) and v_scale.stride() != k_scale.stride()):
         raise ValueError("key and value caches must share a layout (strides)")
     return k_scale, v_scale, cache.key.shape[1], strides, quant
-
-
-@dataclass
-class ResidualColumns:
-    """int4 caches: each request's incomplete block, which the kernels read from its full-precision residual slot
-    (kv/int4_residual.py) instead of its codes."""
-
-    columns: torch.Tensor  # [R] int32: the block's column in the request's table, -1 for none
-    slots: torch.Tensor  # [R] int32: the request's residual slot
-
-    @classmethod
-    def of(cls, tails: ResidualTails, num_rows: int, device: torch.device) -> ResidualColumns:
-        """The tails of rows `tails.rows`; the other rows have none."""
-        columns = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
-        slots = torch.zeros(num_rows, dtype=torch.int32, device=device)
-        columns[tails.rows] = tails.blocks.to(torch.int32)
-        slots[tails.rows] = tails.slots.to(torch.int32)
-        return cls(columns, slots)
 
 
 def _int4_args(cache: LayerKVCache, residual: ResidualColumns | None, stand_in: torch.Tensor) -> tuple:

@@ -22,6 +22,25 @@ class ResidualTails:
 
 
 @dataclass
+class ResidualColumns:
+    """ResidualTails as the kernels read them, one entry per decode row: which block each row's request reads from
+    its full-precision residual slot instead of its codes."""
+
+    columns: torch.Tensor  # [R]: the block's column in the row's table, -1 for none
+    slots: torch.Tensor  # [R]: the request's residual slot
+
+    @classmethod
+    def of(cls, tails: ResidualTails, num_rows: int, device: torch.device,
+           dtype: torch.dtype = torch.int32) -> ResidualColumns:
+        """The tails of rows `tails.rows`; the other rows have none."""
+        columns = torch.full((num_rows,), -1, dtype=dtype, device=device)
+        slots = torch.zeros(num_rows, dtype=dtype, device=device)
+        columns[tails.rows] = tails.blocks.to(dtype)
+        slots[tails.rows] = tails.slots.to(dtype)
+        return cls(columns, slots)
+
+
+@dataclass
 class Int4WritePlan:
     """int4 caches: how this step's K/V reach the cache (shared by every layer).
 

@@ -86,14 +86,15 @@ class FusedLlamaDecode:
     def supports(model: nn.Module, kv_caches: list[LayerKVCache], decode_kernel: bool) -> bool:
         """Whether the model and caches are what the kernel computes: a Llama without QK-norm, float32, every
         Linear on GGUF blocks or float32 rows, caches the paged decode kernel reads (`decode_kernel`: the
-        attention backend chose it, which it does for float32, float16, bfloat16 and int8 caches without a window)."""
+        attention backend chose it, which it does for float32, float16, bfloat16, int8 and int4 caches without a
+        window; the kernel writes all but int4)."""
         if type(model).__name__ not in ("LlamaForCausalLM", "Phi3ForCausalLM") or model.config.use_qk_norm \
                 or not decode_kernel:
             return False
         if any(spec.sliding_window for spec in model.kv_cache_specs("float32")):  # its attention sees everything
             return False
-        if native.load("llama_decode") is None or not kv_caches:
-            return False
+        if native.load("llama_decode") is None or not kv_caches or any(cache.is_int4 for cache in kv_caches):
+            return False  # (int4's blocks are quantized by the write plan's torch ops as they complete)
         linears = [m for m in model.model.layers.modules() if isinstance(m, Linear)]
         return all(_segments(linear) is not None for linear in linears)
 

@@ -39,7 +39,9 @@ _PTR, _INT64, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # Every exported C function: library -> {function: (return type, argument types)}, set once at load.
 SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
     "paged_decode": {"paged_decode_kv": (ctypes.c_int, [_PTR] * 5 + [_INT64] * 2 + [_PTR] * 4 + [_INT64] * 6
-                                         + [_FLOAT])},
+                                         + [_FLOAT]),
+                     "paged_decode_int4": (ctypes.c_int, [_PTR] * 9 + [_INT64] + [_PTR] * 5 + [_INT64] * 6
+                                           + [_FLOAT])},
     "gemv": {"gemv_f32": (None, [_PTR] * 3 + [_INT64] * 2)},
     "rms_norm": {"rms_norm_f32": (None, [_PTR] * 3 + [_INT64] * 2 + [_FLOAT])},
     "llama_decode": {"llama_decode_layers": (ctypes.c_int, [_PTR] * 3 + [_INT64] + [_PTR] * 5 + [_INT64]),

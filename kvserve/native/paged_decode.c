@@ -1,5 +1,5 @@
-/* Paged decode attention for float32, float16, bfloat16 and int8 CPU caches: one query token per sequence, read in
- * place.
+/* Paged decode attention for float32, float16, bfloat16, int8 and int4 CPU caches: one query token per sequence,
+ * read in place.
  *
  * The pure-torch path copies every sequence's blocks into a padded [B, L, Hkv, D] tensor before SDPA
  * reads them again; here each sequence's task walks its block table and reads each key and value row
@@ -22,6 +22,10 @@
  * memory costs twice as much (30 layers of 600 tokens, one row, one thread: 4.1 ms from a cold cache against 1.8
  * warm). 30 layers, warm, one thread, int8 cache: one row over 600 tokens 1.44 -> 1.03 ms and 16 rows over ~150
  * 8.3 -> 5.8 ms from widening in registers; five verify rows over 600 tokens 9.1 ms as five sequences, 4.3 together.
+ *
+ * int4 (KIVI, kv/kv_quant.py): codes two per byte, float16 scales and zero points (keys per channel of a block, values
+ * per token), each sequence's incomplete block in its full-precision residual slot (kv/int4_residual.py); rows
+ * dequantized as read (int4_row) on the loops' path.
  *
  * int8_queries (an int8 cache under cpu_gguf_int8_activations): Q.K on 8-bit query codes, summed exactly in
  * integers (query_codes); with AVX-512 VNNI each KV head's keys are transposed 16 at a time so that one instruction
@@ -54,15 +58,31 @@ static inline float exp_nonpositive(float x) {
 }
 
 /* What a cache's elements are (kv/dtypes.py's storage dtypes the kernel reads). */
-enum kv_kind { KV_F32 = 0, KV_I8 = 1, KV_F16 = 2, KV_BF16 = 3 };
+enum kv_kind { KV_F32 = 0, KV_I8 = 1, KV_F16 = 2, KV_BF16 = 3, KV_I4 = 4 };
 
 static inline int64_t element_bytes(int kind) { return kind == KV_F32 ? 4 : kind == KV_I8 ? 1 : 2; }
+
+// Bytes of a token's row of `token_stride` (Hkv * D) elements: two int4 codes a byte.
+static inline int64_t row_bytes(int kind, int64_t token_stride) {
+    return kind == KV_I4 ? token_stride / 2 : token_stride * element_bytes(kind);
+}
+
+typedef struct {  // KV_I4's parameters and residual (kv/kv_cache.py's int4 layout)
+    const _Float16 *key_scale, *key_zero;      // [num_blocks, Hkv, D]: per channel of each block
+    const _Float16 *value_scale, *value_zero;  // [num_blocks, block_size, Hkv]: per token
+    const void *residual_key, *residual_value;  // [slots, block_size, Hkv, D]: each request's incomplete block
+    int residual_kind;                          // its elements (enum kv_kind: the model's dtype)
+    // Per sequence, from the task's own on (paged_decode offsets them): its incomplete block's table column (-1:
+    // none) and its residual slot.
+    const int64_t *tail_columns, *tail_slots;
+} int4_cache;
 
 typedef struct {  // one layer's paged cache; key_scale / value_scale only for KV_I8 (else NULL)
     const void *key, *value;
     const float *key_scale, *value_scale;
     int kind;          // enum kv_kind
     int int8_queries;  // KV_I8 only: the queries rounded to 8 bits for Q.K (query_codes below)
+    int4_cache int4;   // KV_I4 only
 } paged_kv;
 
 /* x [rows, dim] -> int8 codes [rows, dim] and a scale per row, as kv/kv_quant.py's quantize computes them:
@@ -149,12 +169,58 @@ static inline const float *float_row(const void *cache, int kind, int64_t token,
     return converted;
 }
 
+/* A KV_I4 row of the block in table column `column` (block id `block`, row i) as floats in `converted`: code * scale
+ * + zero as kv_quant.dequantize_int4 computes it, keys with the block's per-channel parameters, values with the
+ * token's; the sequence's incomplete block is read from its residual slot instead. */
+static const float *int4_row(const paged_kv *kv, int values, int64_t column, int64_t block, int64_t i,
+                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float *restrict converted) {
+    const int4_cache *c = &kv->int4;
+    const int64_t token_stride = num_kv_heads * head_dim, half = head_dim / 2, token = block * block_size + i;
+    if (column == c->tail_columns[0])
+        return float_row(values ? c->residual_value : c->residual_key, c->residual_kind,
+                         c->tail_slots[0] * block_size + i, token_stride, converted);
+    const uint8_t *codes = (const uint8_t *)(values ? kv->value : kv->key) + token * token_stride / 2;
+    for (int64_t h = 0; h < num_kv_heads; h++) {
+        const uint8_t *packed = codes + h * half;  // channel d in the low nibble of byte d, d + D / 2 in the high
+        float *out = converted + h * head_dim;
+        if (values) {
+            const float scale = (float)c->value_scale[token * num_kv_heads + h];
+            const float zero = (float)c->value_zero[token * num_kv_heads + h];
+#pragma omp simd
+            for (int64_t d = 0; d < half; d++) {
+                out[d] = (float)(packed[d] & 15) * scale + zero;
+                out[d + half] = (float)(packed[d] >> 4) * scale + zero;
+            }
+        } else {
+            const _Float16 *scale = c->key_scale + (block * num_kv_heads + h) * head_dim;
+            const _Float16 *zero = c->key_zero + (block * num_kv_heads + h) * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < half; d++) {
+                out[d] = (float)(packed[d] & 15) * (float)scale[d] + (float)zero[d];
+                out[d + half] = (float)(packed[d] >> 4) * (float)scale[d + half] + (float)zero[d + half];
+            }
+        }
+    }
+    return converted;
+}
+
+/* Token row i of the block in table column `column` of a cache's keys or values (`values`) as floats: float_row, or
+ * int4_row for KV_I4. */
+static inline const float *cache_row(const paged_kv *kv, int values, const int64_t *restrict table, int64_t column,
+                                     int64_t i, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                                     float *restrict converted) {
+    if (kv->kind == KV_I4)
+        return int4_row(kv, values, column, table[column], i, num_kv_heads, head_dim, block_size, converted);
+    return float_row(values ? kv->value : kv->key, kv->kind, table[column] * block_size + i,
+                     num_kv_heads * head_dim, converted);
+}
+
 /* Asks for token `token`'s row of the next block while this one is read: block ids are scattered, so the
  * hardware prefetcher cannot guess them (~10% of a cold decode step). */
 static inline void prefetch_row(const void *cache, int kind, int64_t token, int64_t token_stride) {
-    const int64_t row_bytes = token_stride * element_bytes(kind);
-    const char *row = (const char *)cache + token * row_bytes;
-    for (int64_t offset = 0; offset < row_bytes; offset += 64) __builtin_prefetch(row + offset);
+    const int64_t bytes = row_bytes(kind, token_stride);
+    const char *row = (const char *)cache + token * bytes;
+    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(row + offset);
 }
 
 /* A span of a sequence is a task. Sequences are cut into spans of SPAN_TOKENS (whole blocks where the block
@@ -558,7 +624,7 @@ static void float_row_scores(const float *restrict query, const paged_kv *kv, co
     for (int64_t t = first, b = first / block_size, i = first % block_size; t < last; t++) {  // block b, row i
         const int64_t token = table[b] * block_size + i;
         if (t + block_size < last) prefetch_row(kv->key, kv->kind, table[b + 1] * block_size + i, token_stride);
-        const float *row = float_row(kv->key, kv->kind, token, token_stride, converted);
+        const float *row = cache_row(kv, 0, table, b, i, num_kv_heads, head_dim, block_size, converted);
         for (int64_t h = 0; h < num_heads; h++) {
             const int64_t kv_head = h / group;
             const float *k = row + kv_head * head_dim, *q = query + h * head_dim;
@@ -591,7 +657,7 @@ static void attend_span_loops(const float *restrict query, const query_codes *q8
     for (int64_t t = first, b = first / block_size, i = first % block_size; t < last; t++) {
         const int64_t token = table[b] * block_size + i;
         if (t + block_size < last) prefetch_row(kv->value, kv->kind, table[b + 1] * block_size + i, token_stride);
-        const float *row = float_row(kv->value, kv->kind, token, token_stride, converted);
+        const float *row = cache_row(kv, 1, table, b, i, num_kv_heads, head_dim, block_size, converted);
         for (int64_t h = 0; h < num_heads; h++) {
             const int64_t kv_head = h / group;
             const float *v = row + kv_head * head_dim;
@@ -619,7 +685,7 @@ static void attend_span(const float *restrict query, const query_codes *q8, int6
                         int64_t block_size, float scale) {
     const int64_t num_heads = num_kv_heads * group, len = last - first;
 #ifdef __AVX512F__
-    if (head_dim % 16 == 0) {
+    if (head_dim % 16 == 0 && kv->kind != KV_I4) {
         float *key_scales = dots + num_heads * 256;
         if (q8 == NULL)
             span_scores16(query, num_rows, lasts, kv, table, first, last, scores, dots, key_scales, num_kv_heads,
@@ -681,12 +747,13 @@ static void merge_spans(const float *restrict partials, int64_t count, float *re
  * many: a verify step's drafts plus one. */
 #define MAX_SHARED_ROWS 8
 
-/* How many rows from `seq` on share its block table and first key (1 .. MAX_SHARED_ROWS). */
-static int64_t shared_rows(const int64_t *tables, const int64_t *starts, int64_t seq, int64_t num_seqs,
-                           int64_t max_blocks) {
+/* How many rows from `seq` on share its block table, first key and int4 tail (1 .. MAX_SHARED_ROWS). */
+static int64_t shared_rows(const int64_t *tables, const int64_t *starts, const int64_t *tail_columns, int64_t seq,
+                           int64_t num_seqs, int64_t max_blocks) {
     int64_t count = 1;
     while (count < MAX_SHARED_ROWS && seq + count < num_seqs &&
            (starts == NULL || starts[seq + count] == starts[seq]) &&
+           (tail_columns == NULL || tail_columns[seq + count] == tail_columns[seq]) &&
            memcmp(tables + (seq + count) * max_blocks, tables + seq * max_blocks, sizeof(int64_t) * max_blocks) == 0)
         count++;
     return count;
@@ -725,7 +792,8 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
     }
     int64_t num_tasks = 0;
     for (int64_t seq = 0, rows; seq < num_seqs; seq += rows) {
-        rows = shared_rows(tables, starts, seq, num_seqs, max_blocks);
+        rows = shared_rows(tables, starts, kv->kind == KV_I4 ? kv->int4.tail_columns : NULL, seq, num_seqs,
+                           max_blocks);
         int64_t most = 0;  // the rows' largest span count
         for (int64_t r = 0; r < rows; r++)
             most = first_span[seq + r + 1] - first_span[seq + r] > most ? first_span[seq + r + 1] - first_span[seq + r]
@@ -758,10 +826,12 @@ static int paged_decode(const float *query, const paged_kv *kv, const int64_t *t
                 row_partials[r] = end > first ? partials + (first_span[seq + r] + c) * stride : NULL;
             }
             const query_codes task_q8 = int8_queries ? rows_from(&q8, seq, num_heads) : (query_codes){0};
-            attend_span(query + seq * num_heads * head_dim, int8_queries ? &task_q8 : NULL, rows, seq_lens + seq, kv,
-                        tables + seq * max_blocks, first, last, row_partials, scores, scores + score_floats,
-                        scores + score_floats + num_kv_heads * head_dim, num_kv_heads, group, head_dim,
-                        block_size, scale);
+            paged_kv task_kv = *kv;  // int4: the tails from this task's sequence on
+            if (kv->kind == KV_I4) task_kv.int4.tail_columns += seq, task_kv.int4.tail_slots += seq;
+            attend_span(query + seq * num_heads * head_dim, int8_queries ? &task_q8 : NULL, rows, seq_lens + seq,
+                        &task_kv, tables + seq * max_blocks, first, last, row_partials, scores, scores + score_floats,
+                        scores + score_floats + num_kv_heads * head_dim, num_kv_heads, group, head_dim, block_size,
+                        scale);
         }
         free(scores);
 #pragma omp for schedule(static)
@@ -781,7 +851,22 @@ int paged_decode_kv(const float *query, const void *key, const void *value, cons
                     const float *value_scale, int64_t kind, int64_t int8_queries, const int64_t *tables,
                     const int64_t *seq_lens, const int64_t *starts, float *out, int64_t num_seqs, int64_t num_kv_heads,
                     int64_t group, int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
-    const paged_kv kv = {key, value, key_scale, value_scale, (int)kind, (int)int8_queries};
+    const paged_kv kv = {key, value, key_scale, value_scale, (int)kind, (int)int8_queries, {0}};
     return paged_decode(query, &kv, tables, seq_lens, starts, out, num_seqs, num_kv_heads, group, head_dim,
                         block_size, max_blocks, scale);
+}
+
+/* The exported entry for an int4 cache: packed codes key, value [num_blocks, block_size, Hkv, D / 2] with int4_cache's
+ * parameters and residual (elements of `residual_kind`), and each sequence's tail column (-1: none) and slot. */
+int paged_decode_int4(const float *query, const void *key, const void *value, const _Float16 *key_scale,
+                      const _Float16 *key_zero, const _Float16 *value_scale, const _Float16 *value_zero,
+                      const void *residual_key, const void *residual_value, int64_t residual_kind,
+                      const int64_t *tail_columns, const int64_t *tail_slots, const int64_t *tables,
+                      const int64_t *seq_lens, float *out, int64_t num_seqs, int64_t num_kv_heads, int64_t group,
+                      int64_t head_dim, int64_t block_size, int64_t max_blocks, float scale) {
+    const paged_kv kv = {key, value, NULL, NULL, KV_I4, 0, {key_scale, key_zero, value_scale, value_zero, residual_key,
+                                                             residual_value, (int)residual_kind, tail_columns,
+                                                             tail_slots}};
+    return paged_decode(query, &kv, tables, seq_lens, NULL, out, num_seqs, num_kv_heads, group, head_dim, block_size,
+                        max_blocks, scale);
 }

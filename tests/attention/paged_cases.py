@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,7 @@ from kvserve.attention.backend import AttentionBackend, AttentionRequirements, C
 from kvserve.attention.selector import create_attention_backend
 from kvserve.attention.torch_metadata import TorchAttentionMetadata, build_torch_metadata
 from kvserve.attention.torch_ref import write_kv
+from kvserve.kv.int4_residual import Int4ResidualLayout
 from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches
 from kvserve.kv.kv_spec import KVCacheSpec
 from kvserve.runner.attention_inputs import build_common_metadata
@@ -94,6 +96,59 @@ def run_backend(backend: AttentionBackend, step: Step, cache: LayerKVCache | Non
     """One layer's forward on `backend` (its metadata built from the step's common metadata) -> [T, Hq, D]."""
     return backend.forward(step.query, step.key, step.value, step.cache if cache is None else cache,
                            backend.build_metadata(step.common), step.scale)
+
+
+# Steps of (request, new tokens), decodes first: a long prompt (several spans and split-KV partitions), prompts ending
+# inside a block, a chunk after a cached prefix whose first block was incomplete, a prompt ending on a block's end.
+INT4_STEPS = [
+    [("a", 700), ("b", 45), ("c", 37)],
+    [("a", 1), ("b", 1), ("c", 20), ("d", 32)],
+    [("a", 1), ("b", 1), ("c", 1), ("d", 1)],
+]
+INT4_FIELDS = ("key", "value", "key_scale", "value_scale", "key_zero", "value_zero", "residual_key", "residual_value")
+
+
+def run_int4_steps(backends: dict[str, AttentionBackend], device: str,
+                   edit: Callable[[str, object], None] = lambda name, metadata: None) -> list[dict[str, torch.Tensor]]:
+    """INT4_STEPS through each backend on a KIVI int4 cache of its own (GQA 6 / 2 heads of 64, blocks of 16, shuffled
+    physical blocks), the same random inputs for all: each step's outputs [T, Hq, D] by backend. Every backend
+    writes with torch_ref.write_kv_int4, so the caches must stay bit-equal (asserted). `edit(name, metadata)` may
+    change a backend's step metadata before its forward."""
+    block_size, num_kv_heads, group, head_dim, num_blocks = 16, 2, 3, 64, 80
+    spec = KVCacheSpec(num_kv_heads, head_dim, head_dim, "int4", group_size=block_size)
+    gen = torch.Generator().manual_seed(0)
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    caches = {name: allocate_kv_caches([spec], num_blocks, block_size, device, num_residual_slots=4)[0]
+              for name in backends}
+    layout = Int4ResidualLayout(4, block_size)
+    tables: dict[str, list[int]] = {}
+    computed: dict[str, int] = {}
+    outputs = []
+    for step in INT4_STEPS:
+        for request, count in step:
+            table = tables.setdefault(request, [])
+            computed.setdefault(request, 0)
+            while len(table) * block_size < computed[request] + count:
+                table.append(free.pop())
+        requests = [request for request, _ in step]
+        common = build_common_metadata(requests, [computed[r] for r in requests], [n for _, n in step],
+                                       [tables[r] for r in requests], block_size, torch.device(device), int4=layout)
+        query = torch.randn(common.num_tokens, num_kv_heads * group, head_dim, generator=gen).to(device)
+        kv = torch.randn(common.num_tokens, 2 * num_kv_heads, head_dim, generator=gen).to(device)
+        out = {}
+        for name, backend in backends.items():
+            metadata = backend.build_metadata(common)
+            edit(name, metadata)
+            out[name] = backend.forward(query, kv[:, :num_kv_heads], kv[:, num_kv_heads:], caches[name], metadata,
+                                        head_dim ** -0.5)
+        outputs.append(out)
+        first = next(iter(caches.values()))
+        for cache in caches.values():
+            for field in INT4_FIELDS:
+                assert torch.equal(getattr(cache, field), getattr(first, field)), field
+        for request, count in step:
+            computed[request] += count
+    return outputs
 
 
 def clone_cache(cache: LayerKVCache) -> LayerKVCache:

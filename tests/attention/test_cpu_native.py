@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from paged_cases import assert_same_cache, backend_for, clone_cache, make_step, run_backend
+from paged_cases import assert_same_cache, backend_for, clone_cache, make_step, run_backend, run_int4_steps
 
 from kvserve import native
 from kvserve.attention import cpu_native, torch_ref
@@ -210,9 +210,30 @@ def test_int8_queries_are_for_int8_caches_on_the_kernel():
 
 
 @needs_kernel
+@pytest.mark.parametrize("kv_residual", ["read", "ignored"])
+def test_an_int4_cache_matches_torch_ref_step_by_step(kv_residual, monkeypatch):
+    """KIVI int4 decodes on the kernel (codes dequantized as read, each request's incomplete block from its residual
+    slot) against torch_ref's over paged_cases.INT4_STEPS. "ignored": told of no incomplete block, the kernel reads
+    stale codes there, so the same check must fail in the steps with decodes (this test's own mutation)."""
+    calls: list[int] = []
+    real = cpu_native.decode
+    monkeypatch.setattr(cpu_native, "decode", lambda q, *rest: calls.append(q.shape[0]) or real(q, *rest))
+    backends = {"torch": TorchAttentionBackend(needs("int4")), "cpu": CpuAttentionBackend(needs("int4"))}
+
+    def forget_tails(name, metadata):
+        if name == "cpu" and kv_residual == "ignored":
+            metadata.decode_residual.columns.fill_(-1)
+
+    outputs = run_int4_steps(backends, "cpu", forget_tails)
+    assert calls == [2, 4]  # the decodes of steps 2 and 3
+    mismatches = [not torch.allclose(out["cpu"], out["torch"], rtol=1e-4, atol=1e-5) for out in outputs]
+    assert mismatches == ([False] * 3 if kv_residual == "read" else [False, True, True])
+
+
+@needs_kernel
 def test_other_caches_stay_on_torch_ref(monkeypatch):
-    """The kernel reads float32, float16, bfloat16 and int8 only: for an fp8 cache the cpu backend runs torch_ref's
-    decode, so the outputs are identical (the choice is made once, when the backend is created)."""
+    """The kernel reads float32, float16, bfloat16, int8 and int4 only: for an fp8 cache the cpu backend runs
+    torch_ref's decode, so the outputs are identical (the choice is made once, when the backend is created)."""
     step = make_step(REQUESTS, num_kv_heads=2, group=2, head_dim=32, block_size=8, kv_cache_dtype="fp8")
     monkeypatch.setattr(cpu_native, "decode", lambda *args: pytest.fail("the kernel ran"))
     assert not backend_for("cpu", step).use_kernel

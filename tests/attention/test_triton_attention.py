@@ -23,7 +23,15 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from paged_cases import Step, assert_same_cache, backend_for, clone_cache, make_step, run_backend  # noqa: E402
+from paged_cases import (  # noqa: E402
+    Step,
+    assert_same_cache,
+    backend_for,
+    clone_cache,
+    make_step,
+    run_backend,
+    run_int4_steps,
+)
 
 from kvserve.attention import torch_ref  # noqa: E402
 from kvserve.attention import triton_attention as ta  # noqa: E402
@@ -31,10 +39,7 @@ from kvserve.attention.backend import AttentionRequirements  # noqa: E402
 from kvserve.attention.selector import create_attention_backend  # noqa: E402
 from kvserve.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from kvserve.config import EngineConfig  # noqa: E402
-from kvserve.kv.int4_residual import Int4ResidualLayout  # noqa: E402
-from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches  # noqa: E402
-from kvserve.kv.kv_spec import KVCacheSpec  # noqa: E402
-from kvserve.runner.attention_inputs import build_common_metadata  # noqa: E402
+from kvserve.kv.kv_cache import LayerKVCache  # noqa: E402
 
 if not ta.IS_INTERPRETED and not torch.cuda.is_available():
     pytest.skip("triton_attention was imported without TRITON_INTERPRET=1 and there is no GPU",
@@ -248,58 +253,21 @@ def test_sink_queries_laid_out_unlike_the_queries_are_refused() -> None:
         ta.decode_attention(step.query, step.cache, tables, lengths, step.scale, sinks_window=rows)
 
 
-# Steps of (request, new tokens), decodes first: a long prompt (two decode partitions), prompts ending inside a
-# block, a chunk after a cached prefix whose first block was incomplete, a prompt ending on a block's end.
-INT4_STEPS = [
-    [("a", 700), ("b", 45), ("c", 37)],
-    [("a", 1), ("b", 1), ("c", 20), ("d", 32)],
-    [("a", 1), ("b", 1), ("c", 1), ("d", 1)],
-]
-
-
 @pytest.mark.parametrize("kv_residual", ["read", "ignored"])
 def test_an_int4_cache_matches_the_torch_backend_step_by_step(kv_residual: str) -> None:
-    """KIVI int4: each step through both backends on their own caches gives the same attention (and the same cache:
-    both write with torch_ref.write_kv_int4). "ignored": the kernels told of no incomplete block read stale codes
-    there, so the same check must fail (this test's own mutation)."""
-    block_size, num_kv_heads, group, head_dim, num_blocks = 16, 2, 3, 64, 80
-    spec = KVCacheSpec(num_kv_heads, head_dim, head_dim, "int4", group_size=block_size)
-    gen = torch.Generator().manual_seed(0)
-    free = torch.randperm(num_blocks, generator=gen).tolist()  # shuffled physical blocks
+    """KIVI int4 through both backends (paged_cases.INT4_STEPS: decodes, prompts and a chunk after a cached prefix
+    over two decode partitions). "ignored": the kernels told of no incomplete block read stale codes there, so the
+    same check must fail in the steps that have such blocks (this test's own mutation)."""
     needs = AttentionRequirements(torch.device(DEVICE), "int4", use_window=False, use_mla=False)
     backends = {name: create_attention_backend(name, needs) for name in ("torch", "triton")}
-    caches = {name: allocate_kv_caches([spec], num_blocks, block_size, DEVICE, num_residual_slots=4)[0]
-              for name in backends}
-    layout = Int4ResidualLayout(4, block_size)
-    tables: dict[str, list[int]] = {}
-    computed: dict[str, int] = {}
-    mismatches = 0
-    for step in INT4_STEPS:
-        for request, count in step:
-            table = tables.setdefault(request, [])
-            computed.setdefault(request, 0)
-            while len(table) * block_size < computed[request] + count:
-                table.append(free.pop())
-        requests = [request for request, _ in step]
-        common = build_common_metadata(requests, [computed[r] for r in requests], [n for _, n in step],
-                                       [tables[r] for r in requests], block_size, torch.device(DEVICE), int4=layout)
-        num_tokens = common.num_tokens
-        query = torch.randn(num_tokens, num_kv_heads * group, head_dim, generator=gen).to(DEVICE)
-        kv = torch.randn(num_tokens, 2 * num_kv_heads, head_dim, generator=gen).to(DEVICE)
-        out = {}
-        for name, backend in backends.items():
-            metadata = backend.build_metadata(common)
-            if name == "triton" and kv_residual == "ignored":
-                metadata.decode_residual = metadata.prefill_residual = None
-            out[name] = backend.forward(query, kv[:, :num_kv_heads], kv[:, num_kv_heads:], caches[name], metadata,
-                                        head_dim ** -0.5)
-        mismatches += not torch.allclose(out["triton"], out["torch"], **TOL)
-        for field in ("key", "value", "key_scale", "value_scale", "key_zero", "value_zero", "residual_key",
-                      "residual_value"):
-            assert torch.equal(getattr(caches["triton"], field), getattr(caches["torch"], field)), field
-        for request, count in step:
-            computed[request] += count
-    assert mismatches == (0 if kv_residual == "read" else 2)  # steps 2 and 3 have incomplete blocks to read
+
+    def forget_tails(name: str, metadata: ta.TritonAttentionMetadata) -> None:
+        if name == "triton" and kv_residual == "ignored":
+            metadata.decode_residual = metadata.prefill_residual = None
+
+    outputs = run_int4_steps(backends, DEVICE, forget_tails)
+    mismatches = [not torch.allclose(out["triton"], out["torch"], **TOL) for out in outputs]
+    assert mismatches == ([False] * 3 if kv_residual == "read" else [False, True, True])
 
 
 def test_metadata_is_derived_from_the_common_metadata() -> None:

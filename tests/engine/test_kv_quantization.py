@@ -88,6 +88,22 @@ def test_int4_batched_equals_alone_and_frees_everything(wikitext_ids):
     assert engine.runner.int4.slots.num_free >= 3
 
 
+def test_int4_decodes_on_the_kernel_give_the_torch_paths_tokens(wikitext_ids):
+    """The cpu backend's compiled decode over the int4 cache (codes dequantized as read, the incomplete block from
+    the residual) and torch_ref's: the same attention up to float rounding, so the same greedy tokens."""
+    ids, _ = wikitext_ids
+    prompts = [{"prompt_token_ids": p} for p in (ids[:150], ids[200:237], ids[300:301])]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "cpu"):
+        llm = LLM(kv_cache_memory=32 * 2**20, kv_cache_dtype="int4", max_num_seqs=4, attention_backend=backend,
+                  show_progress=False)
+        assert llm.engine.attention_backend.name == backend
+        assert backend == "torch" or llm.engine.attention_backend.use_kernel
+        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert tokens["cpu"] == tokens["torch"]
+
+
 def test_unknown_kv_cache_dtype_is_rejected():
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         LLM(kv_cache_dtype="int3")
