@@ -53,6 +53,7 @@ class Int4WritePlan:
     flush_from_step: tuple[torch.Tensor, torch.Tensor]  # (row in the [C * bs] assembly, packed step row)
     residual_rows: torch.Tensor  # [t] long: packed step rows kept in full precision
     residual_slots: torch.Tensor  # [t] long: their slot * block_size + offset in the residual
+    decode_slots: torch.Tensor  # [num_decodes] long: each decode's residual slot (the fused step writes there)
     decode_tails: ResidualTails
     prefill_tails: list[ResidualTails | None]  # per multi-token request: its tail block, if incomplete
 
@@ -172,6 +173,7 @@ def int4_write_plan(spans: list[StepSpan], num_decodes: int, decode_columns: lis
         flush_from_step=(tensor(from_step[0]), tensor(from_step[1])),
         residual_rows=tensor(keep_rows),
         residual_slots=tensor(keep_slots),
+        decode_slots=tensor([span.slot for span in spans[:num_decodes]]),
         decode_tails=ResidualTails(*(tensor(values) for values in tails)),
         prefill_tails=[],
     )

@@ -2,10 +2,10 @@
 
 The module path pays Python and torch dispatch for ~20 ops per layer, more than the 4-bit matmuls themselves
 take at batch 1. `FusedLlamaDecode` describes the loaded model to the kernel once (weight pointers, norms, the
-KV-cache tensors) and then runs the layers of a step whose tokens are all single-token decodes on float32, 16-bit
-or int8 caches. Same kernels as the module path (GGUF blocks or float32 rows, RMSNorm, paged decode attention); RoPE and
-SiLU in C. Batches beyond the kernels' rows run split: the modules' matmuls, the rest of each layer in C. Anything
-else (prefill chunks, fp8 / int4 caches, windows, Qwen3's QK-norm) returns None and the caller runs the modules.
+KV-cache tensors) and then runs the layers of a step whose tokens are all single-token decodes on float32, 16-bit,
+int8 or int4 caches. Same kernels as the module path (GGUF blocks or float32 rows, RMSNorm, paged decode attention);
+RoPE and SiLU in C. Batches beyond the kernels' rows run split: the modules' matmuls, the rest of each layer in C.
+Anything else (prefill chunks, fp8 caches, windows, Qwen3's QK-norm) returns None and the caller runs the modules.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class _Layer(ctypes.Structure):
     _fields_ = [("input_norm", ctypes.c_void_p), ("post_attention_norm", ctypes.c_void_p), ("qkv", _Linear),
                 ("o", _Linear), ("gate_up", _Linear), ("down", _Linear), ("key_cache", ctypes.c_void_p),
                 ("value_cache", ctypes.c_void_p), ("key_scale", ctypes.c_void_p), ("value_scale", ctypes.c_void_p),
-                ("kv_kind", ctypes.c_int64)]
+                ("kv_kind", ctypes.c_int64), ("key_zero", ctypes.c_void_p), ("value_zero", ctypes.c_void_p),
+                ("residual_key", ctypes.c_void_p), ("residual_value", ctypes.c_void_p)]
 
 
 class _Shape(ctypes.Structure):
@@ -87,14 +88,14 @@ class FusedLlamaDecode:
         """Whether the model and caches are what the kernel computes: a Llama without QK-norm, float32, every
         Linear on GGUF blocks or float32 rows, caches the paged decode kernel reads (`decode_kernel`: the
         attention backend chose it, which it does for float32, float16, bfloat16, int8 and int4 caches without a
-        window; the kernel writes all but int4)."""
+        window)."""
         if type(model).__name__ not in ("LlamaForCausalLM", "Phi3ForCausalLM") or model.config.use_qk_norm \
                 or not decode_kernel:
             return False
         if any(spec.sliding_window for spec in model.kv_cache_specs("float32")):  # its attention sees everything
             return False
-        if native.load("llama_decode") is None or not kv_caches or any(cache.is_int4 for cache in kv_caches):
-            return False  # (int4's blocks are quantized by the write plan's torch ops as they complete)
+        if native.load("llama_decode") is None or not kv_caches:
+            return False
         linears = [m for m in model.model.layers.modules() if isinstance(m, Linear)]
         return all(_segments(linear) is not None for linear in linears)
 
@@ -103,15 +104,18 @@ class FusedLlamaDecode:
         """Final hidden states [T, hidden] of a step of T single-token decodes, or None for any other step. Up to
         `max_tokens` decodes run whole in C; larger batches run split (`_split_layers`)."""
         num_tokens = input_ids.shape[0]
-        if (metadata.num_decodes != num_tokens or metadata.prefills or metadata.int4 is not None
-                or metadata.window is not None):
+        if metadata.num_decodes != num_tokens or metadata.prefills or metadata.window is not None:
             return None
         hidden = model.model.embed_tokens(input_ids).contiguous()  # a fresh [T, H], updated in place
         cos, sin = model.model.rotary.lookup(positions, torch.float32)  # [T, 1, D] each
         cos, sin = cos.contiguous(), sin.contiguous()
         tables, seq_lens = metadata.decode_block_tables, metadata.decode_seq_lens
+        int4 = (None, None, None)  # an int4 cache: each decode's residual slot, then its tail after the write
+        if metadata.int4 is not None:
+            residual = metadata.decode_residual
+            int4 = (metadata.int4.decode_slots.data_ptr(), residual.columns.data_ptr(), residual.slots.data_ptr())
         step = (cos.data_ptr(), sin.data_ptr(), metadata.slot_mapping.data_ptr(), tables.data_ptr(),
-                seq_lens.data_ptr(), tables.shape[1])
+                seq_lens.data_ptr(), tables.shape[1], *int4)
         if num_tokens <= self.max_tokens:
             status = self.kernel(ctypes.byref(self.layers), ctypes.byref(self.shape), hidden.data_ptr(), num_tokens,
                                  *step)
@@ -147,11 +151,13 @@ class FusedLlamaDecode:
 
 def _layer(layer: nn.Module, cache: LayerKVCache) -> _Layer:
     attention, mlp = layer.self_attn, layer.mlp
+    int4 = (cache.key_zero, cache.value_zero, cache.residual_key, cache.residual_value) if cache.is_int4 else ()
     return _Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                   _linear(attention.qkv_proj), _linear(attention.o_proj), _linear(mlp.gate_up_proj),
                   _linear(mlp.down_proj), cache.key.data_ptr(), cache.value.data_ptr(),
                   *(None if scale is None else scale.data_ptr() for scale in (cache.key_scale, cache.value_scale)),
-                  native.paged_kv_kind(cache.key.dtype))
+                  native.KV_INT4 if cache.is_int4 else native.paged_kv_kind(cache.key.dtype),
+                  *(tensor.data_ptr() for tensor in int4))
 
 
 def _linear(layer: Linear) -> _Linear:

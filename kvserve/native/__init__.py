@@ -44,9 +44,11 @@ SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
                                            + [_FLOAT])},
     "gemv": {"gemv_f32": (None, [_PTR] * 3 + [_INT64] * 2)},
     "rms_norm": {"rms_norm_f32": (None, [_PTR] * 3 + [_INT64] * 2 + [_FLOAT])},
-    "llama_decode": {"llama_decode_layers": (ctypes.c_int, [_PTR] * 3 + [_INT64] + [_PTR] * 5 + [_INT64]),
+    "llama_decode": {"llama_decode_layers": (ctypes.c_int, [_PTR] * 3 + [_INT64] + [_PTR] * 5 + [_INT64]
+                                             + [_PTR] * 3),
                      "llama_decode_attention": (ctypes.c_int, [_PTR] * 2 + [_INT64] + [_PTR] * 3 + [_INT64]
-                                                + [_PTR] * 5 + [_INT64]),
+                                                + [_PTR] * 5 + [_INT64] + [_PTR] * 3),
+                     "quantize_block_int4": (None, [_PTR] * 4 + [_INT64] * 4),
                      "llama_silu_mul": (None, [_PTR] * 2 + [_INT64] * 2),
                      "quantize_rows_i8": (None, [_PTR] * 3 + [_INT64] * 2),
                      "round_to_16bit": (None, [_PTR] * 2 + [_INT64] * 2)},
@@ -69,6 +71,9 @@ SIGNATURES: dict[str, dict[str, tuple[type | None, list[type]]]] = {
 def paged_kv_kind(dtype: object) -> int:
     """paged_decode.c's enum kv_kind for a cache tensor's torch dtype (one of PAGED_KV_DTYPES)."""
     return PAGED_KV_DTYPES.index(str(dtype).removeprefix("torch."))
+
+
+KV_INT4 = len(PAGED_KV_DTYPES)  # paged_decode.c's KV_I4: int4 (KIVI) codes, whose tensors are uint8
 
 
 def cache_dir() -> pathlib.Path:

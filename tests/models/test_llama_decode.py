@@ -132,6 +132,57 @@ def test_int8_cache_rows_are_quantized_as_the_modules_do() -> None:
     assert torch.equal(codes, expected_codes) and torch.equal(scales, expected_scales.squeeze(1))
 
 
+def test_int4_cache_decode_steps_match_the_modules() -> None:
+    """KIVI int4 in blocks of 16: the fused step writes each decode's K/V to its request's residual slot and
+    quantizes the blocks they complete (quantize_block_int4), whole and split; bounded as int8 is (an ulp can move a
+    code by one step)."""
+    llm = _llm(kv_cache_dtype="int4", kv_residual_tokens=16, max_num_seqs=4)
+    fused = llm.engine.runner.model.fused_decode
+    try:
+        assert 4 in _compare_every_step(llm, PROMPTS, tolerance=3e-3)
+        fused.max_tokens = 3
+        assert set(_compare_split_steps(llm, PROMPTS, tolerance=3e-3)[1]) == {4}
+    finally:
+        llm.engine.shutdown()
+
+
+def test_int4_blocks_are_quantized_as_the_modules_do() -> None:
+    """The fused step's int4 blocks, bit for bit kv_quant.quantize_int4's: keys per channel over the block's tokens,
+    values per token; ties of (x - zero) / scale at .5 (half to even), constant ranges (scale 1), a row of zeros."""
+    kernels = native.load("llama_decode")
+    if kernels is None:
+        pytest.skip("no C compiler")
+    block_size, heads, dim = 16, 3, 64
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(block_size, heads, dim, generator=gen) * torch.logspace(-3, 2, dim)
+    rows[:, 0, 0] = 1.0  # a constant channel
+    rows[3] = 0.0  # a token of zeros
+    rows[:, 1, 5] = torch.arange(block_size) * 0.5  # range 7.5: scale 0.5, every code exact
+    # range 0 .. 15: scale 1, zero 0, so x / scale ties at .5: 2.5 -> 2, 6.5 -> 6 (half to even, not away from 0)
+    rows[:, 1, 6] = torch.tensor([0.0, 15.0, 2.5, 6.5, 4.5, 9.5, *([7.5] * (block_size - 6))])
+    for per_channel, dim_of_range in ((1, 0), (0, -1)):
+        codes = torch.zeros(block_size, heads, dim // 2, dtype=torch.uint8)
+        shape = (1, heads, dim) if per_channel else (block_size, heads, 1)
+        scale, zero = torch.empty(shape, dtype=torch.float16), torch.empty(shape, dtype=torch.float16)
+        kernels.quantize_block_int4(rows.data_ptr(), codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), per_channel,
+                                    block_size, heads, dim)
+        expected = kv_quant.quantize_int4(rows, dim_of_range)
+        assert torch.equal(codes, expected[0]), per_channel
+        assert torch.equal(scale, expected[1]) and torch.equal(zero, expected[2]), per_channel
+
+
+def test_int4_cache_greedy_tokens_equal_the_module_paths() -> None:
+    options = {"kv_cache_dtype": "int4", "kv_residual_tokens": 16, "max_num_seqs": 4}
+    fused = _llm(**options)
+    modules = LLM(kv_cache_memory=32 * 2**20, cpu_fused_decode=False, show_progress=False, **options)
+    try:
+        ids = [[o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+               for llm in (fused, modules)]
+        assert ids[0] == ids[1]
+    finally:
+        fused.engine.shutdown(), modules.engine.shutdown()
+
+
 @pytest.mark.parametrize("kv_cache_dtype", ["float16", "bfloat16"])
 def test_16bit_cache_decode_steps_match_the_modules(kv_cache_dtype: str) -> None:
     """A float32 model's float16 / bfloat16 cache: the fused step rounds its K/V rows as torch does and widens
