@@ -153,7 +153,9 @@ def test_speech_after_a_short_pause_is_not_lost_to_the_early_transcript(live) ->
     first, rest = spoken("Paris is the capital", silence_after_s=0.2), spoken("of France.", silence_after_s=1.5)
     events, _ = turn(live.url, first + rest, temperature=0, max_tokens=4, silence_ms=1200)
     heard = words(events[-1]["transcript"])
-    assert heard[:4] == words("Paris is the capital") and len(heard) > 4, heard  # Whisper hears "of France" badly
+    # Whisper's words vary with its build ("the" was heard as "not" on 2026-12-02) and it hears "of France" badly:
+    # the point is that the answer's transcript runs past the pause, beyond "capital".
+    assert heard[0] == "paris" and "capital" in heard[:4] and len(heard) > heard.index("capital") + 1, heard
     assert [event["type"] for event in events].count("transcript") == 1  # nothing of the cancelled one got out
     assert not any(wait_for_free_blocks(live.url, timeout_s=5)["ref_counts"])
 
