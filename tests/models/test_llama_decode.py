@@ -102,11 +102,18 @@ def test_gguf_batches_from_the_blas_threshold_run_split(gguf: LLM) -> None:
         fused.max_tokens = DEQUANTIZED_GEMM_ROWS - 1
 
 
-def test_int8_cache_decode_steps_match_the_modules() -> None:
-    """An ulp of difference in a K/V value can move its int8 code by one step (~1% of the row's absmax), so the
-    bound is looser than float32's (the worst step measured 0.9e-3 and, with attention summed in 128-token spans,
-    1.4e-3 of the largest value); a wrong scale or row is off by O(1)."""
-    llm = _llm(kv_cache_dtype="int8")
+# The quantized caches the fused step writes itself: int8 (a code and scale per token row), and KIVI int4 in blocks
+# of 16, whose rows go to the request's residual slot and whose completed blocks it quantizes (quantize_block_int4).
+QUANTIZED_CACHES = {"int8": {"kv_cache_dtype": "int8"},
+                    "int4": {"kv_cache_dtype": "int4", "kv_residual_tokens": 16, "max_num_seqs": 4}}
+
+
+@pytest.mark.parametrize("cache", QUANTIZED_CACHES)
+def test_quantized_cache_decode_steps_match_the_modules(cache: str) -> None:
+    """An ulp of difference in a K/V value can move its code by one step (int8: ~1% of the row's absmax), so the
+    bound is looser than float32's (int8's worst step measured 0.9e-3 and, with attention summed in 128-token spans,
+    1.4e-3 of the largest value); a wrong scale or row is off by O(1). Whole and split."""
+    llm = _llm(**QUANTIZED_CACHES[cache])
     fused = llm.engine.runner.model.fused_decode
     try:
         assert 4 in _compare_every_step(llm, PROMPTS, tolerance=3e-3)
@@ -132,20 +139,6 @@ def test_int8_cache_rows_are_quantized_as_the_modules_do() -> None:
     assert torch.equal(codes, expected_codes) and torch.equal(scales, expected_scales.squeeze(1))
 
 
-def test_int4_cache_decode_steps_match_the_modules() -> None:
-    """KIVI int4 in blocks of 16: the fused step writes each decode's K/V to its request's residual slot and
-    quantizes the blocks they complete (quantize_block_int4), whole and split; bounded as int8 is (an ulp can move a
-    code by one step)."""
-    llm = _llm(kv_cache_dtype="int4", kv_residual_tokens=16, max_num_seqs=4)
-    fused = llm.engine.runner.model.fused_decode
-    try:
-        assert 4 in _compare_every_step(llm, PROMPTS, tolerance=3e-3)
-        fused.max_tokens = 3
-        assert set(_compare_split_steps(llm, PROMPTS, tolerance=3e-3)[1]) == {4}
-    finally:
-        llm.engine.shutdown()
-
-
 def test_int4_blocks_are_quantized_as_the_modules_do() -> None:
     """The fused step's int4 blocks, bit for bit kv_quant.quantize_int4's: keys per channel over the block's tokens,
     values per token; ties of (x - zero) / scale at .5 (half to even), constant ranges (scale 1), a row of zeros."""
@@ -169,18 +162,6 @@ def test_int4_blocks_are_quantized_as_the_modules_do() -> None:
         expected = kv_quant.quantize_int4(rows, dim_of_range)
         assert torch.equal(codes, expected[0]), per_channel
         assert torch.equal(scale, expected[1]) and torch.equal(zero, expected[2]), per_channel
-
-
-def test_int4_cache_greedy_tokens_equal_the_module_paths() -> None:
-    options = {"kv_cache_dtype": "int4", "kv_residual_tokens": 16, "max_num_seqs": 4}
-    fused = _llm(**options)
-    modules = LLM(kv_cache_memory=32 * 2**20, cpu_fused_decode=False, show_progress=False, **options)
-    try:
-        ids = [[o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
-               for llm in (fused, modules)]
-        assert ids[0] == ids[1]
-    finally:
-        fused.engine.shutdown(), modules.engine.shutdown()
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["float16", "bfloat16"])
@@ -218,9 +199,10 @@ def test_16bit_cache_rows_are_rounded_as_torch_does(dtype: torch.dtype) -> None:
     assert torch.equal(out[~nan], expected[~nan]) and out[nan].view(dtype).isnan().all()
 
 
-def test_int8_cache_greedy_tokens_equal_the_module_paths() -> None:
-    fused = _llm(kv_cache_dtype="int8")
-    modules = LLM(kv_cache_memory=32 * 2**20, kv_cache_dtype="int8", cpu_fused_decode=False, show_progress=False)
+@pytest.mark.parametrize("cache", QUANTIZED_CACHES)
+def test_quantized_cache_greedy_tokens_equal_the_module_paths(cache: str) -> None:
+    fused = _llm(**QUANTIZED_CACHES[cache])
+    modules = LLM(kv_cache_memory=32 * 2**20, cpu_fused_decode=False, show_progress=False, **QUANTIZED_CACHES[cache])
     try:
         ids = [[o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
                for llm in (fused, modules)]
