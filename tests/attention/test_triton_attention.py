@@ -39,7 +39,8 @@ from kvserve.attention.backend import AttentionRequirements  # noqa: E402
 from kvserve.attention.selector import create_attention_backend  # noqa: E402
 from kvserve.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from kvserve.config import EngineConfig  # noqa: E402
-from kvserve.kv.kv_cache import LayerKVCache  # noqa: E402
+from kvserve.kv.kv_cache import LayerKVCache, allocate_kv_caches  # noqa: E402
+from kvserve.kv.kv_spec import KVCacheSpec  # noqa: E402
 
 if not ta.IS_INTERPRETED and not torch.cuda.is_available():
     pytest.skip("triton_attention was imported without TRITON_INTERPRET=1 and there is no GPU",
@@ -268,6 +269,16 @@ def test_an_int4_cache_matches_the_torch_backend_step_by_step(kv_residual: str) 
     outputs = run_int4_steps(backends, DEVICE, forget_tails)
     mismatches = [not torch.allclose(out["triton"], out["torch"], **TOL) for out in outputs]
     assert mismatches == ([False] * 3 if kv_residual == "read" else [False, True, True])
+
+
+def test_write_kv_refuses_an_int4_cache() -> None:
+    """int4 blocks are quantized whole from the residual (torch_ref.write_kv_int4), never token by token here."""
+    step = make_step([(20, 1)], num_kv_heads=2, group=1, head_dim=64, block_size=16, device=DEVICE)
+    spec = KVCacheSpec(2, 64, 64, "int4", group_size=16)
+    cache = allocate_kv_caches([spec], 4, 16, DEVICE, num_residual_slots=1)[0]
+    with pytest.raises(ValueError, match=r"an int4 cache is written block by block from its residual "
+                                         r"\(torch_ref.write_kv_int4\)"):
+        ta.write_kv(step.key, step.value, cache, step.metadata.slot_mapping)
 
 
 def test_metadata_is_derived_from_the_common_metadata() -> None:
